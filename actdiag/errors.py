@@ -1,0 +1,18 @@
+"""Exceptions actdiag raises on purpose. Anything else escaping actdiag is a bug in actdiag."""
+
+from __future__ import annotations
+
+
+class ActdiagError(Exception):
+    """Base class for errors actdiag raises deliberately."""
+
+
+class TargetError(ActdiagError):
+    """The user's target (file, model, inputs, loss) could not be loaded or run.
+
+    The message is one sentence naming the cause, e.g. "build_model() raised RuntimeError: weights file not found".
+    """
+
+
+class ReportPathError(ActdiagError, ValueError):
+    """A report or log path cannot be written."""
