@@ -1,0 +1,31 @@
+"""Attaching to modules and tensors, and the on-device statistic kernels. Nothing else lives here.
+
+Design (sync-free by construction)
+----------------------------------
+* **Only recorded steps are hooked.** `Recorder.begin(step)` registers a forward hook on each selected module and a
+  post-accumulate-grad hook on each parameter; `Recorder.end()` removes them all. Steps that are not recorded run
+  with no hook registered, so no extra kernel, no Python call and no synchronisation happens on them.
+* **Gradients of activations come from tensor hooks**: the forward hook calls `output.register_hook(...)`. Full
+  backward module hooks break on `ReLU(inplace=True)` and `x += y` (pytorch#61519); a tensor hook registered before
+  an in-place op receives the gradient with respect to the tensor as it was when the hook was registered, which is
+  exactly the module's output.
+* **Statistics are computed in the hook, on the tensor's device** (`stats.tensor_stats`): a handful of reductions
+  produce one small float64 vector per tensor (moments, min/max, zero count, a linear histogram and an exponent
+  histogram). Computing inside the hook matters: an in-place op later in the forward pass would change the values.
+  No `.item()`, no `.cpu()`: on CUDA the masked, branch-free path is used and binning uses `histc` with constant
+  bounds (CUDA `bincount` reads its maximum back to the host).
+* **One read-back per recorded step.** The vectors are kept in a dict for the step; `end()` concatenates them per
+  device and copies once to the host, where numpy splits and decodes them into frozen `TensorStats`. No tensor is
+  kept past its step: the dict is emptied, the weight snapshots for the update ratio are dropped.
+* **Purity.** Hooks return None (outputs and gradients are untouched), nothing draws from the user's RNG (the
+  histogram sample index comes from a private generator), autocast is switched off inside the kernels (so half
+  precision inputs are reduced in float32 and our ops do not change the user's autocast cache), and stale tensor
+  hooks from an earlier step are ignored.
+* **Large tensors**: moments, min/max, zero and non-finite counts use every element; histograms use at most
+  `sample_cap` elements chosen by a fixed pseudo-random index and say so (`sampled`).
+"""
+
+from actdiag.hooks.recorder import Recorder, select_modules
+from actdiag.hooks.stats import decode_tensor_stats, tensor_stats
+
+__all__ = ["Recorder", "decode_tensor_stats", "select_modules", "tensor_stats"]

@@ -1,0 +1,454 @@
+"""The recorder: attaches to a model for one recorded step at a time and turns what it sees into a StepRecord.
+
+Life of a recorded step (see the package docstring for the design):
+
+    begin(step)  weights' statistics and a snapshot for the update ratio; module forward hooks and parameter
+                 post-accumulate-grad hooks are registered
+    forward      each selected module's forward hook computes its output's statistics on the output's device and,
+                 if the output takes part in autograd, registers a tensor hook on it for the gradient
+    backward     tensor hooks compute the statistics of d(loss)/d(output); parameter hooks those of .grad
+    end()        update ratios; every hook is removed; all vectors are concatenated per device and read back with
+                 one copy; the host decodes them into a StepRecord
+
+Between recorded steps no hook is registered at all, so an unrecorded step runs exactly as without actdiag (and
+modules keep PyTorch's hook-free fast path).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from actdiag.hooks.stats import (
+    DEFAULT_BINS,
+    DEFAULT_SAMPLE_CAP,
+    StatsMeta,
+    decode_tensor_stats,
+    saturation_count,
+    tensor_stats,
+    unit_activity,
+    unit_dim_for,
+)
+from actdiag.records import LayerStats, ParamStats, StepRecord, TensorStats
+
+# A bounded unit counts as saturated when its output is within SATURATION_TOL of a bound: for tanh |y| >= 0.99,
+# where the local gradient 1 - y**2 is under 2% of its peak (Glorot & Bengio 2010 study exactly this regime); the
+# same absolute tolerance for sigmoid (y <= 0.01 or y >= 0.99, gradient under 4% of its peak). Hard-bounded units
+# (hardtanh, hardsigmoid) have zero gradient exactly at the bound, so their tolerance is 0.
+SATURATION_TOL = 0.01
+
+# A ReLU-family unit is "rarely active" when it is positive for fewer than this share of its samples
+# (SageMaker Debugger's dead-ReLU rule counts units active in under 1% of samples).
+RARE_ACTIVE_BELOW = 0.01
+
+RELU_FAMILY: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+)
+
+_CHANNELS_FIRST_3D: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.ConvTranspose1d,
+    nn.BatchNorm1d,
+    nn.InstanceNorm1d,
+    nn.MaxPool1d,
+    nn.AvgPool1d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveMaxPool1d,
+)
+
+
+def bounds_of(module: nn.Module) -> tuple[float, float, float] | None:
+    """(low, high, tolerance) for bounded activations, None for anything else."""
+    if isinstance(module, nn.ReLU6):  # a Hardtanh subclass, but its lower bound is ReLU's "off", not saturation
+        return None
+    if isinstance(module, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val), 0.0
+    if isinstance(module, (nn.Tanh, nn.Softsign)):
+        return -1.0, 1.0, SATURATION_TOL
+    if isinstance(module, nn.Sigmoid):
+        return 0.0, 1.0, SATURATION_TOL
+    if isinstance(module, nn.Hardsigmoid):
+        return 0.0, 1.0, 0.0
+    return None
+
+
+Selector = str | type[nn.Module]
+
+
+def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> bool:
+    for sel in selectors:
+        if isinstance(sel, str):
+            if fnmatch.fnmatchcase(name, sel):
+                return True
+        elif isinstance(module, sel):
+            return True
+    return False
+
+
+def _as_selectors(value: Selector | Iterable[Selector] | None, what: str) -> tuple[Selector, ...]:
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, (str, type)) else tuple(value)
+    for item in items:
+        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
+            raise TypeError(f"{what} takes name patterns (str) or nn.Module subclasses, got {item!r}")
+    return items
+
+
+def select_modules(
+    model: nn.Module,
+    include: Selector | Iterable[Selector] | None = None,
+    exclude: Selector | Iterable[Selector] | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """The modules to watch: every leaf module and every module owning parameters directly (e.g.
+    MultiheadAttention, whose out_proj is never called as a module), filtered by include/exclude selectors
+    (fnmatch patterns on the qualified name, or module types). Shared modules appear once, under their first name.
+    """
+    inc = _as_selectors(include, "include")
+    exc = _as_selectors(exclude, "exclude")
+    chosen = []
+    for name, module in model.named_modules():
+        leaf = next(module.children(), None) is None
+        owns = next(module.parameters(recurse=False), None) is not None
+        if not (leaf or owns):
+            continue
+        if inc and not _matches(name, module, inc):
+            continue
+        if exc and _matches(name, module, exc):
+            continue
+        chosen.append((name, module))
+    return chosen
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The primary tensor of a module's output: the value itself, or the first tensor found depth-first in
+    tuples, lists, dicts (HF ModelOutput is one) and dataclass-like objects."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        items: Iterable[Any] = value
+    elif isinstance(value, Mapping):
+        items = value.values()
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass(slots=True)
+class _LayerCall:
+    name: str
+    type: str
+    call: int
+    shape: tuple[int, ...]
+    dtype: str
+    weight_name: str | None
+    bounds: tuple[float, float] | None = None
+    units: int | None = None
+    sat_numel: int = 0
+
+
+_Key = tuple[str, ...]  # ("L", name, call, kind) or ("P", param_name, kind)
+
+
+class Recorder:
+    """Records one step at a time; `begin(step)` ... `end()` -> StepRecord. Not thread-safe (neither is autograd
+    hook registration on one model)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: Selector | Iterable[Selector] | None = None,
+        exclude: Selector | Iterable[Selector] | None = None,
+        bins: int = DEFAULT_BINS,
+        sample_cap: int = DEFAULT_SAMPLE_CAP,
+        track_weights: bool = True,
+        track_updates: bool = True,
+        sync_free: bool | None = None,
+        on_error: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"actdiag watches torch.nn.Module instances, got {type(model).__name__}")
+        if bins < 1:
+            raise ValueError(f"bins must be at least 1, got {bins}")
+        if sample_cap < 1:
+            raise ValueError(f"sample_cap must be at least 1, got {sample_cap}")
+        self.model = model
+        self.bins = bins
+        self.sample_cap = sample_cap
+        self.track_weights = track_weights
+        self.track_updates = track_updates
+        self.sync_free = sync_free
+        self._on_error = on_error
+        self.targets = select_modules(model, include, exclude)
+        self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters()) if track_weights else []
+        self._param_map = dict(self.params)
+        self._param_name = {id(p): n for n, p in model.named_parameters()}
+        self._weight_of: dict[str, str | None] = {name: self._own_weight(m) for name, m in self.targets}
+        self._handles: list[Any] = []
+        self._recording = False
+        self._token = 0
+        self._step = -1
+        self._pending: dict[_Key, tuple[torch.Tensor, Any]] = {}
+        self._calls: dict[str, int] = {}
+        self._order: list[_LayerCall] = []
+        self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
+        self._snapshots: dict[str, torch.Tensor] = {}
+        self._prev_channels_first = False
+        self.failed: set[str] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def recording(self) -> bool:
+        return self._recording
+
+    def begin(self, step: int) -> None:
+        """Start recording training step `step`: weight statistics now, hooks until `end()`."""
+        if self._recording:
+            self.abort()
+        self._step = step
+        self._token += 1
+        self._pending = {}
+        self._calls = {}
+        self._order = []
+        self._prev_channels_first = False
+        self._recording = True
+        with torch.no_grad():
+            for pname, p in self.params:
+                self._guard("weights", self._record_weight, pname, p)
+        for name, module in self.targets:
+            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
+        for pname, p in self.params:
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(partial(self._param_grad_hook, pname)))
+
+    def end(self) -> StepRecord | None:
+        """Finish the recorded step: remove hooks, read everything back once, decode. None if nothing ran."""
+        if not self._recording:
+            return None
+        self._remove_hooks()
+        with torch.no_grad():
+            for pname, p0 in self._snapshots.items():
+                self._guard("updates", self._record_update, pname, self._param_map[pname], p0)
+        self._snapshots = {}
+        self._recording = False
+        pending, self._pending = self._pending, {}
+        order, self._order = self._order, []
+        if not order and not any(k[0] == "P" and k[2] == "grad" for k in pending):
+            return None
+        host = _read_back(pending)
+        return self._decode(host, order)
+
+    def abort(self) -> None:
+        """Drop the step in progress and remove every hook (used on exit and after errors)."""
+        self._remove_hooks()
+        self._recording = False
+        self._pending = {}
+        self._order = []
+        self._snapshots = {}
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+    # ------------------------------------------------------------------ hooks
+    def _guard(self, part: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one piece of recording; an exception disables that part instead of breaking the user's training."""
+        if part in self.failed:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - isolation is the point
+            if self._on_error is None:
+                raise
+            self.failed.add(part)
+            self._on_error(part, exc)
+            return None
+
+    def _forward_hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not self._recording:
+            return
+        # Activation checkpointing re-runs forward inside backward to rebuild activations; that is the same
+        # call again, not a new one, so it is not counted twice.
+        if torch._C._current_graph_task_id() != -1:
+            return
+        self._guard("activations", self._record_output, name, module, output)
+
+    def _record_output(self, name: str, module: nn.Module, output: Any) -> None:
+        t = first_tensor(output)
+        if t is None:
+            return
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        shape = tuple(t.shape)
+        info = _LayerCall(
+            name=name,
+            type=type(module).__name__,
+            call=call,
+            shape=shape,
+            dtype=str(t.dtype).replace("torch.", ""),
+            weight_name=self._weight_of.get(name),
+        )
+        self._order.append(info)
+        key_base = ("L", name, str(call))
+        self._put(key_base + ("act",), *self._stats(t))
+        floating = t.is_floating_point()
+        bounds = bounds_of(module)
+        if bounds is not None and floating and t.numel():
+            lo, hi, tol = bounds
+            info.bounds = (lo, hi)
+            info.sat_numel = t.numel()
+            self._put(key_base + ("sat",), saturation_count(t, lo, hi, tol), None)
+        if isinstance(module, RELU_FAMILY) and floating and t.numel():
+            udim = unit_dim_for(shape, self._prev_channels_first)
+            if udim is not None:
+                units = shape[udim]
+                ever = self._ever_active.get((name, call))
+                if ever is None or ever.shape[0] != units or ever.device != t.device:
+                    ever = torch.zeros(units, dtype=torch.bool, device=t.device)
+                    self._ever_active[(name, call)] = ever
+                info.units = units
+                self._put(key_base + ("units",), unit_activity(t, udim, ever, RARE_ACTIVE_BELOW), None)
+        self._prev_channels_first = isinstance(module, _CHANNELS_FIRST_3D)
+        if floating and t.requires_grad and torch.is_grad_enabled():
+            t.register_hook(partial(self._grad_hook, key_base + ("grad",), self._token))
+
+    def _grad_hook(self, key: _Key, token: int, grad: torch.Tensor) -> None:
+        # A hook can outlive its step (a graph kept alive and backpropagated later): ignore stale ones.
+        if token != self._token or not self._recording:
+            return
+        self._guard("gradients", self._put_stats, key, grad)
+
+    def _param_grad_hook(self, pname: str, p: torch.Tensor) -> None:
+        if not self._recording or p.grad is None:
+            return
+        self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
+
+    def _record_weight(self, pname: str, p: nn.Parameter) -> None:
+        self._put_stats(("P", pname, "weight"), p)
+        if self.track_updates and p.requires_grad and p.is_floating_point():
+            self._snapshots[pname] = p.detach().clone()
+
+    def _record_update(self, pname: str, p: torch.Tensor, p0: torch.Tensor) -> None:
+        with torch.autocast(device_type=p.device.type, enabled=False):
+            d = (p.detach() - p0).to(torch.float32)
+            vec = torch.stack([torch.linalg.vector_norm(d), torch.linalg.vector_norm(p0.to(torch.float32))])
+        self._put(("P", pname, "update"), vec.to(torch.float64), None)
+
+    # ------------------------------------------------------------------ helpers
+    def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
+        return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free)
+
+    def _put_stats(self, key: _Key, t: torch.Tensor) -> None:
+        self._put(key, *self._stats(t))
+
+    def _put(self, key: _Key, vec: torch.Tensor, meta: Any) -> None:
+        self._pending[key] = (vec, meta)
+
+    def _own_weight(self, module: nn.Module) -> str | None:
+        own = dict(module.named_parameters(recurse=False))
+        p = own.get("weight")
+        if p is None and own:
+            p = next(iter(own.values()))
+        return None if p is None else self._param_name.get(id(p))
+
+    def _decode(self, host: Mapping[_Key, tuple[np.ndarray, Any]], order: list[_LayerCall]) -> StepRecord:
+        def stats(key: _Key) -> TensorStats | None:
+            got = host.get(key)
+            return None if got is None else decode_tensor_stats(got[0], got[1])
+
+        params: list[ParamStats] = []
+        by_name: dict[str, ParamStats] = {}
+        for pname, p in self.params:
+            w = stats(("P", pname, "weight"))
+            if w is None:
+                continue
+            upd = host.get(("P", pname, "update"))
+            ratio = None
+            if upd is not None:
+                delta, base = float(upd[0][0]), float(upd[0][1])
+                ratio = delta / base if base > 0 and math.isfinite(base) else None
+            ps = ParamStats(
+                name=pname,
+                shape=tuple(p.shape),
+                requires_grad=p.requires_grad,
+                weight=w,
+                grad=stats(("P", pname, "grad")),
+                update_ratio=ratio,
+            )
+            params.append(ps)
+            by_name[pname] = ps
+        layers = []
+        for info in order:
+            base = ("L", info.name, str(info.call))
+            saturation = dead = rare = never = None
+            sat = host.get(base + ("sat",))
+            if sat is not None and info.sat_numel:
+                saturation = float(sat[0][0]) / info.sat_numel
+            units = host.get(base + ("units",))
+            if units is not None and info.units:
+                dead, rare, never = (float(v) / info.units for v in units[0][:3])
+            wp = by_name.get(info.weight_name) if info.weight_name else None
+            layers.append(
+                LayerStats(
+                    name=info.name,
+                    type=info.type,
+                    step=self._step,
+                    call=info.call,
+                    shape=info.shape,
+                    dtype=info.dtype,
+                    activation=stats(base + ("act",)),
+                    gradient=stats(base + ("grad",)),
+                    weight=wp.weight if wp else None,
+                    weight_grad=wp.grad if wp else None,
+                    weight_name=info.weight_name if wp else None,
+                    bounds=info.bounds,
+                    saturation=saturation,
+                    units=info.units,
+                    dead_fraction=dead,
+                    rare_fraction=rare,
+                    never_active_fraction=never,
+                    update_ratio=wp.update_ratio if wp else None,
+                )
+            )
+        return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))
+
+
+def _read_back(pending: Mapping[_Key, tuple[torch.Tensor, Any]]) -> dict[_Key, tuple[np.ndarray, Any]]:
+    """One device-to-host copy per device: concatenate every vector of the step, copy, split on the host."""
+    by_device: dict[torch.device, list[tuple[_Key, torch.Tensor, Any]]] = {}
+    for key, (vec, meta) in pending.items():
+        by_device.setdefault(vec.device, []).append((key, vec, meta))
+    out: dict[_Key, tuple[np.ndarray, Any]] = {}
+    for items in by_device.values():
+        flat = torch.cat([v.reshape(-1) for _, v, _ in items]).cpu().numpy()
+        pos = 0
+        for key, vec, meta in items:
+            n = vec.numel()
+            out[key] = (flat[pos : pos + n], meta)
+            pos += n
+    return out

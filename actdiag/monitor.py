@@ -1,0 +1,392 @@
+"""`actdiag.watch`: wrap a training loop, record every N-th step, keep a bounded history, feed the sinks."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from actdiag._version import __version__
+from actdiag.hooks.recorder import Recorder, Selector
+from actdiag.hooks.stats import DEFAULT_BINS, DEFAULT_SAMPLE_CAP
+from actdiag.records import (
+    ExponentHistogram,
+    Finding,
+    Histogram,
+    History,
+    LayerStats,
+    ModelInfo,
+    Report,
+    RunInfo,
+    StepRecord,
+)
+
+DEFAULT_EVERY = 10
+DEFAULT_MAX_HISTORY = 512
+DEFAULT_MAX_HIST_SNAPSHOTS = 64
+
+
+class Sink(Protocol):
+    """Receives each recorded step as it completes, and the final report when the watch closes."""
+
+    def on_record(self, record: StepRecord) -> None: ...
+
+    def on_close(self, report: Report) -> None: ...
+
+
+LAYER_METRICS = (
+    "act_mean",
+    "act_std",
+    "act_abs_max",
+    "act_zero_fraction",
+    "act_nonfinite",
+    "grad_norm",
+    "grad_std",
+    "grad_abs_max",
+    "grad_nonfinite",
+    "saturation",
+    "dead_fraction",
+    "never_active_fraction",
+    "update_ratio",
+)
+PARAM_METRICS = ("weight_norm", "weight_std", "grad_norm", "update_ratio")
+
+
+def _opt(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def layer_scalars(layer: LayerStats) -> dict[str, float]:
+    """The per-step scalars of one layer (NaN where not applicable), as kept in History and TensorBoard."""
+    a, g = layer.activation, layer.gradient
+    return {
+        "act_mean": a.mean if a else math.nan,
+        "act_std": a.std if a else math.nan,
+        "act_abs_max": a.abs_max if a else math.nan,
+        "act_zero_fraction": a.zero_fraction if a else math.nan,
+        "act_nonfinite": float(a.nonfinite_count) if a else math.nan,
+        "grad_norm": g.norm if g else math.nan,
+        "grad_std": g.std if g else math.nan,
+        "grad_abs_max": g.abs_max if g else math.nan,
+        "grad_nonfinite": float(g.nonfinite_count) if g else math.nan,
+        "saturation": _opt(layer.saturation),
+        "dead_fraction": _opt(layer.dead_fraction),
+        "never_active_fraction": _opt(layer.never_active_fraction),
+        "update_ratio": _opt(layer.update_ratio),
+    }
+
+
+class _Series:
+    """Parallel lists thinned to at most `cap` points: when full, every other point is dropped and the stride at
+    which new points are kept doubles, so a run of any length keeps an evenly spread, bounded history."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(cap, 2)
+        self.stride = 1
+        self.seen = 0
+        self.steps: list[int] = []
+        self.rows: list[dict[str, Any]] = []
+
+    def offer(self, step: int, row: dict[str, Any]) -> None:
+        take = self.seen % self.stride == 0
+        self.seen += 1
+        if not take:
+            return
+        self.steps.append(step)
+        self.rows.append(row)
+        if len(self.steps) >= self.cap:
+            self.steps = self.steps[::2]
+            self.rows = self.rows[::2]
+            self.stride *= 2
+
+
+class HistoryBuffer:
+    """Mutable, bounded history of recorded steps; `snapshot()` gives the frozen History."""
+
+    def __init__(self, max_points: int = DEFAULT_MAX_HISTORY, max_hist: int = DEFAULT_MAX_HIST_SNAPSHOTS) -> None:
+        self.scalars = _Series(max_points)
+        self.hists = _Series(max_hist)
+
+    def add(self, record: StepRecord) -> None:
+        layers = {layer.label: layer_scalars(layer) for layer in record.layers}
+        params = {
+            p.name: {
+                "weight_norm": p.weight.norm,
+                "weight_std": p.weight.std,
+                "grad_norm": p.grad.norm if p.grad else math.nan,
+                "update_ratio": _opt(p.update_ratio),
+            }
+            for p in record.params
+        }
+        self.scalars.offer(record.step, {"layers": layers, "params": params})
+        self.hists.offer(
+            record.step,
+            {
+                layer.label: (
+                    layer.activation.histogram if layer.activation else None,
+                    layer.activation.exponents if layer.activation else None,
+                    layer.gradient.exponents if layer.gradient else None,
+                )
+                for layer in record.layers
+            },
+        )
+
+    def snapshot(self) -> History:
+        rows = self.scalars.rows
+        labels: dict[str, None] = {}
+        pnames: dict[str, None] = {}
+        for row in rows:
+            labels.update(dict.fromkeys(row["layers"]))
+            pnames.update(dict.fromkeys(row["params"]))
+        nan_layer = dict.fromkeys(LAYER_METRICS, math.nan)
+        nan_param = dict.fromkeys(PARAM_METRICS, math.nan)
+        layers = {
+            label: {m: tuple(row["layers"].get(label, nan_layer)[m] for row in rows) for m in LAYER_METRICS}
+            for label in labels
+        }
+        params = {
+            name: {m: tuple(row["params"].get(name, nan_param)[m] for row in rows) for m in PARAM_METRICS}
+            for name in pnames
+        }
+        hrows = self.hists.rows
+        hlabels: dict[str, None] = {}
+        for hrow in hrows:
+            hlabels.update(dict.fromkeys(hrow))
+
+        def column(label: str, i: int) -> tuple[Any, ...]:
+            return tuple(r[label][i] if label in r else None for r in hrows)
+
+        act: dict[str, tuple[Histogram | None, ...]] = {lb: column(lb, 0) for lb in hlabels}
+        aexp: dict[str, tuple[ExponentHistogram | None, ...]] = {lb: column(lb, 1) for lb in hlabels}
+        gexp: dict[str, tuple[ExponentHistogram | None, ...]] = {lb: column(lb, 2) for lb in hlabels}
+        return History(
+            steps=tuple(self.scalars.steps),
+            layers=layers,
+            params=params,
+            hist_steps=tuple(self.hists.steps),
+            activation_histograms=act,
+            activation_exponents=aexp,
+            gradient_exponents=gexp,
+        )
+
+
+def check_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """Create `path` if needed and prove it is writable now, so a bad path fails at start, not hours later."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".actdiag-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{what} {str(p)!r} is not writable: {exc.strerror or exc}") from None
+    return p
+
+
+def _model_device(model: nn.Module) -> str:
+    for t in model.parameters():
+        return str(t.device)
+    for t in model.buffers():
+        return str(t.device)
+    return "cpu"
+
+
+class Monitor:
+    """Records a model's statistics while it trains. Use through `actdiag.watch(...)`.
+
+    Call `step()` once per training step, after `optimizer.step()`. Steps 0, every, 2*every, ... are recorded.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int = DEFAULT_EVERY,
+        logdir: str | os.PathLike[str] | None = None,
+        include: Selector | Iterable[Selector] | None = None,
+        exclude: Selector | Iterable[Selector] | None = None,
+        bins: int = DEFAULT_BINS,
+        sample_cap: int = DEFAULT_SAMPLE_CAP,
+        track_weights: bool = True,
+        track_updates: bool = True,
+        max_history: int = DEFAULT_MAX_HISTORY,
+        strict: bool = False,
+        sinks: Sequence[Sink] = (),
+        name: str | None = None,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.model = model
+        self.every = every
+        self.strict = strict
+        self.name = name or type(model).__name__
+        self._warned: set[str] = set()
+        self.recorder = Recorder(
+            model,
+            include=include,
+            exclude=exclude,
+            bins=bins,
+            sample_cap=sample_cap,
+            track_weights=track_weights,
+            track_updates=track_updates,
+            on_error=None if strict else self._fault,
+        )
+        self.logdir = check_writable_dir(logdir, "logdir") if logdir is not None else None
+        self.sinks: list[Sink] = list(sinks)
+        if self.logdir is not None:
+            from actdiag.reports.tensorboard import TensorBoardSink
+
+            self.sinks.append(TensorBoardSink(self.logdir))
+        self.history_buffer = HistoryBuffer(max_points=max_history)
+        self.latest: StepRecord | None = None
+        self.steps = 0
+        self.recorded_steps = 0
+        self._active = False
+        self._closed = False
+        self._findings_cache: tuple[int, tuple[Finding, ...]] | None = None
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> Monitor:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(keep_partial=exc_type is None)
+
+    def start(self) -> Monitor:
+        if self._active:
+            return self
+        if self._closed:
+            raise RuntimeError("this monitor was closed; call actdiag.watch(...) again")
+        self._active = True
+        self._begin_if_due()
+        return self
+
+    def step(self) -> None:
+        """Close the current training step (reading back its statistics if it was recorded), start the next."""
+        if not self._active:
+            raise RuntimeError("monitor.step() called outside the watch; use it inside `with actdiag.watch(model)`")
+        if self.recorder.recording:
+            self._finish_recorded()
+        self.steps += 1
+        self._begin_if_due()
+
+    def close(self, keep_partial: bool = True) -> None:
+        """Remove every hook; keep a recorded step in progress if it saw any forward pass; flush the sinks."""
+        if self._closed:
+            return
+        try:
+            if self.recorder.recording:
+                if keep_partial:
+                    self._finish_recorded()
+                else:
+                    self.recorder.abort()
+        finally:
+            self.recorder.abort()
+            self._active = False
+            self._closed = True
+            if self.sinks:
+                report = self.report()
+                for sink in self.sinks:
+                    self._guarded_sink("sink", sink.on_close, report)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def history(self) -> History:
+        return self.history_buffer.snapshot()
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        """The findings for what was recorded so far, ranked most severe first."""
+        if self._findings_cache is not None and self._findings_cache[0] == self.recorded_steps:
+            return self._findings_cache[1]
+        from actdiag.rules import diagnose
+
+        found: tuple[Finding, ...] = ()
+        if self.latest is not None:
+            try:
+                found = tuple(diagnose(self.latest.layers, self.latest.params, self.history))
+            except Exception as exc:  # noqa: BLE001
+                if self.strict:
+                    raise
+                self._fault("rules", exc)
+        self._findings_cache = (self.recorded_steps, found)
+        return found
+
+    def report(self) -> Report:
+        latest = self.latest
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return Report(
+            model=ModelInfo(name=self.name, parameters=n_params, trainable_parameters=n_train),
+            run=RunInfo(
+                steps=self.steps,
+                recorded_steps=self.recorded_steps,
+                device=_model_device(self.model),
+                torch=torch.__version__,
+                actdiag=__version__,
+                every=self.every,
+            ),
+            layers=latest.layers if latest else (),
+            params=latest.params if latest else (),
+            findings=self.findings,
+            history=self.history,
+        )
+
+    def save_json(self, path: str | os.PathLike[str]) -> Path:
+        return self.report().save_json(path)
+
+    def save_html(self, path: str | os.PathLike[str]) -> Path:
+        return self.report().save_html(path)
+
+    # ------------------------------------------------------------------ internals
+    def _begin_if_due(self) -> None:
+        if self.steps % self.every == 0:
+            self.recorder.begin(self.steps)
+
+    def _finish_recorded(self) -> None:
+        record = self.recorder.end()
+        if record is None:
+            return
+        self.latest = record
+        self.recorded_steps += 1
+        self.history_buffer.add(record)
+        for sink in self.sinks:
+            self._guarded_sink("sink", sink.on_record, record)
+
+    def _guarded_sink(self, part: str, fn: Any, *args: Any) -> None:
+        key = f"{part}:{type(getattr(fn, '__self__', fn)).__name__}"
+        if key in self._warned:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a sink must never kill training
+            if self.strict:
+                raise
+            self._fault(key, exc)
+
+    def _fault(self, part: str, exc: BaseException) -> None:
+        if part in self._warned:
+            return
+        self._warned.add(part)
+        warnings.warn(
+            f"actdiag: {part} failed and is switched off for this run ({type(exc).__name__}: {exc}); "
+            "training continues. Use strict=True to raise instead.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def watch(model: nn.Module, every: int = DEFAULT_EVERY, logdir: str | os.PathLike[str] | None = None, **kwargs: Any) -> Monitor:
+    """Watch `model` while it trains: `with actdiag.watch(model, every=10, logdir="runs/x") as monitor: ...`.
+
+    Keyword arguments: include/exclude (name patterns or module types), bins, sample_cap, track_weights,
+    track_updates, max_history, strict (raise instead of warning when actdiag itself fails), sinks, name.
+    """
+    return Monitor(model, every=every, logdir=logdir, **kwargs)
