@@ -2,13 +2,16 @@
 
 Life of a recorded step (see the package docstring for the design):
 
-    begin(step)  weights' statistics and a snapshot for the update ratio; module forward hooks and parameter
-                 post-accumulate-grad hooks are registered
+    begin(step)  module forward hooks and parameter post-accumulate-grad hooks are registered; nothing is computed,
+                 so the step before a recorded one costs only the registration
     forward      each selected module's forward hook computes its output's statistics on the output's device and,
                  if the output takes part in autograd, registers a tensor hook on it for the gradient
-    backward     tensor hooks compute the statistics of d(loss)/d(output); parameter hooks those of .grad
-    end()        update ratios; every hook is removed; all vectors are concatenated per device and read back with
-                 one copy; the host decodes them into a StepRecord
+    backward     tensor hooks compute the statistics of d(loss)/d(output); a parameter's hook, when its gradient is
+                 ready, computes the statistics of the weight (still as the forward pass used it: the optimizer has
+                 not run) and of .grad, and keeps a small sample of the weight for the update ratio
+    end()        after optimizer.step(): update ratios; weights that got no gradient are measured now (the optimizer
+                 skipped them, so they are unchanged); every hook is removed; all vectors are concatenated per
+                 device and read back with one copy; the host decodes them into a StepRecord
 
 Between recorded steps no hook is registered at all, so an unrecorded step runs exactly as without actdiag (and
 modules keep PyTorch's hook-free fast path).
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from actdiag.hooks.stats import (
+    _SAMPLES,
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
     StatsMeta,
@@ -216,7 +220,7 @@ class Recorder:
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
-        self._snapshots: dict[str, torch.Tensor] = {}
+        self._snapshots: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._prev_channels_first = False
         self.failed: set[str] = set()
 
@@ -235,10 +239,8 @@ class Recorder:
         self._calls = {}
         self._order = []
         self._prev_channels_first = False
+        self._snapshots = {}
         self._recording = True
-        with torch.no_grad():
-            for pname, p in self.params:
-                self._guard("weights", self._record_weight, pname, p)
         for name, module in self.targets:
             self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         for pname, p in self.params:
@@ -251,8 +253,11 @@ class Recorder:
             return None
         self._remove_hooks()
         with torch.no_grad():
-            for pname, p0 in self._snapshots.items():
-                self._guard("updates", self._record_update, pname, self._param_map[pname], p0)
+            for pname, p in self.params:
+                if ("P", pname, "weight") not in self._pending:
+                    self._guard("weights", self._record_weight, pname, p, False)
+            for pname, snap in self._snapshots.items():
+                self._guard("updates", self._record_update, pname, self._param_map[pname], snap)
         self._snapshots = {}
         self._recording = False
         pending, self._pending = self._pending, {}
@@ -346,17 +351,33 @@ class Recorder:
     def _param_grad_hook(self, pname: str, p: torch.Tensor) -> None:
         if not self._recording or p.grad is None:
             return
-        self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
+        with torch.no_grad():
+            # Gradient accumulation runs this hook once per backward; the weight is measured on the first.
+            if ("P", pname, "weight") not in self._pending:
+                self._guard("weights", self._record_weight, pname, p, True)
+            self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
 
-    def _record_weight(self, pname: str, p: nn.Parameter) -> None:
+    def _record_weight(self, pname: str, p: torch.Tensor, before_update: bool) -> None:
         self._put_stats(("P", pname, "weight"), p)
-        if self.track_updates and p.requires_grad and p.is_floating_point():
-            self._snapshots[pname] = p.detach().clone()
+        if before_update and self.track_updates and p.is_floating_point():
+            # The update ratio |w_after - w_before| / |w_before| is estimated on a fixed sample of at most
+            # sample_cap elements (the histograms' sample): a full copy of every weight would double the
+            # parameters' memory on recorded steps and cost two extra passes over them.
+            flat = p.detach().reshape(-1)
+            idx = None
+            if flat.numel() > self.sample_cap:
+                idx = _SAMPLES.get(flat.numel(), self.sample_cap, flat.device)
+                self._snapshots[pname] = (idx, flat.index_select(0, idx))
+            else:
+                self._snapshots[pname] = (idx, flat.clone())
 
-    def _record_update(self, pname: str, p: torch.Tensor, p0: torch.Tensor) -> None:
-        with torch.autocast(device_type=p.device.type, enabled=False):
-            d = (p.detach() - p0).to(torch.float32)
-            vec = torch.stack([torch.linalg.vector_norm(d), torch.linalg.vector_norm(p0.to(torch.float32))])
+    def _record_update(self, pname: str, p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> None:
+        idx, p0 = snap
+        cur = p.detach().reshape(-1)
+        if idx is not None:
+            cur = cur.index_select(0, idx)
+        d = (cur - p0).to(torch.float32)
+        vec = torch.stack([torch.linalg.vector_norm(d), torch.linalg.vector_norm(p0.to(torch.float32))])
         self._put(("P", pname, "update"), vec.to(torch.float64), None)
 
     # ------------------------------------------------------------------ helpers

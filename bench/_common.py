@@ -1,0 +1,132 @@
+"""Helpers shared by the benchmark scripts: machine description, memory probes, table formatting."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout, without installing actdiag
+    sys.path.insert(0, str(ROOT))
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    found = re.search(r"model name\s*:\s*(.+)", text)
+    return found.group(1).strip() if found else platform.machine()
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rev = out.stdout.strip() or "unknown"
+    return rev + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine_lines(extra: Sequence[str] = ()) -> list[str]:
+    import numpy
+    import torch
+
+    import actdiag
+
+    try:
+        load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        load = "n/a"
+    lines = [
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}",
+        f"- GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none (CPU only)'}",
+        f"- OS: {platform.platform()}; Python {platform.python_version()}",
+        f"- torch {torch.__version__}, numpy {numpy.__version__}, actdiag {actdiag.__version__} (git {git_revision()})",
+        f"- load average at start: {load}",
+    ]
+    lines.extend(extra)
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- memory (Linux)
+def _status_kb(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(field + r":\s+(\d+)\s+kB", text)
+    return int(found.group(1)) if found else None
+
+
+def rss_mb() -> float | None:
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def peak_rss_mb() -> float | None:
+    kb = _status_kb("VmHWM")
+    return None if kb is None else kb / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0); False where not supported."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)  # give freed heap back first, so the baseline is what is really in use
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------- numbers
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        v = xs[0] if xs else float("nan")
+        return v, v
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out.extend("| " + " | ".join(r) + " |" for r in rows)
+    return out
+
+
+def replace_section(path: Path, marker: str, body: Sequence[str]) -> None:
+    """Replace the text between `<!-- marker -->` and `<!-- /marker -->` in `path` (appending it if absent)."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    block = "\n".join([start, *body, end])
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        before = text[: text.index(start)]
+        after = text[text.index(end) + len(end) :]
+        text = before + block + after
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    path.write_text(text)

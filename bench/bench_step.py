@@ -1,0 +1,510 @@
+"""Time full training steps (forward, backward, optimizer) with and without monitoring.
+
+    python bench/bench_step.py                      # the full CPU run behind BENCHMARKS.md
+    python bench/bench_step.py --write BENCHMARKS.md
+    python bench/bench_step.py --smoke              # seconds; what tests/bench/test_bench_smoke.py runs
+
+Every variant trains its own copy of the model (same seed, same data) and they all live in one process. The run is
+a series of rounds; in each round every variant runs one block of `--block` consecutive steps, in an order that
+rotates from round to round. Machine drift (other people's jobs on a shared box) therefore hits all variants alike,
+and each round gives a paired ratio to the unmonitored copy measured minutes, not hours, apart. Ratios are the
+median over rounds of (block time / unmonitored block time); the spread is their interquartile range.
+
+Variants:
+  none            no monitoring
+  actdiag-every1  actdiag.watch(model, every=1): every step recorded, all statistics and histograms
+  actdiag-default actdiag.watch(model) at DEFAULT_EVERY; its recorded and unrecorded steps are also shown apart
+  tb-hooks        forward hooks calling SummaryWriter.add_histogram on every leaf output (what users write by hand)
+  wandb           wandb.watch(model, log="all", log_freq=1) in offline mode (skipped with a note if not installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import _common  # noqa: I001 - puts the checkout on sys.path before actdiag is imported
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actdiag
+from actdiag.monitor import DEFAULT_EVERY
+
+VARIANTS = ("none", "actdiag-every1", "actdiag-default", "tb-hooks", "wandb")
+MODELS = ("mlp", "cnn", "gpt")
+
+
+# ============================================================================================== models
+class ResBlock(nn.Module):
+    """A ResNet basic block: in-place ReLUs and an in-place residual add, the cases that break module hooks."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return self.relu2(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths: Sequence[int], classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)
+        )
+        blocks = []
+        c = widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(ResBlock(c, w, 1 if i == 0 else 2))
+            c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = SelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 layout (pre-norm blocks, learned positions, causal attention), shrunk to CPU size."""
+
+    def __init__(self, vocab: int, ctx: int, d: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.blocks = nn.Sequential(*(GPTBlock(d, heads) for _ in range(layers)))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.head(self.ln_f(self.blocks(self.tok(idx) + self.pos(pos))))
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    inputs: torch.Tensor
+    loss: Callable[[torch.Tensor], torch.Tensor]
+
+
+def workload(name: str, smoke: bool) -> Workload:
+    g = torch.Generator().manual_seed(1)
+    if name == "mlp":
+        width, depth, batch = (32, 2, 4) if smoke else (1024, 8, 256)
+        x = torch.randn(batch, width, generator=g)
+        target = torch.randn(batch, width, generator=g)
+
+        def build_mlp() -> nn.Module:
+            layers: list[nn.Module] = []
+            for _ in range(depth):
+                layers += [nn.Linear(width, width), nn.ReLU()]
+            return nn.Sequential(*layers)
+
+        return Workload(
+            "mlp", f"MLP {depth} x (Linear({width}) + ReLU), batch {batch}", build_mlp, x,
+            lambda out: F.mse_loss(out, target),
+        )  # fmt: skip
+    if name == "cnn":
+        widths, batch, side = ((4, 8), 2, 8) if smoke else ((32, 64, 128), 32, 32)
+        x = torch.randn(batch, 3, side, side, generator=g)
+        labels = torch.randint(0, 10, (batch,), generator=g)
+        return Workload(
+            "cnn",
+            f"ResNet-style CNN, {len(widths)} basic blocks {'/'.join(map(str, widths))} ch, BatchNorm, in-place ReLU, "
+            f"batch {batch}x3x{side}x{side}",
+            lambda: ResNet(widths),
+            x,
+            lambda out: F.cross_entropy(out, labels),
+        )
+    if name == "gpt":
+        vocab, ctx, d, layers, heads, batch = (64, 8, 16, 1, 2, 2) if smoke else (2048, 128, 256, 4, 4, 8)
+        idx = torch.randint(0, vocab, (batch, ctx + 1), generator=g)
+        inp, tgt = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+        return Workload(
+            "gpt",
+            f"GPT-style transformer, {layers} layers, d={d}, {heads} heads, context {ctx}, vocab {vocab}, "
+            f"batch {batch}",
+            lambda: GPT(vocab, ctx, d, layers, heads),
+            inp,
+            lambda out: F.cross_entropy(out.reshape(-1, vocab), tgt.reshape(-1)),
+        )
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+# ============================================================================================== variants
+class Variant:
+    """One way of monitoring a model. `recording()` says whether the coming step is recorded."""
+
+    name = "none"
+
+    def attach(self, model: nn.Module, tmp: Path) -> None:
+        self.model = model
+
+    def recording(self) -> bool:
+        return False
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ActdiagVariant(Variant):
+    def __init__(self, name: str, every: int) -> None:
+        self.name = name
+        self.every = every
+
+    def attach(self, model: nn.Module, tmp: Path) -> None:
+        self.monitor = actdiag.watch(model, every=self.every).start()
+
+    def recording(self) -> bool:
+        return self.monitor.recorder.recording
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        self.monitor.step()
+
+    def close(self) -> None:
+        self.monitor.close()
+
+
+class TensorBoardHooks(Variant):
+    """The hand-written peer: a forward hook on every leaf module writing its output's histogram each step."""
+
+    name = "tb-hooks"
+
+    def attach(self, model: nn.Module, tmp: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(tmp / "tb"))
+        self.step = 0
+        self.handles = []
+        for name, module in model.named_modules():
+            if next(module.children(), None) is None:
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                self.writer.add_histogram(f"activations/{name}", output, self.step)
+
+        return hook
+
+    def recording(self) -> bool:
+        return True
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        self.step += 1
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.writer.close()
+
+
+class WandbWatch(Variant):
+    name = "wandb"
+
+    def attach(self, model: nn.Module, tmp: Path) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(
+            mode="offline", dir=str(tmp), project="actdiag-bench", settings=wandb.Settings(silent=True, console="off")
+        )
+        self.model = model
+        wandb.watch(model, log="all", log_freq=1)
+
+    def recording(self) -> bool:
+        return True
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        # wandb.watch stages its histograms; they are committed with the step's log call, as in any wandb loop.
+        self.run.log({"loss": float(loss)})
+
+    def close(self) -> None:
+        self.wandb.unwatch(self.model)
+        self.run.finish(quiet=True)
+
+
+def wandb_status() -> str | None:
+    """None when wandb can run here, else why not."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return "wandb is not installed (pip install wandb, if `pip install --dry-run wandb` pulls no torch)"
+    return None
+
+
+def make_variant(name: str) -> Variant:
+    if name == "none":
+        return Variant()
+    if name == "actdiag-every1":
+        return ActdiagVariant(name, 1)
+    if name == "actdiag-default":
+        return ActdiagVariant(name, DEFAULT_EVERY)
+    if name == "tb-hooks":
+        return TensorBoardHooks()
+    if name == "wandb":
+        return WandbWatch()
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+
+# ============================================================================================== timing
+@dataclass
+class Runner:
+    variant: Variant
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    load: Workload
+    times: list[float] = field(default_factory=list)  # seconds per timed step
+    recorded: list[bool] = field(default_factory=list)
+    blocks: list[float] = field(default_factory=list)  # seconds per block, aligned with rounds
+    peak_extra_mb: float | None = None
+
+    def step(self) -> tuple[float, bool]:
+        rec = self.variant.recording()
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.load.loss(self.model(self.load.inputs))
+        loss.backward()
+        self.opt.step()
+        self.variant.after_step(loss)
+        return time.perf_counter() - t0, rec
+
+    def block(self, n: int) -> None:
+        total = 0.0
+        for _ in range(n):
+            dt, rec = self.step()
+            self.times.append(dt)
+            self.recorded.append(rec)
+            total += dt
+        self.blocks.append(total)
+
+
+def build_runners(load: Workload, variants: Sequence[str], tmp: Path) -> list[Runner]:
+    runners = []
+    for name in variants:
+        torch.manual_seed(0)  # every copy starts from the same weights
+        model = load.build()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        v = make_variant(name)
+        sub = tmp / f"{load.name}-{name}"
+        sub.mkdir(parents=True, exist_ok=True)
+        v.attach(model, sub)
+        runners.append(Runner(v, model, opt, load))
+    return runners
+
+
+def measure_memory(runners: Sequence[Runner], steps: int) -> None:
+    """Peak RSS above the resident level while a variant runs `steps` steps (activations, gradients, and whatever
+    monitoring allocates), one variant at a time after the timed rounds."""
+    for r in runners:
+        gc.collect()
+        if not _common.reset_peak_rss():
+            return
+        base = _common.rss_mb()
+        for _ in range(steps):
+            r.step()
+        peak = _common.peak_rss_mb()
+        if base is not None and peak is not None:
+            r.peak_extra_mb = peak - base
+
+
+@contextlib.contextmanager
+def attached(load: Workload, variants: Sequence[str]) -> Iterator[list[Runner]]:
+    tmp = Path(tempfile.mkdtemp(prefix="actdiag-bench-"))
+    runners: list[Runner] = []
+    try:
+        runners = build_runners(load, variants, tmp)
+        yield runners
+    finally:
+        for r in runners:
+            r.variant.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_workload(load: Workload, variants: Sequence[str], rounds: int, block: int, warmup: int) -> list[Runner]:
+    with attached(load, variants) as runners:
+        for r in runners:  # warm-up: allocator, first-call caches, the sample index of each tensor size
+            for _ in range(warmup):
+                r.step()
+        for i in range(rounds):
+            k = i % len(runners)
+            for r in runners[k:] + runners[:k]:
+                r.block(block)
+        measure_memory(runners, steps=2)
+    return runners
+
+
+# ============================================================================================== report
+def _ms(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x * 1e3:.1f}"
+
+
+def _ratio(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def summarise(runners: Sequence[Runner]) -> list[dict[str, Any]]:
+    base = next(r for r in runners if r.variant.name == "none")
+    base_med = _common.median(base.times)
+    rows = []
+    for r in runners:
+        ratios = [b / b0 for b, b0 in zip(r.blocks, base.blocks) if b0 > 0]
+        q1, q3 = _common.quartiles(ratios)
+        rec = [t for t, f in zip(r.times, r.recorded) if f]
+        unrec = [t for t, f in zip(r.times, r.recorded) if not f]
+        rec_med = _common.median(rec)
+        unrec_med = _common.median(unrec)
+        # Extra time per recorded step: the recorded steps' median over the unmonitored median, from the same rounds.
+        extra = rec_med - base_med if rec else math.nan
+        rows.append(
+            {
+                "variant": r.variant.name,
+                "median_ms": _common.median(r.times) * 1e3,
+                "ratio": _common.median(ratios),
+                "ratio_q1": q1,
+                "ratio_q3": q3,
+                "recorded_ms": rec_med * 1e3,
+                "unrecorded_ratio": unrec_med / base_med if unrec and r is not base else math.nan,
+                "extra_ms": extra * 1e3,
+                "peak_extra_mb": r.peak_extra_mb,
+                "steps": len(r.times),
+            }
+        )
+    return rows
+
+
+def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    header = [
+        "variant",
+        "median step ms",
+        "ratio to none (IQR)",
+        "unrecorded steps ratio",
+        "recorded step ms",
+        "extra ms / recorded step",
+        "peak RSS above resident, MB",
+    ]
+    body = []
+    for row in rows:
+        mem = row["peak_extra_mb"]
+        body.append(
+            [
+                f"{model} / {row['variant']}",
+                _ms(row["median_ms"] / 1e3),
+                f"{_ratio(row['ratio'])} ({_ratio(row['ratio_q1'])}-{_ratio(row['ratio_q3'])})",
+                _ratio(row["unrecorded_ratio"]),
+                _ms(row["recorded_ms"] / 1e3),
+                _ms(row["extra_ms"] / 1e3),
+                "n/a" if mem is None else f"{mem:.0f}",
+            ]
+        )
+    return _common.markdown_table(header, body)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=12, help="interleaved rounds (default 12)")
+    p.add_argument("--block", type=int, default=DEFAULT_EVERY, help="steps per variant per round (default: every)")
+    p.add_argument("--warmup", type=int, default=DEFAULT_EVERY, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--smoke", action="store_true", help="tiny models, 2 rounds: checks the script, times nothing")
+    p.add_argument("--write", type=Path, default=None, help="replace the step table in this Markdown file")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.rounds, args.block, args.warmup = 2, 2, 1
+    models = [m for m in args.models.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    if "none" not in variants:
+        variants.insert(0, "none")
+    notes = []
+    if "wandb" in variants and (why := wandb_status()) is not None:
+        variants.remove("wandb")
+        notes.append(f"- wandb skipped: {why}.")
+    cmd = "python bench/" + Path(__file__).name + (" " + " ".join(sys.argv[1:]) if argv is None else "")
+    lines = ["## Training step overhead", "", f"Command: `{cmd.strip()}`", ""]
+    lines += _common.machine_lines()
+    lines += [
+        f"- {args.rounds} interleaved rounds x {args.block} steps per variant, after {args.warmup} warm-up steps; "
+        f"actdiag DEFAULT_EVERY = {DEFAULT_EVERY}; optimizer AdamW",
+        "",
+    ]
+    started = time.perf_counter()
+    for m in models:
+        load = workload(m, args.smoke)
+        print(f"[bench] {load.description}: {', '.join(variants)}", file=sys.stderr, flush=True)
+        runners = run_workload(load, variants, args.rounds, args.block, args.warmup)
+        lines += [f"**{m}**: {load.description}", ""]
+        lines += table_lines(m, summarise(runners))
+        lines.append("")
+    lines += notes
+    lines.append(f"- wall time of the benchmark: {time.perf_counter() - started:.0f} s")
+    print("\n".join(lines))
+    if args.write is not None:
+        _common.replace_section(args.write, "bench:steps", lines)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
