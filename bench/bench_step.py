@@ -376,7 +376,9 @@ def attached(load: Workload, variants: Sequence[str]) -> Iterator[list[Runner]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_workload(load: Workload, variants: Sequence[str], rounds: int, block: int, warmup: int) -> list[Runner]:
+def run_workload(
+    load: Workload, variants: Sequence[str], rounds: int, block: int, warmup: int, smoke: bool = False
+) -> list[Runner]:
     with attached(load, variants) as runners:
         for r in runners:  # warm-up: allocator, first-call caches, the sample index of each tensor size
             for _ in range(warmup):
@@ -385,7 +387,7 @@ def run_workload(load: Workload, variants: Sequence[str], rounds: int, block: in
             k = i % len(runners)
             for r in runners[k:] + runners[:k]:
                 r.block(block)
-        measure_memory(runners, steps=2)
+        measure_memory(runners, steps=1 if smoke else 2)
     return runners
 
 
@@ -473,9 +475,15 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        args.rounds, args.block, args.warmup = 2, 2, 1
+        args.rounds, args.block, args.warmup = 1, 2, 1
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
+    for m in models:
+        if m not in MODELS:
+            raise ValueError(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if "none" not in variants:
         variants.insert(0, "none")
     notes = []
@@ -494,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     for m in models:
         load = workload(m, args.smoke)
         print(f"[bench] {load.description}: {', '.join(variants)}", file=sys.stderr, flush=True)
-        runners = run_workload(load, variants, args.rounds, args.block, args.warmup)
+        runners = run_workload(load, variants, args.rounds, args.block, args.warmup, args.smoke)
         lines += [f"**{m}**: {load.description}", ""]
         lines += table_lines(m, summarise(runners))
         lines.append("")

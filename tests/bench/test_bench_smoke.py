@@ -1,0 +1,57 @@
+"""The benchmark scripts run end to end in their smoke mode, so they cannot rot. Nothing here measures speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import their sibling _common
+    spec = importlib.util.spec_from_file_location(f"actdiag_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_step() -> ModuleType:
+    return load("bench_step")
+
+
+def test_step_benchmark_writes_a_row_for_every_model_and_variant(bench_step: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "BENCH.md"
+    out.write_text("# Benchmarks\n\nintro kept\n")
+    bench_step.main(["--smoke", "--write", str(out)])
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nintro kept\n"), "the rest of the file is kept"
+    assert text.count("<!-- bench:steps -->") == 1 and "<!-- /bench:steps -->" in text
+    for model in bench_step.MODELS:
+        for variant in bench_step.VARIANTS:
+            row = f"| {model} / {variant} |"
+            if variant == "wandb" and "wandb skipped" in text:
+                assert row not in text
+                continue
+            assert row in text, f"missing row {row!r}"
+    assert "torch " in text and "CPU:" in text, "the machine and versions are recorded"
+    # Running again replaces the section instead of appending a second one.
+    bench_step.main(["--smoke", "--models", "mlp", "--variants", "none", "--write", str(out)])
+    text = out.read_text()
+    assert text.count("<!-- bench:steps -->") == 1
+    assert "| cnn / none |" not in text and "| mlp / none |" in text
+
+
+def test_step_benchmark_rejects_unknown_names(bench_step: ModuleType) -> None:
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench_step.main(["--smoke", "--models", "mlp", "--variants", "nope"])
+    with pytest.raises(ValueError, match="unknown model"):
+        bench_step.main(["--smoke", "--models", "nope", "--variants", "none"])
