@@ -85,7 +85,7 @@ def _range(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.lower().replace("x", ",").split(",") if p.strip()]
+    parts = [p.strip() for p in text.split(",")]
     try:
         dims = tuple(int(p) for p in parts)
     except ValueError:
@@ -263,8 +263,8 @@ def inspect_command(
     outputs = _Outputs(json_path, html_path, logdir)
     outputs.check()
     # With `--json -` the JSON document owns standard output; the summary moves to standard error.
-    summary = click.get_text_stream("stderr" if json_path == "-" else "stdout")
-    err = click.get_text_stream("stderr")
+    summary = sys.stderr if json_path == "-" else sys.stdout
+    err = sys.stderr
     try:
         report, notes = _run(
             target,

@@ -530,9 +530,16 @@ def _read_checkpoint(path: Path) -> Any:
         # arbitrary object can run arbitrary code; actdiag never does that behind the user's back.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            _, _, tail = str(exc).partition("WeightsUnpickler error:")
+            chunks = [c.strip() for c in tail.split("\n\n") if c.strip()]
+            why = chunks[0] if chunks else _exc_text(exc)
+            raise TargetError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint ({why})") from exc
         raise TargetError(
-            f"checkpoint {path} holds Python objects other than tensors (for example a whole pickled model), and "
-            "actdiag only loads plain tensors (torch.load weights_only=True); save model.state_dict() instead"
+            f"checkpoint {path} holds a pickled Python object ({found.group(1)}), and actdiag loads only tensors and "
+            "plain containers (torch.load with weights_only=True), never arbitrary objects; save model.state_dict() "
+            "instead of the whole model"
         ) from exc
     except Exception as exc:
         raise TargetError(f"cannot read checkpoint {path}: {_exc_text(exc)}") from exc
