@@ -61,10 +61,10 @@ def format_number(v: Any) -> str:
     return f"{v:.3g}"
 
 
-def format_evidence(evidence: Mapping[str, Any], limit: int = 4) -> str:
+def format_evidence(evidence: Mapping[str, Any], limit: int = 4, sep: str = ", ") -> str:
     items = list(evidence.items())
-    text = ", ".join(f"{k}={format_number(v)}" for k, v in items[:limit])
-    return text + (", ..." if len(items) > limit else "")
+    text = sep.join(f"{k}={format_number(v)}" for k, v in items[:limit])
+    return text + (f"{sep}..." if len(items) > limit else "")
 
 
 def format_fix(fixes: Sequence[Fix]) -> str:
@@ -77,7 +77,7 @@ def format_fix(fixes: Sequence[Fix]) -> str:
 
 
 def _what(f: Finding) -> str:
-    return f"{f.code}: {f.message}"
+    return f"{f.code}\n{f.message}"
 
 
 def _layer(f: Finding) -> str:
@@ -109,23 +109,28 @@ def verdict(report: Report, color: bool = False) -> str:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    return textwrap.wrap(text, width=max(width, 4), break_long_words=True, break_on_hyphens=False) or [""]
+    """Wrap each line of `text` to `width` (explicit newlines separate items, e.g. one evidence value per line)."""
+    out: list[str] = []
+    for para in text.split("\n"):
+        out += textwrap.wrap(para, width=max(width, 4), break_long_words=True, break_on_hyphens=False) or [""]
+    return out
 
 
 def _plain_table(findings: Sequence[Finding], width: int, color: bool) -> str:
     header = ("#", "severity", "layer", "what", "evidence", "fix")
     rows = [
-        (str(i), f.severity, _layer(f), _what(f), format_evidence(f.evidence), format_fix(f.fixes))
+        (str(i), f.severity, _layer(f), _what(f), format_evidence(f.evidence, sep="\n"), format_fix(f.fixes))
         for i, f in enumerate(findings, 1)
     ]
     gap = 2
-    w_num = max(len(header[0]), *(len(r[0]) for r in rows))
-    w_sev = max(len(header[1]), *(len(r[1]) for r in rows))
-    w_layer = min(max(len(header[2]), *(len(r[2]) for r in rows)), 28)
-    rest = max(width - w_num - w_sev - w_layer - 5 * gap, 36)
-    w_what = max(rest * 4 // 10, 12)
-    w_evid = max(rest * 25 // 100, 10)
-    w_fix = max(rest - w_what - w_evid, 10)
+
+    def longest(col: int, cap: int) -> int:
+        return min(max(len(header[col]), *(len(ln) for r in rows for ln in r[col].split("\n"))), cap)
+
+    w_num, w_sev, w_layer, w_evid = longest(0, 4), longest(1, 8), longest(2, 24), longest(4, 24)
+    rest = max(width - w_num - w_sev - w_layer - w_evid - 5 * gap, 30)
+    w_what = max(rest * 55 // 100, 16)
+    w_fix = max(rest - w_what, 12)
     widths = (w_num, w_sev, w_layer, w_what, w_evid, w_fix)
 
     def line(cells: Sequence[str], styles: Sequence[str | None]) -> list[str]:
@@ -162,10 +167,10 @@ def _rich_table(findings: Sequence[Finding], width: int) -> str | None:
     for col, kw in (
         ("#", {"justify": "right", "no_wrap": True}),
         ("severity", {"no_wrap": True}),
-        ("layer", {"style": "bold", "max_width": 28}),
-        ("what", {"ratio": 4}),
-        ("evidence", {"ratio": 2}),
-        ("fix", {"ratio": 3}),
+        ("layer", {"style": "bold", "max_width": 28, "overflow": "fold"}),
+        ("what", {"ratio": 4, "overflow": "fold"}),
+        ("evidence", {"ratio": 2, "overflow": "fold"}),
+        ("fix", {"ratio": 3, "overflow": "fold"}),
     ):
         table.add_column(col, **kw)  # type: ignore[arg-type]
     for i, f in enumerate(findings, 1):
@@ -174,7 +179,7 @@ def _rich_table(findings: Sequence[Finding], width: int) -> str | None:
             Text(f.severity, style=SEVERITY_COLOR.get(f.severity, "")),
             Text(_layer(f)),
             Text(_what(f)),
-            Text(format_evidence(f.evidence)),
+            Text(format_evidence(f.evidence, sep="\n")),
             Text(format_fix(f.fixes)),
         )
     buf = io.StringIO()
