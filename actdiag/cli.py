@@ -9,6 +9,7 @@ which alone takes seconds. The library is imported inside the command.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -265,25 +266,28 @@ def inspect_command(
     # With `--json -` the JSON document owns standard output; the summary moves to standard error.
     summary = sys.stderr if json_path == "-" else sys.stdout
     err = sys.stderr
+    # With `--json -`, whatever the user's code prints goes to standard error, so standard output stays JSON.
+    user_stdout = contextlib.redirect_stdout(sys.stderr) if json_path == "-" else contextlib.nullcontext()
     try:
-        report, notes = _run(
-            target,
-            load={
-                "input_shapes": input_shapes,
-                "input_dtypes": input_dtypes,
-                "input_range": input_range,
-                "checkpoint": checkpoint,
-                "device": device,
-                "seed": seed,
-            },
-            steps=steps,
-            optimizer=optimizer,
-            lr=lr,
-            seed=seed,
-            try_fixes=try_fixes,
-            logdir=logdir,
-            progress_stream=None if quiet else err,
-        )
+        with user_stdout:
+            report, notes = _run(
+                target,
+                load={
+                    "input_shapes": input_shapes,
+                    "input_dtypes": input_dtypes,
+                    "input_range": input_range,
+                    "checkpoint": checkpoint,
+                    "device": device,
+                    "seed": seed,
+                },
+                steps=steps,
+                optimizer=optimizer,
+                lr=lr,
+                seed=seed,
+                try_fixes=try_fixes,
+                logdir=logdir,
+                progress_stream=None if quiet else err,
+            )
         outputs.write(report)
     except KeyboardInterrupt:
         outputs.cleanup()

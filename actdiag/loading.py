@@ -583,7 +583,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> tuple[str
     p = Path(path)
     state = _state_dict_of(_read_checkpoint(p), p)
     expected = set(model.state_dict())
-    best_seq, best_map, best_hits = (), {k: k for k in state}, -1
+    best_seq: tuple[str, ...] = ()
+    best_map, best_hits = {k: k for k in state}, -1
     for seq, mapping in _strip_variants(list(state)):
         hits = len(expected & set(mapping))
         if hits > best_hits:
@@ -731,7 +732,7 @@ class _Trail:
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {id(m): n for n, m in model.named_modules()}
-        self.stack: list[tuple[str, nn.Module, tuple[Any, ...], dict[str, Any]]] = []
+        self.stack: list[tuple[str, nn.Module, tuple[Any, ...]]] = []
         self.last_done: str | None = None
         self._handles: list[Any] = []
 
@@ -754,7 +755,7 @@ class _Trail:
         if name is not None:
             if name == "":
                 self.stack.clear()
-            self.stack.append((name, module, args, {}))
+            self.stack.append((name, module, args))
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         name = self.names.get(id(module))
@@ -770,12 +771,14 @@ class _Trail:
         """'layer 'fc2' (Linear(in_features=20, out_features=5, bias=True)), which got (4, 10) float32', or None."""
         if not self.stack:
             return None
-        name, module, args, _ = self.stack[-1]
+        name, module, args = self.stack[-1]
         label = "the model's own forward()" if name == "" else f"layer {name!r}"
         if next(module.children(), None) is not None:
             # A container's own code raised between its children: say which child ran last.
             after = f", after layer {self.last_done!r} had run" if self.last_done else ""
             return f"{label} ({type(module).__name__}){after}"
+        if not args:  # called with keyword arguments only, which module-wide pre-hooks do not see
+            return f"{label} ({module!r})"
         got = describe_inputs(args[0]) if len(args) == 1 else describe_inputs(args)
         return f"{label} ({module!r}), which got {got.replace('a tensor of shape ', '')}"
 

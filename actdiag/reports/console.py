@@ -172,7 +172,7 @@ def _rich_table(findings: Sequence[Finding], width: int) -> str | None:
         ("evidence", {"ratio": 2, "overflow": "fold"}),
         ("fix", {"ratio": 3, "overflow": "fold"}),
     ):
-        table.add_column(col, **kw)  # type: ignore[arg-type]
+        table.add_column(col, **kw)
     for i, f in enumerate(findings, 1):
         table.add_row(
             str(i),

@@ -130,9 +130,10 @@ def test_summary_is_plain_when_piped(write, run, one_finding) -> None:
 
 def test_json_to_stdout(write, run, one_finding) -> None:
     one_finding("warning")
-    result = run(write("model.py", SOURCE), "--json", "-")
+    result = run(write("model.py", "print('hello from the model file')\n" + SOURCE), "--json", "-")
     assert result.exit_code == 0
-    doc = json.loads(result.stdout)
+    doc = json.loads(result.stdout)  # what the user's file prints does not end up in the JSON
+    assert "hello from the model file" in result.stderr
     assert doc["schema"] == "actdiag.report/1"
     assert [f["code"] for f in doc["findings"]] == ["vanishing_gradient"]
     assert "verdict:" in result.stderr
