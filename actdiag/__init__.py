@@ -1,10 +1,10 @@
 """actdiag: activation and gradient statistics diagnostics for PyTorch.
 
-    with actdiag.watch(model, every=10, logdir="runs/exp1") as monitor:
-        ...training loop, calling monitor.step() once per step...
-    monitor.findings
+with actdiag.watch(model, every=10, logdir="runs/exp1") as monitor:
+    ...training loop, calling monitor.step() once per step...
+monitor.findings
 
-    report = actdiag.inspect(model, example_input)
+report = actdiag.inspect(model, example_input)
 """
 
 from __future__ import annotations
