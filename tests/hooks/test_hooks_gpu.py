@@ -29,7 +29,7 @@ def test_no_hidden_synchronisation_on_cuda() -> None:
             opt.zero_grad()
             mon.step()  # noqa: E702
         torch.cuda.synchronize()
-        for step in range(4):
+        for _ in range(4):
             torch.cuda.set_sync_debug_mode("error")
             try:
                 model(x).sum().backward()
