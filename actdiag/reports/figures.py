@@ -150,6 +150,7 @@ def _figure(width: float, height: float, constrained: bool = True) -> Figure:
 
 
 _SVG_HEADER = re.compile(r"^.*?(?=<svg)", re.S)
+_SVG_METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.S)
 _SVG_SIZE = re.compile(r'\s(width|height)="[^"]*"')
 # Geometry at 1/100 of a point is finer than any screen; matplotlib writes six decimals. Only these attributes are
 # rounded: text content (layer names) is never touched.
@@ -215,6 +216,8 @@ def to_svg(fig: Figure, salt: str) -> str:
     with matplotlib.rc_context({"svg.hashsalt": salt}):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
     svg = _SVG_HEADER.sub("", buf.getvalue(), count=1)
+    # The RDF metadata block only names namespaces by URL; without it the page holds no URL but xmlns.
+    svg = _SVG_METADATA.sub("", svg, count=1)
     svg = _GEOMETRY.sub(_compact_geometry, svg)
     head, sep, rest = svg.partition(">")
     # Never wider than drawn (text stays at its design size), narrower on small screens.

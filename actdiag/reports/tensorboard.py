@@ -250,19 +250,26 @@ class TensorBoardSink:
                         self._write_layout([layer.label for layer in report.layers])
                     # The findings describe the latest recorded step, so they sit at its step on the text axis.
                     step = report.layers[0].step if report.layers else 0
-                    self._writer.add_text(FINDINGS_TAG, findings_markdown(report.findings), global_step=step)
+                    self._add_text(FINDINGS_TAG, findings_markdown(report.findings), step)
                     if self.dropped:
-                        self._writer.add_text(
+                        self._add_text(
                             "actdiag/notes",
                             f"{self.dropped} recorded steps were not written: the TensorBoard writer fell behind "
                             f"training by more than {self._queue.maxsize} steps. Record less often (watch(every=...)).",
-                            global_step=step,
+                            step,
                         )
             except Exception as exc:  # noqa: BLE001
                 self._error = exc
             finally:
                 self._writer.close()
                 _OPEN.discard(self)
+
+    def _add_text(self, tag: str, markdown: str, step: int) -> None:
+        # SummaryWriter.add_text appends "/text_summary" to the tag; the contract names the tag itself, so the
+        # summary comes from TensorBoard's own text plugin and goes to the writer's event file directly.
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        self._writer._get_file_writer().add_summary(text_pb(tag, markdown), step)
 
     def _write_layout(self, labels: Sequence[str]) -> None:
         self._writer.add_custom_scalars(custom_scalars_layout(labels))
