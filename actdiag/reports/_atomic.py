@@ -9,6 +9,12 @@ from pathlib import Path
 from actdiag.errors import ReportPathError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
     target = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
@@ -18,6 +24,8 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
     except OSError as exc:
         raise ReportPathError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
     try:
+        # mkstemp creates the file private (0600); a report should get the permissions any new file gets.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
