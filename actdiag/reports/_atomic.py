@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,10 +33,8 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(exc, OSError):
             raise ReportPathError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
         raise
