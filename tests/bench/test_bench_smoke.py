@@ -55,3 +55,15 @@ def test_step_benchmark_rejects_unknown_names(bench_step: ModuleType) -> None:
         bench_step.main(["--smoke", "--models", "mlp", "--variants", "nope"])
     with pytest.raises(ValueError, match="unknown model"):
         bench_step.main(["--smoke", "--models", "nope", "--variants", "none"])
+
+
+def test_reports_benchmark_writes_its_table(tmp_path: Path) -> None:
+    bench_reports = load("bench_reports")
+    out = tmp_path / "BENCH.md"
+    bench_reports.main(["--smoke", "--write", str(out)])
+    text = out.read_text()
+    assert text.count("<!-- bench:reports -->") == 1
+    for row in ("| history (Monitor.step", "| TensorBoard: writer thread", "| HTML report", "| JSON report"):
+        assert row in text, f"missing row {row!r}"
+    for command in ("--version", "--help", "inspect --help"):
+        assert f"`python -m actdiag {command}`" in text
