@@ -13,9 +13,12 @@ Two code paths compute the same numbers:
 
 * the *masked* path works whatever the tensor holds: non-finite values are masked out with `torch.where`. It never
   synchronises, so it is the path for CUDA tensors.
-* the *fast* path assumes every value is finite and skips the masks (fewer passes over memory). On the CPU a
-  host read costs nothing extra, so `aminmax` is checked first and the fast path is taken when min and max are
-  finite (NaN propagates through min/max, and +-Inf shows as one of them).
+* the *fast* path assumes every value is finite and skips the masks. On the CPU a host read costs nothing extra,
+  so min and max are read first and the fast path is taken when both are finite (NaN propagates through min/max,
+  and +-Inf shows as one of them). Knowing them on the host, it needs few ops: full passes for min, max, sum,
+  sum of squares (a second, centred pass only when the mean dominates) and a branch-free non-zero count; the
+  scalars are combined on the host in float64 and the vector is assembled in numpy. On a CPU every op is a
+  possible OpenMP fork/join, so the op count matters as much as the bytes (see BENCHMARKS.md).
 
 Histograms are built from at most `sample_cap` elements: tensors larger than that are sampled with a fixed
 pseudo-random index (a private generator, so the user's RNG state is untouched) and the histogram is marked
@@ -37,7 +40,10 @@ import torch
 from actdiag.records import E_HIGH, E_LOW, ExponentHistogram, Histogram, TensorStats
 
 DEFAULT_BINS = 64
-DEFAULT_SAMPLE_CAP = 65536
+# 32768 is ATen's GRAIN_SIZE: every elementwise op on a sample this size runs on the calling thread, with no
+# OpenMP fork/join per op (on a busy CPU a fork/join can wait a whole scheduler slice for a descheduled worker).
+# A bin holding a share p of the values is then known to sqrt(p(1-p)/32768) <= 0.3% of the total.
+DEFAULT_SAMPLE_CAP = 32768
 N_EXP = E_HIGH - E_LOW + 1  # 255 float32 binades: biased exponents 0 (subnormal) .. 254
 HEAD = 6  # count, mean, m2, min, max, zero_count
 
@@ -180,9 +186,10 @@ _ONE_PASS_MAX_SHARE = 0.5
 
 def _nonzero_count(v: torch.Tensor) -> float:
     # count_nonzero branches per element and runs ~25x slower on half-zero data such as ReLU outputs and their
-    # gradients; |sign(v)| summed is branch-free. Float sums of ones are exact below 2**24 (2**53 in float64).
+    # gradients; sign(v) . sign(v) is branch-free and two ops. Float sums of ones are exact below 2**24.
     if v.dtype == torch.float64 or v.numel() < 2**24:
-        return v.sign().abs_().sum().item()
+        s = v.sign()
+        return torch.dot(s, s).item()
     return v.bool().sum().item()
 
 

@@ -1,0 +1,75 @@
+"""The recorder's cheaper bookkeeping keeps its meaning: weights are measured as the forward pass used them, frozen
+and unused weights are still measured, and the sampled update ratio agrees with the exact one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import actdiag
+
+
+def reference_stats(t: torch.Tensor) -> tuple[float, float]:
+    a = t.detach().double().numpy().ravel()
+    return float(a.mean()), float(a.std())
+
+
+def test_weights_are_measured_before_the_update_and_frozen_ones_too() -> None:
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
+    model[2].bias.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.9)
+    x = torch.randn(12, 5)
+    with actdiag.watch(model, every=1) as mon:
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        mon.step()
+    params = {p.name: p for p in mon.latest.params}
+    assert set(params) == set(before)
+    for name, w0 in before.items():
+        mean, std = reference_stats(w0)
+        assert params[name].weight.mean == pytest.approx(mean, rel=1e-5, abs=1e-7)
+        assert params[name].weight.std == pytest.approx(std, rel=1e-4)
+    assert params["2.bias"].grad is None and params["2.bias"].update_ratio is None
+    assert not torch.equal(model[0].weight, before["0.weight"]), "the optimizer did move the weight"
+
+
+def test_gradient_accumulation_measures_the_weight_once_and_the_summed_gradient() -> None:
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(6, 4) for _ in range(3)]
+    with actdiag.watch(model, every=1) as mon:
+        w0 = model.weight.detach().clone()
+        for x in xs:
+            model(x).pow(2).sum().backward()
+        g = model.weight.grad.detach().clone()
+        opt.step()
+        opt.zero_grad()
+        mon.step()
+    p = {s.name: s for s in mon.latest.params}["weight"]
+    assert p.weight.mean == pytest.approx(reference_stats(w0)[0], rel=1e-5, abs=1e-7)
+    assert p.grad is not None
+    assert p.grad.mean == pytest.approx(reference_stats(g)[0], rel=1e-5, abs=1e-7)
+    assert p.grad.std == pytest.approx(reference_stats(g)[1], rel=1e-4)
+
+
+def test_sampled_update_ratio_agrees_with_the_exact_one() -> None:
+    torch.manual_seed(3)
+    model = nn.Linear(400, 300)  # 120000 weights: above the sample cap below, so the ratio is sampled
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(32, 400)
+    with actdiag.watch(model, every=1, sample_cap=20000) as mon:
+        w0 = model.weight.detach().clone()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        mon.step()
+    exact = ((model.weight.detach() - w0).norm() / w0.norm()).item()
+    got = {s.name: s for s in mon.latest.params}["weight"].update_ratio
+    assert got is not None
+    # Adam moves every element by about lr, so a 20000-element sample pins the ratio to well under 2%.
+    assert got == pytest.approx(exact, rel=0.02)
+    assert np.isfinite(got)
