@@ -272,7 +272,7 @@ class WandbWatch(Variant):
 
     def after_step(self, loss: torch.Tensor) -> None:
         # wandb.watch stages its histograms; they are committed with the step's log call, as in any wandb loop.
-        self.run.log({"loss": float(loss)})
+        self.run.log({"loss": loss.detach().item()})
 
     def close(self) -> None:
         self.wandb.unwatch(self.model)

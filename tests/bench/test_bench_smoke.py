@@ -67,3 +67,11 @@ def test_reports_benchmark_writes_its_table(tmp_path: Path) -> None:
         assert row in text, f"missing row {row!r}"
     for command in ("--version", "--help", "inspect --help"):
         assert f"`python -m actdiag {command}`" in text
+
+
+def test_kernel_benchmark_times_every_case() -> None:
+    bench_kernel = load("bench_kernel")
+    lines = bench_kernel.main(["--smoke", "--threads", "1"])
+    text = "\n".join(lines)
+    for name in bench_kernel.cases(smoke=True):
+        assert f"| {name} |" in text
