@@ -82,8 +82,16 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() also runs inside pytest: leave the process as it was
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     if args.smoke:
         args.repeats = 2
     base = load_revision(args.baseline) if args.baseline else None
@@ -103,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         if base is not None:
             row += [f"{t[2]:.0f}", f"{t[2] / t[0]:.1f}x"]
         rows.append(row)
-    lines = [f"Command: `python bench/bench_kernel.py {' '.join(sys.argv[1:] if argv is None else argv)}`".strip()]
+    shown = sys.argv[1:] if argv is None else list(argv)
+    lines = [f"Command: `python bench/bench_kernel.py {' '.join(shown)}`".strip()]
     lines += ["", f"torch threads: {torch.get_num_threads()}", ""]
     lines += _common.markdown_table(header, rows)
     print("\n".join(lines))

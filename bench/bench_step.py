@@ -472,8 +472,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() also runs inside pytest: leave the process as it was
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     if args.smoke:
         args.rounds, args.block, args.warmup = 1, 2, 1
     models = [m for m in args.models.split(",") if m]
