@@ -62,6 +62,22 @@ def cases(smoke: bool) -> dict[str, torch.Tensor]:
     }
 
 
+def count_ops(fn: Callable[[], Any]) -> int:
+    """ATen ops one call dispatches: on a GPU each is (at least) one kernel launch, so this is the launch count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.n
+
+
 def time_alternating(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
     for f in fns:
         f()
@@ -95,7 +111,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     if args.smoke:
         args.repeats = 2
     base = load_revision(args.baseline) if args.baseline else None
-    header = ["tensor", "fast path us", "masked path us"]
+    header = ["tensor", "fast path us", "masked path us", "ops fast / masked"]
     if base is not None:
         header += [f"{args.baseline} default us", "speed-up"]
     rows = []
@@ -107,7 +123,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         if base is not None:
             fns.append(lambda x=x: base.tensor_stats(x))
         t = time_alternating(fns, args.repeats)
-        row = [name, f"{t[0]:.0f}", f"{t[1]:.0f}"]
+        row = [name, f"{t[0]:.0f}", f"{t[1]:.0f}", f"{count_ops(fns[0])} / {count_ops(fns[1])}"]
         if base is not None:
             row += [f"{t[2]:.0f}", f"{t[2] / t[0]:.1f}x"]
         rows.append(row)

@@ -118,19 +118,6 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _bin_counts(idx: torch.Tensor, total: int) -> torch.Tensor:
-    """Counts of each integer in [0, total) as float64, without a host synchronisation on CUDA."""
-    if idx.device.type == "cpu":
-        return torch.bincount(idx, minlength=total)[:total].to(torch.float64)
-    # histc with constant bounds never reads data back; float32 counts are exact below 2**24 (sample_cap is less).
-    return torch.histc(idx.to(torch.float32), bins=total, min=-0.5, max=total - 0.5).to(torch.float64)
-
-
-def _exponent_index(s32: torch.Tensor) -> torch.Tensor:
-    """Biased float32 exponent of each element (0 = zero or subnormal, 255 = Inf/NaN), as int64."""
-    return torch.bitwise_right_shift(s32.abs().view(torch.int32), 23).to(torch.int64)
-
-
 def tensor_stats(
     x: torch.Tensor,
     *,
@@ -168,10 +155,7 @@ def tensor_stats(
             mn, mx = xf.amin().item(), xf.amax().item()
             if math.isfinite(mn) and math.isfinite(mx):
                 return _stats_fast(xf, mn, mx, bins, sample_n), meta
-        head, lo_s, span_s, inv = _moments_masked(xf)
-        sample = xf if sample_n == numel else xf.index_select(0, _SAMPLES.get(numel, sample_cap, x.device))
-        counts = _histograms_masked(sample, lo_s, span_s, inv, bins)
-    return torch.cat([head, counts]), meta
+        return _stats_masked(xf, bins, sample_n, sample_cap), meta
 
 
 # Sums of squares of float32 values leave float32's normal range when |x| nears 2**64 or 2**-63. Tensors whose
@@ -242,56 +226,60 @@ def _stats_fast(xf: torch.Tensor, mn: float, mx: float, bins: int, sample_n: int
     return torch.cat([torch.tensor(head, dtype=torch.float64, device=xf.device), counts.to(torch.float64)])
 
 
-def _pow2_scale(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, 1/scale): a power of two near `absmax`, so scaling is exact and neither the sum nor the sum of
-    squares can overflow (values ~1e30) or underflow (values ~1e-30) in float32."""
-    e = torch.frexp(absmax).exponent.clamp(-100, 100)
-    one = torch.ones_like(absmax)
-    return torch.ldexp(one, e), torch.ldexp(one, -e)
+def _stats_masked(xf: torch.Tensor, bins: int, sample_n: int, sample_cap: int) -> torch.Tensor:
+    """Branch-free statistics over the finite values only; nothing is read back to the host (the CUDA path).
 
-
-def _moments_masked(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Branch-free moments over the finite values only: nothing is read back to the host (the CUDA path).
-    Also returns min and max - min in the scaled space and the scale's inverse, for the histograms."""
-    fin = torch.isfinite(xf)
-    count = fin.sum().to(xf.dtype)
-    zero = torch.zeros((), dtype=xf.dtype, device=xf.device)
+    Every op here is a kernel launch on a GPU, so the count is kept low (see bench/bench_kernel.py): finiteness is
+    one compare on |x| (NaN < inf is False), the power-of-two scale comes from frexp of the largest finite
+    magnitude, and the exponent histogram needs no mask (zeros are taken back out of the subnormal bin, Inf/NaN
+    have biased exponent 255, which is the trash bin).
+    """
+    n = xf.numel()
+    absx = xf.abs()
+    fin = absx < math.inf
+    count = fin.sum()
     mn = torch.where(fin, xf, math.inf).amin()
     mx = torch.where(fin, xf, -math.inf).amax()
-    absmax = torch.where(count > 0, torch.maximum(mn.abs(), mx.abs()), zero)
-    scale, inv = _pow2_scale(absmax)
-    xs = torch.where(fin, xf * inv, zero)
+    # With no finite value mn=inf, mx=-inf: e is then clamped nonsense, but every later use is masked by `fin`.
+    e = torch.frexp(torch.maximum(mn.neg(), mx)).exponent.clamp_(-100, 100)
+    inv = torch.pow(2.0, e.neg()).to(xf.dtype)  # exact: a power of two
+    xs = torch.where(fin, xf * inv, 0.0)
     mean_s = xs.sum() / count.clamp(min=1)
-    d = torch.where(fin, xs - mean_s, zero)
+    d = torch.where(fin, xs - mean_s, 0.0)
     m2_s = torch.dot(d, d)
-    zeros = (xf == 0).sum().to(xf.dtype)
-    head = torch.stack([count, mean_s, m2_s, mn, mx, zeros]).to(torch.float64)
-    head[1] *= scale.to(torch.float64)
-    head[2] *= scale.to(torch.float64) ** 2
-    lo_s = mn * inv
-    return head, lo_s, mx * inv - lo_s, inv
+    zeros = (xf == 0).sum()
+    sc = torch.pow(2.0, e.to(torch.float64))
+    head = torch.stack(
+        [count.to(torch.float64), mean_s * sc, m2_s * sc * sc, mn.to(torch.float64), mx.to(torch.float64), zeros]
+    ).to(torch.float64)
 
-
-def _histograms_masked(
-    sample: torch.Tensor, lo_s: torch.Tensor, span_s: torch.Tensor, inv: torch.Tensor, bins: int
-) -> torch.Tensor:
-    """Linear (bins) and exponent (N_EXP) counts of the finite values of `sample`, from one count over both index
-    sets; non-finite values go to a trash bin that is cut off."""
+    if sample_n == n:
+        sample, fin_s, sample_zeros = xf, fin, zeros
+    else:
+        idx = _SAMPLES.get(n, sample_cap, xf.device)
+        sample, fin_s = xf.index_select(0, idx), fin.index_select(0, idx)
+        sample_zeros = (sample == 0).sum()
     trash = bins + N_EXP
-    # Linear bins between the tensor's min and max, in the scaled space where `x - min` and `bins / span` cannot
-    # overflow. A constant tensor (span 0) lands in bin 0; the host places it.
-    safe_span = torch.where(span_s > 0, span_s, torch.ones_like(span_s))
-    u = (sample * inv - lo_s) * (bins / safe_span)
-    lin = u.clamp_(0, bins - 1).to(torch.int64)
-    s32 = sample.to(torch.float32)
-    expo = _exponent_index(s32)
-    exp_idx = expo + bins
-    # Zeros have no exponent (zero_count covers them); Inf/NaN have biased exponent 255.
-    bad = (s32 == 0) | (expo == 255)
-    exp_idx = torch.where(bad, trash, exp_idx)
-    lin = torch.where(torch.isfinite(sample), lin, trash)
-    counts = _bin_counts(torch.cat([lin, exp_idx]), trash + 1)
-    return counts[:trash]
+    # Linear bins between min and max, in the scaled space where `x - min` and `bins / span` cannot overflow (a
+    # non-constant span there is >= 2**-49). A constant tensor lands in bin 0; the host places it.
+    lo_s = mn * inv
+    k = bins / (mx * inv - lo_s).clamp(min=1e-30)
+    lin = ((sample * inv - lo_s) * k).clamp_(0, bins - 1).floor_()
+    lin = torch.where(fin_s, lin, float(trash))
+    s32 = sample if sample.dtype == torch.float32 else sample.to(torch.float32)
+    expo = torch.bitwise_right_shift(s32.abs().view(torch.int32), 23).to(lin.dtype) + bins
+    counts = _bin_counts(torch.cat([lin, expo]), trash + 1)[:trash]
+    counts[bins] -= sample_zeros.to(torch.float64)  # zeros share biased exponent 0 with the subnormals
+    return torch.cat([head, counts])
+
+
+def _bin_counts(idx: torch.Tensor, total: int) -> torch.Tensor:
+    """Counts of each integer value (held in a float tensor) in [0, total) as float64, with no host synchronisation
+    on CUDA: there `bincount` reads its maximum back to size its output, `histc` with constant bounds does not
+    (its float32 counts are exact below 2**24, far above any sample cap)."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx.to(torch.int32), minlength=total)[:total].to(torch.float64)
+    return torch.histc(idx.to(torch.float32), bins=total, min=-0.5, max=total - 0.5).to(torch.float64)
 
 
 def decode_tensor_stats(vec: np.ndarray, meta: StatsMeta) -> TensorStats:
