@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--write", type=Path, default=None, help="replace the kernel table in this Markdown file")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     lines += ["", f"torch threads: {torch.get_num_threads()}", ""]
     lines += _common.markdown_table(header, rows)
     print("\n".join(lines))
+    if args.write is not None:
+        _common.replace_section(args.write, "bench:kernel", lines)
     return lines
 
 

@@ -177,8 +177,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parse_args(argv)
     if args.smoke:
         args.layers, args.steps, args.repeats = 20, 20, 1
-    cmd = "python bench/" + Path(__file__).name + (" " + " ".join(sys.argv[1:]) if argv is None else "")
-    lines = ["## Writing reports, and the command line's start-up", "", f"Command: `{cmd.strip()}`", ""]
+    shown = sys.argv[1:] if argv is None else list(argv)
+    cmd = " ".join(["python", "bench/" + Path(__file__).name, *shown])
+    lines = [f"Command: `{cmd}`", ""]
     lines += _common.machine_lines()
     lines += [
         "",

@@ -457,6 +457,46 @@ def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
     return _common.markdown_table(header, body)
 
 
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    # (label, how it is computed, bound)
+    ("unrecorded steps <= 1.02x", "unrecorded", 1.02),
+    (f"default interval (every={DEFAULT_EVERY}) <= 1.03x", "default", 1.03),
+    ("every=1 <= 1.25x", "every1", 1.25),
+    ("extra per recorded step >= 5x below tb-hooks", "vs-tb", 5.0),
+    ("extra per recorded step below wandb.watch", "vs-wandb", 1.0),
+)
+
+
+def target_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One row per target, one column per model: the measured figure and whether it meets the target."""
+    header = ["target (CPU)", *results]
+    body = []
+    for label, how, bound in TARGETS:
+        row = [label]
+        for rows in results.values():
+            by = {r["variant"]: r for r in rows}
+            value = math.nan
+            if how == "unrecorded" and "actdiag-default" in by:
+                value = by["actdiag-default"]["unrecorded_ratio"]
+            elif how == "default" and "actdiag-default" in by:
+                value = by["actdiag-default"]["ratio"]
+            elif how == "every1" and "actdiag-every1" in by:
+                value = by["actdiag-every1"]["ratio"]
+            elif how.startswith("vs-") and "actdiag-every1" in by:
+                peer = by.get("tb-hooks" if how == "vs-tb" else "wandb")
+                ours = by["actdiag-every1"]["extra_ms"]
+                if peer is not None and ours > 0:
+                    value = peer["extra_ms"] / ours
+            if math.isnan(value):
+                row.append("n/a")
+            elif how.startswith("vs-"):
+                row.append(f"{value:.1f}x {'met' if value >= bound else 'MISSED'}")
+            else:
+                row.append(f"{value:.3f}x {'met' if value <= bound else 'MISSED'}")
+        body.append(row)
+    return _common.markdown_table(header, body)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
@@ -498,8 +538,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     if "wandb" in variants and (why := wandb_status()) is not None:
         variants.remove("wandb")
         notes.append(f"- wandb skipped: {why}.")
-    cmd = "python bench/" + Path(__file__).name + (" " + " ".join(sys.argv[1:]) if argv is None else "")
-    lines = ["## Training step overhead", "", f"Command: `{cmd.strip()}`", ""]
+    shown = sys.argv[1:] if argv is None else list(argv)
+    cmd = " ".join(["python", "bench/" + Path(__file__).name, *shown])
+    lines = [f"Command: `{cmd}`", ""]
     lines += _common.machine_lines()
     lines += [
         f"- {args.rounds} interleaved rounds x {args.block} steps per variant, after {args.warmup} warm-up steps; "
@@ -507,19 +548,26 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         "",
     ]
     started = time.perf_counter()
+    results: dict[str, list[dict[str, Any]]] = {}
     for m in models:
         load = workload(m, args.smoke)
         print(f"[bench] {load.description}: {', '.join(variants)}", file=sys.stderr, flush=True)
         runners = run_workload(load, variants, args.rounds, args.block, args.warmup, args.smoke)
+        results[m] = summarise(runners)
         lines += [f"**{m}**: {load.description}", ""]
-        lines += table_lines(m, summarise(runners))
+        lines += table_lines(m, results[m])
         lines.append("")
+        print("\n".join(table_lines(m, results[m])), file=sys.stderr, flush=True)
+        if args.write is not None:  # after each model, so a long run that is cut short keeps what it measured
+            _common.replace_section(args.write, "bench:steps", lines)
     lines += notes
     lines.append(f"- wall time of the benchmark: {time.perf_counter() - started:.0f} s")
-    print("\n".join(lines))
+    targets = target_lines(results)
+    print("\n".join(lines + ["", *targets]))
     if args.write is not None:
         _common.replace_section(args.write, "bench:steps", lines)
-    return lines
+        _common.replace_section(args.write, "bench:targets", [*targets, "", f"From `{cmd}`; details below."])
+    return lines + ["", *targets]
 
 
 if __name__ == "__main__":
