@@ -168,7 +168,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=200, help="hooked modules in the model (default 200)")
     p.add_argument("--steps", type=int, default=1000, help="recorded steps replayed (default 1000)")
     p.add_argument("--repeats", type=int, default=7, help="runs of each CLI start-up command (default 7)")
-    p.add_argument("--smoke", action="store_true", help="20 layers, 20 steps, 1 start-up run: checks the script")
+    p.add_argument("--smoke", action="store_true", help="6 layers, 10 steps, 1 start-up run: checks the script")
     p.add_argument("--write", type=Path, default=None, help="replace the reports table in this Markdown file")
     return p.parse_args(argv)
 
@@ -176,7 +176,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parse_args(argv)
     if args.smoke:
-        args.layers, args.steps, args.repeats = 20, 20, 1
+        args.layers, args.steps, args.repeats = 6, 10, 1
     shown = sys.argv[1:] if argv is None else list(argv)
     cmd = " ".join(["python", "bench/" + Path(__file__).name, *shown])
     lines = [f"Command: `{cmd}`", ""]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import math
 import shutil
 import sys
@@ -352,7 +351,6 @@ def measure_memory(runners: Sequence[Runner], steps: int) -> None:
     """Peak RSS above the resident level while a variant runs `steps` steps (activations, gradients, and whatever
     monitoring allocates), one variant at a time after the timed rounds."""
     for r in runners:
-        gc.collect()
         if not _common.reset_peak_rss():
             return
         base = _common.rss_mb()
@@ -523,7 +521,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     if args.smoke:
+        # Smoke mode checks that the script works and times nothing: one thread keeps it quick on a busy machine.
         args.rounds, args.block, args.warmup = 1, 2, 1
+        torch.set_num_threads(1)
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
     for m in models:
