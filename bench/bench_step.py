@@ -318,7 +318,7 @@ class WandbWatch(Variant):
 
     def close(self) -> None:
         self.wandb.unwatch(self.model)
-        self.run.finish(quiet=True)
+        self.run.finish()
 
 
 def wandb_status() -> str | None:
@@ -415,7 +415,10 @@ def attached(load: Workload, variants: Sequence[str]) -> Iterator[list[Runner]]:
         yield runners
     finally:
         for r in runners:
-            r.variant.close()
+            try:
+                r.variant.close()
+            except Exception as exc:  # noqa: BLE001 - a peer failing to shut down must not lose the measurements
+                print(f"[bench] closing {r.variant.name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -498,7 +501,7 @@ def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
                 _ms(row["recorded_ms"] / 1e3),
                 _ms(row["extra_ms"] / 1e3),
                 str(row["tensors"]) if row["tensors"] else "",
-                f"{row['extra_ms'] * 1e3 / row['tensors']:.0f}" if row["tensors"] else "",
+                f"{row['extra_ms'] * 1e3 / row['tensors']:.0f}" if row["tensors"] and row["extra_ms"] > -1e9 else "",
                 "n/a" if mem is None else f"{mem:.0f}",
             ]
         )
