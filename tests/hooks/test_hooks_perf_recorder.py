@@ -73,3 +73,24 @@ def test_sampled_update_ratio_agrees_with_the_exact_one() -> None:
     # Adam moves every element by about lr, so a 20000-element sample pins the ratio to well under 2%.
     assert got == pytest.approx(exact, rel=0.02)
     assert np.isfinite(got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unit_activity_fast_count_matches_boolean_reference(dtype: torch.dtype) -> None:
+    from actdiag.hooks.stats import unit_activity
+
+    torch.manual_seed(5)
+    # GELU outputs are negative as well as positive; 5000 samples per unit is past float16's exact integers (2048).
+    y = torch.nn.functional.gelu(torch.randn(5000, 6) - 2.5).to(dtype)
+    y[:, 0] = 0.0  # dead
+    y[:, 1] = -0.1  # negative only: dead too
+    y[:, 2] = 0.0
+    y[:30, 2] = 1.0  # active in 30 of 5000 samples: rare (< 1%)
+    ever = torch.zeros(6, dtype=torch.bool)
+    dead, rare, never = unit_activity(y, 1, ever, 0.01).tolist()
+    a = y.float().numpy()
+    active = (a > 0).sum(axis=0)
+    assert dead == int((active == 0).sum()) == 2
+    assert rare == int((active < 0.01 * 5000).sum())
+    assert never == 2
+    assert ever.tolist() == list(active > 0)
