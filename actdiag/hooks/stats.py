@@ -149,12 +149,13 @@ def tensor_stats(
             xf = xf.to(wd)
         if sync_free is None:
             sync_free = x.device.type != "cpu"
-        if not sync_free:
-            # On the CPU reading a scalar back costs nothing, and knowing min and max on the host lets the rest
-            # run without masks and with plain Python scalars (NaN propagates through min/max, +-Inf shows as one).
-            mn, mx = xf.amin().item(), xf.amax().item()
+        if not sync_free and xf.device.type == "cpu":
+            # On the CPU the host *is* the device: the tensor is read in place through numpy. Knowing min and max
+            # first lets the rest run without masks (NaN propagates through min/max, +-Inf shows as one of them).
+            a = xf.numpy()
+            mn, mx = float(a.min()), float(a.max())
             if math.isfinite(mn) and math.isfinite(mx):
-                return _stats_fast(xf, mn, mx, bins, sample_n), meta
+                return _stats_fast(a, mn, mx, bins, sample_n), meta
         return _stats_masked(xf, bins, sample_n, sample_cap), meta
 
 
@@ -168,62 +169,57 @@ _SAFE_EXP = 40
 _ONE_PASS_MAX_SHARE = 0.5
 
 
-def _nonzero_count(v: torch.Tensor) -> float:
-    # count_nonzero branches per element and runs ~25x slower on half-zero data such as ReLU outputs and their
-    # gradients; sign(v) . sign(v) is branch-free and two ops. Float sums of ones are exact below 2**24.
-    if v.dtype == torch.float64 or v.numel() < 2**24:
-        s = v.sign()
-        return torch.dot(s, s).item()
-    return v.bool().sum().item()
+def _stats_fast(a: np.ndarray, mn: float, mx: float, bins: int, sample_n: int) -> torch.Tensor:
+    """The CPU path for all-finite tensors, in numpy on the tensor's own memory.
 
-
-def _stats_fast(xf: torch.Tensor, mn: float, mx: float, bins: int, sample_n: int) -> torch.Tensor:
-    """The CPU path for all-finite tensors: a few full passes (min, max, sum, sum of squares, non-zeros), the
-    histograms from the sample, scalars combined on the host in float64."""
-    n = xf.numel()
+    Why numpy: every ATen op over more than 32768 elements is an OpenMP fork/join across torch's threads, and in a
+    training step (caches cold, other processes on the cores) each costs far more than its arithmetic; measured on
+    a busy 2-core machine, the same statistics took ~100 ms per tensor as ~25 ATen ops and ~1 ms as ~15 numpy calls
+    on one thread (see BENCHMARKS.md). The passes: min, max (done by the caller), sum, sum of squares (einsum: one
+    thread, no BLAS thread pool), a second centred pass only when the mean dominates, and `x == 0` counted.
+    """
+    n = a.size
     e = min(max(math.frexp(max(-mn, mx))[1], -100), 100)
     scale = 1.0
-    xs = xf
+    a_s = a
     if abs(e) > _SAFE_EXP:
         scale = math.ldexp(1.0, e)
-        xs = xf * math.ldexp(1.0, -e)
-    mean_s = xs.sum().item() / n
-    sumsq = torch.dot(xs, xs).item()
+        a_s = a * a.dtype.type(math.ldexp(1.0, -e))
+    mean_s = float(a_s.sum()) / n  # numpy sums pairwise: accurate in float32
+    sumsq = float(np.einsum("i,i->", a_s, a_s))
     if n * mean_s * mean_s <= _ONE_PASS_MAX_SHARE * sumsq:
         m2_s = sumsq - n * mean_s * mean_s
     else:
-        d = xs - mean_s
-        m2_s = torch.dot(d, d).item()
-    zeros = 0.0 if (mn > 0 or mx < 0) else n - _nonzero_count(xf)
+        d = a_s - a_s.dtype.type(mean_s)
+        m2_s = float(np.einsum("i,i->", d, d))
+    no_zeros = mn > 0 or mx < 0
+    zeros = 0 if no_zeros else int(np.count_nonzero(a == 0))
 
-    sample = xf if sample_n == n else xf.index_select(0, _SAMPLES.get(n, sample_n, xf.device))
+    if sample_n < n:
+        sample = a.take(_SAMPLES.get(n, sample_n, torch.device("cpu")).numpy())
+        sample_zeros = 0 if no_zeros else int(np.count_nonzero(sample == 0))
+    else:
+        sample, sample_zeros = a, zeros
     # Linear bins in the scaled space, where neither `x - min` nor `bins / span` can overflow.
     inv = 1.0 / scale
     span_s = (mx - mn) * inv
-    lin = sample if scale == 1.0 else sample * inv
-    lin = torch.sub(lin, mn * inv).mul_(bins / span_s if span_s > 0 else 0.0).clamp_(0, bins - 1)
-    # One bincount over both index sets: [0, bins) linear, bins + biased float32 exponent after that.
-    idx = torch.empty(2 * sample_n, dtype=torch.int32, device=xf.device)
-    idx[:sample_n].copy_(lin)  # float -> int truncates; values are >= 0, so this is floor
-    s32 = sample if sample.dtype == torch.float32 else sample.to(torch.float32)
-    torch.bitwise_right_shift(s32.abs().view(torch.int32), 23, out=idx[sample_n:])
-    idx[sample_n:].add_(bins)
-    # Biased exponent 255 (a float64 value beyond float32's range) lands past the end and is cut off below.
-    counts = torch.bincount(idx, minlength=bins + N_EXP)[: bins + N_EXP]
-    # Zeros have biased exponent 0 like subnormals, but zero_count covers them: take the sample's zeros back out.
-    if sample_n == n:
-        sample_zeros = zeros
+    t = sample.dtype.type
+    lin = sample - t(mn) if scale == 1.0 else sample * t(inv) - t(mn * inv)
+    lin *= t(bins / span_s if span_s > 0 else 0.0)
+    np.clip(lin, 0, bins - 1, out=lin)
+    if sample.dtype == np.float32:
+        s32 = sample
     else:
-        sample_zeros = 0.0 if (mn > 0 or mx < 0) else sample_n - _nonzero_count(sample)
-    if sample_zeros:
-        counts[bins] -= int(sample_zeros)
-    head = [float(n), mean_s * scale, m2_s * scale * scale, mn, mx, zeros]
-    if xf.device.type == "cpu":  # assembling the vector in numpy is ~3x cheaper than torch.tensor + cat
-        vec = np.empty(HEAD + counts.numel())
-        vec[:HEAD] = head
-        vec[HEAD:] = counts.numpy()
-        return torch.from_numpy(vec)
-    return torch.cat([torch.tensor(head, dtype=torch.float64, device=xf.device), counts.to(torch.float64)])
+        with np.errstate(over="ignore"):  # float64 values beyond float32's range become Inf: exponent 255, cut
+            s32 = sample.astype(np.float32)
+    expo = (s32.view(np.int32) & 0x7FFFFFFF) >> 23
+    vec = np.empty(HEAD + bins + N_EXP)
+    vec[:HEAD] = (float(n), mean_s * scale, m2_s * scale * scale, mn, mx, float(zeros))
+    vec[HEAD : HEAD + bins] = np.bincount(lin.astype(np.int32), minlength=bins)[:bins]
+    vec[HEAD + bins :] = np.bincount(expo, minlength=N_EXP + 1)[:N_EXP]
+    # Zeros have biased exponent 0 like subnormals, but zero_count covers them: take the sample's zeros back out.
+    vec[HEAD + bins] -= sample_zeros
+    return torch.from_numpy(vec)
 
 
 def _stats_masked(xf: torch.Tensor, bins: int, sample_n: int, sample_cap: int) -> torch.Tensor:
