@@ -327,7 +327,7 @@ class Recorder:
             lo, hi, tol = bounds
             info.bounds = (lo, hi)
             info.sat_numel = t.numel()
-            self._put(key_base + ("sat",), saturation_count(t, lo, hi, tol), None)
+            self._put(key_base + ("sat",), saturation_count(t, lo, hi, tol, sync_free=self.sync_free), None)
         if isinstance(module, RELU_FAMILY) and floating and t.numel():
             udim = unit_dim_for(shape, self._prev_channels_first)
             if udim is not None:
@@ -337,7 +337,11 @@ class Recorder:
                     ever = torch.zeros(units, dtype=torch.bool, device=t.device)
                     self._ever_active[(name, call)] = ever
                 info.units = units
-                self._put(key_base + ("units",), unit_activity(t, udim, ever, RARE_ACTIVE_BELOW), None)
+                self._put(
+                    key_base + ("units",),
+                    unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, sync_free=self.sync_free),
+                    None,
+                )
         self._prev_channels_first = isinstance(module, _CHANNELS_FIRST_3D)
         if floating and t.requires_grad and torch.is_grad_enabled():
             t.register_hook(partial(self._grad_hook, key_base + ("grad",), self._token))

@@ -330,8 +330,11 @@ def unit_dim_for(shape: tuple[int, ...], channels_first: bool) -> int | None:
     return nd - 1
 
 
-def unit_activity(y: torch.Tensor, unit_dim: int, ever_active: torch.Tensor, rare_below: float) -> torch.Tensor:
+def unit_activity(
+    y: torch.Tensor, unit_dim: int, ever_active: torch.Tensor, rare_below: float, *, sync_free: bool | None = None
+) -> torch.Tensor:
     """[dead, rare, never] unit counts for a ReLU-family output, on y's device; updates `ever_active` in place.
+    `sync_free` as in `tensor_stats`: True keeps to device ops (the CUDA path) even on the CPU.
 
     dead: units with no positive output for any sample of this call; rare: units positive for fewer than
     `rare_below` of their samples; never: units not positive in any recorded call so far.
@@ -341,6 +344,17 @@ def unit_activity(y: torch.Tensor, unit_dim: int, ever_active: torch.Tensor, rar
         per_unit = y.detach().shape[unit_dim]
         samples = y.numel() // max(per_unit, 1)
         yd = y.detach()
+        if not sync_free and yd.device.type == "cpu" and yd.dtype in (torch.float32, torch.float64):
+            # On the CPU in numpy, one thread, no OpenMP fork/join (see _stats_fast); int32 counts are exact.
+            active_np = (yd.numpy() > 0).sum(axis=tuple(dims), dtype=np.int32).reshape(-1)
+            alive_np = active_np > 0
+            ever_active.logical_or_(torch.from_numpy(alive_np))
+            counts = [
+                float(alive_np.size - np.count_nonzero(alive_np)),
+                float(np.count_nonzero(active_np < rare_below * samples)),
+                float(ever_active.numel() - int(ever_active.sum())),
+            ]
+            return torch.from_numpy(np.array(counts, dtype=np.float64))
         if yd.is_floating_point() and samples < 2**24:
             # Summing (y > 0) over dimensions reduces booleans ~4x slower than sign(y).clamp(0) summed in float32
             # (exact: sums of ones below 2**24). A NaN makes its unit's count NaN, which then reads as not active.
@@ -355,11 +369,18 @@ def unit_activity(y: torch.Tensor, unit_dim: int, ever_active: torch.Tensor, rar
         return torch.stack([dead, rare, never]).to(torch.float64)
 
 
-def saturation_count(y: torch.Tensor, lo: float, hi: float, tol: float) -> torch.Tensor:
+def saturation_count(
+    y: torch.Tensor, lo: float, hi: float, tol: float, *, sync_free: bool | None = None
+) -> torch.Tensor:
     """Number of elements within `tol` of either bound, as a 1-element float64 tensor on y's device."""
     with torch.autocast(device_type=y.device.type, enabled=False):
         yd = y.detach()
         mid = (lo + hi) / 2
         half = (hi - lo) / 2
+        # On the CPU in numpy, as in _stats_fast.
+        if not sync_free and yd.device.type == "cpu" and yd.dtype in (torch.float32, torch.float64):
+            a = yd.numpy()
+            t = a.dtype.type
+            return torch.tensor([float(np.count_nonzero(np.abs(a - t(mid)) >= t(half - tol)))], dtype=torch.float64)
         n = ((yd - mid).abs() >= half - tol).sum()
         return n.to(torch.float64).reshape(1)

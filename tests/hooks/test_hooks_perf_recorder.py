@@ -75,8 +75,9 @@ def test_sampled_update_ratio_agrees_with_the_exact_one() -> None:
     assert np.isfinite(got)
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host", "device-ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_unit_activity_fast_count_matches_boolean_reference(dtype: torch.dtype) -> None:
+def test_unit_activity_fast_count_matches_boolean_reference(dtype: torch.dtype, sync_free: bool) -> None:
     from actdiag.hooks.stats import unit_activity
 
     torch.manual_seed(5)
@@ -87,10 +88,20 @@ def test_unit_activity_fast_count_matches_boolean_reference(dtype: torch.dtype) 
     y[:, 2] = 0.0
     y[:30, 2] = 1.0  # active in 30 of 5000 samples: rare (< 1%)
     ever = torch.zeros(6, dtype=torch.bool)
-    dead, rare, never = unit_activity(y, 1, ever, 0.01).tolist()
+    dead, rare, never = unit_activity(y, 1, ever, 0.01, sync_free=sync_free).tolist()
     a = y.float().numpy()
     active = (a > 0).sum(axis=0)
     assert dead == int((active == 0).sum()) == 2
     assert rare == int((active < 0.01 * 5000).sum())
     assert never == 2
     assert ever.tolist() == list(active > 0)
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host", "device-ops"])
+def test_saturation_count_paths_agree_with_numpy(sync_free: bool) -> None:
+    from actdiag.hooks.stats import saturation_count
+
+    y = torch.tanh(torch.randn(3000) * 3)
+    got = saturation_count(y, -1.0, 1.0, 0.01, sync_free=sync_free).item()
+    a = y.numpy()
+    assert got == int((np.abs(a) >= np.float32(0.99)).sum())
