@@ -13,18 +13,18 @@ Two code paths compute the same numbers:
 
 * the *masked* path works whatever the tensor holds: non-finite values are masked out with `torch.where`. It never
   synchronises, so it is the path for CUDA tensors.
-* the *fast* path assumes every value is finite and skips the masks. On the CPU a host read costs nothing extra,
-  so min and max are read first and the fast path is taken when both are finite (NaN propagates through min/max,
-  and +-Inf shows as one of them). Knowing them on the host, it needs few ops: full passes for min, max, sum,
-  sum of squares (a second, centred pass only when the mean dominates) and a branch-free non-zero count; the
-  scalars are combined on the host in float64 and the vector is assembled in numpy. On a CPU every op is a
-  possible OpenMP fork/join, so the op count matters as much as the bytes (see BENCHMARKS.md).
+* the *fast* path is the CPU's, for all-finite tensors. On the CPU the host is the device, so the tensor is read in
+  place through numpy: min and max first (NaN propagates through them, +-Inf shows as one of them), then sum, sum of
+  squares (a second, centred pass only when the mean dominates) and the zeros, combined on the host in float64.
+  numpy runs each pass on the calling thread; ATen would make every op over 32768 elements an OpenMP fork/join
+  across torch's threads, and inside a training step on a busy machine those cost 100x the arithmetic (measured in
+  BENCHMARKS.md).
 
 Histograms are built from at most `sample_cap` elements: tensors larger than that are sampled with a fixed
 pseudo-random index (a private generator, so the user's RNG state is untouched) and the histogram is marked
-`sampled`. Moments, min/max, zero and non-finite counts always use every element. Counting into bins uses one
-`bincount` on the CPU and one `histc` with constant bounds on CUDA (`bincount` on CUDA reads its maximum back to
-size its output, a hidden synchronisation).
+`sampled`. Moments, min/max, zero and non-finite counts always use every element. Counting into bins uses
+`bincount` on the CPU and `histc` with constant bounds on CUDA (`bincount` on CUDA reads its maximum back to size
+its output, a hidden synchronisation).
 """
 
 from __future__ import annotations
