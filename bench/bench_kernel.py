@@ -78,13 +78,18 @@ def count_ops(fn: Callable[[], Any]) -> int:
     return Counter.n
 
 
-def time_alternating(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+def time_alternating(fns: Sequence[Callable[[], Any]], repeats: int, cold: bool) -> list[float]:
+    # --cold: before each call, write 32 MB with an ATen op on torch's threads, as a training step's kernels do
+    # between two hooks: the caches are then cold and the OpenMP team has just run somewhere else.
+    junk = torch.empty(8 * 1024 * 1024) if cold else None
     for f in fns:
         f()
         f()
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, f in enumerate(fns):
+            if junk is not None:
+                junk.fill_(1.0)
             t0 = time.perf_counter()
             f()
             samples[i].append(time.perf_counter() - t0)
@@ -96,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--baseline", default=None, help="git revision whose stats.py to time beside this one")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--cold", action="store_true", help="evict the caches (an ATen op over 32 MB) before each call")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--write", type=Path, default=None, help="replace the kernel table in this Markdown file")
     args = p.parse_args(argv)
@@ -123,14 +129,14 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         ]
         if base is not None:
             fns.append(lambda x=x: base.tensor_stats(x))
-        t = time_alternating(fns, args.repeats)
+        t = time_alternating(fns, args.repeats, args.cold)
         row = [name, f"{t[0]:.0f}", f"{t[1]:.0f}", f"{count_ops(fns[0])} / {count_ops(fns[1])}"]
         if base is not None:
             row += [f"{t[2]:.0f}", f"{t[2] / t[0]:.1f}x"]
         rows.append(row)
     shown = sys.argv[1:] if argv is None else list(argv)
     lines = [f"Command: `python bench/bench_kernel.py {' '.join(shown)}`".strip()]
-    lines += ["", f"torch threads: {torch.get_num_threads()}", ""]
+    lines += ["", f"torch threads: {torch.get_num_threads()}; caches {'cold' if args.cold else 'warm'}", ""]
     lines += _common.markdown_table(header, rows)
     print("\n".join(lines))
     if args.write is not None:
