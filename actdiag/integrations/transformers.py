@@ -34,11 +34,11 @@ def _tensorboard_dir(args: TrainingArguments) -> str | None:
     # transformers 5 names the run when training begins, `<output_dir>/runs/<time>_<host>` as PyTorch's
     # SummaryWriter does. Reporting callbacks come before user callbacks, so the directory exists by now and the
     # newest one for this host is this run's.
-    runs = [d for d in Path(args.output_dir, "runs").glob(f"*_{socket.gethostname()}") if d.is_dir()]
+    runs = [d for d in Path(args.output_dir or ".", "runs").glob(f"*_{socket.gethostname()}") if d.is_dir()]
     return str(max(runs, key=lambda d: d.stat().st_mtime)) if runs else None
 
 
-class ActdiagCallback(TrainerCallback):  # type: ignore[misc]
+class ActdiagCallback(TrainerCallback):
     """Watch the Trainer's model; `.findings` holds the ranked findings once training ends, and `.monitor` the
     closed Monitor (`.monitor.report()`, `.monitor.save_json(path)`, `.monitor.history`).
 
@@ -72,7 +72,7 @@ class ActdiagCallback(TrainerCallback):  # type: ignore[misc]
         found = _tensorboard_dir(args)
         if found is not None:
             return found
-        return self._own_logdir if self._own_logdir is not None else os.path.join(args.output_dir, "actdiag")
+        return self._own_logdir if self._own_logdir is not None else os.path.join(args.output_dir or ".", "actdiag")
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
