@@ -1,0 +1,134 @@
+"""One rank of the DDP merge test (tests/reliability/test_rel_ddp.py): `python rel_ddp_worker.py RANK WORLD DIR`.
+
+Each rank trains a DistributedDataParallel copy of `build_model()` on its slice of `global_batch(step)` under
+`actdiag.watch(every=1)` and dumps what the monitor recorded (exact float reprs) to DIR/rank{RANK}.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STEPS = 3
+GLOBAL_BATCH = 16
+FEATURES = 8
+COLLECTIVES = (
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "all_gather",
+    "all_gather_object",
+    "all_reduce",
+    "broadcast",
+    "gather",
+    "reduce",
+    "scatter",
+    "reduce_scatter_tensor",
+    "barrier",
+)
+
+
+def build_model() -> nn.Module:
+    """An MLP with four dead ReLU units (bias -100) and a saturating tanh layer (weights x5)."""
+    torch.manual_seed(1234)
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0
+        model[2].weight.mul_(5.0)
+    return model
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(GLOBAL_BATCH, FEATURES, generator=g)
+    y = torch.randn(GLOBAL_BATCH, 4, generator=g)
+    return x, y
+
+
+def stats_dict(s: Any) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    return {
+        "numel": s.numel,
+        "count": s.count,
+        "mean": s.mean,
+        "m2": s.m2,
+        "min": s.min,
+        "max": s.max,
+        "zero_count": s.zero_count,
+        "edges": list(s.histogram.edges),
+        "counts": list(s.histogram.counts),
+        "exponents": list(s.exponents.counts),
+    }
+
+
+def main() -> None:
+    rank, world, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
+    import actdiag
+
+    # Count every Python-level collective issued while actdiag reads a step back (inside monitor.step()).
+    calls = {"n": 0}
+    for name in COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+
+        def counted(*args: Any, _fn: Any = fn, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            return _fn(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    model = build_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    per_rank = GLOBAL_BATCH // world
+    per_step: list[int] = []
+    with actdiag.watch(ddp, every=1, report_json=out / f"report_rank{rank}.json") as monitor:
+        for step in range(STEPS):
+            x, y = global_batch(step)
+            xs, ys = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+            loss = nn.functional.mse_loss(ddp(xs), ys)  # a batch mean, the usual DDP idiom
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            before = calls["n"]
+            monitor.step()
+            per_step.append(calls["n"] - before)
+    rec = monitor.latest
+    assert rec is not None
+    doc = {
+        "step": rec.step,
+        "collectives_per_step": per_step,
+        "merger_collectives": monitor.recorder.merger.collectives if monitor.recorder.merger else None,
+        "layers": {
+            layer.label: {
+                "name": layer.name,
+                "activation": stats_dict(layer.activation),
+                "gradient": stats_dict(layer.gradient),
+                "saturation": layer.saturation,
+                "units": layer.units,
+                "dead_fraction": layer.dead_fraction,
+                "rare_fraction": layer.rare_fraction,
+                "never_active_fraction": layer.never_active_fraction,
+            }
+            for layer in rec.layers
+        },
+        "params": {
+            p.name: {"weight": stats_dict(p.weight), "grad": stats_dict(p.grad), "update_ratio": p.update_ratio}
+            for p in rec.params
+        },
+        "findings": [f.code for f in monitor.findings],
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(doc, allow_nan=True))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
