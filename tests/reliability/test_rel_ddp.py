@@ -21,6 +21,7 @@ from . import rel_ddp_worker as worker
 from .rel_reference import np_stats
 
 WORKER = Path(worker.__file__)
+ROOT = WORKER.parents[2]  # the repository root, so that the workers import this checkout of actdiag
 WORLD = 2
 
 
@@ -133,7 +134,7 @@ def _check_stats(got: dict[str, Any], x: torch.Tensor, rel: float) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(r), str(WORLD), str(out)],

@@ -17,6 +17,7 @@ from . import rel_signal_worker as worker
 pytest.importorskip("actdiag.reports.json")
 
 WORKER = Path(worker.__file__)
+ROOT = WORKER.parents[2]  # the repository root, so that the workers import this checkout of actdiag
 
 
 def _scalars(logdir: Path) -> list[int]:
@@ -28,7 +29,7 @@ def _scalars(logdir: Path) -> list[int]:
 
 
 def _start(out: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         [sys.executable, str(WORKER), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
