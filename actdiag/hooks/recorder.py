@@ -241,6 +241,8 @@ class Recorder:
         self._kinds: dict[_Key, str] = {}
         self._late_params: dict[str, torch.Tensor] = {}
         self._late_queued = False
+        self._nograd_calls: dict[str, list[int]] = {}
+        self._recomputed: dict[str, int] = {}
         self.merger: _dist.StepMerger | None = None
         self._grad_scale = 1.0
         if distributed:
@@ -269,6 +271,8 @@ class Recorder:
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
+        self._nograd_calls = {}
+        self._recomputed = {}
         self._calls = {}
         self._order = []
         self._prev_channels_first = False
@@ -346,8 +350,23 @@ class Recorder:
         # Activation checkpointing re-runs forward inside backward to rebuild activations; that is the same
         # call again, not a new one, so it is not counted twice.
         if torch._C._current_graph_task_id() != -1:
+            self._guard("gradients", self._recomputed_output, name, output)
             return
         self._guard("activations", self._record_output, name, module, output)
+
+    def _recomputed_output(self, name: str, output: Any) -> None:
+        # Reentrant checkpointing ran the first forward under no_grad, so that call got no gradient hook; its
+        # recomputation inside backward is the only tensor the gradient flows through. The k-th recomputation of
+        # a module is matched to its k-th no-grad call of the step (a module shared by several checkpointed
+        # segments, recomputed in reverse segment order, would be matched out of order).
+        calls = self._nograd_calls.get(name)
+        k = self._recomputed.get(name, 0)
+        if not calls or k >= len(calls):
+            return
+        self._recomputed[name] = k + 1
+        t = first_tensor(output)
+        if t is not None and t.is_floating_point() and t.requires_grad:
+            t.register_hook(partial(self._grad_hook, ("L", name, str(calls[k]), "grad"), self._token))
 
     def _record_output(self, name: str, module: nn.Module, output: Any) -> None:
         t = first_tensor(output)
@@ -392,6 +411,8 @@ class Recorder:
         self._prev_channels_first = isinstance(module, _CHANNELS_FIRST_3D)
         if floating and t.requires_grad and torch.is_grad_enabled():
             t.register_hook(partial(self._grad_hook, key_base + ("grad",), self._token))
+        elif floating and not torch.is_grad_enabled():
+            self._nograd_calls.setdefault(name, []).append(call)
 
     def _grad_hook(self, key: _Key, token: int, grad: torch.Tensor) -> None:
         # A hook can outlive its step (a graph kept alive and backpropagated later): ignore stale ones.
