@@ -64,14 +64,6 @@ def rank() -> int:
     return int(torch.distributed.get_rank())
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel / DataParallel wrappers, so that layer names are those a
-    single process sees ("fc1", not "module.fc1"). The wrappers call the inner module, whose hooks then fire."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def sharded_parameters(model: nn.Module) -> bool:
     """True when parameters are sharded across ranks (FSDP): a rank holds only a slice of each parameter, so its
     parameter statistics are not the parameter's."""

@@ -18,7 +18,7 @@ from torch import nn
 from actdiag import distributed as _dist
 from actdiag._version import __version__
 from actdiag.errors import ReportPathError
-from actdiag.hooks.recorder import Recorder, Selector
+from actdiag.hooks.recorder import Recorder, Selector, unwrap_model
 from actdiag.hooks.stats import DEFAULT_BINS, DEFAULT_SAMPLE_CAP
 from actdiag.records import (
     ExponentHistogram,
@@ -246,7 +246,7 @@ class Monitor:
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        self.model = _dist.unwrap(model)
+        self.model = unwrap_model(model)
         self.every = every
         self.strict = strict
         self.name = name or type(self.model).__name__

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -200,8 +201,15 @@ class Recorder:
             distributed = _dist.active()
         elif distributed and not _dist.active():
             raise ValueError("distributed=True needs torch.distributed initialised with more than one process")
-        # Hooks go on the user's own modules: DDP calls them, and their names match a single process's.
-        model = _dist.unwrap(model)
+        # Hooks go on the user's own modules: DDP and compiled wrappers call them, and their names are the ones
+        # the user knows ("fc1", not "module.fc1" or "_orig_mod.fc1").
+        compiled = _is_compiled(model)
+        model = unwrap_model(model)
+        if compiled and not hasattr(torch.compiler, "set_stance"):
+            raise TypeError(
+                "actdiag needs torch>=2.6 (torch.compiler.set_stance) to watch a torch.compile'd model; "
+                "with this torch, watch the model without compiling it"
+            )
         if distributed and track_weights and _dist.sharded_parameters(model):
             # Under FSDP a rank holds a shard of each parameter; its statistics would not be the parameter's.
             warnings.warn(
@@ -243,6 +251,7 @@ class Recorder:
         self._late_queued = False
         self._nograd_calls: dict[str, list[int]] = {}
         self._recomputed: dict[str, int] = {}
+        self._stance: Any = None
         self.merger: _dist.StepMerger | None = None
         self._grad_scale = 1.0
         if distributed:
@@ -277,6 +286,7 @@ class Recorder:
         self._order = []
         self._prev_channels_first = False
         self._recording = True
+        self._stance = _force_eager()
         with torch.no_grad():
             for pname, p in self.params:
                 self._guard("weights", self._record_weight, pname, p)
@@ -329,6 +339,9 @@ class Recorder:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)  # back to the stance the user had
 
     # ------------------------------------------------------------------ hooks
     def _guard(self, part: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -542,6 +555,38 @@ class Recorder:
                 )
             )
         return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel, DataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """torch.compile(model) wraps it in an OptimizedModule; model.compile() sets _compiled_call_impl."""
+    return any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
+
+
+def _force_eager() -> Any:
+    """Run every torch.compile'd region eagerly until the returned context is exited (None: nothing to do).
+
+    A recorded step runs the user's modules eagerly, with the hooks in place, so its statistics are exactly
+    those of the eager model; compiled graphs never contain actdiag code, so actdiag causes no graph break and
+    no recompilation, and the unrecorded steps run the compiled graphs untouched. If torch._dynamo was never
+    imported, nothing was compiled: importing it here would only cost time.
+    """
+    if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
+        return None
+    return torch.compiler.set_stance("force_eager")
 
 
 def _queue_callback(fn: Callable[[], None]) -> None:
