@@ -209,10 +209,10 @@ def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:
 
 
 def _model_device(model: nn.Module) -> str:
-    for t in model.parameters():
-        return str(t.device)
-    for t in model.buffers():
-        return str(t.device)
+    for p in model.parameters():
+        return str(p.device)
+    for b in model.buffers():
+        return str(b.device)
     return "cpu"
 
 
@@ -434,13 +434,13 @@ class Monitor:
         """Write the JSON report. Under torch.distributed only rank 0 writes; other ranks return the path."""
         if not self.is_writer:
             return Path(path)
-        return self.report().save_json(path)
+        return self.report().save_json(Path(path))
 
     def save_html(self, path: str | os.PathLike[str]) -> Path:
         """Write the HTML report. Under torch.distributed only rank 0 writes; other ranks return the path."""
         if not self.is_writer:
             return Path(path)
-        return self.report().save_html(path)
+        return self.report().save_html(Path(path))
 
     # ------------------------------------------------------------------ internals
     def _begin_if_due(self) -> None:

@@ -563,7 +563,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+            inner = model._orig_mod
+            assert isinstance(inner, nn.Module)
+            model = inner
         else:
             return model
 
