@@ -1,13 +1,15 @@
 """One rank of the DDP merge test (tests/reliability/test_rel_ddp.py): `python rel_ddp_worker.py RANK WORLD DIR`.
 
 Each rank trains a DistributedDataParallel copy of `build_model()` on its slice of `global_batch(step)` under
-`actdiag.watch(every=1)` and dumps what the monitor recorded (exact float reprs) to DIR/rank{RANK}.json.
+`actdiag.watch(every=1)` and dumps what the monitor recorded (exact float reprs) to DIR/rank{RANK}.json; then the
+same with FSDP2 (`fully_shard`) to DIR/rank{RANK}_fsdp.json.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +72,6 @@ def stats_dict(s: Any) -> dict[str, Any] | None:
 def main() -> None:
     rank, world, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
-    import actdiag
-
     # Count every Python-level collective issued while actdiag reads a step back (inside monitor.step()).
     calls = {"n": 0}
     for name in COLLECTIVES:
@@ -85,16 +85,35 @@ def main() -> None:
 
         setattr(dist, name, counted)
 
+    (out / f"rank{rank}.json").write_text(json.dumps(train(rank, world, out, "ddp", calls), allow_nan=True))
+    (out / f"rank{rank}_fsdp.json").write_text(json.dumps(train(rank, world, out, "fsdp", calls), allow_nan=True))
+    dist.destroy_process_group()
+
+
+def train(rank: int, world: int, out: Path, mode: str, calls: dict[str, int]) -> dict[str, Any]:
+    """Train under DDP or FSDP2 (fully_shard) and return what the monitor recorded."""
+    import actdiag
+
     model = build_model()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    if mode == "ddp":
+        wrapped: nn.Module = nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
     per_rank = GLOBAL_BATCH // world
     per_step: list[int] = []
-    with actdiag.watch(ddp, every=1, report_json=out / f"report_rank{rank}.json") as monitor:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = actdiag.watch(wrapped, every=1, report_json=out / f"report_{mode}_rank{rank}.json")
+    with monitor:
         for step in range(STEPS):
             x, y = global_batch(step)
             xs, ys = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
-            loss = nn.functional.mse_loss(ddp(xs), ys)  # a batch mean, the usual DDP idiom
+            loss = nn.functional.mse_loss(wrapped(xs), ys)  # a batch mean, the usual data-parallel idiom
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -103,7 +122,8 @@ def main() -> None:
             per_step.append(calls["n"] - before)
     rec = monitor.latest
     assert rec is not None
-    doc = {
+    return {
+        "warnings": [str(w.message) for w in caught],
         "step": rec.step,
         "collectives_per_step": per_step,
         "merger_collectives": monitor.recorder.merger.collectives if monitor.recorder.merger else None,
@@ -126,8 +146,6 @@ def main() -> None:
         },
         "findings": [f.code for f in monitor.findings],
     }
-    (out / f"rank{rank}.json").write_text(json.dumps(doc, allow_nan=True))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

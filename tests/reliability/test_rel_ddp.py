@@ -154,14 +154,18 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[s
             pytest.fail("DDP workers did not finish in 120 s")
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log
-    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)] + [
+        json.loads((out / f"rank{r}_fsdp.json").read_text()) for r in range(WORLD)
+    ]
 
 
 def test_rel_ddp_ranks_agree_and_only_rank0_writes(ddp_run: tuple[Path, list[dict[str, Any]]]) -> None:
     out, docs = ddp_run
     assert docs[0] == docs[1]  # every rank holds the same merged statistics (and findings)
-    assert (out / "report_rank0.json").exists()
-    assert not (out / "report_rank1.json").exists()
+    assert docs[2] == docs[3]
+    for mode in ("ddp", "fsdp"):
+        assert (out / f"report_{mode}_rank0.json").exists()
+        assert not (out / f"report_{mode}_rank1.json").exists()
 
 
 def test_rel_ddp_one_collective_per_recorded_step(ddp_run: tuple[Path, list[dict[str, Any]]]) -> None:
@@ -171,10 +175,7 @@ def test_rel_ddp_one_collective_per_recorded_step(ddp_run: tuple[Path, list[dict
     assert docs[0]["merger_collectives"] == worker.STEPS + 1
 
 
-def test_rel_ddp_merged_equals_single_process_over_whole_batch(ddp_run: tuple[Path, list[dict[str, Any]]]) -> None:
-    _, docs = ddp_run
-    doc = docs[0]
-    ref = _reference()
+def _check_layers(doc: dict[str, Any], ref: dict[str, Any]) -> None:
     assert doc["step"] == worker.STEPS - 1
     assert set(doc["layers"]) == {"0", "1", "2", "3", "4"}
     for label, layer in doc["layers"].items():
@@ -192,7 +193,24 @@ def test_rel_ddp_merged_equals_single_process_over_whole_batch(ddp_run: tuple[Pa
     tanh = ref["acts"]["3"].numpy()
     assert doc["layers"]["3"]["saturation"] == pytest.approx((np.abs(tanh) >= 0.99).mean())
     assert doc["layers"]["3"]["saturation"] > 0
+
+
+def test_rel_ddp_merged_equals_single_process_over_whole_batch(ddp_run: tuple[Path, list[dict[str, Any]]]) -> None:
+    doc = ddp_run[1][0]
+    ref = _reference()
+    _check_layers(doc, ref)
+    assert set(doc["params"]) == set(ref["weights"])
     for name, p in doc["params"].items():
         # Parameters are replicated by DDP: exact weights; gradients are DDP's all-reduced average.
         _check_stats(p["weight"], ref["weights"][name], rel=1e-6)
         _check_stats(p["grad"], ref["pgrads"][name], rel=1e-4)
+    assert not doc["warnings"]
+
+
+def test_rel_fsdp_merges_activations_and_says_parameters_are_not_recorded(
+    ddp_run: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    doc = ddp_run[1][2]
+    _check_layers(doc, _reference())
+    assert doc["params"] == {}
+    assert any("sharded (FSDP)" in w for w in doc["warnings"])
