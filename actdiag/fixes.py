@@ -511,7 +511,7 @@ def _headline(f: Finding, before: Mapping[str, float], after: Mapping[str, float
     }.get(f.code)
     if key is None or key[0] not in before or key[0] not in after:
         return ""
-    what = key[1].format(layer=f.layer)
+    what = key[1].format(layer=f"layer {f.layer}")
     return f"{what} goes {fmt(before[key[0]])} -> {fmt(after[key[0]])}"
 
 

@@ -49,13 +49,14 @@ def diagnose(
     """Findings for one recorded step (layers in forward order) and its history, ranked most severe first."""
     t = thresholds if thresholds is not None else DEFAULT_THRESHOLDS
     layers = tuple(layers)
-    found = nonfinite_findings(layers, params)
+    found = list(nonfinite_findings(layers, params))
     # Statistics are taken over finite values only: downstream of the first NaN they describe leftovers, so the
     # other rules only look at the layers before it (the NaN is the root cause of whatever comes after).
     cut = first_nonfinite_index(layers)
     clean = layers if cut is None else layers[:cut]
     found += spread_findings(clean, t)
-    found += gradient_findings(clean, t)
+    if not found:  # a NaN anywhere (forward or backward) leaves the gradient statistics meaningless
+        found += gradient_findings(clean, t)
     found += saturation_findings(clean, t)
     found += dead_relu_findings(clean, history, t)
     found += fp16_findings(clean, history, t)

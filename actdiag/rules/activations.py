@@ -94,7 +94,7 @@ def spread_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding
             verb = "shrinks" if shrinking else "grows"
             message = (
                 f"The spread of activations {verb} by {fmt(gain)}x per layer over {len(run)} layers, from std "
-                f"{fmt(run[0].std)} at {first.label} to {fmt(run[-1].std)} at {last.label}: the initialisation "
+                f"{fmt(run[0].std)} at layer {first.label} to {fmt(run[-1].std)} at layer {last.label}: the initialisation "
                 "does not keep the signal's variance across depth."
             )
             found.append(
@@ -126,7 +126,7 @@ def saturation_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Fin
     lo, hi = worst.bounds or (math.nan, math.nan)
     others = f" and {len(hits) - 1} more layer(s)" if len(hits) > 1 else ""
     message = (
-        f"{sat:.0%} of the outputs of {worst.label} ({worst.type}){others} sit at the bounds {fmt(lo)}/{fmt(hi)}, "
+        f"{sat:.0%} of the outputs of layer {worst.label} ({worst.type}){others} sit at the bounds {fmt(lo)}/{fmt(hi)}, "
         "where the gradient is nearly zero: the pre-activations are too large."
     )
     evidence = {
@@ -186,7 +186,7 @@ def dead_relu_findings(layers: Sequence[LayerStats], history: History | None, t:
     others = f" ({len(hits) - 1} more layer(s) too)" if len(hits) > 1 else ""
     span = f" for {int(steps)} recorded steps" if steps > 1 else ""
     message = (
-        f"{share:.0%} of the {worst.units} units of {worst.label} output zero for every sample{span}{others}: "
+        f"{share:.0%} of the {worst.units} units of layer {worst.label} output zero for every sample{span}{others}: "
         "they pass no gradient and no longer learn."
     )
     evidence = {"dead_fraction": share, "units": float(worst.units or 0), "layers": float(len(hits))}

@@ -37,7 +37,7 @@ def nonfinite_findings(layers: Sequence[LayerStats], params: Sequence[ParamStats
         weight_bad = _nonfinite(layer.weight) > 0
         where = "its weights already hold NaN/Inf" if weight_bad else "its own weights are finite"
         message = (
-            f"NaN/Inf first appears in the output of {layer.label} ({layer.type}): {a.nonfinite_count} of "
+            f"NaN/Inf first appears in the output of layer {layer.label} ({layer.type}): {a.nonfinite_count} of "
             f"{a.numel} values are not finite, and {where}."
         )
         evidence = {
@@ -65,7 +65,7 @@ def nonfinite_findings(layers: Sequence[LayerStats], params: Sequence[ParamStats
         g = layer.gradient
         assert g is not None
         message = (
-            f"The forward pass is finite but the gradient at {layer.label} ({layer.type}) holds {g.nonfinite_count} "
+            f"The forward pass is finite but the gradient at layer {layer.label} ({layer.type}) holds {g.nonfinite_count} "
             "NaN/Inf values: the loss or this layer's backward overflows."
         )
         evidence = {
@@ -141,10 +141,10 @@ def fp16_findings(layers: Sequence[LayerStats], history: History | None, t: Thre
         layer, which, share, amax = worst
         half = any(h[0].dtype == HALF for h in hits)
         if code == "fp16_overflow":
-            what = f"{share:.1%} of the {which} values of {layer.label} (max |x| {fmt(amax)})"
+            what = f"{share:.1%} of the {which} values of layer {layer.label} (max |x| {fmt(amax)})"
             tail = "overflow float16's maximum 65504 within one doubling" if half else "would overflow in float16"
         else:
-            what = f"{share:.1%} of the non-zero {which} values of {layer.label}"
+            what = f"{share:.1%} of the non-zero {which} values of layer {layer.label}"
             tail = "are below float16's normal range" if half else "would flush to zero in float16"
         others = f" ({len(hits) - 1} more tensor(s) too)" if len(hits) > 1 else ""
         message = f"{what} {tail}{others}."

@@ -64,7 +64,7 @@ def update_findings(layers: Sequence[LayerStats], history: History | None, t: Th
                 severity="warning",
                 layer=worst.name,
                 message=(
-                    f"One optimizer step changes the weights of {worst.label} by {r:.1%} of their norm{others} "
+                    f"One optimizer step changes the weights of layer {worst.label} by {r:.1%} of their norm{others} "
                     "(around 0.1% is typical): the learning rate is too high for this layer."
                 ),
                 evidence={"update_ratio": r, "layers": float(len(large))},
@@ -84,7 +84,7 @@ def update_findings(layers: Sequence[LayerStats], history: History | None, t: Th
                 severity="warning",
                 layer=worst.name,
                 message=(
-                    f"One optimizer step changes the weights of {worst.label} by only {fmt(r)} of their norm"
+                    f"One optimizer step changes the weights of layer {worst.label} by only {fmt(r)} of their norm"
                     f"{why}{others}: training has stalled although gradients still flow."
                 ),
                 evidence=evidence,
