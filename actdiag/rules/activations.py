@@ -94,8 +94,8 @@ def spread_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding
             verb = "shrinks" if shrinking else "grows"
             message = (
                 f"The spread of activations {verb} by {fmt(gain)}x per layer over {len(run)} layers, from std "
-                f"{fmt(run[0].std)} at layer {first.label} to {fmt(run[-1].std)} at layer {last.label}: the initialisation "
-                "does not keep the signal's variance across depth."
+                f"{fmt(run[0].std)} at layer {first.label} to {fmt(run[-1].std)} at layer {last.label}: the "
+                "initialisation does not keep the signal's variance across depth."
             )
             found.append(
                 Finding(
@@ -126,8 +126,8 @@ def saturation_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Fin
     lo, hi = worst.bounds or (math.nan, math.nan)
     others = f" and {len(hits) - 1} more layer(s)" if len(hits) > 1 else ""
     message = (
-        f"{sat:.0%} of the outputs of layer {worst.label} ({worst.type}){others} sit at the bounds {fmt(lo)}/{fmt(hi)}, "
-        "where the gradient is nearly zero: the pre-activations are too large."
+        f"{sat:.0%} of the outputs of layer {worst.label} ({worst.type}){others} sit at the bounds "
+        f"{fmt(lo)}/{fmt(hi)}, where the gradient is nearly zero: the pre-activations are too large."
     )
     evidence = {
         "saturation": sat,

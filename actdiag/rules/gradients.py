@@ -79,11 +79,14 @@ def gradient_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Findi
             and lay.gradient.norm < t.vanishing_ratio_below * g_last.norm
         ]
         if g_first.norm == 0:
-            message = f"No gradient reaches layer {first.label} (RMS {fmt(g_last.rms)} at layer {last.label}): it cannot learn."
+            message = (
+                f"No gradient reaches layer {first.label} (RMS {fmt(g_last.rms)} at layer {last.label}): "
+                "it cannot learn."
+            )
         else:
             message = (
-                f"The gradient reaching layer {first.label} is {fmt(norm_ratio)} times the one at layer {last.label} (RMS "
-                f"{fmt(g_first.rms)} vs {fmt(g_last.rms)}): the first layers barely learn."
+                f"The gradient reaching layer {first.label} is {fmt(norm_ratio)} times the one at layer "
+                f"{last.label} (RMS {fmt(g_first.rms)} vs {fmt(g_last.rms)}): the first layers barely learn."
             )
         found.append(
             Finding(
@@ -102,8 +105,8 @@ def gradient_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Findi
             if lay is not first and lay.gradient is not None and lay.gradient.rms > t.exploding_ratio_above * g_last.rms
         ]
         message = (
-            f"The gradient grows {fmt(rms_ratio)}x from layer {last.label} back to layer {first.label} (RMS {fmt(g_last.rms)} "
-            f"-> {fmt(g_first.rms)}): updates of the first layers will be far too large."
+            f"The gradient grows {fmt(rms_ratio)}x from layer {last.label} back to layer {first.label} (RMS "
+            f"{fmt(g_last.rms)} -> {fmt(g_first.rms)}): updates of the first layers will be far too large."
         )
         found.append(
             Finding(

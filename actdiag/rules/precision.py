@@ -65,8 +65,8 @@ def nonfinite_findings(layers: Sequence[LayerStats], params: Sequence[ParamStats
         g = layer.gradient
         assert g is not None
         message = (
-            f"The forward pass is finite but the gradient at layer {layer.label} ({layer.type}) holds {g.nonfinite_count} "
-            "NaN/Inf values: the loss or this layer's backward overflows."
+            f"The forward pass is finite but the gradient at layer {layer.label} ({layer.type}) holds "
+            f"{g.nonfinite_count} NaN/Inf values: the loss or this layer's backward overflows."
         )
         evidence = {
             "nonfinite_count": float(g.nonfinite_count),
