@@ -72,9 +72,8 @@ def spread_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding
             steps = len(run) - 1
             if steps < t.spread_min_transitions:
                 continue
-            ratios = [b.std / a.std for a, b in zip(run, run[1:])]
-            gain = geo_mean(ratios)
             total = run[-1].std / run[0].std
+            gain = total ** (1.0 / steps)  # the geometric mean of the step-by-step ratios (they telescope)
             if shrinking and not (gain < t.collapse_gain_below and total < t.collapse_total_below):
                 continue
             if not shrinking and not (gain > t.explosion_gain_above and total > t.explosion_total_above):
