@@ -173,11 +173,6 @@ class _LayerCall:
     sat_numel: int = 0
 
 
-# actdiag.distributed.KIND_REPLICATED, spelled out: default arguments are evaluated when this module is imported,
-# and `import actdiag.monitor` reaches this module while actdiag.distributed (which imports actdiag.hooks) is
-# still half-initialised.
-_REPLICATED = "replicated"
-
 _Key = tuple[str, ...]  # ("L", name, call, kind) or ("P", param_name, kind)
 
 
@@ -495,10 +490,10 @@ class Recorder:
     def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
         return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free)
 
-    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = _REPLICATED) -> None:
+    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = _dist.KIND_REPLICATED) -> None:
         self._put(key, *self._stats(t), kind)
 
-    def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = _REPLICATED) -> None:
+    def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = _dist.KIND_REPLICATED) -> None:
         # `kind` says how the entry merges across ranks (actdiag.distributed); parameters are replicated by DDP.
         self._pending[key] = (vec, meta)
         self._kinds[key] = kind
