@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 import actdiag
-from actdiag.integrations._common import summary
+from actdiag.integrations._common import check_every, summary
 from actdiag.records import Finding, Fix
 
 
@@ -41,3 +42,10 @@ def test_integ_summary_without_findings_names_the_logdir() -> None:
         "actdiag: recorded 2 of 3 steps (every 2); TensorBoard: runs/x",
         "actdiag: no findings",
     ]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
+def test_integ_check_every_rejects_bad_intervals(bad: object) -> None:
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        check_every(bad)  # type: ignore[arg-type]
+    assert check_every(7) == 7
