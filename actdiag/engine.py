@@ -142,7 +142,12 @@ def inspect(
                 backward_pass(output, example_input, loss_fn, generator)
                 if optimizer is not None:
                     optimizer.step()
-                monitor.step()
+                # After the last pass, close the step without beginning another: beginning one measures
+                # every weight again for a step that never runs.
+                if i + 1 < steps:
+                    monitor.step()
+                else:
+                    monitor.end_step()
                 if progress is not None:
                     progress(i + 1, steps)
     finally:
