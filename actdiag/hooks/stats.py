@@ -152,10 +152,14 @@ def tensor_stats(
         if not sync_free and xf.device.type == "cpu":
             # On the CPU the host *is* the device: the tensor is read in place through numpy. Knowing min and max
             # first lets the rest run without masks (NaN propagates through min/max, +-Inf shows as one of them).
-            a = xf.numpy()
-            mn, mx = float(a.min()), float(a.max())
-            if math.isfinite(mn) and math.isfinite(mx):
-                return _stats_fast(a, mn, mx, bins, sample_n), meta
+            try:
+                a = xf.numpy()
+            except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit): the device path
+                a = None
+            if a is not None:
+                mn, mx = float(a.min()), float(a.max())
+                if math.isfinite(mn) and math.isfinite(mx):
+                    return _stats_fast(a, mn, mx, bins, sample_n), meta
         return _stats_masked(xf, bins, sample_n, sample_cap), meta
 
 
