@@ -12,6 +12,7 @@ median over rounds of (block time / unmonitored block time); the spread is their
 
 Variants:
   none            no monitoring
+  none-copy       a second, unmonitored copy: a control, its ratio shows how much two copies differ by themselves
   actdiag-every1  actdiag.watch(model, every=1): every step recorded, all statistics and histograms
   actdiag-default actdiag.watch(model) at DEFAULT_EVERY; its recorded and unrecorded steps are also shown apart
   tb-hooks        forward hooks calling SummaryWriter.add_histogram on every leaf output (what users write by hand)
@@ -41,7 +42,7 @@ from torch import nn
 import actdiag
 from actdiag.monitor import DEFAULT_EVERY
 
-VARIANTS = ("none", "actdiag-every1", "actdiag-default", "tb-hooks", "tb-all", "wandb")
+VARIANTS = ("none", "none-copy", "actdiag-every1", "actdiag-default", "tb-hooks", "tb-all", "wandb")
 MODELS = ("mlp", "cnn", "gpt")
 
 
@@ -199,6 +200,10 @@ class Variant:
         """Tensors measured in the last recorded step."""
         return 0
 
+    def recorded_bytes(self) -> int:
+        """Bytes of the tensors measured in the last recorded step (float32: 4 per element)."""
+        return 0
+
     def after_step(self, loss: torch.Tensor) -> None:
         pass
 
@@ -223,6 +228,14 @@ class ActdiagVariant(Variant):
             return 0
         layers = sum((la.activation is not None) + (la.gradient is not None) for la in rec.layers)
         return layers + sum(1 + (p.grad is not None) for p in rec.params)
+
+    def recorded_bytes(self) -> int:
+        rec = self.monitor.latest
+        if rec is None:
+            return 0
+        stats = [s for la in rec.layers for s in (la.activation, la.gradient)]
+        stats += [s for p in rec.params for s in (p.weight, p.grad)]
+        return 4 * sum(s.numel for s in stats if s is not None)
 
     def after_step(self, loss: torch.Tensor) -> None:
         self.monitor.step()
@@ -333,6 +346,10 @@ def wandb_status() -> str | None:
 def make_variant(name: str) -> Variant:
     if name == "none":
         return Variant()
+    if name == "none-copy":
+        control = Variant()
+        control.name = name
+        return control
     if name == "actdiag-every1":
         return ActdiagVariant(name, 1)
     if name == "actdiag-default":
@@ -446,7 +463,7 @@ def _ratio(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
-def summarise(runners: Sequence[Runner]) -> list[dict[str, Any]]:
+def summarise(runners: Sequence[Runner], bandwidth: float = 0.0) -> list[dict[str, Any]]:
     base = next(r for r in runners if r.variant.name == "none")
     base_med = _common.median(base.times)
     rows = []
@@ -471,6 +488,7 @@ def summarise(runners: Sequence[Runner]) -> list[dict[str, Any]]:
                 "extra_ms": extra * 1e3,
                 "peak_extra_mb": r.peak_extra_mb,
                 "tensors": r.variant.tensors(),
+                "floor_ms": r.variant.recorded_bytes() / bandwidth * 1e3 if bandwidth else math.nan,
                 "steps": len(r.times),
             }
         )
@@ -487,6 +505,7 @@ def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
         "extra ms / recorded step",
         "tensors / recorded step",
         "extra us / tensor",
+        "one-pass read floor ms",
         "peak RSS above resident, MB",
     ]
     body = []
@@ -502,6 +521,7 @@ def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
                 _ms(row["extra_ms"] / 1e3),
                 str(row["tensors"]) if row["tensors"] else "",
                 f"{row['extra_ms'] * 1e3 / row['tensors']:.0f}" if row["tensors"] and row["extra_ms"] > -1e9 else "",
+                f"{row['floor_ms']:.1f}" if row["floor_ms"] > 0 else "",
                 "n/a" if mem is None else f"{mem:.0f}",
             ]
         )
@@ -516,7 +536,22 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("extra per recorded step >= 5x below tb-hooks (activations only)", "vs-tb", 5.0),
     ("extra per recorded step >= 5x below tb-all (same tensors as actdiag)", "vs-tball", 5.0),
     ("extra per recorded step below wandb.watch", "vs-wandb", 1.0),
+    ("control: a second unmonitored copy (no target; shows the noise)", "control", math.nan),
 )
+
+
+def read_bandwidth(smoke: bool) -> float:
+    """Bytes per second one thread reads summing a 64 MB float32 array (median of 5): what a statistics pass over
+    the recorded tensors cannot beat on this machine."""
+    import numpy as np
+
+    a = np.ones((1 << 14) if smoke else (1 << 24), dtype=np.float32)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    return a.nbytes / _common.median(times)
 
 
 def target_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -528,7 +563,9 @@ def target_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         for rows in results.values():
             by = {r["variant"]: r for r in rows}
             value = math.nan
-            if how == "unrecorded" and "actdiag-default" in by:
+            if how == "control" and "none-copy" in by:
+                value = by["none-copy"]["ratio"]
+            elif how == "unrecorded" and "actdiag-default" in by:
                 value = by["actdiag-default"]["unrecorded_ratio"]
             elif how == "default" and "actdiag-default" in by:
                 value = by["actdiag-default"]["ratio"]
@@ -541,6 +578,8 @@ def target_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                     value = peer["extra_ms"] / ours
             if math.isnan(value):
                 row.append("n/a")
+            elif math.isnan(bound):
+                row.append(f"{value:.3f}x")
             elif how.startswith("vs-"):
                 row.append(f"{value:.1f}x {'met' if value >= bound else 'MISSED'}")
             else:
@@ -601,13 +640,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         f"actdiag DEFAULT_EVERY = {DEFAULT_EVERY}; optimizer AdamW",
         "",
     ]
+    bandwidth = read_bandwidth(args.smoke)
+    lines.insert(-1, f"- one-thread read bandwidth (numpy sum over 64 MB): {bandwidth / 1e9:.1f} GB/s")
     started = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     for m in models:
         load = workload(m, args.smoke)
         print(f"[bench] {load.description}: {', '.join(variants)}", file=sys.stderr, flush=True)
         runners = run_workload(load, variants, args.rounds, args.block, args.warmup, args.smoke)
-        results[m] = summarise(runners)
+        results[m] = summarise(runners, bandwidth)
         lines += [f"**{m}**: {load.description}", ""]
         lines += table_lines(m, results[m])
         lines.append("")
