@@ -190,10 +190,10 @@ def check_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
 
 
 def _model_device(model: nn.Module) -> str:
-    for t in model.parameters():
-        return str(t.device)
-    for t in model.buffers():
-        return str(t.device)
+    for p in model.parameters():
+        return str(p.device)
+    for b in model.buffers():
+        return str(b.device)
     return "cpu"
 
 
@@ -383,7 +383,9 @@ class Monitor:
         )
 
 
-def watch(model: nn.Module, every: int = DEFAULT_EVERY, logdir: str | os.PathLike[str] | None = None, **kwargs: Any) -> Monitor:
+def watch(
+    model: nn.Module, every: int = DEFAULT_EVERY, logdir: str | os.PathLike[str] | None = None, **kwargs: Any
+) -> Monitor:
     """Watch `model` while it trains: `with actdiag.watch(model, every=10, logdir="runs/x") as monitor: ...`.
 
     Keyword arguments: include/exclude (name patterns or module types), bins, sample_cap, track_weights,

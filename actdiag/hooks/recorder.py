@@ -390,8 +390,8 @@ class Recorder:
             upd = host.get(("P", pname, "update"))
             ratio = None
             if upd is not None:
-                delta, base = float(upd[0][0]), float(upd[0][1])
-                ratio = delta / base if base > 0 and math.isfinite(base) else None
+                delta, norm0 = float(upd[0][0]), float(upd[0][1])
+                ratio = delta / norm0 if norm0 > 0 and math.isfinite(norm0) else None
             ps = ParamStats(
                 name=pname,
                 shape=tuple(p.shape),
