@@ -178,3 +178,27 @@ def test_reports_html_import_stays_light() -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert out.stdout.strip() == "[]"
+
+
+class NanNet(nn.Module):
+    """Finite input, then a layer whose output is entirely NaN: every later statistic has no finite value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.fc(x) * float("nan")))
+
+
+def test_reports_html_nonfinite_and_empty_reports(tmp_path: Path) -> None:
+    report = actdiag.inspect(NanNet(), torch.randn(8, 4))
+    assert report.layers[-1].activation is not None and report.layers[-1].activation.count == 0
+    html = render_html(report)
+    assert "<svg" in html  # the first layer still has a histogram
+    assert html.count(">nan<") >= 2  # NaN statistics are shown as such in the table
+    empty = replace(report, layers=(), params=(), history=None)
+    html = render_html(empty)
+    assert "0 layers" in html and "Not recorded." in html

@@ -270,3 +270,36 @@ def test_reports_tensorboard_writer_failure_does_not_stop_training(tmp_path: Pat
                 monitor.step()
     assert monitor.steps == 4
     assert any("disk full" in str(w.message) for w in caught)
+
+
+def test_reports_tensorboard_nonfinite_layers_are_skipped_not_fatal(tmp_path: Path) -> None:
+    from .test_reports_html import NanNet
+
+    actdiag.inspect(NanNet(), torch.randn(8, 4), logdir=str(tmp_path))
+    tags = _load(tmp_path).Tags()
+    assert "activations/fc" in tags["histograms"]
+    # Layers with no finite value have no histogram and no std, rather than a fake one.
+    assert "activations/out" not in tags["histograms"] and "act_std/out" not in tags["scalars"]
+
+
+def test_reports_tensorboard_unclosed_watch_is_flushed_at_exit(tmp_path: Path) -> None:
+    """A script that never closes its watch still leaves every recorded step on disk when Python exits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time, torch, actdiag\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())\n"
+        f"mon = actdiag.watch(m, every=1, logdir={str(tmp_path)!r}).start()\n"
+        "sink = mon.sinks[0]\n"
+        "write = sink._write_record\n"
+        "sink._write_record = lambda r: (time.sleep(0.3), write(r))  # a slow disk: the writer is still busy at exit\n"
+        "for _ in range(5):\n"
+        "    m(torch.randn(2, 4)).sum().backward()\n"
+        "    mon.step()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=300)
+    ea = _load(tmp_path)
+    assert [e.step for e in ea.Scalars("act_std/0")] == [0, 1, 2, 3, 4]
