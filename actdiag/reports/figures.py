@@ -257,9 +257,11 @@ def _log_axis(ax: Axes, which: str = "y") -> None:
     axis.set_minor_formatter(FuncFormatter(_log_label) if narrow else NullFormatter())
 
 
-def _depth_ticks(ax: Axes, labels: Sequence[str], axis: str = "x") -> None:
-    """Label the depth axis with layer names when they fit, else with a few indices."""
+def _depth_ticks(ax: Axes, labels: Sequence[str], axis: str = "x", depths: Sequence[int] | None = None) -> None:
+    """Label the depth axis with layer names when they fit, else with a few depths (1-based positions in the
+    forward order; `depths` gives them when the plotted layers are a subset)."""
     n = len(labels)
+    depth = list(depths) if depths is not None else list(range(1, n + 1))
     if n <= 40:
         ticks = list(range(n))
         names = [_short(lb, 24) for lb in labels]
@@ -271,10 +273,10 @@ def _depth_ticks(ax: Axes, labels: Sequence[str], axis: str = "x") -> None:
         step = max(1, int(math.ceil(n / 12)))
         ticks = list(range(0, n, step))
         if axis == "x":
-            ax.set_xticks(ticks, [str(t + 1) for t in ticks])
-            ax.set_xlabel("layer (depth order)")
+            ax.set_xticks(ticks, [str(depth[t]) for t in ticks])
+            ax.set_xlabel("layer (position in forward order)")
         else:
-            ax.set_yticks(ticks, [f"{t + 1}. {_short(labels[t], 22)}" for t in ticks], fontsize=6)
+            ax.set_yticks(ticks, [f"{depth[t]}. {_short(labels[t], 22)}" for t in ticks], fontsize=6)
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -414,7 +416,7 @@ def unit_fractions(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) ->
         ax.set_ylabel("fraction")
         ax.legend(loc="upper left", frameon=False, ncols=2)
         ax.grid(True, axis="y", alpha=0.3)
-        _depth_ticks(ax, [lb.split(". ", 1)[1] if n > 40 else lb for lb in labels])
+        _depth_ticks(ax, [ly.label for _, ly in rows] if n > 40 else labels, depths=[i + 1 for i, _ in rows])
         for i, (_, ly) in enumerate(rows):
             if ly.label in flagged:
                 ax.axvspan(i - 0.5, i + 0.5, color=ERROR_COLOR, alpha=0.12, linewidth=0)
