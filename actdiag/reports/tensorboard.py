@@ -189,6 +189,9 @@ class TensorBoardSink:
         self._lock = threading.Lock()
         self.dropped = 0
         self.written_steps = 0
+        # A forked child (a DataLoader worker, say) inherits this object and the open event file, but not the
+        # writer thread: only the process that created the sink may write or close it.
+        self._pid = os.getpid()
         # A watch that is never closed still gets its buffered steps written when the interpreter exits.
         _OPEN.add(self)
 
@@ -196,7 +199,7 @@ class TensorBoardSink:
     def on_record(self, record: StepRecord) -> None:
         """Queue one recorded step; returns at once. Raises the writer thread's error, if it had one."""
         self._raise_if_failed()
-        if self._closed:
+        if self._closed or os.getpid() != self._pid:
             return
         self._ensure_thread()
         try:
@@ -246,6 +249,8 @@ class TensorBoardSink:
                 self._queue.task_done()
 
     def _shutdown(self, report: Report | None = None) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._closed:
                 return

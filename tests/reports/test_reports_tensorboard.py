@@ -303,3 +303,42 @@ def test_reports_tensorboard_unclosed_watch_is_flushed_at_exit(tmp_path: Path) -
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=300)
     ea = _load(tmp_path)
     assert [e.step for e in ea.Scalars("act_std/0")] == [0, 1, 2, 3, 4]
+
+
+def test_reports_tensorboard_forked_child_does_not_write(tmp_path: Path) -> None:
+    """A forked child (a DataLoader worker, say) that closes its inherited watch or exits through the at-exit path
+    neither hangs on the parent's writer nor writes into the parent's event file."""
+    import os
+
+    model = DeepNet(depth=1)
+    monitor = actdiag.watch(model, every=1, logdir=tmp_path).start()
+    for _ in range(3):
+        model(torch.randn(4, 16)).sum().backward()
+        monitor.step()
+    sink = next(s for s in monitor.sinks if isinstance(s, TensorBoardSink))
+    sink.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: what interpreter exit would do, then leave without running the parent's cleanup
+        from actdiag.reports import tensorboard as tb
+
+        try:
+            sink.on_record(monitor.latest)  # type: ignore[arg-type]
+            sink.on_close(monitor.report())  # what a watch closed in the child would do
+            tb._close_open_sinks()
+        finally:
+            os._exit(0)
+    # Bounded wait: without the guard the child blocks forever flushing through a writer thread it does not have.
+    import signal
+    import time
+
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung closing the parent's TensorBoard writer")
+        time.sleep(0.05)
+    monitor.close()
+    ea = _load(tmp_path)
+    assert [e.step for e in ea.Scalars("act_std/blocks.fc0")] == [0, 1, 2]
+    assert len(ea.Tensors(FINDINGS_TAG)) == 1
