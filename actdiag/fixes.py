@@ -378,7 +378,7 @@ def _plans(f: Finding, ctx: _Context) -> list[_Plan]:
     elif code == "nonfinite":
         if f.evidence.get("float16"):
             plans += [_plain("bf16_autocast", ctx, f), _plain("loss_scaling", ctx, f)]
-        weights_bad = f.evidence.get("weight_nonfinite", 0.0) > 0 or f.layer is None or "parameters" in f.evidence
+        weights_bad = f.evidence.get("weight_nonfinite", 0.0) > 0 or "parameters" in f.evidence
         if f.evidence.get("gradient") or weights_bad:
             plans += [_plain("lower_learning_rate", ctx, f), _plain("gradient_clipping", ctx, f)]
         if not weights_bad:

@@ -89,11 +89,21 @@ def nonfinite_findings(layers: Sequence[LayerStats], params: Sequence[ParamStats
     if bad:
         p = bad[0]
         owner = p.name.rsplit(".", 1)[0] if "." in p.name else None
-        message = f"Parameter {p.name} holds NaN/Inf values: an earlier update diverged."
+        dtypes = {lay.dtype for lay in layers if lay.weight_name == p.name}
+        in_weight = p.weight.nonfinite_count > 0
+        if in_weight:
+            message = f"Parameter {p.name} holds NaN/Inf values: an earlier update diverged."
+        else:
+            message = (
+                f"The gradient of parameter {p.name} holds NaN/Inf values although the forward pass is finite: "
+                "its accumulation overflows."
+            )
         evidence = {
             "nonfinite_count": float(p.weight.nonfinite_count + _nonfinite(p.grad)),
             "parameters": float(len(bad)),
             "weight_nonfinite": float(p.weight.nonfinite_count),
+            "gradient": 0.0 if in_weight else 1.0,
+            "float16": 1.0 if HALF in dtypes else 0.0,
         }
         return [Finding(code="nonfinite", severity="error", layer=owner, message=message, evidence=evidence)]
     return []

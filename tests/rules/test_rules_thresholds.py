@@ -312,7 +312,7 @@ def test_stall_trend_decay_threshold(decay: float, fires: bool) -> None:
         assert found[0].fixes[0].code == "switch_optimizer"
 
 
-@pytest.mark.parametrize(("ratio", "fires"), [(0.9e-4, True), (1e-4, False), (1.1e-4, False)])
+@pytest.mark.parametrize(("ratio", "fires"), [(0.9e-3, True), (1e-3, False), (1.1e-3, False)])
 def test_stall_trend_ratio_threshold(ratio: float, fires: bool) -> None:
     layers = with_update(ratio)
     h = history(params=adagrad_history(T.min_history, 0.01, ratio))
@@ -329,7 +329,7 @@ def test_stall_trend_needs_history(points: int, fires: bool) -> None:
 def test_converging_sgd_is_not_stalled() -> None:
     """Plain SGD: updates shrink with the gradient, the effective step stays put. That is convergence."""
     n = 8
-    grad = [10.0 ** (-i / 2) for i in range(n)]  # the update ratio ends at 3e-5, below the trend rule's 1e-4
+    grad = [10.0 ** (-i / 2) for i in range(n)]  # the update ratio ends at 3e-5, below the trend rule's 1e-3
     ratio = [0.1 * g for g in grad]
     h = history(params={"fc.weight": {"update_ratio": ratio, "weight_norm": [1.0] * n, "grad_norm": grad}})
     assert "stalled_updates" not in codes(with_update(ratio[-1]), history=h)
