@@ -11,7 +11,7 @@ of all squared gradients so far, so its effective learning rate decays towards z
     python examples/optimizers.py --small    # 300 steps, for the test suite (or ACTDIAG_SMALL=1)
 
 The "eff. step" column is the optimizer's effective learning rate ||dW|| / ||grad W|| at the end as a share of its
-largest value during the run: 1.0 for plain SGD, falling like 1/sqrt(steps) for AdaGrad.
+value at the first step: 1.0 for plain SGD, falling like 1/sqrt(steps) for AdaGrad.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ OPTIMIZERS: dict[str, Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]]
 class Result:
     name: str
     ratios: tuple[float, ...]  # first layer's update ratio at each recorded step
-    step_decay: float  # first layer's effective step at the end / its largest value
+    step_decay: float  # first layer's effective step at the end / at the first recorded step
     loss: float
     findings: tuple[Finding, ...]
 
@@ -81,7 +81,7 @@ def train(name: str, steps: int, every: int, seed: int = 0) -> Result:
         for r, w, g in zip(series.get("update_ratio", ()), series.get("weight_norm", ()), series.get("grad_norm", ()))
         if math.isfinite(r) and math.isfinite(w) and math.isfinite(g) and g > 0
     ]
-    decay = eff[-1] / max(eff) if eff and max(eff) > 0 else math.nan
+    decay = eff[-1] / eff[0] if eff else math.nan
     return Result(name, ratios, decay, float(loss.detach()), monitor.findings)
 
 

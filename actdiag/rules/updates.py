@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from actdiag.records import Finding, History, LayerStats
@@ -11,11 +10,14 @@ from actdiag.rules.thresholds import Thresholds
 
 
 def _effective_step_decay(history: History | None, pname: str, t: Thresholds) -> tuple[float, float] | None:
-    """(latest / largest effective step, recorded points) for one parameter, or None without enough history.
+    """(latest / first effective step, recorded points) for one parameter, or None without enough history.
 
     The effective step is ||dW|| / ||grad W|| = update_ratio * ||W|| / ||grad W||: the learning rate the optimizer
     really applied. Plain SGD keeps it constant; AdaGrad divides it by the root of all squared gradients so far.
     A falling update ratio with a steady effective step is convergence (gradients shrink), not a stall.
+
+    The reference is the first recorded step, not the largest value: momentum's effective step spikes whenever the
+    gradient momentarily shrinks under a large velocity, and such a spike is not a learning rate that was lost.
     """
     if history is None:
         return None
@@ -28,8 +30,7 @@ def _effective_step_decay(history: History | None, pname: str, t: Thresholds) ->
     ]
     if len(eff) < t.min_history:
         return None
-    peak = max(eff)
-    return (eff[-1] / peak if peak > 0 else math.nan), float(len(eff))
+    return eff[-1] / eff[0], float(len(eff))
 
 
 def update_findings(layers: Sequence[LayerStats], history: History | None, t: Thresholds) -> list[Finding]:
@@ -74,7 +75,9 @@ def update_findings(layers: Sequence[LayerStats], history: History | None, t: Th
     if stalled:
         worst, r, decay = min(stalled, key=lambda h: h[1])
         others = f" ({len(stalled) - 1} more layer(s) too)" if len(stalled) > 1 else ""
-        why = f"; the optimizer's effective step has fallen to {fmt(decay)} of its peak" if decay is not None else ""
+        why = ""
+        if decay is not None:
+            why = f"; the optimizer's effective step has fallen to {fmt(decay)} of its first value"
         evidence = {"update_ratio": r, "layers": float(len(stalled))}
         if decay is not None:
             evidence["effective_step_decay"] = decay
