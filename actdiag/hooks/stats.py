@@ -75,9 +75,11 @@ class _SampleIndex:
         if idx is not None:
             self._cache.move_to_end(key)
             return idx
-        gen = torch.Generator(device="cpu")
+        # Drawn on the target device by a private generator: no host-to-device copy (which would synchronise on
+        # CUDA) and the user's RNG streams are not advanced.
+        gen = torch.Generator(device=device)
         gen.manual_seed(numel * 1_000_003 + cap)
-        idx = torch.randint(0, numel, (cap,), generator=gen).sort().values.to(device)
+        idx = torch.randint(0, numel, (cap,), generator=gen, device=device).sort().values
         self._cache[key] = idx
         if len(self._cache) > self._max:
             self._cache.popitem(last=False)
@@ -134,6 +136,7 @@ def tensor_stats(
         if sync_free is None:
             sync_free = x.device.type != "cpu"
         masked = True
+        fin: torch.Tensor | None
         if not sync_free:
             mn, mx = torch.aminmax(xf)
             masked = not (math.isfinite(float(mn)) and math.isfinite(float(mx)))
@@ -190,9 +193,7 @@ def _moments_masked(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return head, mn, mx - mn, fin
 
 
-def _histograms(
-    sample: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, bins: int, masked: bool
-) -> torch.Tensor:
+def _histograms(sample: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, bins: int, masked: bool) -> torch.Tensor:
     """Linear (bins) and exponent (N_EXP) counts of `sample`, from one bincount over both index sets."""
     trash = bins + N_EXP
     # Linear bins between the tensor's min and max. A constant tensor (span 0) lands in bin 0; the host places it.

@@ -66,7 +66,7 @@ def check_against_reference(x: torch.Tensor, sync_free: bool, rtol: float = 1e-5
         diff = np.abs(np.asarray(s.histogram.counts) - ref_counts).sum()
         # float32 binning may move a value that sits within rounding of an interior edge to the next bin.
         width = edges[1] - edges[0]
-        near = np.abs((fin[:, None] - edges[None, 1:-1])) <= 1e-5 * max(width, 1e-30) + 1e-6 * np.abs(fin[:, None])
+        near = np.abs(fin[:, None] - edges[None, 1:-1]) <= 1e-5 * max(width, 1e-30) + 1e-6 * np.abs(fin[:, None])
         assert diff <= 2 * near.any(axis=1).sum()
 
 
