@@ -210,6 +210,30 @@ class HeReluNet(nn.Sequential):
         return torch.randn(16, self.width, generator=_gen())
 
 
+class LeNet5(nn.Sequential):
+    """Healthy: LeNet-5 with PyTorch's default initialisation. Each layer shrinks the spread ~0.6x, but over five
+    weight layers that is the everyday baseline, not a pathology."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(1, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(256, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, 10),
+        )
+
+    def example_input(self) -> torch.Tensor:
+        return torch.randn(16, 1, 28, 28, generator=_gen())
+
+
 class SmallDefaultMLP(nn.Module):
     """Healthy: the everyday three-layer MLP with PyTorch's default initialisation."""
 
@@ -434,6 +458,7 @@ HEALTHY: tuple[type[nn.Module], ...] = (
     XavierTanhNet,
     HeReluNet,
     SmallDefaultMLP,
+    LeNet5,
     DeepBNCNN,
     SmallResNet,
     PreLNTransformer,

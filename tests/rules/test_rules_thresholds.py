@@ -32,20 +32,20 @@ def test_collapse_gain_default_threshold(gain: float, fires: bool) -> None:
 @pytest.mark.parametrize(("gain", "fires"), [(0.25, True), (0.5, False), (0.75, False)])
 def test_collapse_gain_at_threshold_is_quiet(gain: float, fires: bool) -> None:
     t = Thresholds(collapse_gain_below=0.5, collapse_total_below=1.0)
-    assert ("activation_collapse" in codes(chain(geometric(1.0, gain, 5)), thresholds=t)) is fires
+    assert ("activation_collapse" in codes(chain(geometric(1.0, gain, 6)), thresholds=t)) is fires
 
 
 @pytest.mark.parametrize(("total", "fires"), [(0.125, True), (0.25, False), (0.5, False)])
 def test_collapse_total_threshold(total: float, fires: bool) -> None:
     t = Thresholds(collapse_total_below=0.25, collapse_gain_below=1.0)
-    stds = geometric(1.0, total**0.25, 5)
+    stds = geometric(1.0, total**0.2, 6)
     stds[-1] = total  # exact
     assert ("activation_collapse" in codes(chain(stds), thresholds=t)) is fires
 
 
-@pytest.mark.parametrize(("steps", "fires"), [(3, False), (4, True), (5, True)])
+@pytest.mark.parametrize(("steps", "fires"), [(4, False), (5, True), (6, True)])
 def test_collapse_needs_min_transitions(steps: int, fires: bool) -> None:
-    assert T.spread_min_transitions == 4
+    assert T.spread_min_transitions == 5
     assert ("activation_collapse" in codes(chain(geometric(1.0, 0.3, steps + 1)))) is fires
 
 
@@ -77,13 +77,13 @@ def test_explosion_gain_default_threshold(gain: float, fires: bool) -> None:
 @pytest.mark.parametrize(("gain", "fires"), [(1.5, False), (2.0, False), (4.0, True)])
 def test_explosion_gain_at_threshold_is_quiet(gain: float, fires: bool) -> None:
     t = Thresholds(explosion_gain_above=2.0, explosion_total_above=1.0)
-    assert ("activation_explosion" in codes(chain(geometric(1.0, gain, 5)), thresholds=t)) is fires
+    assert ("activation_explosion" in codes(chain(geometric(1.0, gain, 6)), thresholds=t)) is fires
 
 
 @pytest.mark.parametrize(("total", "fires"), [(4.0, False), (5.0, False), (8.0, True)])
 def test_explosion_total_threshold(total: float, fires: bool) -> None:
     t = Thresholds(explosion_gain_above=1.0)
-    stds = geometric(1.0, total**0.25, 5)
+    stds = geometric(1.0, total**0.2, 6)
     stds[-1] = total
     assert ("activation_explosion" in codes(chain(stds), thresholds=t)) is fires
 
