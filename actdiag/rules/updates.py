@@ -26,7 +26,9 @@ def _effective_step_decay(history: History | None, pname: str, t: Thresholds) ->
         return None
     ratio, wnorm, gnorm = series.get("update_ratio", ()), series.get("weight_norm", ()), series.get("grad_norm", ())
     eff = [
-        r * w / g for r, w, g in zip(ratio, wnorm, gnorm) if finite(r) and finite(w) and finite(g) and g > 0 and r > 0
+        r * w / g
+        for r, w, g in zip(ratio, wnorm, gnorm)
+        if finite(r) and finite(w) and finite(g) and g > 0 and r > 0 and w > 0
     ]
     if len(eff) < t.min_history:
         return None
