@@ -141,7 +141,7 @@ def fp16_findings(layers: Sequence[LayerStats], history: History | None, t: Thre
             if o > t.fp16_overflow_fraction_above:
                 over.append((layer, which, o, stats.abs_max))
             u = max(h.fraction_below(under_exp) for h in hists)
-            if u > t.fp16_underflow_fraction_above:
+            if u > (t.fp16_underflow_fraction_above if half else t.fp16_underflow_info_fraction_above):
                 under.append((layer, which, u, stats.abs_max))
     found: list[Finding] = []
     for code, hits in (("fp16_overflow", over), ("fp16_underflow", under)):

@@ -251,8 +251,20 @@ def test_fp16_overflow_exponent_threshold(dtype: str, exponent: int, severity: s
 
 
 @pytest.mark.parametrize(("tiny", "fires"), [(4, False), (5, False), (6, True)])
-def test_fp16_underflow_fraction_threshold(tiny: int, fires: bool) -> None:
+def test_fp16_underflow_fraction_threshold_half(tiny: int, fires: bool) -> None:
     assert T.fp16_underflow_fraction_above == 0.05
+    # exponent -14: 2**-15 <= |g| < 2**-14, float16's subnormal range (precision lost, next to flushing)
+    layer = fp(linear("fc", 1.0, 1.0), "float16", {-14: tiny, 0: 100 - tiny}, gradient=True)
+    found = [f for f in diagnose([layer, linear("head", 1.0, 1.0)]) if f.code == "fp16_underflow"]
+    assert bool(found) is fires
+    if fires:
+        assert found[0].severity == "warning"
+        assert [x.code for x in found[0].fixes] == ["loss_scaling", "bf16_autocast"]
+
+
+@pytest.mark.parametrize(("tiny", "fires"), [(24, False), (25, False), (26, True)])
+def test_fp16_underflow_fraction_threshold_float32(tiny: int, fires: bool) -> None:
+    assert T.fp16_underflow_info_fraction_above == 0.25
     # exponent -24: 2**-25 <= |g| < 2**-24, flushed to zero in float16
     layer = fp(linear("fc", 1.0, 1.0), "float32", {-24: tiny, 0: 100 - tiny}, gradient=True)
     found = [f for f in diagnose([layer, linear("head", 1.0, 1.0)]) if f.code == "fp16_underflow"]

@@ -8,7 +8,7 @@ from torch import nn
 
 import actdiag
 from actdiag.monitor import Monitor
-from tests.zoo import DeadReluNet, HeReluNet, tiny_loss
+from tests.zoo import DeadReluNet, HeReluNet, PreLNTransformer, SmallResNet, tiny_loss
 
 
 def train(
@@ -125,3 +125,36 @@ def test_fp16_overflow_in_a_half_precision_model() -> None:
     f = report.findings[0]
     assert f.severity in ("warning", "error")
     assert "bf16_autocast" in [x.code for x in f.fixes]
+
+
+def _resnet_sgd() -> tuple[nn.Module, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    model = SmallResNet()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return model, opt, data
+
+
+def _transformer_adamw() -> tuple[nn.Module, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    model = PreLNTransformer()
+    g = torch.Generator().manual_seed(0)
+    data = [(t, t) for t in (torch.randint(0, 100, (8, 12), generator=g) for _ in range(4))]
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-4), data
+
+
+@pytest.mark.parametrize("recipe", [_resnet_sgd, _transformer_adamw], ids=["resnet-sgd", "transformer-adamw"])
+def test_standard_recipes_train_quietly(recipe) -> None:  # type: ignore[no-untyped-def]
+    """Textbook training set-ups (ResNet with SGD 0.1 + momentum, a pre-LN transformer with AdamW 3e-4), 20 steps
+    over a few repeated batches so the model grows confident: nothing to report, not even an info."""
+    torch.manual_seed(0)
+    model, opt, data = recipe()
+    with actdiag.watch(model, every=4) as monitor:
+        for i in range(20):
+            x, y = data[i % len(data)]
+            out = model(x)
+            loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step()
+    assert [(f.code, f.layer) for f in monitor.findings] == []
