@@ -384,11 +384,10 @@ def _plans(f: Finding, ctx: _Context) -> list[_Plan]:
         if not weights_bad:
             plans.append(_plain("check_inputs", ctx, f))
     elif code == "fp16_overflow":
+        # Normalising after the layer would not help: the value overflows in the layer's own output.
         plans += [_plain("bf16_autocast", ctx, f)]
         if f.evidence.get("gradient"):
             plans.append(_plain("gradient_clipping", ctx, f))
-        else:
-            plans.append(_norm_plan(ctx, _reinit_targets(ctx, names) or names, ""))
     elif code == "fp16_underflow":
         if f.evidence.get("gradient"):
             plans += [_plain("loss_scaling", ctx, f), _plain("bf16_autocast", ctx, f)]
