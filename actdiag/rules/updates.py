@@ -9,6 +9,9 @@ from actdiag.rules._common import finite, fmt
 from actdiag.rules.thresholds import Thresholds
 
 
+SPARSE_UPDATE_TYPES = frozenset({"Embedding", "EmbeddingBag"})
+
+
 def _effective_step_decay(history: History | None, pname: str, t: Thresholds) -> tuple[float, float] | None:
     """(latest / first effective step, recorded points) for one parameter, or None without enough history.
 
@@ -49,7 +52,9 @@ def update_findings(layers: Sequence[LayerStats], history: History | None, t: Th
             continue
         # A weight whose gradient is zero does not move whatever the optimizer: that is a dead or detached layer.
         moving_grad = layer.weight_grad is not None and layer.weight_grad.norm > 0
-        if not moving_grad:
+        # An embedding only updates the rows of the tokens in the batch: a small ratio over the whole table is by
+        # design, not a stall.
+        if not moving_grad or layer.type in SPARSE_UPDATE_TYPES:
             continue
         if r < t.update_ratio_below:
             stalled.append((layer, r, None))

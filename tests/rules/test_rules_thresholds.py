@@ -302,6 +302,22 @@ def test_stalled_updates_threshold(ratio: float, fires: bool) -> None:
     assert ("stalled_updates" in codes(with_update(ratio))) is fires
 
 
+def test_stalled_updates_ignore_embeddings() -> None:
+    """An embedding table only moves the rows of the batch's tokens: a tiny ratio over the table is by design."""
+    layers = with_update(1e-8)
+    layers[0] = dataclasses.replace(layers[0], type="Embedding")
+    assert "stalled_updates" not in codes(layers)
+
+
+def test_fp16_overflow_seen_in_an_earlier_recorded_step() -> None:
+    """watch reads the last few recorded steps' exponent histograms: a spike between two reads is not missed."""
+    layer = fp(linear("fc", 1.0), "float16", {1: 1000})
+    spike = exps({1: 999, 16: 1})
+    h = dataclasses.replace(history(), activation_exponents={"fc": (spike, exps({1: 1000}))})
+    assert "fp16_overflow" not in codes([layer, linear("head", 1.0)])
+    assert "fp16_overflow" in codes([layer, linear("head", 1.0)], history=h)
+
+
 def test_stalled_updates_not_blamed_on_the_optimizer_when_the_gradient_is_zero() -> None:
     assert "stalled_updates" not in codes(with_update(0.0, grad_norm=0.0))
 
