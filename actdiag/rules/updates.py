@@ -8,7 +8,6 @@ from actdiag.records import Finding, History, LayerStats
 from actdiag.rules._common import finite, fmt
 from actdiag.rules.thresholds import Thresholds
 
-
 SPARSE_UPDATE_TYPES = frozenset({"Embedding", "EmbeddingBag"})
 
 
