@@ -419,6 +419,25 @@ class SiameseNet(nn.Module):
         return torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g)
 
 
+class ZeroInitHeadNet(nn.Module):
+    """Healthy: an MLP whose classifier head starts at exactly zero (as in ViT): until the first update no gradient
+    reaches the layers behind it, by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
+        self.head = nn.Linear(64, 10)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(16, 20, generator=_gen())
+
+
 class GatedConvNet(nn.Module):
     """Healthy: a 1-D conv net with sigmoid gates (GLU-style) and GroupNorm, the kind of bounded activation that is
     part of the design rather than a mistake."""
@@ -467,6 +486,7 @@ HEALTHY: tuple[type[nn.Module], ...] = (
     TiedEmbeddingLM,
     SiameseNet,
     GatedConvNet,
+    ZeroInitHeadNet,
 )
 
 
