@@ -588,7 +588,13 @@ def _force_eager() -> Any:
     """
     if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
         return None
-    return torch.compiler.set_stance("force_eager")
+    try:
+        return torch.compiler.set_stance("force_eager")
+    except Exception as exc:  # noqa: BLE001 - dynamo raises assorted types when traced into
+        raise RuntimeError(
+            "actdiag cannot make compiled code run eagerly from inside a torch.compile'd function; "
+            "call monitor.step() outside compiled functions"
+        ) from exc
 
 
 def _queue_callback(fn: Callable[[], None]) -> None:
