@@ -588,13 +588,16 @@ def _force_eager() -> Any:
     """
     if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
         return None
+    message = (
+        "monitor.step() ran inside a torch.compile'd function, where compiled code cannot be switched to eager; "
+        "call it outside compiled functions"
+    )
+    if torch.compiler.is_compiling():
+        raise RuntimeError(message)
     try:
         return torch.compiler.set_stance("force_eager")
-    except Exception as exc:  # noqa: BLE001 - dynamo raises assorted types when traced into
-        raise RuntimeError(
-            "actdiag cannot make compiled code run eagerly from inside a torch.compile'd function; "
-            "call monitor.step() outside compiled functions"
-        ) from exc
+    except RuntimeError as exc:  # "attempted to set_stance in a torch.compile region"
+        raise RuntimeError(message) from exc
 
 
 def _queue_callback(fn: Callable[[], None]) -> None:
