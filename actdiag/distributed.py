@@ -207,6 +207,9 @@ class StepMerger:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def _rank(self) -> int:
+        return int(torch.distributed.get_rank(self.group))
+
     def _gather(self, flat: torch.Tensor) -> np.ndarray:
         world = torch.distributed.get_world_size(self.group)
         out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
@@ -240,7 +243,7 @@ class StepMerger:
                     "ranks recorded different layers or shapes at this step (a rank-dependent forward pass?); "
                     "this step keeps each rank's own statistics"
                 )
-            mine = rows[rank_in(self.group)]
+            mine = rows[self._rank()]
             return self._split_local(mine[_HEADER : _HEADER + length], layout)
         return self._merge_rows(rows[:, _HEADER : _HEADER + length], layout)
 
@@ -304,9 +307,6 @@ class StepMerger:
                 out[key] = (vec, meta)
         return out
 
-
-def rank_in(group: Any) -> int:
-    return int(torch.distributed.get_rank(group))
 
 
 def _extras(kind: str, meta: Any) -> tuple[float, ...]:

@@ -264,7 +264,8 @@ class Monitor:
             process_group=process_group,
         )
         # Under torch.distributed every rank records and merges, but only rank 0 writes (logs, reports, sinks).
-        self.is_writer = _dist.rank() == 0
+        # With distributed=False each rank is on its own and writes its own reports.
+        self.is_writer = not self.recorder.distributed or _dist.rank() == 0
         self.handle_sigterm = handle_sigterm
         self.logdir = None
         self.report_json = self.report_html = None
