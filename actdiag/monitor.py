@@ -314,12 +314,36 @@ class Monitor:
 
     def step(self) -> None:
         """Close the current training step (reading back its statistics if it was recorded), start the next."""
+        self.end_step()
+        self._begin_if_due()
+
+    def end_step(self) -> None:
+        """Close the current training step without beginning the next; `begin_step()` begins it.
+
+        For framework callbacks: trainers run evaluation between training steps, and between `end_step()` and
+        `begin_step()` no hook is attached, so those passes are not mistaken for part of a training step.
+        """
         if not self._active:
             raise RuntimeError("monitor.step() called outside the watch; use it inside `with actdiag.watch(model)`")
         if self.recorder.recording:
             self._finish_recorded()
         self.steps += 1
-        self._begin_if_due()
+
+    def begin_step(self) -> None:
+        """Begin recording the current training step if it is due and not begun yet (safe to call repeatedly)."""
+        if not self._active:
+            raise RuntimeError("monitor.begin_step() called outside the watch")
+        if not self.recorder.recording:
+            self._begin_if_due()
+
+    def read_gradients(self) -> None:
+        """Read every parameter's `.grad` now, replacing what was seen while gradients accumulated.
+
+        Call it right before `optimizer.step()` when gradients change after backward: accumulated over
+        micro-batches, unscaled by an AMP grad scaler, clipped. Trainers' callbacks do this for you.
+        """
+        if self._active and self.recorder.recording:
+            self.recorder.capture_param_grads()
 
     def close(self, keep_partial: bool = True) -> None:
         """Remove every hook; keep a recorded step in progress if it saw any forward pass; flush the sinks and

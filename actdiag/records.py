@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import os
     from pathlib import Path
 
 Severity = Literal["info", "warning", "error"]
@@ -288,12 +289,12 @@ class Report:
     findings: tuple[Finding, ...] = ()
     history: History | None = None
 
-    def save_json(self, path: str | Path) -> Path:
+    def save_json(self, path: str | os.PathLike[str]) -> Path:
         from actdiag.reports.json import save_json
 
         return save_json(self, path)
 
-    def save_html(self, path: str | Path) -> Path:
+    def save_html(self, path: str | os.PathLike[str]) -> Path:
         from actdiag.reports.html import save_html
 
         return save_html(self, path)

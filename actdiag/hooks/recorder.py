@@ -320,6 +320,16 @@ class Recorder:
             host = _read_back(pending)
         return self._decode(host, order)
 
+    def capture_param_grads(self) -> None:
+        """Re-read every parameter's current `.grad` (e.g. right before the optimizer step, after AMP unscaling
+        and clipping), replacing the statistics the accumulate hooks took; no-op outside a recorded step."""
+        if not self._recording:
+            return
+        with torch.no_grad():
+            for pname, p in self.params:
+                if p.requires_grad and p.grad is not None:
+                    self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
+
     def abort(self) -> None:
         """Drop the step in progress and remove every hook (used on exit and after errors)."""
         self._remove_hooks()
@@ -509,8 +519,8 @@ class Recorder:
             upd = host.get(("P", pname, "update"))
             ratio = None
             if upd is not None:
-                delta, w0 = float(upd[0][0]), float(upd[0][1])
-                ratio = delta / w0 if w0 > 0 and math.isfinite(w0) else None
+                delta, norm0 = float(upd[0][0]), float(upd[0][1])
+                ratio = delta / norm0 if norm0 > 0 and math.isfinite(norm0) else None
             ps = ParamStats(
                 name=pname,
                 shape=tuple(p.shape),

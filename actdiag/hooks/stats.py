@@ -75,9 +75,11 @@ class _SampleIndex:
         if idx is not None:
             self._cache.move_to_end(key)
             return idx
-        gen = torch.Generator(device="cpu")
+        # Drawn on the target device by a private generator: no host-to-device copy (which would synchronise on
+        # CUDA) and the user's RNG streams are not advanced.
+        gen = torch.Generator(device=device)
         gen.manual_seed(numel * 1_000_003 + cap)
-        idx = torch.randint(0, numel, (cap,), generator=gen).sort().values.to(device)
+        idx = torch.randint(0, numel, (cap,), generator=gen, device=device).sort().values
         self._cache[key] = idx
         if len(self._cache) > self._max:
             self._cache.popitem(last=False)
@@ -134,6 +136,7 @@ def tensor_stats(
         if sync_free is None:
             sync_free = x.device.type != "cpu"
         masked = True
+        fin: torch.Tensor | None
         if not sync_free:
             mn, mx = torch.aminmax(xf)
             masked = not (math.isfinite(float(mn)) and math.isfinite(float(mx)))
@@ -146,16 +149,28 @@ def tensor_stats(
     return torch.cat([head, counts]), meta
 
 
+def _pow2_scale(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, 1/scale): a power of two near `absmax`, so scaling is exact and neither the sum nor the sum of
+    squares can overflow (values ~1e30) or underflow (values ~1e-30) in float32."""
+    e = torch.frexp(absmax).exponent.clamp(-100, 100)
+    one = torch.ones_like(absmax)
+    return torch.ldexp(one, e), torch.ldexp(one, -e)
+
+
 def _moments_fast(
     xf: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
     n = xf.numel()
-    mean = xf.sum() / n
-    d = xf - mean
-    m2 = torch.dot(d, d)
+    scale, inv = _pow2_scale(torch.maximum(mn.abs(), mx.abs()))
+    xs = xf * inv
+    mean_s = xs.sum() / n
+    d = xs.sub_(mean_s)
+    m2_s = torch.dot(d, d)
     zeros = n - torch.count_nonzero(xf)
     count = torch.tensor(float(n), dtype=xf.dtype, device=xf.device)
-    head = torch.stack([count, mean, m2, mn, mx, zeros.to(xf.dtype)]).to(torch.float64)
+    head = torch.stack([count, mean_s, m2_s, mn, mx, zeros.to(xf.dtype)]).to(torch.float64)
+    head[1] *= scale.to(torch.float64)
+    head[2] *= scale.to(torch.float64) ** 2
     return head, mn, mx - mn, None
 
 
@@ -163,19 +178,22 @@ def _moments_masked(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     fin = torch.isfinite(xf)
     count = fin.sum().to(xf.dtype)
     zero = torch.zeros((), dtype=xf.dtype, device=xf.device)
-    mean = torch.where(fin, xf, zero).sum() / count.clamp(min=1)
-    d = torch.where(fin, xf - mean, zero)
-    m2 = torch.dot(d, d)
     mn = torch.where(fin, xf, math.inf).amin()
     mx = torch.where(fin, xf, -math.inf).amax()
+    absmax = torch.where(count > 0, torch.maximum(mn.abs(), mx.abs()), zero)
+    scale, inv = _pow2_scale(absmax)
+    xs = torch.where(fin, xf * inv, zero)
+    mean_s = xs.sum() / count.clamp(min=1)
+    d = torch.where(fin, xs - mean_s, zero)
+    m2_s = torch.dot(d, d)
     zeros = (xf == 0).sum().to(xf.dtype)
-    head = torch.stack([count, mean, m2, mn, mx, zeros]).to(torch.float64)
+    head = torch.stack([count, mean_s, m2_s, mn, mx, zeros]).to(torch.float64)
+    head[1] *= scale.to(torch.float64)
+    head[2] *= scale.to(torch.float64) ** 2
     return head, mn, mx - mn, fin
 
 
-def _histograms(
-    sample: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, bins: int, masked: bool
-) -> torch.Tensor:
+def _histograms(sample: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, bins: int, masked: bool) -> torch.Tensor:
     """Linear (bins) and exponent (N_EXP) counts of `sample`, from one bincount over both index sets."""
     trash = bins + N_EXP
     # Linear bins between the tensor's min and max. A constant tensor (span 0) lands in bin 0; the host places it.

@@ -1,0 +1,191 @@
+"""The statistic kernels against an independent float64 numpy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actdiag.hooks.stats import decode_tensor_stats, saturation_count, tensor_stats, unit_activity
+from actdiag.records import E_LOW
+
+PATHS = [pytest.param(False, id="fast"), pytest.param(True, id="masked")]
+
+
+def compute(x: torch.Tensor, sync_free: bool, **kw):  # noqa: ANN202
+    vec, meta = tensor_stats(x, sync_free=sync_free, **kw)
+    return decode_tensor_stats(vec.cpu().numpy(), meta)
+
+
+def reference(x: torch.Tensor) -> dict[str, float]:
+    a = x.detach().to(torch.float64).numpy().ravel() if x.dtype != torch.bool else x.numpy().ravel().astype(np.float64)
+    fin = a[np.isfinite(a)]
+    ref = {"numel": a.size, "count": fin.size, "nonfinite": a.size - fin.size, "zeros": int((a == 0).sum())}
+    if fin.size:
+        ref.update(mean=fin.mean(), std=fin.std(), min=fin.min(), max=fin.max(), abs_max=np.abs(fin).max())
+        ref["norm"] = float(np.sqrt((fin * fin).sum()))
+    return ref
+
+
+def frexp_exponents(values: np.ndarray) -> np.ndarray:
+    _, e = np.frexp(values.astype(np.float32).astype(np.float64))
+    return np.maximum(e, E_LOW)  # float32 subnormals share the lowest bin
+
+
+def check_against_reference(x: torch.Tensor, sync_free: bool, rtol: float = 1e-5) -> None:
+    s = compute(x, sync_free)
+    ref = reference(x)
+    assert s.numel == ref["numel"]
+    assert s.count == ref["count"]
+    assert s.nonfinite_count == ref["nonfinite"]
+    assert s.zero_count == ref["zeros"]
+    if not ref["count"]:
+        assert math.isnan(s.mean) and math.isnan(s.std)
+        return
+    scale = max(ref["abs_max"], 1e-30)
+    assert s.mean == pytest.approx(ref["mean"], rel=rtol, abs=rtol * scale)
+    assert s.std == pytest.approx(ref["std"], rel=10 * rtol, abs=rtol * scale)
+    assert s.min == ref["min"] and s.max == ref["max"]
+    assert s.abs_max == ref["abs_max"]
+    assert s.norm == pytest.approx(ref["norm"], rel=10 * rtol)
+    # Histograms count every finite value exactly once (no sampling below the cap).
+    assert s.histogram.total == ref["count"]
+    a = x.detach().to(torch.float64).numpy().ravel()
+    fin = a[np.isfinite(a)]
+    nz = fin[fin != 0]
+    assert s.exponents.total == nz.size
+    expected = np.bincount(frexp_exponents(nz) - E_LOW, minlength=len(s.exponents.counts))
+    np.testing.assert_array_equal(np.asarray(s.exponents.counts), expected)
+    edges = np.asarray(s.histogram.edges)
+    if len(edges) > 2:
+        ref_counts, _ = np.histogram(fin, bins=edges)
+        diff = np.abs(np.asarray(s.histogram.counts) - ref_counts).sum()
+        # float32 binning may move a value that sits within rounding of an interior edge to the next bin.
+        width = edges[1] - edges[0]
+        near = np.abs(fin[:, None] - edges[None, 1:-1]) <= 1e-5 * max(width, 1e-30) + 1e-6 * np.abs(fin[:, None])
+        assert diff <= 2 * near.any(axis=1).sum()
+
+
+@pytest.mark.parametrize("sync_free", PATHS)
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.randn(1000), id="normal"),
+        pytest.param(lambda: torch.randn(37, 11) * 1e-20, id="tiny"),
+        pytest.param(lambda: torch.randn(64, 3) * 1e30, id="huge"),
+        pytest.param(lambda: torch.relu(torch.randn(500)), id="relu-zeros"),
+        pytest.param(lambda: torch.full((10,), 3.5), id="constant"),
+        pytest.param(lambda: torch.tensor([2.5]), id="single"),
+        pytest.param(lambda: torch.zeros(7), id="all-zero"),
+        pytest.param(lambda: torch.randn(300, dtype=torch.float64) + 1e3, id="float64-offset"),
+        pytest.param(lambda: torch.randn(2, 3, 4, 5), id="4d"),
+        pytest.param(lambda: torch.tensor([1e-45, -1e-40, 1.0]), id="subnormal"),
+    ],
+)
+def test_finite_tensors_match_reference(make, sync_free: bool) -> None:  # noqa: ANN001
+    check_against_reference(make(), sync_free)
+
+
+@pytest.mark.parametrize("sync_free", PATHS)
+def test_nonfinite_values_are_counted_and_left_out(sync_free: bool) -> None:
+    x = torch.randn(200)
+    x[3] = math.nan
+    x[50] = math.inf
+    x[51] = -math.inf
+    x[120] = 0.0
+    check_against_reference(x, sync_free)
+    s = compute(x, sync_free)
+    assert s.nonfinite_count == 3 and s.count == 197
+
+
+@pytest.mark.parametrize("sync_free", PATHS)
+def test_all_nonfinite_and_empty(sync_free: bool) -> None:
+    for x in (torch.full((5,), math.nan), torch.tensor([math.inf, -math.inf]), torch.empty(0), torch.empty(3, 0)):
+        s = compute(x, sync_free)
+        assert s.count == 0
+        assert s.nonfinite_count == x.numel()
+        assert math.isnan(s.mean) and math.isnan(s.std) and math.isnan(s.abs_max)
+        assert s.histogram.total == 0 and s.exponents.total == 0
+
+
+@pytest.mark.parametrize("sync_free", PATHS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_tensors(dtype: torch.dtype, sync_free: bool) -> None:
+    x = torch.randint(0, 2 if dtype == torch.bool else 100, (123,)).to(dtype)
+    check_against_reference(x, sync_free)
+
+
+@pytest.mark.parametrize("sync_free", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_reduced_in_float32(dtype: torch.dtype, sync_free: bool) -> None:
+    x = (torch.randn(4096) * 100).to(dtype)
+    x[0] = 60000 if dtype == torch.float16 else 1e30
+    # The reference sees exactly the half values; accumulation in float32 keeps the moments accurate.
+    check_against_reference(x, sync_free, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sync_free", PATHS)
+def test_large_tensor_histograms_are_sampled_but_moments_are_exact(sync_free: bool) -> None:
+    x = torch.randn(300_000)
+    rng_before = torch.get_rng_state()
+    s = compute(x, sync_free, sample_cap=10_000)
+    assert torch.equal(torch.get_rng_state(), rng_before), "sampling must not touch the user's RNG"
+    ref = reference(x)
+    assert s.count == ref["count"]
+    assert s.mean == pytest.approx(ref["mean"], abs=1e-5)
+    assert s.std == pytest.approx(ref["std"], rel=1e-5)
+    assert s.min == ref["min"] and s.max == ref["max"]
+    assert s.histogram.sampled and s.exponents.sampled
+    assert s.histogram.total == 10_000 and s.exponents.total == 10_000
+    # A uniform sample: the share in the central bins matches the normal distribution's within sampling error.
+    edges = np.asarray(s.histogram.edges)
+    centre = (edges[:-1] > -1) & (edges[1:] < 1)
+    share = np.asarray(s.histogram.counts)[centre].sum() / 10_000
+    expected = ((x.numpy() > edges[:-1][centre][0]) & (x.numpy() < edges[1:][centre][-1])).mean()
+    assert share == pytest.approx(expected, abs=0.03)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True, width=32),
+            st.sampled_from([0.0, -0.0, 1.0, -1.0]),
+        ),
+        min_size=0,
+        max_size=80,
+    ),
+    st.booleans(),
+)
+def test_random_float32_vectors(values: list[float], sync_free: bool) -> None:
+    check_against_reference(torch.tensor(values, dtype=torch.float32), sync_free, rtol=1e-4)
+
+
+def test_saturation_count_matches_reference() -> None:
+    y = torch.tanh(torch.randn(1000) * 3)
+    got = int(saturation_count(y, -1.0, 1.0, 0.01).item())
+    a = y.double().numpy()
+    assert got == int((np.abs(a) >= 0.99 - 1e-7).sum()) or got == int((np.abs(a) >= 0.99).sum())
+
+
+def test_unit_activity_counts_dead_rare_and_never() -> None:
+    y = torch.relu(torch.randn(200, 6))
+    y[:, 0] = 0  # dead
+    y[:, 1] = 0
+    y[0, 1] = 1.0  # active in 1 of 200 samples: rare (< 1%)
+    ever = torch.zeros(6, dtype=torch.bool)
+    dead, rare, never = unit_activity(y, 1, ever, 0.01).tolist()
+    assert (dead, rare, never) == (1, 2, 1)
+    y2 = torch.relu(torch.randn(200, 6))
+    y2[:, 0] = 5.0
+    y2[:, 2] = 0
+    dead, rare, never = unit_activity(y2, 1, ever, 0.01).tolist()
+    assert dead == 1 and never == 0  # unit 0 came alive, unit 2 was active before
+    conv = torch.relu(torch.randn(4, 3, 5, 5))
+    conv[:, 2] = 0
+    ever_c = torch.zeros(3, dtype=torch.bool)
+    assert unit_activity(conv, 1, ever_c, 0.01).tolist()[0] == 1
