@@ -47,7 +47,7 @@ _HEADER = 2  # payload length, layout checksum
 KIND_STATS = "stats"  # tensor_stats vector; extras: numel, sample_n
 KIND_SUM = "sum"  # counts to add; extras: the number of elements they were counted over
 KIND_UNITS = "units"  # per-unit [active counts..., ever-active mask...]; extras: samples per unit
-KIND_REPLICATED = "replicated"  # identical on every rank (parameters under DDP): rank 0's row
+KIND_REPLICATED = "replicated"  # identical on every rank (parameters under DDP): rank 0's row; the recorder's default
 
 
 def active() -> bool:
@@ -306,7 +306,6 @@ class StepMerger:
             else:
                 out[key] = (vec, meta)
         return out
-
 
 
 def _extras(kind: str, meta: Any) -> tuple[float, ...]:
