@@ -223,7 +223,8 @@ class StepMerger:
     ) -> dict[_Key, tuple[np.ndarray, Any]]:
         """The merged host vectors of this step, keyed like `pending` (in the form `Recorder._decode` reads)."""
         device = self._device()
-        keys = list(pending)
+        # Sorted, so that the layout does not depend on the order in which hooks happened to fire.
+        keys = sorted(pending)
         layout: list[_Entry] = []
         for key in keys:
             vec, meta = pending[key]
@@ -232,8 +233,7 @@ class StepMerger:
         signature = repr([(k, kind, n, len(x)) for k, kind, n, x, _ in layout]).encode()
         checksum = float(zlib.crc32(signature))  # < 2**32: exact in float64, and the same in every process
         extras = np.array([v for e in layout for v in e[3]], dtype=np.float64)
-        parts = [torch.from_numpy(extras).to(device)] + [pending[k][0].reshape(-1).to(device) for k in keys]
-        payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+        payload = torch.cat([torch.from_numpy(extras).to(device), _concat(pending, keys, device)])
         length = payload.numel()
         rows = self._exchange(payload, length, checksum, device)
         lengths, sums = rows[:, 0], rows[:, 1]
@@ -306,6 +306,24 @@ class StepMerger:
             else:
                 out[key] = (vec, meta)
         return out
+
+
+def _concat(pending: Mapping[_Key, tuple[torch.Tensor, Any]], keys: list[_Key], device: torch.device) -> torch.Tensor:
+    """The vectors of `keys`, in that order, on `device`: one copy per source device, not one per vector."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_device.setdefault(pending[key][0].device, []).append(i)
+    pieces: list[torch.Tensor | None] = [None] * len(keys)
+    for idx in by_device.values():
+        flat = torch.cat([pending[keys[i]][0].reshape(-1).to(torch.float64) for i in idx]).to(device)
+        pos = 0
+        for i in idx:
+            n = pending[keys[i]][0].numel()
+            pieces[i] = flat[pos : pos + n]
+            pos += n
+    if not keys:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.cat([p for p in pieces if p is not None])
 
 
 def _extras(kind: str, meta: Any) -> tuple[float, ...]:
