@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from actdiag.errors import TargetError
-from actdiag.hooks.recorder import Selector
+from actdiag.hooks.recorder import Selector, first_tensor
 from actdiag.monitor import Monitor, Sink
 from actdiag.records import Report
 
@@ -43,16 +43,6 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
 
     walk(output)
     return found
-
-
-def _has_tensor(output: Any) -> bool:
-    if isinstance(output, torch.Tensor):
-        return True
-    if isinstance(output, (tuple, list)):
-        return any(_has_tensor(v) for v in output)
-    if isinstance(output, Mapping):
-        return any(_has_tensor(v) for v in output.values())
-    return False
 
 
 def backward_pass(output: Any, inputs: Inputs, loss_fn: LossFn | None, generator: torch.Generator) -> None:
@@ -137,12 +127,17 @@ def inspect(
                     raise
                 except Exception as exc:
                     raise TargetError(f"the model's forward pass raised {type(exc).__name__}: {exc}") from exc
-                if not _has_tensor(output):
+                if first_tensor(output) is None:
                     raise TargetError(f"the model returned {_describe(output)}, not a tensor")
                 backward_pass(output, example_input, loss_fn, generator)
                 if optimizer is not None:
                     optimizer.step()
-                monitor.step()
+                # After the last pass, close the step without beginning another: beginning one measures
+                # every weight again for a step that never runs.
+                if i + 1 < steps:
+                    monitor.step()
+                else:
+                    monitor.end_step()
                 if progress is not None:
                     progress(i + 1, steps)
     finally:

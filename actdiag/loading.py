@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from actdiag.errors import TargetError
+from actdiag.hooks.recorder import first_tensor
 from actdiag.records import Report
 
 Inputs = Any  # a tensor, a tuple/list of positional inputs, or a dict of keyword inputs
@@ -435,16 +436,6 @@ def synthetic_inputs(
     return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def _has_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(_has_tensor(v) for v in value)
-    if isinstance(value, Mapping):
-        return any(_has_tensor(v) for v in value.values())
-    return False
-
-
 def example_inputs(module: ModuleType, spec: TargetSpec, folder: Path | None) -> Inputs | None:
     """What `example_input()` in the file returns (also accepted: a module-level value of that name), checked."""
     if not hasattr(module, "example_input"):
@@ -467,10 +458,10 @@ def example_inputs(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
         value = obj
     ok = isinstance(value, torch.Tensor)
     if isinstance(value, (tuple, list)):
-        ok = len(value) > 0 and _has_tensor(value)
+        ok = len(value) > 0 and first_tensor(value) is not None
         value = tuple(value)
     elif isinstance(value, Mapping):
-        ok = len(value) > 0 and all(isinstance(k, str) for k in value) and _has_tensor(value)
+        ok = len(value) > 0 and all(isinstance(k, str) for k in value) and first_tensor(value) is not None
         value = dict(value)
     if not ok:
         got = f"a {type(value).__name__} with no tensor in it" if isinstance(value, (tuple, dict)) else _describe(value)

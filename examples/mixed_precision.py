@@ -1,16 +1,18 @@
-"""Mixed precision: what float16 would do to a model's activations and gradients, read from exponent histograms.
+"""Mixed precision: float16's range problems, found from exponent histograms, and the fixes that remove them.
 
-    python examples/mixed_precision.py                        # bfloat16 autocast: trains fine
-    python examples/mixed_precision.py --dtype float16        # float16 autocast: the same model overflows to inf
+    python examples/mixed_precision.py                        # float16 autocast: fp16_overflow, fp16_underflow
+    python examples/mixed_precision.py --loss-scaling         # + a GradScaler: the underflow finding goes away
+    python examples/mixed_precision.py --dtype bfloat16       # bfloat16 autocast: no precision finding
+    python examples/mixed_precision.py --scale 2e5            # past the edge: inf, then NaN everywhere (nonfinite)
     python examples/mixed_precision.py --plot docs/images/mixed_precision.png
 
-The model has one layer (`wide`, an unnormalised projection) whose outputs reach ~2**18, past float16's largest
-value 65504; the LayerNorm after it divides by that huge spread, so the gradients reaching `wide` are ~2**-30, below
-float16's smallest subnormal 2**-24. Under bfloat16, which keeps float32's exponent range, both are representable
-and the model trains; under float16 the first step overflows to inf, the optimizer writes NaN into the weights and
-every later step is non-finite. actdiag records, beside each linear histogram, a histogram of powers of two
-(exponents) computed in float32, so these ranges are visible whatever the training dtype, and the precision rules
-report them as `fp16_overflow` / `fp16_underflow` before anyone switches to float16.
+The model has one layer (`wide`, an unnormalised projection) whose outputs reach ~2**15, within one doubling of
+float16's largest value 65504; the LayerNorm after it divides by that large spread, so the gradients reaching `wide`
+are ~2**-21, in float16's subnormal range (below 2**-14, where precision is lost, and near 2**-24, where values
+flush to zero). Beside each linear histogram actdiag keeps a histogram of powers of two (exponents), counted in
+float32 whatever the training dtype; the precision rules read them and report `fp16_overflow` / `fp16_underflow`
+with the fixes (`bf16_autocast`, `loss_scaling`). bfloat16 keeps float32's exponent range, so nothing is reported
+there; loss scaling multiplies the gradients back into float16's normal range.
 `ACTDIAG_EXAMPLE_STEPS` overrides the default number of steps.
 """
 
@@ -24,12 +26,13 @@ import torch
 from torch import nn
 
 import actdiag
-from actdiag.records import E_LOW, FP16_MAX, FP16_MIN_SUBNORMAL_EXP, ExponentHistogram
+from actdiag.records import E_LOW, FP16_MAX, FP16_MIN_NORMAL_EXP, FP16_MIN_SUBNORMAL_EXP, ExponentHistogram
 
-# Exponent e counts 2**(e-1) <= |x| < 2**e. Float16 overflows from 65504 (just under 2**16), so bins e >= 17 overflow
-# and part of bin 16; values below 2**-24 (bins e <= -24) flush to zero.
-OVERFLOW_FROM_EXP = math.frexp(FP16_MAX)[1] + 1
-UNDERFLOW_BELOW_EXP = FP16_MIN_SUBNORMAL_EXP + 1
+# Exponent e counts 2**(e-1) <= |x| < 2**e. Float16's largest value 65504 lies in bin 16, its normal range starts at
+# 2**-14 and values below 2**-24 flush to zero.
+NEAR_MAX_EXP = math.frexp(FP16_MAX)[1]  # bin 16: |x| >= 2**15, within one doubling of the maximum
+SUBNORMAL_BELOW_EXP = FP16_MIN_NORMAL_EXP + 1  # |x| < 2**-14
+UNDERFLOW_BELOW_EXP = FP16_MIN_SUBNORMAL_EXP + 1  # |x| < 2**-24
 
 
 class Net(nn.Module):
@@ -39,7 +42,7 @@ class Net(nn.Module):
         self.act = nn.GELU()
         self.wide = nn.Linear(256, 256)
         with torch.no_grad():
-            self.wide.weight.mul_(scale)  # outputs of order 2**18 at the default scale
+            self.wide.weight.mul_(scale)  # outputs up to ~2**15 at the default scale
         self.norm = nn.LayerNorm(256)
         self.head = nn.Linear(256, 10)
 
@@ -47,12 +50,8 @@ class Net(nn.Module):
         return self.head(self.norm(self.wide(self.act(self.embed(x)))))
 
 
-def overflow_fraction(h: ExponentHistogram | None) -> float:
-    return h.fraction_at_least(OVERFLOW_FROM_EXP) if h is not None else math.nan
-
-
-def underflow_fraction(h: ExponentHistogram | None) -> float:
-    return h.fraction_below(UNDERFLOW_BELOW_EXP) if h is not None else math.nan
+def fraction_subnormal(h: ExponentHistogram | None) -> float:
+    return h.fraction_below(SUBNORMAL_BELOW_EXP) if h is not None else math.nan
 
 
 def exp_range(h: ExponentHistogram | None) -> str:
@@ -69,9 +68,9 @@ def plot(monitor: actdiag.Monitor, path: str, title: str) -> None:
     from matplotlib.colors import LogNorm
 
     layers = [layer for layer in monitor.report().layers if layer.activation is not None]
-    lo, hi = -48, 24
+    lo, hi = -40, 24
     cols = slice(lo - E_LOW, hi - E_LOW + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100, sharey=True, layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.1), dpi=100, sharey=True, layout="constrained")
     for ax, kind in zip(axes, ("activation", "gradient")):
         grid = np.full((len(layers), hi - lo + 1), np.nan)
         for i, layer in enumerate(layers):
@@ -86,11 +85,15 @@ def plot(monitor: actdiag.Monitor, path: str, title: str) -> None:
             norm=LogNorm(1e-4, 1),
             extent=(lo - 0.5, hi + 0.5, len(layers) - 0.5, -0.5),
         )
-        ax.axvspan(lo - 0.5, UNDERFLOW_BELOW_EXP - 0.5, color="tab:blue", alpha=0.12, label="flushes to 0 in fp16")
-        ax.axvspan(OVERFLOW_FROM_EXP - 0.5, hi + 0.5, color="tab:red", alpha=0.12, label="overflows fp16")
+        ax.axvspan(lo - 0.5, UNDERFLOW_BELOW_EXP - 0.5, color="tab:blue", alpha=0.2, label="flushes to 0 in fp16")
+        ax.axvspan(
+            UNDERFLOW_BELOW_EXP - 0.5, SUBNORMAL_BELOW_EXP - 0.5, color="tab:blue", alpha=0.08, label="fp16 subnormal"
+        )
+        ax.axvspan(NEAR_MAX_EXP - 0.5, hi + 0.5, color="tab:red", alpha=0.12, label="within 2x of fp16 max, or past it")
         ax.set(title=f"{kind} magnitudes", xlabel="log2 |value|")
         ax.set_yticks(range(len(layers)), [f"{layer.label} ({layer.type})" for layer in layers])
-    axes[1].legend(loc="upper right", fontsize=8, framealpha=0.9)
+    handles, names = axes[1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     fig.colorbar(im, ax=axes, label="fraction of values", shrink=0.9)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path)
@@ -101,10 +104,10 @@ def main(argv: list[str] | None = None) -> actdiag.Monitor:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=int(os.environ.get("ACTDIAG_EXAMPLE_STEPS", 20)))
     parser.add_argument("--every", type=int, default=5)
-    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="autocast dtype")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="autocast dtype")
+    parser.add_argument("--loss-scaling", action="store_true", help="use a GradScaler (float16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--scale", type=float, default=2e5, help="multiplier on wide.weight (1 = healthy)")
-    parser.add_argument("--loss-weight", type=float, default=1.0, help="multiplier on the loss (1 = healthy)")
+    parser.add_argument("--scale", type=float, default=4e4, help="multiplier on wide.weight (1 = healthy)")
     parser.add_argument("--logdir", help="write TensorBoard event files here")
     parser.add_argument("--plot", help="save a PNG of the per-layer exponent histograms here")
     parser.add_argument("--seed", type=int, default=0)
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> actdiag.Monitor:
     dtype = getattr(torch, args.dtype)
     model = Net(args.scale).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.loss_scaling)
     x = torch.randn(512, 32, device=device)
     y = torch.randint(0, 10, (512,), device=device)
 
@@ -122,25 +126,25 @@ def main(argv: list[str] | None = None) -> actdiag.Monitor:
         for step in range(args.steps):
             idx = torch.randint(0, len(x), (64,), device=device)
             with torch.autocast(device_type=device.type, dtype=dtype):
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx]) * args.loss_weight
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # with loss scaling, every gradient is multiplied by the scale ...
+            scaler.step(optimizer)  # ... and unscaled again before the update
+            scaler.update()
             monitor.step()
             if step % max(args.steps // 4, 1) == 0:
                 print(f"step {step:3d}  loss {loss.item():.3e}")
 
-    print(f"\n{args.dtype} autocast on {device.type}; last recorded step (of {monitor.recorded_steps}):")
-    print(
-        f"{'layer':<6} {'dtype':<9} {'activation range':<16} {'>fp16 max':>9} {'non-finite':>10}   "
-        f"{'gradient range':<16} {'<fp16 min':>9}"
-    )
+    scaling = f", loss scale {scaler.get_scale():g}" if args.loss_scaling else ""
+    print(f"\n{args.dtype} autocast on {device.type}{scaling}; last recorded step (of {monitor.recorded_steps}):")
+    header = ("layer", "dtype", "activations", "max |x|", "non-finite", "gradients", "<2^-14")
+    print("{:<6} {:<9} {:<14} {:>9} {:>10}   {:<14} {:>7}".format(*header))
     for layer in monitor.report().layers:
         a, g = layer.activation, layer.gradient
+        ae, ge = (a.exponents if a else None), (g.exponents if g else None)
         print(
-            f"{layer.label:<6} {layer.dtype:<9} {exp_range(a.exponents if a else None):<16} "
-            f"{overflow_fraction(a.exponents if a else None):9.1%} {a.nonfinite_count if a else 0:>10}   "
-            f"{exp_range(g.exponents if g else None):<16} {underflow_fraction(g.exponents if g else None):9.1%}"
+            f"{layer.label:<6} {layer.dtype:<9} {exp_range(ae):<14} {a.abs_max if a else math.nan:9.3g} "
+            f"{a.nonfinite_count if a else 0:>10}   {exp_range(ge):<14} {fraction_subnormal(ge):7.1%}"
         )
     print(f"\nfindings: {len(monitor.findings)}")
     for f in monitor.findings:

@@ -141,11 +141,11 @@ def tensor_stats(
             mn, mx = torch.aminmax(xf)
             masked = not (math.isfinite(float(mn)) and math.isfinite(float(mx)))
         if masked:
-            head, lo, scale, fin = _moments_masked(xf)
+            head, lo, hi, fin = _moments_masked(xf)
         else:
-            head, lo, scale, fin = _moments_fast(xf, mn, mx)
+            head, lo, hi, fin = _moments_fast(xf, mn, mx)
         sample = xf if sample_n == numel else xf[_SAMPLES.get(numel, sample_cap, x.device)]
-        counts = _histograms(sample, lo, scale, bins, masked)
+        counts = _histograms(sample, lo, hi, bins, masked)
     return torch.cat([head, counts]), meta
 
 
@@ -171,7 +171,7 @@ def _moments_fast(
     head = torch.stack([count, mean_s, m2_s, mn, mx, zeros.to(xf.dtype)]).to(torch.float64)
     head[1] *= scale.to(torch.float64)
     head[2] *= scale.to(torch.float64) ** 2
-    return head, mn, mx - mn, None
+    return head, mn, mx, None
 
 
 def _moments_masked(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,15 +190,19 @@ def _moments_masked(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     head = torch.stack([count, mean_s, m2_s, mn, mx, zeros]).to(torch.float64)
     head[1] *= scale.to(torch.float64)
     head[2] *= scale.to(torch.float64) ** 2
-    return head, mn, mx - mn, fin
+    return head, mn, mx, fin
 
 
-def _histograms(sample: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, bins: int, masked: bool) -> torch.Tensor:
+def _histograms(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, masked: bool) -> torch.Tensor:
     """Linear (bins) and exponent (N_EXP) counts of `sample`, from one bincount over both index sets."""
     trash = bins + N_EXP
     # Linear bins between the tensor's min and max. A constant tensor (span 0) lands in bin 0; the host places it.
-    safe_span = torch.where(span > 0, span, torch.ones_like(span))
-    u = (sample - lo) * (bins / safe_span)
+    # Bin positions in float64: the sample is small (<= sample_cap), and float32 spans can overflow (-3e38..3e38)
+    # or make bins / span overflow (spans near the float32 minimum).
+    lo64 = lo.to(torch.float64)
+    span64 = hi.to(torch.float64) - lo64
+    safe_span = torch.where(span64 > 0, span64, torch.ones_like(span64))
+    u = (sample.to(torch.float64) - lo64) / safe_span * bins
     lin = u.clamp_(0, bins - 1).to(torch.int64)
     s32 = sample.to(torch.float32)
     expo = _exponent_index(s32)

@@ -17,6 +17,13 @@ def missing_extra(extra: str, framework: str, package: str) -> ImportError:
     )
 
 
+def check_every(every: int) -> int:
+    """Fail when the callback is built, not when training starts, on a bad recording interval."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+    return every
+
+
 def summary(monitor: Monitor, findings: Sequence[Finding], logdir: Path | None) -> str:
     """A few lines for the end of training: what was recorded, where it went, the findings in rank order."""
     head = f"actdiag: recorded {monitor.recorded_steps} of {monitor.steps} steps (every {monitor.every})"

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from actdiag.integrations._common import missing_extra, summary
+from actdiag.integrations._common import check_every, missing_extra, summary
 from actdiag.monitor import DEFAULT_EVERY, Monitor, watch
 from actdiag.records import Finding
 
@@ -55,7 +55,7 @@ class ActdiagCallback(TrainerCallback):
         verbose: bool = True,
         **watch_kwargs: Any,
     ) -> None:
-        self.every = every
+        self.every = check_every(every)
         self.tensorboard = tensorboard
         self.verbose = verbose
         self._own_logdir = logdir

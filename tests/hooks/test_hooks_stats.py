@@ -84,6 +84,8 @@ def check_against_reference(x: torch.Tensor, sync_free: bool, rtol: float = 1e-5
         pytest.param(lambda: torch.randn(300, dtype=torch.float64) + 1e3, id="float64-offset"),
         pytest.param(lambda: torch.randn(2, 3, 4, 5), id="4d"),
         pytest.param(lambda: torch.tensor([1e-45, -1e-40, 1.0]), id="subnormal"),
+        pytest.param(lambda: torch.tensor([0.0, 1.1754943508222875e-38]), id="span-at-float32-min"),
+        pytest.param(lambda: torch.tensor([-3e38, 3e38, 0.0]), id="span-overflows-float32"),
     ],
 )
 def test_finite_tensors_match_reference(make, sync_free: bool) -> None:  # noqa: ANN001

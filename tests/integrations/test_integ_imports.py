@@ -48,7 +48,8 @@ import sys
 for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "transformers"):
     sys.modules[name] = None
 import torch
-import actdiag, actdiag.integrations
+import actdiag.integrations._common  # first actdiag import: what the callbacks load, in their order
+import actdiag
 model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
 with actdiag.watch(model, every=1) as monitor:
     model(torch.randn(2, 3)).sum().backward()

@@ -151,3 +151,21 @@ def test_integ_lightning_exception_removes_hooks(tmp_path: Path) -> None:
     assert all(not m._forward_hooks for m in module.modules())
     assert callback.monitor is not None and callback.monitor.recorded_steps == 2
     assert all(math.isfinite(layer.activation.std) for layer in callback.monitor.latest.layers if layer.activation)
+
+
+def test_integ_lightning_float16_grad_scaler_gradients_are_unscaled(tmp_path: Path) -> None:
+    """Float16 AMP with a GradScaler (on CPU here): backward produces gradients multiplied by the loss scale, and
+    Lightning unscales them before on_before_optimizer_step. The recorded weight gradient is the unscaled one."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scale = 1024.0
+    module = Tiny()
+    callback = ActdiagCallback(every=1, tensorboard=False, verbose=False)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+    _fit(module, callback, tmp_path, max_steps=2, plugins=[plugin], num_sanity_val_steps=0)
+    latest = callback.monitor.latest if callback.monitor else None
+    assert latest is not None
+    assert {layer.dtype for layer in latest.layers if layer.type == "Linear"} == {"float16"}
+    recorded = next(p for p in latest.params if p.name == "net.0.weight").grad
+    assert recorded is not None
+    assert recorded.norm == pytest.approx(float(np.linalg.norm(module.seen_grads[-1])), rel=1e-5)
