@@ -64,12 +64,15 @@ def main() -> None:
         path = monitor.report().save_html(Path(tmp) / "report.html")
         render = time.perf_counter() - t
         size = os.path.getsize(path)
+        one = actdiag.inspect(model, x).save_html(Path(tmp) / "inspect.html")
+        one_size = os.path.getsize(one)
 
     print(f"{n_layers} layers, {args.steps} recorded steps, torch {torch.__version__}, {os.cpu_count()} CPUs")
     print(f"TensorBoard on_record (training thread): median {statistics.median(handoff) * 1e6:.0f} us/step")
     print(f"TensorBoard write if synchronous:        median {statistics.median(direct) * 1e3:.1f} ms/step")
     print(f"TensorBoard event file: {ev / 1e3:.0f} kB for {args.steps} steps")
-    print(f"HTML report: {size / 1e3:.0f} kB, rendered in {render:.1f} s")
+    print(f"HTML report of the watch run: {size / 1e3:.0f} kB, rendered in {render:.1f} s")
+    print(f"HTML report of actdiag.inspect (one step): {one_size / 1e3:.0f} kB")
 
 
 if __name__ == "__main__":
