@@ -47,7 +47,7 @@ _HEADER = 2  # payload length, layout checksum
 KIND_STATS = "stats"  # tensor_stats vector; extras: numel, sample_n
 KIND_SUM = "sum"  # counts to add; extras: the number of elements they were counted over
 KIND_UNITS = "units"  # per-unit [active counts..., ever-active mask...]; extras: samples per unit
-KIND_REPLICATED = "replicated"  # identical on every rank (parameters under DDP): rank 0's row
+KIND_REPLICATED = "replicated"  # identical on every rank (parameters under DDP): rank 0's row; the recorder's default
 
 
 def active() -> bool:
@@ -207,6 +207,9 @@ class StepMerger:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def _rank(self) -> int:
+        return int(torch.distributed.get_rank(self.group))
+
     def _gather(self, flat: torch.Tensor) -> np.ndarray:
         world = torch.distributed.get_world_size(self.group)
         out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
@@ -220,7 +223,8 @@ class StepMerger:
     ) -> dict[_Key, tuple[np.ndarray, Any]]:
         """The merged host vectors of this step, keyed like `pending` (in the form `Recorder._decode` reads)."""
         device = self._device()
-        keys = list(pending)
+        # Sorted, so that the layout does not depend on the order in which hooks happened to fire.
+        keys = sorted(pending)
         layout: list[_Entry] = []
         for key in keys:
             vec, meta = pending[key]
@@ -229,8 +233,7 @@ class StepMerger:
         signature = repr([(k, kind, n, len(x)) for k, kind, n, x, _ in layout]).encode()
         checksum = float(zlib.crc32(signature))  # < 2**32: exact in float64, and the same in every process
         extras = np.array([v for e in layout for v in e[3]], dtype=np.float64)
-        parts = [torch.from_numpy(extras).to(device)] + [pending[k][0].reshape(-1).to(device) for k in keys]
-        payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+        payload = torch.cat([torch.from_numpy(extras).to(device), _concat(pending, keys, device)])
         length = payload.numel()
         rows = self._exchange(payload, length, checksum, device)
         lengths, sums = rows[:, 0], rows[:, 1]
@@ -240,7 +243,7 @@ class StepMerger:
                     "ranks recorded different layers or shapes at this step (a rank-dependent forward pass?); "
                     "this step keeps each rank's own statistics"
                 )
-            mine = rows[rank_in(self.group)]
+            mine = rows[self._rank()]
             return self._split_local(mine[_HEADER : _HEADER + length], layout)
         return self._merge_rows(rows[:, _HEADER : _HEADER + length], layout)
 
@@ -305,8 +308,22 @@ class StepMerger:
         return out
 
 
-def rank_in(group: Any) -> int:
-    return int(torch.distributed.get_rank(group))
+def _concat(pending: Mapping[_Key, tuple[torch.Tensor, Any]], keys: list[_Key], device: torch.device) -> torch.Tensor:
+    """The vectors of `keys`, in that order, on `device`: one copy per source device, not one per vector."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_device.setdefault(pending[key][0].device, []).append(i)
+    pieces: list[torch.Tensor | None] = [None] * len(keys)
+    for idx in by_device.values():
+        flat = torch.cat([pending[keys[i]][0].reshape(-1).to(torch.float64) for i in idx]).to(device)
+        pos = 0
+        for i in idx:
+            n = pending[keys[i]][0].numel()
+            pieces[i] = flat[pos : pos + n]
+            pos += n
+    if not keys:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.cat([p for p in pieces if p is not None])
 
 
 def _extras(kind: str, meta: Any) -> tuple[float, ...]:

@@ -142,12 +142,27 @@ class _Plan:
     reinit: tuple[str, ...] = ()  # weight layers to He-initialise along with an activation swap
 
 
+def _wrapped(items: list[str], indent: str = "    ", width: int = 100) -> str:
+    """Comma-separated items, several per line, each line under `width` characters."""
+    lines: list[str] = []
+    line = ""
+    for item in items:
+        piece = f"{item},"
+        if line and len(indent) + len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = piece
+        else:
+            line = f"{line} {piece}" if line else piece
+    if line:
+        lines.append(line)
+    return "\n".join(indent + ln for ln in lines)
+
+
 def _lines_or_loop(exprs: list[str], one: Callable[[str], str]) -> str:
     if len(exprs) <= _MAX_LINES:
         return "\n".join(one(e) for e in exprs)
     body = one("layer").replace("\n", "\n    ")
-    listed = ",\n    ".join(exprs)
-    return f"for layer in (\n    {listed},\n):\n    {body}"
+    return f"for layer in (\n{_wrapped(exprs)}\n):\n    {body}"
 
 
 def _init_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
@@ -221,12 +236,12 @@ def _norm_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
     lines = [f"{module_expr(n)} = nn.Sequential({module_expr(n)}, nn.{k}({f}))" for n, (k, f) in zip(names, kinds)]
     if len(lines) > _MAX_LINES:
         k0, f0 = kinds[0]
-        listed = ",\n    ".join(repr(n) for n in names)
+        listed = _wrapped([repr(n) for n in names])
         feat = "layer.out_channels" if k0.startswith("BatchNorm") and k0 != "BatchNorm1d" else "layer.out_features"
         if k0 == "BatchNorm1d" and ctx.layers[ctx.index[names[0]]].type.startswith("Conv"):
             feat = "layer.out_channels"
         snippet = (
-            f"from torch import nn\n\nfor name in (\n    {listed},\n):\n    layer = model.get_submodule(name)\n"
+            f"from torch import nn\n\nfor name in (\n{listed}\n):\n    layer = model.get_submodule(name)\n"
             f"    model.set_submodule(name, nn.Sequential(layer, nn.{k0}({feat})))"
         )
     else:
@@ -378,17 +393,16 @@ def _plans(f: Finding, ctx: _Context) -> list[_Plan]:
     elif code == "nonfinite":
         if f.evidence.get("float16"):
             plans += [_plain("bf16_autocast", ctx, f), _plain("loss_scaling", ctx, f)]
-        weights_bad = f.evidence.get("weight_nonfinite", 0.0) > 0 or f.layer is None or "parameters" in f.evidence
+        weights_bad = f.evidence.get("weight_nonfinite", 0.0) > 0 or "parameters" in f.evidence
         if f.evidence.get("gradient") or weights_bad:
             plans += [_plain("lower_learning_rate", ctx, f), _plain("gradient_clipping", ctx, f)]
         if not weights_bad:
             plans.append(_plain("check_inputs", ctx, f))
     elif code == "fp16_overflow":
+        # Normalising after the layer would not help: the value overflows in the layer's own output.
         plans += [_plain("bf16_autocast", ctx, f)]
         if f.evidence.get("gradient"):
             plans.append(_plain("gradient_clipping", ctx, f))
-        else:
-            plans.append(_norm_plan(ctx, _reinit_targets(ctx, names) or names, ""))
     elif code == "fp16_underflow":
         if f.evidence.get("gradient"):
             plans += [_plain("loss_scaling", ctx, f), _plain("bf16_autocast", ctx, f)]

@@ -8,7 +8,8 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -264,7 +265,8 @@ class Monitor:
             process_group=process_group,
         )
         # Under torch.distributed every rank records and merges, but only rank 0 writes (logs, reports, sinks).
-        self.is_writer = _dist.rank() == 0
+        # With distributed=False each rank is on its own and writes its own reports.
+        self.is_writer = not self.recorder.distributed or _dist.rank() == 0
         self.handle_sigterm = handle_sigterm
         self.logdir = None
         self.report_json = self.report_html = None
@@ -288,7 +290,7 @@ class Monitor:
         self._active = False
         self._closed = False
         self._broken = False
-        self._prev_sigterm: Any = None
+        self._prev_handlers: dict[int, Any] = {}
         self._findings_cache: tuple[int, tuple[Finding, ...]] | None = None
 
     # ------------------------------------------------------------------ context
@@ -305,7 +307,7 @@ class Monitor:
         if self._closed:
             raise RuntimeError("this monitor was closed; call actdiag.watch(...) again")
         self._active = True
-        self._install_sigterm()
+        self._install_signal_handlers()
         # Without a `with` block nothing else would flush at interpreter exit.
         atexit.register(self._close_at_exit)
         self._begin_if_due()
@@ -313,8 +315,9 @@ class Monitor:
 
     def step(self) -> None:
         """Close the current training step (reading back its statistics if it was recorded), start the next."""
-        self.end_step()
-        self._begin_if_due()
+        with _critical():
+            self.end_step()
+            self._begin_if_due()
 
     def end_step(self) -> None:
         """Close the current training step without beginning the next; `begin_step()` begins it.
@@ -324,9 +327,10 @@ class Monitor:
         """
         if not self._active:
             raise RuntimeError("monitor.step() called outside the watch; use it inside `with actdiag.watch(model)`")
-        if self.recorder.recording:
-            self._finish_recorded()
-        self.steps += 1
+        with _critical():
+            if self.recorder.recording:
+                self._finish_recorded()
+            self.steps += 1
 
     def begin_step(self) -> None:
         """Begin recording the current training step if it is due and not begun yet (safe to call repeatedly)."""
@@ -353,19 +357,22 @@ class Monitor:
         """
         if self._closed:
             return
-        try:
-            if self.recorder.recording:
-                if keep_partial and not self.recorder.distributed:
-                    self._finish_recorded()
-                else:
-                    self.recorder.abort()
-        finally:
-            self.recorder.abort()
-            self._active = False
-            self._closed = True
-            self._restore_sigterm()
-            atexit.unregister(self._close_at_exit)
-            self._flush()
+        with _critical():
+            try:
+                if self.recorder.recording:
+                    if keep_partial and not self.recorder.distributed:
+                        self._finish_recorded()
+                    else:
+                        self.recorder.abort()
+            finally:
+                self.recorder.abort()
+                self._active = False
+                self._closed = True
+                atexit.unregister(self._close_at_exit)
+                try:
+                    self._flush()
+                finally:
+                    self._restore_signal_handlers()
 
     def _flush(self) -> None:
         if not (self.sinks or self.report_json or self.report_html):
@@ -388,28 +395,30 @@ class Monitor:
         self.close(keep_partial=False)
 
     # ------------------------------------------------------------------ signals
-    def _install_sigterm(self) -> None:
-        """Turn SIGTERM into SystemExit while the watch is open, so that `with` blocks unwind and what was
-        recorded is flushed (a plain SIGTERM ends the process without running any Python cleanup). Only when
-        SIGTERM still has its default action: a handler set by the user or a launcher is left alone."""
+    def _install_signal_handlers(self) -> None:
+        """While the watch is open: SIGTERM becomes SystemExit(143), so that `with` blocks unwind and what was
+        recorded is flushed (a plain SIGTERM ends the process without running any Python cleanup); SIGTERM and
+        Ctrl-C arriving while actdiag itself is writing (a sink, a report) take effect right after it, so that
+        the exception never lands inside a half-done write. Only signals still at their default action are
+        taken over: a handler set by the user or a launcher is left alone."""
         if not self.handle_sigterm or threading.current_thread() is not threading.main_thread():
             return
-        try:
-            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-                return
-            self._prev_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_exit)
-        except (ValueError, OSError):  # not the main interpreter, or a platform without SIGTERM
-            self._prev_sigterm = None
+        defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+        for signum, default in defaults.items():
+            try:
+                if signal.getsignal(signum) is default:
+                    self._prev_handlers[signum] = signal.signal(signum, _on_signal)
+            except (ValueError, OSError):  # not the main interpreter, or a platform without the signal
+                pass
 
-    def _restore_sigterm(self) -> None:
-        if self._prev_sigterm is None:
-            return
-        prev, self._prev_sigterm = self._prev_sigterm, None
-        try:
-            if signal.getsignal(signal.SIGTERM) is _sigterm_to_exit:
-                signal.signal(signal.SIGTERM, prev)
-        except (ValueError, OSError):
-            pass
+    def _restore_signal_handlers(self) -> None:
+        handlers, self._prev_handlers = self._prev_handlers, {}
+        for signum, prev in handlers.items():
+            try:
+                if signal.getsignal(signum) is _on_signal:
+                    signal.signal(signum, prev)
+            except (ValueError, OSError):
+                pass
 
     # ------------------------------------------------------------------ results
     @property
@@ -519,9 +528,39 @@ class Monitor:
         )
 
 
-def _sigterm_to_exit(signum: int, frame: Any) -> None:
+# Signals that end the run are held while actdiag itself writes (see Monitor._install_signal_handlers).
+_critical_depth = 0
+_deferred_signal: int | None = None
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     # 128 + signal number is the status a shell reports for a process killed by that signal.
     raise SystemExit(128 + signum)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    global _deferred_signal
+    if _critical_depth:
+        _deferred_signal = signum
+        return
+    _raise_for(signum)
+
+
+@contextmanager
+def _critical() -> Iterator[None]:
+    """A stretch of actdiag's own work (reading back a step, feeding sinks, writing reports) that a signal must
+    not cut in half; a signal that arrives meanwhile is acted on when the outermost stretch ends."""
+    global _critical_depth, _deferred_signal
+    _critical_depth += 1
+    try:
+        yield
+    finally:
+        _critical_depth -= 1
+    if _critical_depth == 0 and _deferred_signal is not None:
+        signum, _deferred_signal = _deferred_signal, None
+        _raise_for(signum)
 
 
 def watch(
@@ -534,6 +573,7 @@ def watch(
     report_json/report_html (written when the watch closes, however it closes: normal exit, exception, Ctrl-C or
     SIGTERM; the paths are checked at once), distributed (None: merge across ranks when torch.distributed is
     initialised; False: each rank on its own), process_group, handle_sigterm (default True: SIGTERM unwinds the
-    `with` block as SystemExit(143) so that what was recorded is flushed).
+    `with` block as SystemExit(143) so that what was recorded is flushed, and SIGTERM or Ctrl-C arriving while
+    actdiag writes takes effect right after the write).
     """
     return Monitor(model, every=every, logdir=logdir, **kwargs)

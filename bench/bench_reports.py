@@ -125,6 +125,15 @@ def bench_reports(layers: int, steps: int, tmp: Path) -> tuple[list[list[str]], 
                 _mb(dir_size(logdir)),
             ]
         )
+        # What on_record would cost the training thread if it wrote synchronously (the writer thread's work per
+        # step), on a few steps.
+        sync = TensorBoardSink(tmp / "tb-sync")
+        few = replay[: min(20, steps)]
+        t_sync, _ = timed(lambda: [sync._write_record(r) for r in few])
+        sync.on_close(report)
+        rows.append(
+            ["TensorBoard: the same write, if synchronous", f"{t_sync:.2f}", f"{t_sync / len(few) * 1e3:.2f}", ""]
+        )
 
     for kind in ("html", "json"):
         path = tmp / f"report.{kind}"
@@ -134,6 +143,11 @@ def bench_reports(layers: int, steps: int, tmp: Path) -> tuple[list[list[str]], 
             notes.append(f"- {kind.upper()} report not available in this checkout ({exc}); row skipped.")
             continue
         rows.append([f"{kind.upper()} report (save_{kind})", f"{t_save:.2f}", "", _mb(path.stat().st_size)])
+    try:  # the one-step report of `actdiag inspect`, for comparison
+        one = actdiag.inspect(model, torch.randn(16, 32)).save_html(tmp / "inspect.html")
+        rows.append(["HTML report of actdiag.inspect (one step)", "", "", _mb(one.stat().st_size)])
+    except (ImportError, NotImplementedError, AttributeError) as exc:
+        notes.append(f"- inspect report not available in this checkout ({exc}); row skipped.")
     return rows, notes
 
 

@@ -210,6 +210,30 @@ class HeReluNet(nn.Sequential):
         return torch.randn(16, self.width, generator=_gen())
 
 
+class LeNet5(nn.Sequential):
+    """Healthy: LeNet-5 with PyTorch's default initialisation. Each layer shrinks the spread ~0.6x, but over five
+    weight layers that is the everyday baseline, not a pathology."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(1, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(256, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, 10),
+        )
+
+    def example_input(self) -> torch.Tensor:
+        return torch.randn(16, 1, 28, 28, generator=_gen())
+
+
 class SmallDefaultMLP(nn.Module):
     """Healthy: the everyday three-layer MLP with PyTorch's default initialisation."""
 
@@ -395,6 +419,25 @@ class SiameseNet(nn.Module):
         return torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g)
 
 
+class ZeroInitHeadNet(nn.Module):
+    """Healthy: an MLP whose classifier head starts at exactly zero (as in ViT): until the first update no gradient
+    reaches the layers behind it, by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
+        self.head = nn.Linear(64, 10)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(16, 20, generator=_gen())
+
+
 class GatedConvNet(nn.Module):
     """Healthy: a 1-D conv net with sigmoid gates (GLU-style) and GroupNorm, the kind of bounded activation that is
     part of the design rather than a mistake."""
@@ -434,6 +477,7 @@ HEALTHY: tuple[type[nn.Module], ...] = (
     XavierTanhNet,
     HeReluNet,
     SmallDefaultMLP,
+    LeNet5,
     DeepBNCNN,
     SmallResNet,
     PreLNTransformer,
@@ -442,6 +486,7 @@ HEALTHY: tuple[type[nn.Module], ...] = (
     TiedEmbeddingLM,
     SiameseNet,
     GatedConvNet,
+    ZeroInitHeadNet,
 )
 
 

@@ -522,11 +522,12 @@ class Recorder:
     def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
         return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free)
 
-    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = _dist.KIND_REPLICATED) -> None:
+    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = "replicated") -> None:
         self._put(key, *self._stats(t), kind)
 
-    def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = _dist.KIND_REPLICATED) -> None:
-        # `kind` says how the entry merges across ranks (actdiag.distributed); parameters are replicated by DDP.
+    def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = "replicated") -> None:
+        # `kind` says how the entry merges across ranks (actdiag.distributed.KIND_*; the default is
+        # KIND_REPLICATED, spelled out because default values are evaluated while the modules import each other).
         self._pending[key] = (vec, meta)
         self._kinds[key] = kind
 
@@ -630,7 +631,16 @@ def _force_eager() -> Any:
     """
     if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
         return None
-    return torch.compiler.set_stance("force_eager")
+    message = (
+        "monitor.step() ran inside a torch.compile'd function, where compiled code cannot be switched to eager; "
+        "call it outside compiled functions"
+    )
+    if torch.compiler.is_compiling():
+        raise RuntimeError(message)
+    try:
+        return torch.compiler.set_stance("force_eager")
+    except RuntimeError as exc:  # "attempted to set_stance in a torch.compile region"
+        raise RuntimeError(message) from exc
 
 
 def _queue_callback(fn: Callable[[], None]) -> None:

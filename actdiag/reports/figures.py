@@ -154,14 +154,19 @@ _SVG_METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.S)
 _SVG_SIZE = re.compile(r'\s(width|height)="[^"]*"')
 # Geometry at 1/100 of a point is finer than any screen; matplotlib writes six decimals. Only these attributes are
 # rounded: text content (layer names) is never touched.
-_GEOMETRY = re.compile(r'(\s(?:d|points)=")([^"]*)"')
+_GEOMETRY = re.compile(r'(\s(?:d|points|x|y|transform)=")([^"]*)"')
+# Each text element repeats the whole font list; the report's stylesheet sets it once for all figures instead.
+_FONT_FAMILY = re.compile(r"\s*font-family:[^;\"]*;?")
+_NO_ROTATE = re.compile(r'\stransform="rotate\(-?0 [^"]*\)"')
 _DECIMALS = re.compile(r"(\d\.\d)\d+")
 _SPACES = re.compile(r"\s*([MLCQZz])\s*|\s+")
 
 
 def _compact_geometry(m: re.Match[str]) -> str:
-    """One geometry attribute at 0.1 pt (a seventh of a pixel at the report's width) with no line breaks: paths
-    of histograms are most of a figure's bytes."""
+    """One geometry attribute (path, position, rotation) at 0.1 pt, a seventh of a pixel at the report's width, with
+    no line breaks: coordinates written to six decimals are most of a figure's bytes."""
+    if "matrix" in m.group(2) or "scale" in m.group(2):
+        return m.group(0)  # image placement: small factors, where one decimal would move pixels
     value = _DECIMALS.sub(r"\1", m.group(2))
     value = _SPACES.sub(lambda s: s.group(1) or " ", value).strip()
     if m.group(1).endswith('d="'):
@@ -218,7 +223,9 @@ def to_svg(fig: Figure, salt: str) -> str:
     svg = _SVG_HEADER.sub("", buf.getvalue(), count=1)
     # The RDF metadata block only names namespaces by URL; without it the page holds no URL but xmlns.
     svg = _SVG_METADATA.sub("", svg, count=1)
+    svg = _NO_ROTATE.sub("", svg)
     svg = _GEOMETRY.sub(_compact_geometry, svg)
+    svg = _FONT_FAMILY.sub("", svg)
     head, sep, rest = svg.partition(">")
     # Never wider than drawn (text stays at its design size), narrower on small screens.
     vb = re.search(r'viewBox="0 0 ([\d.]+) ', head)
@@ -246,20 +253,25 @@ def _log_label(value: float, _pos: object = None) -> str:
 
 
 def _log_axis(ax: Axes, which: str = "y") -> None:
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     axis = ax.yaxis if which == "y" else ax.xaxis
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
     axis.set_major_formatter(FuncFormatter(_log_label))
     lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
-    # Within a decade there may be no labelled power of ten, so the minor ticks carry the numbers.
-    narrow = lo > 0 and hi / lo < 10
-    axis.set_minor_formatter(FuncFormatter(_log_label) if narrow else NullFormatter())
+    # Within two decades there may be one labelled power of ten or none, so 2x and 5x ticks carry numbers too.
+    if lo > 0 and hi / lo < 100:
+        axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        axis.set_minor_formatter(FuncFormatter(_log_label))
+    else:
+        axis.set_minor_formatter(NullFormatter())
 
 
-def _depth_ticks(ax: Axes, labels: Sequence[str], axis: str = "x") -> None:
-    """Label the depth axis with layer names when they fit, else with a few indices."""
+def _depth_ticks(ax: Axes, labels: Sequence[str], axis: str = "x", depths: Sequence[int] | None = None) -> None:
+    """Label the depth axis with layer names when they fit, else with a few depths (1-based positions in the
+    forward order; `depths` gives them when the plotted layers are a subset)."""
     n = len(labels)
+    depth = list(depths) if depths is not None else list(range(1, n + 1))
     if n <= 40:
         ticks = list(range(n))
         names = [_short(lb, 24) for lb in labels]
@@ -271,10 +283,10 @@ def _depth_ticks(ax: Axes, labels: Sequence[str], axis: str = "x") -> None:
         step = max(1, int(math.ceil(n / 12)))
         ticks = list(range(0, n, step))
         if axis == "x":
-            ax.set_xticks(ticks, [str(t + 1) for t in ticks])
-            ax.set_xlabel("layer (depth order)")
+            ax.set_xticks(ticks, [str(depth[t]) for t in ticks])
+            ax.set_xlabel("layer (position in forward order)")
         else:
-            ax.set_yticks(ticks, [f"{t + 1}. {_short(labels[t], 22)}" for t in ticks], fontsize=6)
+            ax.set_yticks(ticks, [f"{depth[t]}. {_short(labels[t], 22)}" for t in ticks], fontsize=6)
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -414,7 +426,7 @@ def unit_fractions(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) ->
         ax.set_ylabel("fraction")
         ax.legend(loc="upper left", frameon=False, ncols=2)
         ax.grid(True, axis="y", alpha=0.3)
-        _depth_ticks(ax, [lb.split(". ", 1)[1] if n > 40 else lb for lb in labels])
+        _depth_ticks(ax, [ly.label for _, ly in rows] if n > 40 else labels, depths=[i + 1 for i, _ in rows])
         for i, (_, ly) in enumerate(rows):
             if ly.label in flagged:
                 ax.axvspan(i - 0.5, i + 0.5, color=ERROR_COLOR, alpha=0.12, linewidth=0)
@@ -510,9 +522,14 @@ def distribution_over_time(history: History, labels: Sequence[str], flagged: Seq
                 if h is not None and h.total > 0:
                     grid[:, j] = rebin(h.edges, h.counts, edges) / h.total
             x_edges = _step_edges(steps)
-            ax.pcolormesh(x_edges, edges, np.sqrt(grid), cmap=cmap, vmin=0, vmax=1, shading="flat")
-            ax.set_xlabel("step")
-            ax.set_ylabel("activation")
+            # rasterized: as vectors every cell would be its own SVG path (steps x bins of them per layer).
+            ax.pcolormesh(x_edges, edges, np.sqrt(grid), cmap=cmap, vmin=0, vmax=1, shading="flat", rasterized=True)
+            # Few ticks and labels on the outer panels only: tick text is most of this figure's SVG.
+            ax.locator_params(axis="both", nbins=4)
+            if k >= len(chosen) - cols:
+                ax.set_xlabel("step")
+            if k % cols == 0:
+                ax.set_ylabel("activation")
         return Rendered(
             to_svg(fig, "time"),
             title="activation distribution over time",

@@ -24,7 +24,7 @@ import queue
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,15 +108,16 @@ def histogram_args(stats: TensorStats) -> dict[str, Any] | None:
     }
 
 
-def custom_scalars_layout(labels: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
-    """One category per scalar family, each split into charts of at most LAYERS_PER_CHART layers in depth order.
+def custom_scalars_layout(series: Mapping[str, Sequence[str]]) -> dict[str, dict[str, list[Any]]]:
+    """One category per scalar family that some layer has, each split into charts of at most LAYERS_PER_CHART
+    layers in depth order. `series` maps a tag prefix (act_std, ...) to the labels of the layers that have it.
 
     Charts name their tags with anchored, escaped regular expressions (TensorBoard matches them as regexes), so a
     layer name with regex characters selects exactly itself.
     """
-    tags = [layer_tag(lb) for lb in labels]
     layout: dict[str, dict[str, list[Any]]] = {}
     for prefix, title in SCALAR_TAGS:
+        tags = [layer_tag(lb) for lb in series.get(prefix, ())]
         charts: dict[str, list[Any]] = {}
         for start in range(0, len(tags), LAYERS_PER_CHART):
             chunk = tags[start : start + LAYERS_PER_CHART]
@@ -125,6 +126,15 @@ def custom_scalars_layout(labels: Sequence[str]) -> dict[str, dict[str, list[Any
         if charts:
             layout[f"actdiag: {title}"] = charts
     return layout
+
+
+def layout_series(layers: Sequence[LayerStats]) -> dict[str, list[str]]:
+    """Which layers have which section-5 scalar, in depth order (a ReLU has no saturation, a Tanh no dead units)."""
+    series: dict[str, list[str]] = {}
+    for layer in layers:
+        for prefix in layer_scalars(layer):
+            series.setdefault(prefix, []).append(layer.label)
+    return series
 
 
 def _md_cell(text: object) -> str:
@@ -179,6 +189,9 @@ class TensorBoardSink:
         self._lock = threading.Lock()
         self.dropped = 0
         self.written_steps = 0
+        # A forked child (a DataLoader worker, say) inherits this object and the open event file, but not the
+        # writer thread: only the process that created the sink may write or close it.
+        self._pid = os.getpid()
         # A watch that is never closed still gets its buffered steps written when the interpreter exits.
         _OPEN.add(self)
 
@@ -186,7 +199,7 @@ class TensorBoardSink:
     def on_record(self, record: StepRecord) -> None:
         """Queue one recorded step; returns at once. Raises the writer thread's error, if it had one."""
         self._raise_if_failed()
-        if self._closed:
+        if self._closed or os.getpid() != self._pid:
             return
         self._ensure_thread()
         try:
@@ -236,6 +249,8 @@ class TensorBoardSink:
                 self._queue.task_done()
 
     def _shutdown(self, report: Report | None = None) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._closed:
                 return
@@ -247,7 +262,7 @@ class TensorBoardSink:
             try:
                 if report is not None and self._error is None:
                     if not self._layout_written and report.layers:
-                        self._write_layout([layer.label for layer in report.layers])
+                        self._write_layout(report.layers)
                     # The findings describe the latest recorded step, so they sit at its step on the text axis.
                     step = report.layers[0].step if report.layers else 0
                     self._add_text(FINDINGS_TAG, findings_markdown(report.findings), step)
@@ -271,15 +286,16 @@ class TensorBoardSink:
 
         self._writer._get_file_writer().add_summary(text_pb(tag, markdown), step)
 
-    def _write_layout(self, labels: Sequence[str]) -> None:
-        self._writer.add_custom_scalars(custom_scalars_layout(labels))
+    def _write_layout(self, layers: Sequence[LayerStats]) -> None:
+        # From the first recorded step: the layout lists each layer under the scalars it has.
+        self._writer.add_custom_scalars(custom_scalars_layout(layout_series(layers)))
         self._layout_written = True
 
     def _write_record(self, record: StepRecord) -> None:
         w = self._writer
         step = record.step
         if not self._layout_written and record.layers:
-            self._write_layout([layer.label for layer in record.layers])
+            self._write_layout(record.layers)
         for layer in record.layers:
             tag = layer_tag(layer.label)
             for kind, stats in (("activations", layer.activation), ("gradients", layer.gradient)):

@@ -91,10 +91,21 @@ def spread_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding
                 evidence["weight_gain"] = geo_mean(wg)
             code = "activation_collapse" if shrinking else "activation_explosion"
             verb = "shrinks" if shrinking else "grows"
+            # The backward pass mirrors the forward one through the same weights: the gradient shrinks (grows)
+            # towards the input as the activations shrink (grow) towards the output. Same root cause, one finding.
+            echo = ""
+            g_first, g_last = first.gradient, last.gradient
+            if g_first is not None and g_last is not None and g_first.count and g_last.count and g_last.rms > 0:
+                evidence["gradient_ratio"] = g_first.rms / g_last.rms
+                if evidence["gradient_ratio"] < 0.1 or evidence["gradient_ratio"] > 10:
+                    echo = (
+                        f" (and so the gradient at layer {first.label} is {fmt(evidence['gradient_ratio'])} times the "
+                        f"one at layer {last.label})"
+                    )
             message = (
                 f"The spread of activations {verb} by {fmt(gain)}x per layer over {len(run)} layers, from std "
                 f"{fmt(run[0].std)} at layer {first.label} to {fmt(run[-1].std)} at layer {last.label}: the "
-                "initialisation does not keep the signal's variance across depth."
+                f"initialisation does not keep the signal's variance across depth{echo}."
             )
             found.append(
                 Finding(

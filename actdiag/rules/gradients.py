@@ -69,6 +69,15 @@ def gradient_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Findi
     start = chain.index(first)
     span = chain[start:-1]
     found: list[Finding] = []
+    # A weight that is exactly zero passes no gradient back (dL/dx = W^T g = 0) until its first update. Zero-
+    # initialised heads and gates (ViT's classifier, ControlNet's zero convolutions, adaLN-zero) do this on purpose,
+    # so a gradient that vanishes behind one is by design, not a vanishing-gradient problem.
+    behind_zero = any(
+        lay.weight is not None and lay.weight.count > 0 and lay.weight.abs_max == 0
+        for lay in layers[layers.index(first) + 1 :]
+    )
+    if behind_zero:
+        return []
     negligible = g_first.rms < t.vanishing_abs_below <= g_last.rms * t.vanishing_ratio_below
     if (norm_ratio < t.vanishing_ratio_below and carried < 1.0 / t.unexplained_ratio) or negligible:
         related = [

@@ -89,11 +89,21 @@ def nonfinite_findings(layers: Sequence[LayerStats], params: Sequence[ParamStats
     if bad:
         p = bad[0]
         owner = p.name.rsplit(".", 1)[0] if "." in p.name else None
-        message = f"Parameter {p.name} holds NaN/Inf values: an earlier update diverged."
+        dtypes = {lay.dtype for lay in layers if lay.weight_name == p.name}
+        in_weight = p.weight.nonfinite_count > 0
+        if in_weight:
+            message = f"Parameter {p.name} holds NaN/Inf values: an earlier update diverged."
+        else:
+            message = (
+                f"The gradient of parameter {p.name} holds NaN/Inf values although the forward pass is finite: "
+                "its accumulation overflows."
+            )
         evidence = {
             "nonfinite_count": float(p.weight.nonfinite_count + _nonfinite(p.grad)),
             "parameters": float(len(bad)),
             "weight_nonfinite": float(p.weight.nonfinite_count),
+            "gradient": 0.0 if in_weight else 1.0,
+            "float16": 1.0 if HALF in dtypes else 0.0,
         }
         return [Finding(code="nonfinite", severity="error", layer=owner, message=message, evidence=evidence)]
     return []
@@ -131,7 +141,7 @@ def fp16_findings(layers: Sequence[LayerStats], history: History | None, t: Thre
             if o > t.fp16_overflow_fraction_above:
                 over.append((layer, which, o, stats.abs_max))
             u = max(h.fraction_below(under_exp) for h in hists)
-            if u > t.fp16_underflow_fraction_above:
+            if u > (t.fp16_underflow_fraction_above if half else t.fp16_underflow_info_fraction_above):
                 under.append((layer, which, u, stats.abs_max))
     found: list[Finding] = []
     for code, hits in (("fp16_overflow", over), ("fp16_underflow", under)):

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from actdiag.records import Finding, History, LayerStats
 from actdiag.rules._common import finite, fmt
 from actdiag.rules.thresholds import Thresholds
 
+SPARSE_UPDATE_TYPES = frozenset({"Embedding", "EmbeddingBag"})
+
 
 def _effective_step_decay(history: History | None, pname: str, t: Thresholds) -> tuple[float, float] | None:
-    """(latest / largest effective step, recorded points) for one parameter, or None without enough history.
+    """(latest / first effective step, recorded points) for one parameter, or None without enough history.
 
     The effective step is ||dW|| / ||grad W|| = update_ratio * ||W|| / ||grad W||: the learning rate the optimizer
     really applied. Plain SGD keeps it constant; AdaGrad divides it by the root of all squared gradients so far.
     A falling update ratio with a steady effective step is convergence (gradients shrink), not a stall.
+
+    The reference is the first recorded step, not the largest value: momentum's effective step spikes whenever the
+    gradient momentarily shrinks under a large velocity, and such a spike is not a learning rate that was lost.
     """
     if history is None:
         return None
@@ -24,12 +28,13 @@ def _effective_step_decay(history: History | None, pname: str, t: Thresholds) ->
         return None
     ratio, wnorm, gnorm = series.get("update_ratio", ()), series.get("weight_norm", ()), series.get("grad_norm", ())
     eff = [
-        r * w / g for r, w, g in zip(ratio, wnorm, gnorm) if finite(r) and finite(w) and finite(g) and g > 0 and r > 0
+        r * w / g
+        for r, w, g in zip(ratio, wnorm, gnorm)
+        if finite(r) and finite(w) and finite(g) and g > 0 and r > 0 and w > 0
     ]
     if len(eff) < t.min_history:
         return None
-    peak = max(eff)
-    return (eff[-1] / peak if peak > 0 else math.nan), float(len(eff))
+    return eff[-1] / eff[0], float(len(eff))
 
 
 def update_findings(layers: Sequence[LayerStats], history: History | None, t: Thresholds) -> list[Finding]:
@@ -46,7 +51,9 @@ def update_findings(layers: Sequence[LayerStats], history: History | None, t: Th
             continue
         # A weight whose gradient is zero does not move whatever the optimizer: that is a dead or detached layer.
         moving_grad = layer.weight_grad is not None and layer.weight_grad.norm > 0
-        if not moving_grad:
+        # An embedding only updates the rows of the tokens in the batch: a small ratio over the whole table is by
+        # design, not a stall.
+        if not moving_grad or layer.type in SPARSE_UPDATE_TYPES:
             continue
         if r < t.update_ratio_below:
             stalled.append((layer, r, None))
@@ -74,7 +81,9 @@ def update_findings(layers: Sequence[LayerStats], history: History | None, t: Th
     if stalled:
         worst, r, decay = min(stalled, key=lambda h: h[1])
         others = f" ({len(stalled) - 1} more layer(s) too)" if len(stalled) > 1 else ""
-        why = f"; the optimizer's effective step has fallen to {fmt(decay)} of its peak" if decay is not None else ""
+        why = ""
+        if decay is not None:
+            why = f"; the optimizer's effective step has fallen to {fmt(decay)} of its first value"
         evidence = {"update_ratio": r, "layers": float(len(stalled))}
         if decay is not None:
             evidence["effective_step_decay"] = decay

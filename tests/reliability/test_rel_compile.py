@@ -91,3 +91,22 @@ def test_rel_compiled_model_on_old_torch_is_a_clear_error(monkeypatch: pytest.Mo
     monkeypatch.delattr(torch.compiler, "set_stance")
     with pytest.raises(TypeError, match="torch.compile"):
         actdiag.watch(compiled)
+
+
+def test_rel_step_inside_a_compiled_function_is_a_clear_warning(dynamo) -> None:  # type: ignore[no-untyped-def]
+    model = _net()
+    x = torch.randn(8, 4)
+    warns = pytest.warns(RuntimeWarning, match="call it outside compiled functions")
+    with warns, actdiag.watch(model, every=2) as monitor:
+
+        @torch.compile(backend=BACKEND)
+        def train_step() -> None:
+            model(x).sum().backward()
+            monitor.step()
+
+        for _ in range(3):
+            train_step()
+            model.zero_grad()
+    assert monitor.recorded_steps == 1  # step 0 (begun before compilation); then recording stopped, training went on
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+    assert all(not m._forward_hooks for m in model.modules())

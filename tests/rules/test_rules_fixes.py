@@ -61,6 +61,7 @@ def run_snippet(model: nn.Module, snippet: str) -> None:
         (CollapsingTanhNet, "activation_collapse", "xavier_init"),
         (CollapsingTanhNet, "activation_collapse", "batchnorm"),
         (DeepXavierReluNet, "activation_collapse", "he_init"),
+        (DeepXavierReluNet, "activation_collapse", "batchnorm"),  # the looped form, via set_submodule
         (SaturatedTanhNet, "saturation", "xavier_init"),
         (DeadReluNet, "dead_relu", "leaky_relu"),
         (DeadReluNet, "dead_relu", "he_init"),

@@ -1,0 +1,146 @@
+"""Regenerate the README's screenshots from a real run (docs/images/report.png, docs/images/tensorboard.png).
+
+    python docs/screenshots.py            # needs chromium; writes into docs/images/
+
+It inspects examples/tanh_mlp.py (the HTML report, with --try-fixes), trains the same model for a few dozen steps
+under actdiag.watch with a logdir, serves that logdir with a real `tensorboard` on 127.0.0.1 and photographs both
+pages with headless Chromium. Everything runs locally; nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "images"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+MAX_BYTES = 300_000
+
+
+def chromium_png(url: str, width: int, height: int, profile: Path, wait_ms: int = 0) -> bytes:
+    shot = profile / "shot.png"
+    args = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile / 'chromium'}",
+        f"--window-size={width},{height}",
+        f"--screenshot={shot}",
+    ]
+    if wait_ms:
+        args.append(f"--virtual-time-budget={wait_ms}")
+    subprocess.run([*args, url], check=True, timeout=180, capture_output=True)
+    return shot.read_bytes()
+
+
+def save_small(png: bytes, path: Path) -> None:
+    """Save as an optimised palette PNG, scaled down until it is under MAX_BYTES."""
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    scale = 1.0
+    while True:
+        size = (int(img.width * scale), int(img.height * scale))
+        buf = io.BytesIO()
+        img.resize(size, Image.LANCZOS).quantize(colors=128, dither=Image.Dither.NONE).save(buf, "PNG", optimize=True)
+        if buf.tell() <= MAX_BYTES or scale < 0.4:
+            break
+        scale *= 0.9
+    path.write_bytes(buf.getvalue())
+    print(f"{path.relative_to(ROOT)}: {size[0]}x{size[1]}, {buf.tell() / 1000:.0f} kB")
+
+
+def train_under_watch(logdir: Path) -> None:
+    import tanh_mlp
+
+    import actdiag
+
+    torch.manual_seed(0)
+    model = tanh_mlp.build_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = tanh_mlp.example_input()
+    y = torch.randint(0, tanh_mlp.CLASSES, (x.shape[0],))
+    with actdiag.watch(model, every=3, logdir=logdir) as monitor:
+        for _ in range(60):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step()
+
+
+def main() -> None:
+    sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+    import tanh_mlp
+
+    import actdiag
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="actdiag-shots-"))
+    try:
+        report = actdiag.inspect(tanh_mlp.build_model(), tanh_mlp.example_input(), try_fixes=True)
+        html = report.save_html(work / "report.html")
+        save_small(chromium_png(html.as_uri(), 1200, 1500, work), OUT / "report.png")
+
+        logdir = work / "runs" / "tanh_mlp"
+        train_under_watch(logdir)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast",
+            "false",
+        ]
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(120):
+                try:
+                    with urllib.request.urlopen(f"{base}/data/plugin/histograms/tags", timeout=5) as r:
+                        if b"activations" in r.read():
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.5)
+            for name, fragment, size in (
+                ("tensorboard.png", "#histograms", (1400, 1000)),
+                ("tensorboard_scalars.png", "#custom_scalars", (1400, 1000)),
+                ("tensorboard_findings.png", "#text", (1400, 600)),
+            ):
+                png = chromium_png(f"{base}/{fragment}", *size, work, wait_ms=15000)
+                save_small(png, OUT / name)
+        finally:
+            server.kill()
+            server.wait(timeout=30)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
