@@ -1,11 +1,14 @@
-"""What both framework callbacks share: the missing-package error and the end-of-training summary."""
+"""What both framework callbacks share: their settings and results, the missing-package error and the
+end-of-training summary."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from actdiag.monitor import Monitor
+from actdiag.monitor import DEFAULT_EVERY, Monitor
 from actdiag.records import Finding
 
 
@@ -22,6 +25,30 @@ def check_every(every: int) -> int:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive integer, got {every!r}")
     return every
+
+
+class CallbackBase:
+    """The settings and results of a framework callback: `.monitor` (the Monitor, closed once training ends),
+    `.logdir` (where TensorBoard files went) and `.findings` (ranked). Framework base classes come after it."""
+
+    def __init__(
+        self,
+        every: int = DEFAULT_EVERY,
+        logdir: str | os.PathLike[str] | None = None,
+        *,
+        tensorboard: bool = True,
+        verbose: bool = True,
+        **watch_kwargs: Any,
+    ) -> None:
+        self.every = check_every(every)
+        self.tensorboard = tensorboard
+        self.verbose = verbose
+        self._own_logdir = logdir
+        self._watch_kwargs = watch_kwargs
+        self.monitor: Monitor | None = None
+        self.logdir: Path | None = None
+        self.findings: tuple[Finding, ...] = ()
+        self._running = False
 
 
 def summary(monitor: Monitor, findings: Sequence[Finding], logdir: Path | None) -> str:

@@ -9,12 +9,10 @@ beside Lightning's own scalars, and into `logdir` (default `<default_root_dir>/a
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from actdiag.integrations._common import check_every, missing_extra, summary
-from actdiag.monitor import DEFAULT_EVERY, Monitor, watch
-from actdiag.records import Finding
+from actdiag.integrations._common import CallbackBase, missing_extra, summary
+from actdiag.monitor import watch
 
 try:
     import lightning.pytorch as pl
@@ -27,7 +25,7 @@ except ImportError:  # the older standalone distribution has the same API under 
         raise missing_extra("lightning", "Lightning", "lightning") from exc
 
 
-class ActdiagCallback(pl.Callback):
+class ActdiagCallback(CallbackBase, pl.Callback):
     """Watch the LightningModule during `fit`; `.findings` holds the ranked findings once training ends, and
     `.monitor` the closed Monitor (`.monitor.report()`, `.monitor.save_json(path)`, `.monitor.history`).
 
@@ -35,25 +33,7 @@ class ActdiagCallback(pl.Callback):
     bins, track_updates, strict, ...). `verbose` prints the findings at the end of training on rank zero.
     """
 
-    def __init__(
-        self,
-        every: int = DEFAULT_EVERY,
-        logdir: str | os.PathLike[str] | None = None,
-        *,
-        tensorboard: bool = True,
-        verbose: bool = True,
-        **watch_kwargs: Any,
-    ) -> None:
-        self.every = check_every(every)
-        self.tensorboard = tensorboard
-        self.verbose = verbose
-        self._own_logdir = logdir
-        self._watch_kwargs = watch_kwargs
-        self.monitor: Monitor | None = None
-        self.logdir: Path | None = None
-        self.findings: tuple[Finding, ...] = ()
-        self._stepped = False
-        self._running = False
+    _stepped = False  # set by the first training batch of an optimizer step
 
     def _choose_logdir(self, trainer: pl.Trainer) -> str | os.PathLike[str] | None:
         # Only rank zero writes; other ranks still record (their statistics are merged under DDP).

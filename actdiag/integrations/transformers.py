@@ -13,9 +13,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from actdiag.integrations._common import check_every, missing_extra, summary
-from actdiag.monitor import DEFAULT_EVERY, Monitor, watch
-from actdiag.records import Finding
+from actdiag.integrations._common import CallbackBase, missing_extra, summary
+from actdiag.monitor import watch
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -38,32 +37,13 @@ def _tensorboard_dir(args: TrainingArguments) -> str | None:
     return str(max(runs, key=lambda d: d.stat().st_mtime)) if runs else None
 
 
-class ActdiagCallback(TrainerCallback):
+class ActdiagCallback(CallbackBase, TrainerCallback):
     """Watch the Trainer's model; `.findings` holds the ranked findings once training ends, and `.monitor` the
     closed Monitor (`.monitor.report()`, `.monitor.save_json(path)`, `.monitor.history`).
 
     `tensorboard=False` writes no event files. Other keyword arguments go to `actdiag.watch` (include, exclude,
     bins, track_updates, strict, ...). `verbose` prints the findings at the end of training on the main process.
     """
-
-    def __init__(
-        self,
-        every: int = DEFAULT_EVERY,
-        logdir: str | os.PathLike[str] | None = None,
-        *,
-        tensorboard: bool = True,
-        verbose: bool = True,
-        **watch_kwargs: Any,
-    ) -> None:
-        self.every = check_every(every)
-        self.tensorboard = tensorboard
-        self.verbose = verbose
-        self._own_logdir = logdir
-        self._watch_kwargs = watch_kwargs
-        self.monitor: Monitor | None = None
-        self.logdir: Path | None = None
-        self.findings: tuple[Finding, ...] = ()
-        self._running = False
 
     def _choose_logdir(self, args: TrainingArguments, state: TrainerState) -> str | os.PathLike[str] | None:
         # Only the main process writes; the others still record (their statistics are merged under DDP).
