@@ -23,6 +23,7 @@ import pickle
 import random
 import re
 import sys
+import sysconfig
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ DTYPES: Mapping[str, torch.dtype] = {
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"{_IDENT}(\.{_IDENT})*")
 _ACTDIAG_DIR = Path(__file__).resolve().parent
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 _counter = itertools.count()
 
 
@@ -136,6 +138,8 @@ def _is_user_file(filename: str, folder: Path | None) -> bool:
         return False
     f = Path(filename).resolve()
     if _ACTDIAG_DIR in f.parents or "site-packages" in f.parts or "dist-packages" in f.parts:
+        return False
+    if _STDLIB in f.parents:
         return False
     return folder is None or folder in f.parents
 
