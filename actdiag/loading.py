@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.loss import _Loss
 
 from actdiag.errors import TargetError
 from actdiag.records import Report
@@ -179,14 +180,16 @@ class _UserCode:
         self.names: list[str] = []
 
     def __enter__(self) -> _UserCode:
-        self._path = list(sys.path)
-        self._argv = list(sys.argv)
+        # Keep the list objects as well as their contents: the user's code may replace them, not only edit them.
+        self._path_obj, self._path = sys.path, list(sys.path)
+        self._argv_obj, self._argv = sys.argv, list(sys.argv)
         self._modules = set(sys.modules)
         sys.path.insert(0, str(self.folder) if self.folder is not None else os.getcwd())
         sys.argv = [self.argv0]
         return self
 
     def __exit__(self, *exc: object) -> None:
+        sys.path, sys.argv = self._path_obj, self._argv_obj
         sys.path[:] = self._path
         sys.argv[:] = self._argv
         for name in self.names:
@@ -278,7 +281,12 @@ def _needs_args(obj: Any) -> list[str] | None:
 
 
 def _is_module_class(v: Any) -> bool:
-    return isinstance(v, type) and issubclass(v, nn.Module)
+    return isinstance(v, type) and issubclass(v, nn.Module) and not issubclass(v, _Loss)
+
+
+def _is_model_instance(v: Any) -> bool:
+    # A module-level `criterion = nn.CrossEntropyLoss()` is an nn.Module too, but never the model to inspect.
+    return isinstance(v, nn.Module) and not isinstance(v, _Loss)
 
 
 def _materialize(obj: Any, label: str, folder: Path | None) -> nn.Module:
@@ -352,7 +360,7 @@ def discover_model(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
     if isinstance(candidate, nn.Module):
         return candidate, "model"
     names = _public(module)
-    instances = [n for n in names if isinstance(getattr(module, n), nn.Module)]
+    instances = [n for n in names if _is_model_instance(getattr(module, n))]
     classes = [
         n
         for n in names

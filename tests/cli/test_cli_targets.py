@@ -75,6 +75,8 @@ def test_discovery_order(write, run, tmp_path) -> None:
     assert _params(run, write("c.py", base + "\nmodel = nn.Linear(10, 4)\n"), tmp_path) == 44
     assert _params(run, write("d.py", base + "\nnet = Net()\n"), tmp_path) == 325  # the only instance wins
     assert _params(run, write("e.py", NET + INPUT), tmp_path) == 325  # the only class that needs no arguments
+    # a loss module at module level is not a candidate model
+    assert _params(run, write("f.py", NET + INPUT + "\nnet = Net()\ncriterion = nn.MSELoss()\n"), tmp_path) == 325
 
 
 def test_ambiguous_models_are_listed(write, run) -> None:
@@ -197,15 +199,20 @@ def test_imported_like_python_model_py(write, run, tmp_path) -> None:
     def example_input():
         return torch.randn(2, 3)
 
+    sys.argv = ["replaced"]  # replacing the lists, not only editing them, is undone too
+    sys.path = list(sys.path) + ["elsewhere"]
+
     if __name__ == "__main__":
         raise SystemExit("the __main__ block ran")
     """
     target = write("model.py", source, folder=folder)
     path_before, argv_before = list(sys.path), list(sys.argv)
+    path_obj, argv_obj = sys.path, sys.argv
     out = tmp_path / "r.json"
     result = run(target, "--json", out)
     assert result.exit_code == 0, result.stderr
     assert read_json(out)["model"]["parameters"] == 3 * 7 + 7
     assert sys.path == path_before and sys.argv == argv_before
+    assert sys.path is path_obj and sys.argv is argv_obj
     assert sibling not in sys.modules
     assert not any(name.startswith("_actdiag_target_") for name in sys.modules)
