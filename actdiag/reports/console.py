@@ -20,7 +20,7 @@ from actdiag.records import Finding, Fix, Report
 SEVERITY_COLOR = {"error": "red", "warning": "yellow", "info": "cyan"}
 _ANSI = {"red": "31", "yellow": "33", "cyan": "36", "green": "32", "bold": "1", "dim": "2"}
 DEFAULT_WIDTH = 100
-MAX_SNIPPETS = 3
+MAX_SNIPPETS = 2
 
 
 def use_color(stream: IO[Any] | None) -> bool:
