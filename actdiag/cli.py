@@ -55,10 +55,15 @@ REPORT_BUG = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, "-V", "--version", prog_name="actdiag")
 def cli() -> None:
-    """actdiag: find why a PyTorch network does not train (vanishing gradients, saturation, dead ReLUs, ...)."""
+    """actdiag: find why a PyTorch network does not train (vanishing gradients, saturation, dead ReLUs, ...).
+
+    `actdiag inspect model.py` executes model.py as Python, like `python model.py` would (without its
+    `if __name__ == "__main__":` block), runs the model it defines on example inputs, and reports what looks wrong
+    with its activations and gradients, with fixes. See `actdiag inspect --help`.
+    """
 
 
 # ----------------------------------------------------------------------------------------------- option parsing
@@ -219,8 +224,10 @@ Examples:
     "input_dtypes",
     multiple=True,
     type=click.Choice(INPUT_DTYPES),
-    help="Dtype of the --input-shape inputs (default float32): once for all, or once per input. Integer "
-    "inputs (e.g. long token ids) are drawn from --input-range, else from the model's first nn.Embedding.",
+    metavar="DTYPE",
+    help="Dtype of the --input-shape inputs: float32 (default), float64, float16, bfloat16, long (int64), int32, "
+    "int16, int8, uint8, bool; once for all inputs, or once per input. Integer inputs (e.g. token ids) are drawn "
+    "from --input-range, else from [0, vocabulary size) of the model's first nn.Embedding.",
 )
 @click.option(
     "--input-range",
