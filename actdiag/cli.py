@@ -101,14 +101,16 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _check_output_path(path: str | None, option: str) -> None:
+def _check_output_path(path: str | None, option: str, folder: bool = False) -> None:
     """Fail before running (exit 2) when a report could not be written later; creates nothing."""
     if path is None or path == "-":
         return
     p = Path(path)
-    if p.is_dir():
+    if not folder and p.is_dir():
         raise click.BadParameter(f"{path!r} is a directory; give a file name", param_hint=option)
-    parent = p.parent
+    if folder and p.exists() and not p.is_dir():
+        raise click.BadParameter(f"{path!r} is a file, not a folder", param_hint=option)
+    parent = p if folder and p.is_dir() else p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -131,8 +133,7 @@ class _Outputs:
         _check_output_path(self.json_path, "--json")
         _check_output_path(self.html_path, "--html")
         if self.logdir is not None:
-            if self.logdir.exists() and not self.logdir.is_dir():
-                raise click.BadParameter(f"{str(self.logdir)!r} is a file, not a folder", param_hint="--logdir")
+            _check_output_path(str(self.logdir), "--logdir", folder=True)
             self._logdir_existed = self.logdir.exists()
             if self._logdir_existed:
                 self._before = set(self.logdir.rglob("*"))

@@ -188,6 +188,18 @@ def test_unwritable_report_path_fails_before_running(write, run, tmp_path, optio
     assert not ran.exists()
 
 
+def test_bad_logdir_fails_before_running(write, run, tmp_path) -> None:
+    ran = tmp_path / "ran"
+    target = write("model.py", SOURCE.replace("def example_input", f"open({str(ran)!r}, 'w')\ndef example_input"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = run(target, "--logdir", afile)
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+    result = run(target, "--logdir", afile / "sub")
+    assert result.exit_code == 2 and "cannot be written" in result.stderr
+    assert not ran.exists()
+
+
 def test_internal_error_exits_3_and_asks_for_a_report(write, run, monkeypatch) -> None:
     def broken(layers, params=(), history=None):
         raise ZeroDivisionError("bug in a rule")
