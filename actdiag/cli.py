@@ -278,7 +278,7 @@ def inspect_command(
     user_stdout = contextlib.redirect_stdout(sys.stderr) if json_path == "-" else contextlib.nullcontext()
     try:
         with user_stdout:
-            report, notes = _run(
+            report, notes, source = _run(
                 target,
                 load={
                     "input_shapes": input_shapes,
@@ -310,7 +310,7 @@ def inspect_command(
         for note in notes:
             click.echo(f"actdiag: note: {note}", err=True)
     click.echo(
-        format_summary(report, width=terminal_width(summary), color=use_color(summary), quiet=quiet),
+        format_summary(report, width=terminal_width(summary), color=use_color(summary), quiet=quiet, source=source),
         file=summary,
         color=use_color(summary),
     )
@@ -345,7 +345,7 @@ def _run(
     try_fixes: bool,
     logdir: str | None,
     progress_stream: Any,
-) -> tuple[Report, tuple[str, ...]]:
+) -> tuple[Report, tuple[str, ...], str]:
     from actdiag.loading import make_optimizer, open_target, run_inspect
     from actdiag.reports.console import ProgressBar
 
@@ -361,7 +361,7 @@ def _run(
                 logdir=logdir,
                 progress=bar,
             )
-            return report, t.notes
+            return report, t.notes, f"{t.spec.where}: {t.found_as}"
     finally:
         if bar is not None:
             bar.close()

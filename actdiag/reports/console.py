@@ -213,13 +213,17 @@ def fix_snippets(findings: Sequence[Finding], limit: int = MAX_SNIPPETS, color: 
     return "\n\n".join(blocks)
 
 
-def format_summary(report: Report, *, width: int = DEFAULT_WIDTH, color: bool = False, quiet: bool = False) -> str:
+def format_summary(
+    report: Report, *, width: int = DEFAULT_WIDTH, color: bool = False, quiet: bool = False, source: str = ""
+) -> str:
     """The whole terminal summary: a header, the findings table, fix snippets, and the verdict last (so it is the
-    line a reader sees at the bottom of a CI log). `quiet` keeps only the verdict."""
+    line a reader sees at the bottom of a CI log). `source` says where the model came from, e.g.
+    "model.py: build_model()". `quiet` keeps only the verdict."""
     if quiet:
         return verdict(report, color)
     params = f"{report.model.parameters:,} parameters"
-    head = _paint(f"actdiag: {report.model.name}", "bold", color) + f" ({params}, on {report.run.device})"
+    origin = f" from {source}" if source else ""
+    head = _paint(f"actdiag: {report.model.name}", "bold", color) + f"{origin} ({params}, on {report.run.device})"
     parts = [head]
     if report.findings:
         parts.append(findings_table(report.findings, width=width, color=color))

@@ -22,8 +22,22 @@ def test_file_target_with_build_model_runs_and_writes_json(write, run, tmp_path:
     assert doc["model"]["name"] == "Net"
     assert [item["name"] for item in doc["layers"]] == ["fc1", "act", "fc2"]
     assert layer(doc, "fc1")["activation"]["count"] == 4 * 20
+    assert result.stdout.splitlines()[0].startswith(f"actdiag: Net from {target}: build_model() (325 parameters")
     assert "verdict:" in result.stdout
     assert result.stderr.strip().endswith(f"wrote {out}")
+
+
+def test_inspect_target_from_python(write) -> None:
+    """The library entry the command uses: no click, no exit, a Report back (and TargetError on bad files)."""
+    from actdiag.errors import TargetError
+    from actdiag.loading import inspect_target
+
+    target = write("model.py", NET + INPUT)
+    report, loaded = inspect_target(str(target), steps=2)
+    assert loaded.found_as == "Net()" and report.run.steps == 2
+    assert [layer.name for layer in report.layers] == ["fc1", "act", "fc2"]
+    with pytest.raises(TargetError, match="does not exist"):
+        inspect_target(str(target) + "x")
 
 
 @pytest.mark.parametrize(
