@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -297,6 +297,7 @@ def inspect_command(
                 progress_stream=None if quiet else err,
             )
         outputs.write(report)
+        _show(report, notes, source, summary=summary, json_stdout=json_path == "-", quiet=quiet)
     except KeyboardInterrupt:
         outputs.cleanup()
         click.echo("actdiag: interrupted", err=True)
@@ -304,26 +305,27 @@ def inspect_command(
     except Exception as exc:
         outputs.cleanup()
         _fail(exc, debug)
-    from actdiag.reports.console import format_summary, terminal_width, use_color
-
-    if not quiet:
-        for note in notes:
-            click.echo(f"actdiag: note: {note}", err=True)
-    click.echo(
-        format_summary(report, width=terminal_width(summary), color=use_color(summary), quiet=quiet, source=source),
-        file=summary,
-        color=use_color(summary),
-    )
-    if json_path == "-":
-        from actdiag.reports.json import dumps
-
-        click.echo(dumps(report), nl=False)
     if not quiet:
         for p in outputs.written:
             click.echo(f"actdiag: wrote {p}", err=True)
         if logdir is not None:
             click.echo(f"actdiag: TensorBoard logs in {logdir} (tensorboard --logdir {logdir})", err=True)
     sys.exit(exit_status(report, fail_on))
+
+
+def _show(report: Report, notes: Sequence[str], source: str, *, summary: Any, json_stdout: bool, quiet: bool) -> None:
+    from actdiag.reports.console import format_summary, terminal_width, use_color
+
+    if not quiet:
+        for note in notes:
+            click.echo(f"actdiag: note: {note}", err=True)
+    color = use_color(summary)
+    text = format_summary(report, width=terminal_width(summary), color=color, quiet=quiet, source=source)
+    click.echo(text, file=summary, color=color)
+    if json_stdout:
+        from actdiag.reports.json import dumps
+
+        click.echo(dumps(report), nl=False)
 
 
 def exit_status(report: Report, fail_on: str) -> int:
@@ -367,7 +369,7 @@ def _run(
             bar.close()
 
 
-def _fail(exc: Exception, debug: bool) -> None:
+def _fail(exc: Exception, debug: bool) -> NoReturn:
     from actdiag.errors import ActdiagError
 
     if debug:

@@ -214,6 +214,19 @@ def test_internal_error_exits_3_and_asks_for_a_report(write, run, monkeypatch) -
     assert result.exit_code == 3 and "Traceback" in result.stderr
 
 
+def test_a_crash_while_printing_is_internal_and_removes_reports(write, run, tmp_path, monkeypatch) -> None:
+    import actdiag.reports.console as console
+
+    def broken(*args, **kwargs):
+        raise KeyError("column")
+
+    monkeypatch.setattr(console, "format_summary", broken)
+    out = tmp_path / "r.json"
+    result = run(write("model.py", SOURCE), "--json", out)
+    assert result.exit_code == 3 and "internal error: KeyError" in result.stderr
+    assert not out.exists()
+
+
 def test_failure_inside_actdiag_hooks_is_internal_not_the_users(write, run, monkeypatch) -> None:
     """The recorder's hooks run inside the user's forward pass; their failure must not be blamed on the model."""
     import actdiag.hooks.recorder as recorder
