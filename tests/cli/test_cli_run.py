@@ -122,7 +122,8 @@ def test_summary_is_plain_when_piped(write, run, one_finding) -> None:
     assert "\x1b[" not in result.stdout and "\x1b[" not in result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("verdict: 1 error in Net")
-    assert "initialise fc1 with Xavier" in result.stdout
+    assert "fc1 (Linear)" in result.stdout and "initialise fc1" in result.stdout
+    assert "fix for vanishing_gradient at fc1 (xavier_init):" in result.stdout
     assert "nn.init.xavier_uniform_(m.fc1.weight)" in result.stdout
     quiet = run(write("model.py", SOURCE), "--quiet")
     assert quiet.stdout.strip().splitlines() == [lines[-1]]
