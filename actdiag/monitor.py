@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,8 +15,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from actdiag import distributed as _dist
 from actdiag._version import __version__
-from actdiag.hooks.recorder import Recorder, Selector
+from actdiag.errors import ReportPathError
+from actdiag.hooks.recorder import Recorder, Selector, unwrap_model
 from actdiag.hooks.stats import DEFAULT_BINS, DEFAULT_SAMPLE_CAP
 from actdiag.records import (
     ExponentHistogram,
@@ -177,7 +182,10 @@ class HistoryBuffer:
 
 
 def check_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
-    """Create `path` if needed and prove it is writable now, so a bad path fails at start, not hours later."""
+    """Create `path` if needed and prove it is writable now, so a bad path fails at start, not hours later.
+
+    Raises ReportPathError (a ValueError) naming the path.
+    """
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -185,7 +193,18 @@ def check_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"{what} {str(p)!r} is not writable: {exc.strerror or exc}") from None
+        raise ReportPathError(f"{what} {str(p)!r} is not writable: {exc.strerror or exc}") from None
+    return p
+
+
+def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:
+    """Prove now that a report can later be written at `path` (its folder is created if needed)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ReportPathError(f"{what} {str(p)!r} is a directory, not a file path")
+    check_writable_dir(p.parent, f"the folder of {what} {str(p)!r},")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ReportPathError(f"{what} {str(p)!r} is not writable: permission denied")
     return p
 
 
@@ -219,13 +238,18 @@ class Monitor:
         strict: bool = False,
         sinks: Sequence[Sink] = (),
         name: str | None = None,
+        report_json: str | os.PathLike[str] | None = None,
+        report_html: str | os.PathLike[str] | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
+        handle_sigterm: bool = True,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        self.model = model
+        self.model = unwrap_model(model)
         self.every = every
         self.strict = strict
-        self.name = name or type(model).__name__
+        self.name = name or type(self.model).__name__
         self._warned: set[str] = set()
         self.recorder = Recorder(
             model,
@@ -236,9 +260,23 @@ class Monitor:
             track_weights=track_weights,
             track_updates=track_updates,
             on_error=None if strict else self._fault,
+            distributed=distributed,
+            process_group=process_group,
         )
-        self.logdir = check_writable_dir(logdir, "logdir") if logdir is not None else None
-        self.sinks: list[Sink] = list(sinks)
+        # Under torch.distributed every rank records and merges, but only rank 0 writes (logs, reports, sinks).
+        self.is_writer = _dist.rank() == 0
+        self.handle_sigterm = handle_sigterm
+        self.logdir = None
+        self.report_json = self.report_html = None
+        self.sinks: list[Sink] = list(sinks) if self.is_writer else []
+        if self.is_writer:
+            # Checked now so that a bad path fails here, naming it, and not when the run ends hours later.
+            if logdir is not None:
+                self.logdir = check_writable_dir(logdir, "logdir")
+            if report_json is not None:
+                self.report_json = check_writable_file(report_json, "report_json")
+            if report_html is not None:
+                self.report_html = check_writable_file(report_html, "report_html")
         if self.logdir is not None:
             from actdiag.reports.tensorboard import TensorBoardSink
 
@@ -249,6 +287,8 @@ class Monitor:
         self.recorded_steps = 0
         self._active = False
         self._closed = False
+        self._broken = False
+        self._prev_sigterm: Any = None
         self._findings_cache: tuple[int, tuple[Finding, ...]] | None = None
 
     # ------------------------------------------------------------------ context
@@ -265,25 +305,57 @@ class Monitor:
         if self._closed:
             raise RuntimeError("this monitor was closed; call actdiag.watch(...) again")
         self._active = True
+        self._install_sigterm()
+        # Without a `with` block nothing else would flush at interpreter exit.
+        atexit.register(self._close_at_exit)
         self._begin_if_due()
         return self
 
     def step(self) -> None:
         """Close the current training step (reading back its statistics if it was recorded), start the next."""
+        self.end_step()
+        self._begin_if_due()
+
+    def end_step(self) -> None:
+        """Close the current training step without beginning the next; `begin_step()` begins it.
+
+        For framework callbacks: trainers run evaluation between training steps, and between `end_step()` and
+        `begin_step()` no hook is attached, so those passes are not mistaken for part of a training step.
+        """
         if not self._active:
             raise RuntimeError("monitor.step() called outside the watch; use it inside `with actdiag.watch(model)`")
         if self.recorder.recording:
             self._finish_recorded()
         self.steps += 1
-        self._begin_if_due()
+
+    def begin_step(self) -> None:
+        """Begin recording the current training step if it is due and not begun yet (safe to call repeatedly)."""
+        if not self._active:
+            raise RuntimeError("monitor.begin_step() called outside the watch")
+        if not self.recorder.recording:
+            self._begin_if_due()
+
+    def read_gradients(self) -> None:
+        """Read every parameter's `.grad` now, replacing what was seen while gradients accumulated.
+
+        Call it right before `optimizer.step()` when gradients change after backward: accumulated over
+        micro-batches, unscaled by an AMP grad scaler, clipped. Trainers' callbacks do this for you.
+        """
+        if self._active and self.recorder.recording:
+            self.recorder.capture_param_grads()
 
     def close(self, keep_partial: bool = True) -> None:
-        """Remove every hook; keep a recorded step in progress if it saw any forward pass; flush the sinks."""
+        """Remove every hook; keep a recorded step in progress if it saw any forward pass; flush the sinks and
+        write `report_json`/`report_html`. Runs on normal exit, on an exception, on Ctrl-C and on SIGTERM.
+
+        Under torch.distributed a step in progress is dropped: finishing it takes a collective, and ranks that
+        leave the loop differently (one by an exception) would wait on each other forever.
+        """
         if self._closed:
             return
         try:
             if self.recorder.recording:
-                if keep_partial:
+                if keep_partial and not self.recorder.distributed:
                     self._finish_recorded()
                 else:
                     self.recorder.abort()
@@ -291,10 +363,53 @@ class Monitor:
             self.recorder.abort()
             self._active = False
             self._closed = True
-            if self.sinks:
-                report = self.report()
-                for sink in self.sinks:
-                    self._guarded_sink("sink", sink.on_close, report)
+            self._restore_sigterm()
+            atexit.unregister(self._close_at_exit)
+            self._flush()
+
+    def _flush(self) -> None:
+        if not (self.sinks or self.report_json or self.report_html):
+            return
+        try:
+            report = self.report()
+        except Exception as exc:  # noqa: BLE001 - what was recorded so far must not take training down
+            if self.strict:
+                raise
+            self._fault("report", exc)
+            return
+        for sink in self.sinks:
+            self._guarded_sink("sink", sink.on_close, report)
+        if self.report_json is not None:
+            self._guarded_sink("report_json", report.save_json, self.report_json)
+        if self.report_html is not None:
+            self._guarded_sink("report_html", report.save_html, self.report_html)
+
+    def _close_at_exit(self) -> None:
+        self.close(keep_partial=False)
+
+    # ------------------------------------------------------------------ signals
+    def _install_sigterm(self) -> None:
+        """Turn SIGTERM into SystemExit while the watch is open, so that `with` blocks unwind and what was
+        recorded is flushed (a plain SIGTERM ends the process without running any Python cleanup). Only when
+        SIGTERM still has its default action: a handler set by the user or a launcher is left alone."""
+        if not self.handle_sigterm or threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                return
+            self._prev_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_exit)
+        except (ValueError, OSError):  # not the main interpreter, or a platform without SIGTERM
+            self._prev_sigterm = None
+
+    def _restore_sigterm(self) -> None:
+        if self._prev_sigterm is None:
+            return
+        prev, self._prev_sigterm = self._prev_sigterm, None
+        try:
+            if signal.getsignal(signal.SIGTERM) is _sigterm_to_exit:
+                signal.signal(signal.SIGTERM, prev)
+        except (ValueError, OSError):
+            pass
 
     # ------------------------------------------------------------------ results
     @property
@@ -340,25 +455,46 @@ class Monitor:
         )
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
-        return self.report().save_json(path)
+        """Write the JSON report. Under torch.distributed only rank 0 writes; other ranks return the path."""
+        if not self.is_writer:
+            return Path(path)
+        return self.report().save_json(Path(path))
 
     def save_html(self, path: str | os.PathLike[str]) -> Path:
-        return self.report().save_html(path)
+        """Write the HTML report. Under torch.distributed only rank 0 writes; other ranks return the path."""
+        if not self.is_writer:
+            return Path(path)
+        return self.report().save_html(Path(path))
 
     # ------------------------------------------------------------------ internals
     def _begin_if_due(self) -> None:
-        if self.steps % self.every == 0:
+        if self._broken or self.steps % self.every != 0:
+            return
+        try:
             self.recorder.begin(self.steps)
+        except Exception as exc:  # noqa: BLE001
+            self._give_up(exc)
 
     def _finish_recorded(self) -> None:
-        record = self.recorder.end()
-        if record is None:
+        try:
+            record = self.recorder.end()
+            if record is None:
+                return
+            self.history_buffer.add(record)
+        except Exception as exc:  # noqa: BLE001 - reading back or decoding failed: stop recording, keep training
+            self._give_up(exc)
             return
         self.latest = record
         self.recorded_steps += 1
-        self.history_buffer.add(record)
         for sink in self.sinks:
             self._guarded_sink("sink", sink.on_record, record)
+
+    def _give_up(self, exc: Exception) -> None:
+        self.recorder.abort()
+        if self.strict:
+            raise exc
+        self._broken = True
+        self._fault("recording", exc)
 
     def _guarded_sink(self, part: str, fn: Any, *args: Any) -> None:
         key = f"{part}:{type(getattr(fn, '__self__', fn)).__name__}"
@@ -383,12 +519,21 @@ class Monitor:
         )
 
 
+def _sigterm_to_exit(signum: int, frame: Any) -> None:
+    # 128 + signal number is the status a shell reports for a process killed by that signal.
+    raise SystemExit(128 + signum)
+
+
 def watch(
     model: nn.Module, every: int = DEFAULT_EVERY, logdir: str | os.PathLike[str] | None = None, **kwargs: Any
 ) -> Monitor:
     """Watch `model` while it trains: `with actdiag.watch(model, every=10, logdir="runs/x") as monitor: ...`.
 
     Keyword arguments: include/exclude (name patterns or module types), bins, sample_cap, track_weights,
-    track_updates, max_history, strict (raise instead of warning when actdiag itself fails), sinks, name.
+    track_updates, max_history, strict (raise instead of warning when actdiag itself fails), sinks, name,
+    report_json/report_html (written when the watch closes, however it closes: normal exit, exception, Ctrl-C or
+    SIGTERM; the paths are checked at once), distributed (None: merge across ranks when torch.distributed is
+    initialised; False: each rank on its own), process_group, handle_sigterm (default True: SIGTERM unwinds the
+    `with` block as SystemExit(143) so that what was recorded is flushed).
     """
     return Monitor(model, every=every, logdir=logdir, **kwargs)

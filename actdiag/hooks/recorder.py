@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from actdiag import distributed as _dist
 from actdiag.hooks.stats import (
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
@@ -189,9 +192,33 @@ class Recorder:
         track_updates: bool = True,
         sync_free: bool | None = None,
         on_error: Callable[[str, BaseException], None] | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"actdiag watches torch.nn.Module instances, got {type(model).__name__}")
+        if distributed is None:
+            distributed = _dist.active()
+        elif distributed and not _dist.active():
+            raise ValueError("distributed=True needs torch.distributed initialised with more than one process")
+        # Hooks go on the user's own modules: DDP and compiled wrappers call them, and their names are the ones
+        # the user knows ("fc1", not "module.fc1" or "_orig_mod.fc1").
+        compiled = _is_compiled(model)
+        model = unwrap_model(model)
+        if compiled and not hasattr(torch.compiler, "set_stance"):
+            raise TypeError(
+                "actdiag needs torch>=2.6 (torch.compiler.set_stance) to watch a torch.compile'd model; "
+                "with this torch, watch the model without compiling it"
+            )
+        if distributed and track_weights and _dist.sharded_parameters(model):
+            # Under FSDP a rank holds a shard of each parameter; its statistics would not be the parameter's.
+            warnings.warn(
+                "actdiag: parameters are sharded (FSDP); weight, weight-gradient and update statistics are not "
+                "recorded. Activation and activation-gradient statistics are merged across ranks as usual.",
+                UserWarning,
+                stacklevel=3,
+            )
+            track_weights = False
         if bins < 1:
             raise ValueError(f"bins must be at least 1, got {bins}")
         if sample_cap < 1:
@@ -219,6 +246,24 @@ class Recorder:
         self._snapshots: dict[str, torch.Tensor] = {}
         self._prev_channels_first = False
         self.failed: set[str] = set()
+        self._kinds: dict[_Key, str] = {}
+        self._late_params: dict[str, torch.Tensor] = {}
+        self._late_queued = False
+        self._nograd_calls: dict[str, list[int]] = {}
+        self._recomputed: dict[str, int] = {}
+        self._stance: Any = None
+        self.merger: _dist.StepMerger | None = None
+        self._grad_scale = 1.0
+        if distributed:
+            self._grad_scale = 1.0 / torch.distributed.get_world_size(process_group)
+            self.merger = _dist.StepMerger(
+                bins=bins, rare_below=RARE_ACTIVE_BELOW, group=process_group, on_mismatch=self._mismatch
+            )
+
+    @property
+    def distributed(self) -> bool:
+        """True when each recorded step is merged across the ranks of torch.distributed."""
+        return self.merger is not None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -232,10 +277,16 @@ class Recorder:
         self._step = step
         self._token += 1
         self._pending = {}
+        self._kinds = {}
+        self._late_params = {}
+        self._late_queued = False
+        self._nograd_calls = {}
+        self._recomputed = {}
         self._calls = {}
         self._order = []
         self._prev_channels_first = False
         self._recording = True
+        self._stance = _force_eager()
         with torch.no_grad():
             for pname, p in self.params:
                 self._guard("weights", self._record_weight, pname, p)
@@ -256,24 +307,51 @@ class Recorder:
         self._snapshots = {}
         self._recording = False
         pending, self._pending = self._pending, {}
+        kinds, self._kinds = self._kinds, {}
         order, self._order = self._order, []
+        self._late_params = {}
+        if self.merger is not None:
+            # Every rank reaches this collective for every recorded step, whatever it saw, so that the ranks stay
+            # in lockstep (a rank skipping it would leave the others waiting).
+            host = self.merger.merge(pending, kinds)
         if not order and not any(k[0] == "P" and k[2] == "grad" for k in pending):
             return None
-        host = _read_back(pending)
+        if self.merger is None:
+            host = _read_back(pending)
         return self._decode(host, order)
+
+    def capture_param_grads(self) -> None:
+        """Re-read every parameter's current `.grad` (e.g. right before the optimizer step, after AMP unscaling
+        and clipping), replacing the statistics the accumulate hooks took; no-op outside a recorded step."""
+        if not self._recording:
+            return
+        with torch.no_grad():
+            for pname, p in self.params:
+                if p.requires_grad and p.grad is not None:
+                    self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
 
     def abort(self) -> None:
         """Drop the step in progress and remove every hook (used on exit and after errors)."""
         self._remove_hooks()
         self._recording = False
         self._pending = {}
+        self._kinds = {}
         self._order = []
         self._snapshots = {}
+        self._late_params = {}
+
+    def _mismatch(self, message: str) -> None:
+        if self._on_error is None:
+            raise RuntimeError(f"actdiag: {message}")
+        self._on_error("distributed merge", RuntimeError(message))
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)  # back to the stance the user had
 
     # ------------------------------------------------------------------ hooks
     def _guard(self, part: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -295,8 +373,23 @@ class Recorder:
         # Activation checkpointing re-runs forward inside backward to rebuild activations; that is the same
         # call again, not a new one, so it is not counted twice.
         if torch._C._current_graph_task_id() != -1:
+            self._guard("gradients", self._recomputed_output, name, output)
             return
         self._guard("activations", self._record_output, name, module, output)
+
+    def _recomputed_output(self, name: str, output: Any) -> None:
+        # Reentrant checkpointing ran the first forward under no_grad, so that call got no gradient hook; its
+        # recomputation inside backward is the only tensor the gradient flows through. The k-th recomputation of
+        # a module is matched to its k-th no-grad call of the step (a module shared by several checkpointed
+        # segments, recomputed in reverse segment order, would be matched out of order).
+        calls = self._nograd_calls.get(name)
+        k = self._recomputed.get(name, 0)
+        if not calls or k >= len(calls):
+            return
+        self._recomputed[name] = k + 1
+        t = first_tensor(output)
+        if t is not None and t.is_floating_point() and t.requires_grad:
+            t.register_hook(partial(self._grad_hook, ("L", name, str(calls[k]), "grad"), self._token))
 
     def _record_output(self, name: str, module: nn.Module, output: Any) -> None:
         t = first_tensor(output)
@@ -315,14 +408,14 @@ class Recorder:
         )
         self._order.append(info)
         key_base = ("L", name, str(call))
-        self._put(key_base + ("act",), *self._stats(t))
+        self._put(key_base + ("act",), *self._stats(t), _dist.KIND_STATS)
         floating = t.is_floating_point()
         bounds = bounds_of(module)
         if bounds is not None and floating and t.numel():
             lo, hi, tol = bounds
             info.bounds = (lo, hi)
             info.sat_numel = t.numel()
-            self._put(key_base + ("sat",), saturation_count(t, lo, hi, tol), None)
+            self._put(key_base + ("sat",), saturation_count(t, lo, hi, tol), t.numel(), _dist.KIND_SUM)
         if isinstance(module, RELU_FAMILY) and floating and t.numel():
             udim = unit_dim_for(shape, self._prev_channels_first)
             if udim is not None:
@@ -332,21 +425,55 @@ class Recorder:
                     ever = torch.zeros(units, dtype=torch.bool, device=t.device)
                     self._ever_active[(name, call)] = ever
                 info.units = units
-                self._put(key_base + ("units",), unit_activity(t, udim, ever, RARE_ACTIVE_BELOW), None)
+                if self.merger is None:
+                    self._put(key_base + ("units",), unit_activity(t, udim, ever, RARE_ACTIVE_BELOW), None)
+                else:
+                    # Dead/rare/never are decided after the ranks' per-unit counts are summed.
+                    vec = _dist.unit_vector(t, udim, ever)
+                    self._put(key_base + ("unitvec",), vec, t.numel() // max(units, 1), _dist.KIND_UNITS)
         self._prev_channels_first = isinstance(module, _CHANNELS_FIRST_3D)
         if floating and t.requires_grad and torch.is_grad_enabled():
             t.register_hook(partial(self._grad_hook, key_base + ("grad",), self._token))
+        elif floating and not torch.is_grad_enabled():
+            self._nograd_calls.setdefault(name, []).append(call)
 
     def _grad_hook(self, key: _Key, token: int, grad: torch.Tensor) -> None:
         # A hook can outlive its step (a graph kept alive and backpropagated later): ignore stale ones.
         if token != self._token or not self._recording:
             return
-        self._guard("gradients", self._put_stats, key, grad)
+        if self._grad_scale != 1.0:
+            # DDP optimises the mean of the ranks' losses: the gradient of that objective with respect to this
+            # rank's activations is the rank's own gradient divided by the world size (the same division DDP
+            # applies to parameter gradients). Merged, these equal a single process's over the whole batch.
+            grad = grad * self._grad_scale
+        self._guard("gradients", self._put_stats, key, grad, _dist.KIND_STATS)
 
     def _param_grad_hook(self, pname: str, p: torch.Tensor) -> None:
         if not self._recording or p.grad is None:
             return
+        if self.merger is not None:
+            # Under DDP this is still the rank's own gradient: the all-reduced average is written into .grad by a
+            # callback DDP queues at the end of backward. Read .grad after that callback instead (see _late).
+            self._late_params[pname] = p
+            if not self._late_queued:
+                self._late_queued = True
+                self._guard("weight gradients", _queue_callback, self._late_first)
+            return
         self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
+
+    def _late_first(self) -> None:
+        # Runs at the end of backward, but possibly before DDP's callback (queued when its last bucket was ready,
+        # after our first hook). Callbacks queued while callbacks run go last, after DDP's.
+        self._guard("weight gradients", _queue_callback, self._late_params_stats)
+
+    def _late_params_stats(self) -> None:
+        self._late_queued = False
+        params, self._late_params = self._late_params, {}
+        if not self._recording:
+            return
+        for pname, p in params.items():
+            if p.grad is not None:
+                self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
 
     def _record_weight(self, pname: str, p: nn.Parameter) -> None:
         self._put_stats(("P", pname, "weight"), p)
@@ -357,17 +484,19 @@ class Recorder:
         with torch.autocast(device_type=p.device.type, enabled=False):
             d = (p.detach() - p0).to(torch.float32)
             vec = torch.stack([torch.linalg.vector_norm(d), torch.linalg.vector_norm(p0.to(torch.float32))])
-        self._put(("P", pname, "update"), vec.to(torch.float64), None)
+        self._put(("P", pname, "update"), vec.to(torch.float64), None, _dist.KIND_REPLICATED)
 
     # ------------------------------------------------------------------ helpers
     def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
         return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free)
 
-    def _put_stats(self, key: _Key, t: torch.Tensor) -> None:
-        self._put(key, *self._stats(t))
+    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = _dist.KIND_REPLICATED) -> None:
+        self._put(key, *self._stats(t), kind)
 
-    def _put(self, key: _Key, vec: torch.Tensor, meta: Any) -> None:
+    def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = _dist.KIND_REPLICATED) -> None:
+        # `kind` says how the entry merges across ranks (actdiag.distributed); parameters are replicated by DDP.
         self._pending[key] = (vec, meta)
+        self._kinds[key] = kind
 
     def _own_weight(self, module: nn.Module) -> str | None:
         own = dict(module.named_parameters(recurse=False))
@@ -407,8 +536,8 @@ class Recorder:
             base = ("L", info.name, str(info.call))
             saturation = dead = rare = never = None
             sat = host.get(base + ("sat",))
-            if sat is not None and info.sat_numel:
-                saturation = float(sat[0][0]) / info.sat_numel
+            if sat is not None and sat[1]:
+                saturation = float(sat[0][0]) / float(sat[1])  # meta: elements counted (all ranks' when merged)
             units = host.get(base + ("units",))
             if units is not None and info.units:
                 dead, rare, never = (float(v) / info.units for v in units[0][:3])
@@ -436,6 +565,45 @@ class Recorder:
                 )
             )
         return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel, DataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+            assert isinstance(inner, nn.Module)
+            model = inner
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """torch.compile(model) wraps it in an OptimizedModule; model.compile() sets _compiled_call_impl."""
+    return any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
+
+
+def _force_eager() -> Any:
+    """Run every torch.compile'd region eagerly until the returned context is exited (None: nothing to do).
+
+    A recorded step runs the user's modules eagerly, with the hooks in place, so its statistics are exactly
+    those of the eager model; compiled graphs never contain actdiag code, so actdiag causes no graph break and
+    no recompilation, and the unrecorded steps run the compiled graphs untouched. If torch._dynamo was never
+    imported, nothing was compiled: importing it here would only cost time.
+    """
+    if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
+        return None
+    return torch.compiler.set_stance("force_eager")
+
+
+def _queue_callback(fn: Callable[[], None]) -> None:
+    """Run `fn` when the running backward pass finishes (after the callbacks already queued)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
 def _read_back(pending: Mapping[_Key, tuple[torch.Tensor, Any]]) -> dict[_Key, tuple[np.ndarray, Any]]:

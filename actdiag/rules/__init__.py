@@ -1,14 +1,104 @@
-"""Rules: small pure functions from records to findings. Filled in by the diagnosis work (issue 3)."""
+"""Rules: small pure functions from records to findings, one module per family.
+
+    gradients    vanishing_gradient, exploding_gradient
+    activations  activation_collapse, activation_explosion, saturation, dead_relu
+    precision    nonfinite, fp16_overflow, fp16_underflow
+    updates      large_updates, stalled_updates
+
+`diagnose` runs them all on one recorded step (and the history, for the training-time rules), groups what one root
+cause produced, attaches fix suggestions (`actdiag.fixes`) and ranks the result. Every threshold lives in
+`actdiag.rules.thresholds.Thresholds`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from actdiag.records import Finding, History, LayerStats, ParamStats
+from actdiag.rules.activations import dead_relu_findings, saturation_findings, spread_findings
+from actdiag.rules.gradients import gradient_findings
+from actdiag.rules.precision import first_nonfinite_index, fp16_findings, nonfinite_findings
+from actdiag.rules.thresholds import DEFAULT_THRESHOLDS, Thresholds
+from actdiag.rules.updates import update_findings
+
+__all__ = ["DEFAULT_THRESHOLDS", "Thresholds", "diagnose", "rank"]
+
+# Within one severity, root causes first: a NaN explains everything after it, gradient and spread problems explain
+# slow learning, saturation and dead units are local, precision and update findings are about the training setup.
+CODE_PRIORITY = {
+    "nonfinite": 0,
+    "activation_explosion": 1,
+    "exploding_gradient": 2,
+    "activation_collapse": 3,
+    "vanishing_gradient": 4,
+    "saturation": 5,
+    "dead_relu": 6,
+    "large_updates": 7,
+    "stalled_updates": 8,
+    "fp16_overflow": 9,
+    "fp16_underflow": 10,
+}
 
 
 def diagnose(
-    layers: Sequence[LayerStats], params: Sequence[ParamStats] = (), history: History | None = None
+    layers: Sequence[LayerStats],
+    params: Sequence[ParamStats] = (),
+    history: History | None = None,
+    thresholds: Thresholds | None = None,
 ) -> tuple[Finding, ...]:
-    """Findings for one recorded step (in forward order) and its history, ranked most severe first."""
-    return ()
+    """Findings for one recorded step (layers in forward order) and its history, ranked most severe first."""
+    t = thresholds if thresholds is not None else DEFAULT_THRESHOLDS
+    layers = tuple(layers)
+    found = list(nonfinite_findings(layers, params))
+    # Statistics are taken over finite values only: downstream of the first NaN they describe leftovers, so the
+    # other rules only look at the layers before it (the NaN is the root cause of whatever comes after).
+    cut = first_nonfinite_index(layers)
+    clean = layers if cut is None else layers[:cut]
+    found += spread_findings(clean, t)
+    if not found:  # a NaN anywhere (forward or backward) leaves the gradient statistics meaningless
+        found += gradient_findings(clean, t)
+    found += saturation_findings(clean, t)
+    found += dead_relu_findings(clean, history, t)
+    found += fp16_findings(clean, history, t)
+    found += update_findings(layers, history, t)
+    found = _group(found)
+    from actdiag.fixes import attach_fixes
+
+    return rank([attach_fixes(f, layers) for f in found], layers)
+
+
+_SIGNAL = frozenset(
+    {"activation_collapse", "activation_explosion", "vanishing_gradient", "exploding_gradient", "saturation"}
+)
+
+
+def _group(found: list[Finding]) -> list[Finding]:
+    """One root cause, one finding (each rule already folds all the layers it hits into one finding):
+
+    * a layer dead for every unit passes no gradient back, so a vanishing gradient before it is its consequence;
+    * a float32 model's "would not fit float16" notes (info) are dropped while a signal-propagation problem is
+      reported: saturated or collapsed layers make tiny gradients, and fixing that is what matters first.
+    """
+    dead_all = any(f.code == "dead_relu" and f.severity == "error" for f in found)
+    signal = any(f.code in _SIGNAL and f.rank >= 1 for f in found)
+    out: list[Finding] = []
+    for f in found:
+        if dead_all and f.code == "vanishing_gradient":
+            continue
+        if signal and f.code in ("fp16_overflow", "fp16_underflow") and f.severity == "info":
+            continue
+        out.append(f)
+    return out
+
+
+def rank(findings: Sequence[Finding], layers: Sequence[LayerStats] = ()) -> tuple[Finding, ...]:
+    """Most severe first; then root causes before consequences (CODE_PRIORITY); then earlier layers first."""
+    position: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        position.setdefault(layer.name, i)
+
+    def key(f: Finding) -> tuple[int, int, int]:
+        pos = position.get(f.layer, len(position)) if f.layer is not None else -1
+        return (-f.rank, CODE_PRIORITY.get(f.code, len(CODE_PRIORITY)), pos)
+
+    return tuple(sorted(findings, key=key))

@@ -1,0 +1,600 @@
+"""What to try for each finding, with code that names the user's own layers, and checking it on a copy of the model.
+
+`attach_fixes(finding, layers)` picks the remedies for a finding by what surrounds the layers it names: He
+initialisation where a ReLU-family activation follows a weight layer, Xavier where tanh/sigmoid (or nothing) does,
+BatchNorm for conv and MLP layers, LayerNorm for sequences and single-sample batches, and so on. Each snippet can be
+pasted after the model is built (`model` being the user's model).
+
+`verify_fixes(model, example_input, report)` applies every fix that changes the model itself (re-initialisation,
+inserting a normalisation layer, swapping an activation) to a deep copy, runs `actdiag.inspect` on the copy and marks
+the fix verified when the finding went away without a new warning taking its place, with the numbers before and
+after.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from actdiag.records import Finding, Fix, LayerStats, Report
+from actdiag.rules._common import (
+    REINIT_TYPES,
+    RELU_LIKE,
+    SIGMOID_LIKE,
+    TANH_LIKE,
+    fmt,
+    geo_mean,
+    nonlinearity_after,
+    usable,
+    weight_layer_before,
+)
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_MAX_LINES = 6  # beyond this many layers a snippet loops over their names instead of one line each
+
+FIX_CODES = (
+    "xavier_init",
+    "he_init",
+    "batchnorm",
+    "layernorm",
+    "leaky_relu",
+    "relu_activation",
+    "lower_learning_rate",
+    "gradient_clipping",
+    "residual_connections",
+    "bf16_autocast",
+    "loss_scaling",
+    "check_inputs",
+    "raise_learning_rate",
+    "switch_optimizer",
+)
+VERIFIABLE = frozenset({"xavier_init", "he_init", "batchnorm", "layernorm", "leaky_relu", "relu_activation"})
+
+
+def module_expr(name: str, root: str = "model") -> str:
+    """Python expression for a submodule: "features.3.conv1" -> "model.features[3].conv1"."""
+    expr = root
+    if not name:
+        return expr
+    for part in name.split("."):
+        if part.isdigit():
+            expr += f"[{part}]"
+        elif _IDENT.match(part):
+            expr += f".{part}"
+        else:
+            expr += f"[{part!r}]"
+    return expr
+
+
+# ---------------------------------------------------------------------------------------------------- layer context
+@dataclass(frozen=True, slots=True)
+class _Context:
+    layers: tuple[LayerStats, ...]
+    index: dict[str, int]
+
+    @classmethod
+    def of(cls, layers: Sequence[LayerStats]) -> _Context:
+        index: dict[str, int] = {}
+        for i, layer in enumerate(layers):
+            index.setdefault(layer.name, i)
+        return cls(tuple(layers), index)
+
+    def get(self, name: str | None) -> LayerStats | None:
+        i = self.index.get(name) if name is not None else None
+        return None if i is None else self.layers[i]
+
+    def ordered(self, names: Sequence[str]) -> list[str]:
+        known = [n for n in dict.fromkeys(names) if n in self.index]
+        return sorted(known, key=lambda n: self.index[n])
+
+
+def _finding_layers(f: Finding) -> list[str]:
+    return [n for n in (f.layer, *f.related) if n is not None]
+
+
+def _nonlinearity(ctx: _Context, name: str) -> str:
+    """The `nonlinearity` argument of nn.init for the activation after weight layer `name`."""
+    i = ctx.index[name]
+    after = nonlinearity_after(ctx.layers, i)
+    if after is None:
+        return "linear"
+    if after in ("LeakyReLU", "RReLU", "PReLU"):
+        return "leaky_relu"
+    if after in RELU_LIKE:
+        return "relu"
+    if after in TANH_LIKE:
+        return "tanh"
+    if after in SIGMOID_LIKE:
+        return "sigmoid"
+    return "linear"
+
+
+def _reinit_targets(ctx: _Context, names: Sequence[str]) -> list[str]:
+    return [n for n in ctx.ordered(names) if ctx.layers[ctx.index[n]].type in REINIT_TYPES]
+
+
+def _feeding(ctx: _Context, names: Sequence[str]) -> list[str]:
+    """The weight layers that feed the named (activation) layers."""
+    out = []
+    for n in ctx.ordered(names):
+        j = weight_layer_before(ctx.layers, ctx.index[n])
+        if j is not None:
+            out.append(ctx.layers[j].name)
+    return list(dict.fromkeys(out))
+
+
+# --------------------------------------------------------------------------------------------- fix descriptions
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A fix and, for the ones that change the model, how to apply it to a copy."""
+
+    fix: Fix
+    targets: tuple[str, ...] = ()
+    nonlinearity: tuple[str, ...] = ()
+    norm: tuple[tuple[str, int], ...] = ()  # (kind, features) per target for normalisation fixes
+    reinit: tuple[str, ...] = ()  # weight layers to He-initialise along with an activation swap
+
+
+def _lines_or_loop(exprs: list[str], one: Callable[[str], str]) -> str:
+    if len(exprs) <= _MAX_LINES:
+        return "\n".join(one(e) for e in exprs)
+    body = one("layer").replace("\n", "\n    ")
+    listed = ",\n    ".join(exprs)
+    return f"for layer in (\n    {listed},\n):\n    {body}"
+
+
+def _init_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
+    if not targets:
+        return None
+    nls = tuple(_nonlinearity(ctx, n) for n in targets)
+    relu = sum(nl in ("relu", "leaky_relu") for nl in nls)
+    he = relu * 2 >= len(nls) and relu > 0
+    exprs = [module_expr(n) for n in targets]
+    if he:
+        nl = "leaky_relu" if "leaky_relu" in nls and "relu" not in nls else "relu"
+
+        def one(e: str) -> str:
+            return (
+                f'nn.init.kaiming_normal_({e}.weight, nonlinearity="{nl}")\n'
+                f"if {e}.bias is not None:\n    nn.init.zeros_({e}.bias)"
+            )
+
+        text = (
+            f"Re-initialise {len(targets)} layer(s) with He (Kaiming) initialisation, which keeps the variance of "
+            f"ReLU-family activations constant with depth (He et al. 2015){why}."
+        )
+        snippet = "from torch import nn\n\n" + _lines_or_loop(exprs, one)
+        return _Plan(Fix("he_init", text, snippet), tuple(targets), tuple(nl for _ in targets))
+    non_linear = [nl for nl in nls if nl in ("tanh", "sigmoid")]
+    nl = max(set(non_linear), key=non_linear.count) if non_linear else "linear"
+    gain = f', gain=nn.init.calculate_gain("{nl}")' if nl == "tanh" else ""
+
+    def one_x(e: str) -> str:
+        return f"nn.init.xavier_normal_({e}.weight{gain})\nif {e}.bias is not None:\n    nn.init.zeros_({e}.bias)"
+
+    text = (
+        f"Re-initialise {len(targets)} layer(s) with Xavier (Glorot) initialisation, which keeps the variance of "
+        f"{'tanh/sigmoid' if nl != 'linear' else 'linear'} layers constant with depth (Glorot & Bengio 2010){why}."
+    )
+    snippet = "from torch import nn\n\n" + _lines_or_loop(exprs, one_x)
+    return _Plan(Fix("xavier_init", text, snippet), tuple(targets), tuple(nl for _ in targets))
+
+
+def _norm_kind(layer: LayerStats) -> tuple[str, int] | None:
+    shape = layer.shape
+    if len(shape) < 2:
+        return None
+    if len(shape) == 2:
+        # BatchNorm needs more than one sample per channel in training mode.
+        return ("BatchNorm1d", shape[1]) if shape[0] > 1 else ("LayerNorm", shape[1])
+    if len(shape) == 3:
+        if layer.type.startswith("Conv"):
+            return ("BatchNorm1d", shape[1])
+        return ("LayerNorm", shape[2])
+    if len(shape) == 4:
+        return ("BatchNorm2d", shape[1])
+    if len(shape) == 5:
+        return ("BatchNorm3d", shape[1])
+    return None
+
+
+def _norm_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
+    kinds = []
+    names = []
+    for n in targets:
+        k = _norm_kind(ctx.layers[ctx.index[n]])
+        if k is not None:
+            kinds.append(k)
+            names.append(n)
+    if not names:
+        return None
+    batch = sum(k[0].startswith("BatchNorm") for k in kinds) * 2 >= len(kinds)
+    code = "batchnorm" if batch else "layernorm"
+    label = "BatchNorm" if batch else "LayerNorm"
+    lines = [f"{module_expr(n)} = nn.Sequential({module_expr(n)}, nn.{k}({f}))" for n, (k, f) in zip(names, kinds)]
+    if len(lines) > _MAX_LINES:
+        k0, f0 = kinds[0]
+        listed = ",\n    ".join(repr(n) for n in names)
+        feat = "layer.out_channels" if k0.startswith("BatchNorm") and k0 != "BatchNorm1d" else "layer.out_features"
+        if k0 == "BatchNorm1d" and ctx.layers[ctx.index[names[0]]].type.startswith("Conv"):
+            feat = "layer.out_channels"
+        snippet = (
+            f"from torch import nn\n\nfor name in (\n    {listed},\n):\n    layer = model.get_submodule(name)\n"
+            f"    model.set_submodule(name, nn.Sequential(layer, nn.{k0}({feat})))"
+        )
+    else:
+        snippet = "from torch import nn\n\n" + "\n".join(lines)
+    text = (
+        f"Normalise the output of {len(names)} layer(s) with {label}, which resets the spread of every layer "
+        f"whatever the initialisation (Ioffe & Szegedy 2015; Ba et al. 2016){why}."
+    )
+    return _Plan(Fix(code, text, snippet), tuple(names), norm=tuple(kinds))
+
+
+def _swap_plan(ctx: _Context, targets: list[str], code: str) -> _Plan | None:
+    if not targets:
+        return None
+    if code == "leaky_relu":
+        snippet = "from torch import nn\n\n" + "\n".join(f"{module_expr(n)} = nn.LeakyReLU(0.01)" for n in targets)
+        text = (
+            "Use LeakyReLU: a small negative slope keeps a gradient flowing through units that are off, so they can "
+            "come back (Maas et al. 2013)."
+        )
+        return _Plan(Fix(code, text, snippet), tuple(targets))
+    # ReLU in place of a bounded activation needs He-scaled weights before it, or the signal explodes.
+    feeding = _feeding(ctx, targets)
+    lines = [f"{module_expr(n)} = nn.ReLU()" for n in targets]
+    lines += [f'nn.init.kaiming_normal_({module_expr(n)}.weight, nonlinearity="relu")' for n in feeding]
+    text = (
+        "Use ReLU instead of the bounded activation, with He initialisation of the layers before it: ReLU does not "
+        "saturate for positive inputs, so the gradient passes through at full strength (Glorot et al. 2011)."
+    )
+    return _Plan(Fix(code, text, "from torch import nn\n\n" + "\n".join(lines)), tuple(targets), reinit=tuple(feeding))
+
+
+def _plain(code: str, ctx: _Context, f: Finding) -> _Plan:
+    layer = module_expr(f.layer) if f.layer else "model"
+    if code == "lower_learning_rate":
+        return _Plan(
+            Fix(
+                code,
+                "Lower the learning rate (try 10x smaller), or warm it up over the first steps.",
+                'for group in optimizer.param_groups:\n    group["lr"] *= 0.1',
+            )
+        )
+    if code == "gradient_clipping":
+        return _Plan(
+            Fix(
+                code,
+                "Clip the gradient norm before each optimizer step so one bad batch cannot blow the weights up.",
+                "loss.backward()\ntorch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)\noptimizer.step()",
+            )
+        )
+    if code == "residual_connections":
+        return _Plan(
+            Fix(
+                code,
+                "Add residual (skip) connections around blocks of layers: the identity path carries signal and "
+                "gradient past the layers that shrink it (He et al. 2016).",
+                "class Residual(nn.Module):\n    def __init__(self, block: nn.Module) -> None:\n"
+                "        super().__init__()\n"
+                "        self.block = block\n\n    def forward(self, x):\n        return x + self.block(x)\n\n"
+                f"# wrap shape-preserving blocks, e.g. {layer} = Residual({layer})",
+            )
+        )
+    if code == "bf16_autocast":
+        return _Plan(
+            Fix(
+                code,
+                "Compute in bfloat16 instead of float16: it keeps float32's exponent range, so nothing overflows or "
+                "flushes to zero, and needs no loss scaling.",
+                'with torch.autocast(device_type="cuda", dtype=torch.bfloat16):\n'
+                "    loss = criterion(model(x), y)\nloss.backward()",
+            )
+        )
+    if code == "loss_scaling":
+        return _Plan(
+            Fix(
+                code,
+                "Scale the loss before backward so small float16 gradients stay representable (dynamic loss "
+                "scaling, Micikevicius et al. 2018).",
+                'scaler = torch.amp.GradScaler("cuda")\nwith torch.autocast(device_type="cuda", dtype=torch.float16):\n'
+                "    loss = criterion(model(x), y)\nscaler.scale(loss).backward()\nscaler.step(optimizer)\n"
+                "scaler.update()",
+            )
+        )
+    if code == "check_inputs":
+        return _Plan(
+            Fix(
+                code,
+                f"Check the data that reaches {layer}: NaN/Inf in the inputs (or a log/division of zero just before "
+                "it) spreads to every later layer. Anomaly detection names the operation that produced it.",
+                'assert torch.isfinite(x).all(), "input batch holds NaN/Inf"\n'
+                "torch.autograd.set_detect_anomaly(True)  # while debugging: raises at the op that made the NaN",
+            )
+        )
+    if code == "raise_learning_rate":
+        return _Plan(
+            Fix(
+                code,
+                "Raise the learning rate (try 10x), or use a schedule that does not decay it this far.",
+                'for group in optimizer.param_groups:\n    group["lr"] *= 10',
+            )
+        )
+    if code == "switch_optimizer":
+        return _Plan(
+            Fix(
+                code,
+                "Use an optimizer whose step size does not decay with the sum of all past gradients: Adam or "
+                "RMSProp keep a moving average instead of AdaGrad's running sum (Zeiler 2012; Kingma & Ba 2015).",
+                "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)",
+            )
+        )
+    raise ValueError(f"unknown fix code {code!r}")
+
+
+def _plans(f: Finding, ctx: _Context) -> list[_Plan]:
+    names = _finding_layers(f)
+    plans: list[_Plan | None] = []
+    code = f.code
+    if code in ("activation_collapse", "activation_explosion"):
+        targets = _reinit_targets(ctx, names)
+        plans += [_init_plan(ctx, targets, ""), _norm_plan(ctx, targets, "")]
+    elif code == "saturation":
+        feeding = _feeding(ctx, names)
+        plans += [
+            _init_plan(ctx, feeding, ", so that pre-activations stay in the bounded activation's linear range"),
+            _norm_plan(ctx, feeding, ", keeping pre-activations near zero"),
+            _swap_plan(ctx, ctx.ordered(names), "relu_activation"),
+        ]
+    elif code in ("vanishing_gradient", "exploding_gradient"):
+        start = ctx.index.get(f.layer or "", 0)
+        span = [lay.name for lay in ctx.layers[start:]]
+        targets = _reinit_targets(ctx, span)[:-1] or _reinit_targets(ctx, span)
+        bounded = [lay.name for lay in ctx.layers[start:] if lay.type in TANH_LIKE | SIGMOID_LIKE]
+        if code == "vanishing_gradient" and bounded:
+            plans.append(_swap_plan(ctx, ctx.ordered(bounded), "relu_activation"))
+        plans += [_init_plan(ctx, targets, ""), _norm_plan(ctx, targets, "")]
+        if code == "vanishing_gradient":
+            plans.append(_plain("residual_connections", ctx, f))
+        else:
+            plans += [_plain("gradient_clipping", ctx, f), _plain("lower_learning_rate", ctx, f)]
+    elif code == "dead_relu":
+        dead = ctx.ordered(names)
+        plans += [
+            _swap_plan(ctx, dead, "leaky_relu"),
+            _init_plan(ctx, _feeding(ctx, dead), " and zeroes the biases that keep the units off"),
+            _norm_plan(ctx, _feeding(ctx, dead), ", centring the pre-activations so about half the units fire"),
+        ]
+        if f.evidence.get("steps", 1.0) > 1:
+            plans.append(_plain("lower_learning_rate", ctx, f))
+    elif code == "nonfinite":
+        if f.evidence.get("float16"):
+            plans += [_plain("bf16_autocast", ctx, f), _plain("loss_scaling", ctx, f)]
+        weights_bad = f.evidence.get("weight_nonfinite", 0.0) > 0 or f.layer is None or "parameters" in f.evidence
+        if f.evidence.get("gradient") or weights_bad:
+            plans += [_plain("lower_learning_rate", ctx, f), _plain("gradient_clipping", ctx, f)]
+        if not weights_bad:
+            plans.append(_plain("check_inputs", ctx, f))
+    elif code == "fp16_overflow":
+        plans += [_plain("bf16_autocast", ctx, f)]
+        if f.evidence.get("gradient"):
+            plans.append(_plain("gradient_clipping", ctx, f))
+        else:
+            plans.append(_norm_plan(ctx, _reinit_targets(ctx, names) or names, ""))
+    elif code == "fp16_underflow":
+        if f.evidence.get("gradient"):
+            plans += [_plain("loss_scaling", ctx, f), _plain("bf16_autocast", ctx, f)]
+        else:
+            plans += [_plain("bf16_autocast", ctx, f)]
+    elif code == "large_updates":
+        plans += [_plain("lower_learning_rate", ctx, f), _plain("gradient_clipping", ctx, f)]
+    elif code == "stalled_updates":
+        if "effective_step_decay" in f.evidence:
+            plans.append(_plain("switch_optimizer", ctx, f))
+        plans.append(_plain("raise_learning_rate", ctx, f))
+    return [p for p in plans if p is not None]
+
+
+def attach_fixes(finding: Finding, layers: Sequence[LayerStats]) -> Finding:
+    """The finding with its suggested fixes, most promising first."""
+    plans = _plans(finding, _Context.of(layers))
+    return dataclasses.replace(finding, fixes=tuple(p.fix for p in plans))
+
+
+# ------------------------------------------------------------------------------------------------ verification
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    if "." in name:
+        head, last = name.rsplit(".", 1)
+        return model.get_submodule(head), last
+    return model, name
+
+
+def _apply(model: nn.Module, plan: _Plan, generator_seed: int) -> None:
+    code = plan.fix.code
+    torch.manual_seed(generator_seed)
+    with torch.no_grad():
+        for i, name in enumerate(plan.targets):
+            module = model.get_submodule(name)
+            if code in ("he_init", "xavier_init"):
+                weight = getattr(module, "weight", None)
+                if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+                    continue
+                nl = plan.nonlinearity[i] if i < len(plan.nonlinearity) else "linear"
+                if code == "he_init":
+                    nn.init.kaiming_normal_(weight, nonlinearity="leaky_relu" if nl == "leaky_relu" else "relu")
+                else:
+                    gain = nn.init.calculate_gain("tanh") if nl == "tanh" else 1.0
+                    nn.init.xavier_normal_(weight, gain=gain)
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
+            elif code in ("batchnorm", "layernorm"):
+                kind, features = plan.norm[i]
+                norm: nn.Module = getattr(nn, kind)(features)
+                ref = next(iter(module.parameters()), None)
+                if ref is not None:
+                    norm = norm.to(device=ref.device, dtype=ref.dtype)
+                parent, last = _parent(model, name)
+                setattr(parent, last, nn.Sequential(module, norm))
+            elif code in ("leaky_relu", "relu_activation"):
+                parent, last = _parent(model, name)
+                setattr(parent, last, nn.LeakyReLU(0.01) if code == "leaky_relu" else nn.ReLU())
+        for name in plan.reinit:
+            weight = getattr(model.get_submodule(name), "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+                nn.init.kaiming_normal_(weight, nonlinearity="relu")
+
+
+def _renamed(name: str, plan: _Plan) -> str:
+    """Where a layer's output is found in the patched copy: a wrapped layer's output is its norm's input."""
+    return f"{name}.0" if plan.fix.code in ("batchnorm", "layernorm") and name in plan.targets else name
+
+
+def _measure(f: Finding, layers: Sequence[LayerStats], plan: _Plan | None) -> dict[str, float]:
+    """The numbers behind finding `f`, measured on a (possibly patched) run, for before/after evidence."""
+    by_name: dict[str, LayerStats] = {}
+    for layer in layers:
+        by_name.setdefault(layer.name, layer)
+
+    def find(name: str) -> LayerStats | None:
+        if plan is not None:
+            got = by_name.get(_renamed(name, plan))
+            if got is not None:
+                return got
+        return by_name.get(name)
+
+    out: dict[str, float] = {}
+    names = _finding_layers(f)
+    if f.code in ("activation_collapse", "activation_explosion"):
+        chain = [find(n) for n in names[1:] + names[:1]]  # related are in order and the finding's layer is last
+        stds = [c.activation.std for c in chain if c is not None and usable(c.activation)]  # type: ignore[union-attr]
+        if len(stds) >= 2:
+            out["first_std"] = stds[0]
+            out["last_std"] = stds[-1]
+            out["gain_per_layer"] = geo_mean([b / a for a, b in zip(stds, stds[1:])])
+    elif f.code == "saturation":
+        sats = [c.saturation for c in (find(n) for n in names) if c is not None and c.saturation is not None]
+        if sats:
+            out["saturation"] = max(sats)
+    elif f.code == "dead_relu":
+        dead = [c.dead_fraction for c in (find(n) for n in names) if c is not None and c.dead_fraction is not None]
+        if dead:
+            out["dead_fraction"] = max(dead)
+    elif f.code in ("vanishing_gradient", "exploding_gradient"):
+        from actdiag.rules.gradients import gradient_chain
+
+        chain2 = gradient_chain(layers)
+        if len(chain2) >= 2 and chain2[-1].gradient is not None and chain2[0].gradient is not None:
+            g0, g1 = chain2[0].gradient, chain2[-1].gradient
+            if g1.norm > 0:
+                out["ratio"] = g0.norm / g1.norm
+                out["rms_ratio"] = g0.rms / g1.rms
+    return out
+
+
+def _headline(f: Finding, before: Mapping[str, float], after: Mapping[str, float]) -> str:
+    key = {
+        "activation_collapse": ("last_std", "activation std at {layer}"),
+        "activation_explosion": ("last_std", "activation std at {layer}"),
+        "saturation": ("saturation", "saturated share at {layer}"),
+        "dead_relu": ("dead_fraction", "dead share at {layer}"),
+        "vanishing_gradient": ("ratio", "first/last gradient ratio"),
+        "exploding_gradient": ("rms_ratio", "first/last gradient ratio"),
+    }.get(f.code)
+    if key is None or key[0] not in before or key[0] not in after:
+        return ""
+    what = key[1].format(layer=f"layer {f.layer}")
+    return f"{what} goes {fmt(before[key[0]])} -> {fmt(after[key[0]])}"
+
+
+def verify_fixes(
+    model: nn.Module,
+    example_input: Any,
+    report: Report,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Report:
+    """A copy of `report` whose model-changing fixes were each tried on a deep copy of `model`.
+
+    A fix is `verified=True` when, on the patched copy, its finding's code no longer fires and no warning or error
+    of a code absent before appeared (a cure that causes a new problem is not a cure); `False` otherwise. Fixes
+    that cannot be applied automatically (learning rate, clipping, precision) stay `None`, as does a fix whose
+    patched copy could not be built or run. The user's model, its weights and the global RNG state are untouched.
+    """
+    from actdiag.engine import inspect
+
+    ctx = _Context.of(report.layers)
+    before_codes = {f.code for f in report.findings}
+    cache: dict[tuple[str, str], tuple[bool | None, tuple[LayerStats, ...], tuple[Finding, ...]]] = {}
+    out: list[Finding] = []
+    for finding in report.findings:
+        plans = {p.fix.code: p for p in _plans(finding, ctx)}
+        fixes: list[Fix] = []
+        for fix in finding.fixes:
+            plan = plans.get(fix.code)
+            if fix.code not in VERIFIABLE or plan is None or not plan.targets:
+                fixes.append(fix)
+                continue
+            key = (fix.code, fix.snippet)
+            if key not in cache:
+                cache[key] = _rerun(model, example_input, plan, loss_fn, seed, inspect)
+            ok, new_layers, new_findings = cache[key]
+            if ok is None:
+                fixes.append(fix)
+                continue
+            gone = not any(nf.code == finding.code for nf in new_findings)
+            new_bad = sorted({nf.code for nf in new_findings if nf.rank >= 1 and nf.code not in before_codes})
+            verified = gone and not new_bad
+            before = {**_measure(finding, report.layers, None), "findings": 1.0}
+            after = {
+                **_measure(finding, new_layers, plan),
+                "findings": float(sum(nf.code == finding.code for nf in new_findings)),
+                "new_findings": float(len(new_bad)),
+            }
+            headline = _headline(finding, before, after)
+            result = "Verified on a copy of the model" if verified else "Tried on a copy of the model"
+            detail = f": {headline}" if headline else ""
+            if not gone:
+                detail += f"; {finding.code} remains"
+            if new_bad:
+                detail += f"; it introduces {', '.join(new_bad)}"
+            fixes.append(
+                dataclasses.replace(
+                    fix, verified=verified, before=before, after=after, text=f"{fix.text} {result}{detail}."
+                )
+            )
+        out.append(dataclasses.replace(finding, fixes=tuple(fixes)))
+    return dataclasses.replace(report, findings=tuple(out))
+
+
+def _rerun(
+    model: nn.Module,
+    example_input: Any,
+    plan: _Plan,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+    seed: int,
+    inspect: Callable[..., Report],
+) -> tuple[bool | None, tuple[LayerStats, ...], tuple[Finding, ...]]:
+    """Patch a deep copy and inspect it; (None, (), ()) when the copy cannot be made or run."""
+    try:
+        patched = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be copied cannot be tried; the fix stays unverified
+        return None, (), ()
+    # The re-initialisation draws from the global RNG (seeded, for a reproducible verdict); fork_rng hands the
+    # user's RNG state back untouched afterwards.
+    with torch.random.fork_rng():
+        try:
+            _apply(patched, plan, seed)
+            rerun = inspect(patched, example_input, loss_fn=loss_fn, seed=seed)
+        except Exception:  # noqa: BLE001 - e.g. the patched layer no longer fits the model's own forward code
+            return None, (), ()
+    return True, rerun.layers, rerun.findings

@@ -1,0 +1,32 @@
+"""What both framework callbacks share: the missing-package error and the end-of-training summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from actdiag.monitor import Monitor
+from actdiag.records import Finding
+
+
+def missing_extra(extra: str, framework: str, package: str) -> ImportError:
+    """The error for using an integration without its framework, with the command that installs it."""
+    return ImportError(
+        f"actdiag.integrations.{extra} needs {framework} (the {package!r} package), which is not installed. "
+        f'Install it with: pip install "actdiag[{extra}]"'
+    )
+
+
+def summary(monitor: Monitor, findings: Sequence[Finding], logdir: Path | None) -> str:
+    """A few lines for the end of training: what was recorded, where it went, the findings in rank order."""
+    head = f"actdiag: recorded {monitor.recorded_steps} of {monitor.steps} steps (every {monitor.every})"
+    if logdir is not None:
+        head += f"; TensorBoard: {logdir}"
+    if not findings:
+        return head + "\nactdiag: no findings"
+    lines = [head, f"actdiag: {len(findings)} finding(s), most severe first:"]
+    for f in findings:
+        fixes = ", ".join(fix.code for fix in f.fixes)
+        where = f.layer if f.layer is not None else "(model)"
+        lines.append(f"  {f.severity:<7} {where}: {f.code}: {f.message}" + (f" [fix: {fixes}]" if fixes else ""))
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""TensorBoard sink: the layout of shared/CONTRACT.md section 5, written through `torch.utils.tensorboard`.
+
+    activations/<layer>  gradients/<layer>  weights/<param>  weight_grads/<param>     histograms
+    act_std/<layer>  grad_norm/<layer>  dead_fraction/<layer>  saturation/<layer>  update_ratio/<layer>   scalars
+    custom_scalars__config__                                                          one layout, per metric
+    actdiag/findings                                                                  Markdown table, at close
+
+Histograms come from the counts the recorder already computed on the device (`add_histogram_raw`); no tensor is
+ever copied here. Everything goes through one `SummaryWriter` on the run directory itself: `add_scalars` is never
+used because it opens a sub-run per series.
+
+Writing a step costs a few hundred protobuf messages for a large model, which must not be paid inside the training
+loop. `on_record` only puts the (immutable) record on a bounded queue; a daemon thread turns records into events and
+flushes whenever it has caught up. `on_close` drains the queue, writes the findings, flushes and closes, and an
+`atexit` hook does the same for a watch that is never closed, so the last steps reach the disk.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import queue
+import re
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actdiag.records import Finding, LayerStats, Report, StepRecord, TensorStats
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+# Scalars per layer, in the order of the custom-scalars layout: (tag prefix, chart category title).
+SCALAR_TAGS: tuple[tuple[str, str], ...] = (
+    ("act_std", "activation std"),
+    ("grad_norm", "gradient norm"),
+    ("dead_fraction", "dead ReLU fraction"),
+    ("saturation", "saturated fraction"),
+    ("update_ratio", "update ratio |dW|/|W|"),
+)
+FINDINGS_TAG = "actdiag/findings"
+# A multiline chart with more lines than this is unreadable; the layout splits layers into charts of this size.
+LAYERS_PER_CHART = 12
+# Records waiting for the writer thread. A step is a few kilobytes of floats, so this bounds memory at a few MB;
+# when the writer falls this far behind, new steps are dropped (and counted) rather than stalling training.
+MAX_PENDING = 256
+
+_STOP = object()
+# Sinks not closed yet; at interpreter exit each is drained and closed so the last steps reach the disk.
+_OPEN: weakref.WeakSet[TensorBoardSink] = weakref.WeakSet()
+
+
+def _close_open_sinks() -> None:
+    for sink in list(_OPEN):
+        sink._shutdown()
+
+
+atexit.register(_close_open_sinks)
+
+
+def layer_tag(label: str) -> str:
+    """A layer's name as it appears in tags; the root module (a model that is itself a leaf) has the empty name."""
+    return label or "(model)"
+
+
+def layer_scalars(layer: LayerStats) -> dict[str, float]:
+    """The section-5 scalars of one layer that apply to it and are finite."""
+    out: dict[str, float] = {}
+    if layer.activation is not None and layer.activation.count:
+        out["act_std"] = layer.activation.std
+    if layer.gradient is not None and layer.gradient.count:
+        out["grad_norm"] = layer.gradient.norm
+    if layer.dead_fraction is not None:
+        out["dead_fraction"] = layer.dead_fraction
+    if layer.saturation is not None:
+        out["saturation"] = layer.saturation
+    if layer.update_ratio is not None:
+        out["update_ratio"] = layer.update_ratio
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def histogram_args(stats: TensorStats) -> dict[str, Any] | None:
+    """Keyword arguments for `SummaryWriter.add_histogram_raw` from precomputed stats; None with no finite value.
+
+    TensorBoard buckets are given by their upper limits (the first bucket starts at `min`). When the counts come
+    from a sample of the tensor, `num`, `sum` and `sum_squares` are scaled to the sample so they agree with the
+    buckets, which is what TensorBoard draws.
+    """
+    h = stats.histogram
+    if stats.count == 0 or not h.counts:
+        return None
+    num = h.total
+    if num <= 0:
+        return None
+    scale = num / stats.count
+    sum_sq = (max(stats.m2, 0.0) + stats.count * stats.mean * stats.mean) * scale
+    return {
+        "min": float(h.edges[0]),
+        "max": float(h.edges[-1]),
+        "num": int(round(num)),
+        "sum": stats.mean * num,
+        "sum_squares": sum_sq,
+        "bucket_limits": [float(e) for e in h.edges[1:]],
+        "bucket_counts": [float(c) for c in h.counts],
+    }
+
+
+def custom_scalars_layout(labels: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+    """One category per scalar family, each split into charts of at most LAYERS_PER_CHART layers in depth order.
+
+    Charts name their tags with anchored, escaped regular expressions (TensorBoard matches them as regexes), so a
+    layer name with regex characters selects exactly itself.
+    """
+    tags = [layer_tag(lb) for lb in labels]
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for prefix, title in SCALAR_TAGS:
+        charts: dict[str, list[Any]] = {}
+        for start in range(0, len(tags), LAYERS_PER_CHART):
+            chunk = tags[start : start + LAYERS_PER_CHART]
+            name = f"{prefix}: layers {start + 1}-{start + len(chunk)} ({chunk[0]} .. {chunk[-1]})"
+            charts[name] = ["Multiline", [f"^{re.escape(prefix + '/' + t)}$" for t in chunk]]
+        if charts:
+            layout[f"actdiag: {title}"] = charts
+    return layout
+
+
+def _md_cell(text: object) -> str:
+    """Text safe inside one Markdown table cell: no pipes or newlines, no raw HTML."""
+    s = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def findings_markdown(findings: Iterable[Finding]) -> str:
+    """The ranked findings as a Markdown table (TensorBoard's text dashboard renders Markdown)."""
+    rows = list(findings)
+    if not rows:
+        return "**actdiag: no findings.** No rule fired on the recorded steps."
+    lines = [
+        f"**actdiag: {len(rows)} finding{'s' if len(rows) != 1 else ''}**, most severe first.",
+        "",
+        "| # | severity | code | layer | message | fixes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, f in enumerate(rows, 1):
+        fixes = "; ".join(
+            f"{x.code}" + ("" if x.verified is None else (" (verified)" if x.verified else " (did not help)"))
+            for x in f.fixes
+        )
+        layer = "(whole model)" if f.layer is None else f.layer
+        lines.append(
+            f"| {i} | {_md_cell(f.severity)} | {_md_cell(f.code)} | {_md_cell(layer)} | {_md_cell(f.message)} "
+            f"| {_md_cell(fixes or '-')} |"
+        )
+    return "\n".join(lines)
+
+
+class TensorBoardSink:
+    """Writes recorded steps and the final findings to one TensorBoard run directory, off the training thread."""
+
+    def __init__(self, logdir: str | os.PathLike[str], *, max_pending: int = MAX_PENDING) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # tensorboard is a dependency, but a broken install should say what to do
+            raise ImportError(
+                "actdiag's TensorBoard output needs the tensorboard package: pip install tensorboard"
+            ) from exc
+        self.logdir = Path(logdir)
+        # max_queue/flush_secs: the writer thread below decides when to flush, so SummaryWriter's own 2-minute
+        # timer is only a fallback.
+        self._writer: SummaryWriter = SummaryWriter(log_dir=str(self.logdir), max_queue=1000, flush_secs=30)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, max_pending))
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._layout_written = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self.dropped = 0
+        self.written_steps = 0
+        # A watch that is never closed still gets its buffered steps written when the interpreter exits.
+        _OPEN.add(self)
+
+    # ------------------------------------------------------------------ Sink protocol
+    def on_record(self, record: StepRecord) -> None:
+        """Queue one recorded step; returns at once. Raises the writer thread's error, if it had one."""
+        self._raise_if_failed()
+        if self._closed:
+            return
+        self._ensure_thread()
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def on_close(self, report: Report) -> None:
+        """Write everything still queued, the findings and the layout; flush and close the event file."""
+        self._shutdown(report)
+        self._raise_if_failed()
+
+    def flush(self) -> None:
+        """Wait until every queued step is written and on disk (for callers that want to look at a live run)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.join()
+        with self._lock:
+            if not self._closed:
+                self._writer.flush()
+        self._raise_if_failed()
+
+    # ------------------------------------------------------------------ internals
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="actdiag-tensorboard", daemon=True)
+            self._thread.start()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the TensorBoard writer failed: {self._error}") from self._error
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is None:
+                    with self._lock:
+                        self._write_record(item)
+                        if self._queue.empty():
+                            # Caught up with training: put what we have on disk so a live dashboard sees it.
+                            self._writer.flush()
+            except Exception as exc:  # noqa: BLE001 - reported to the training thread at its next call
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _shutdown(self, report: Report | None = None) -> None:
+        with self._lock:
+            if self._closed:
+                return
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+        with self._lock:
+            self._closed = True
+            try:
+                if report is not None and self._error is None:
+                    if not self._layout_written and report.layers:
+                        self._write_layout([layer.label for layer in report.layers])
+                    # The findings describe the latest recorded step, so they sit at its step on the text axis.
+                    step = report.layers[0].step if report.layers else 0
+                    self._add_text(FINDINGS_TAG, findings_markdown(report.findings), step)
+                    if self.dropped:
+                        self._add_text(
+                            "actdiag/notes",
+                            f"{self.dropped} recorded steps were not written: the TensorBoard writer fell behind "
+                            f"training by more than {self._queue.maxsize} steps. Record less often (watch(every=...)).",
+                            step,
+                        )
+            except Exception as exc:  # noqa: BLE001
+                self._error = exc
+            finally:
+                self._writer.close()
+                _OPEN.discard(self)
+
+    def _add_text(self, tag: str, markdown: str, step: int) -> None:
+        # SummaryWriter.add_text appends "/text_summary" to the tag; the contract names the tag itself, so the
+        # summary comes from TensorBoard's own text plugin and goes to the writer's event file directly.
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        self._writer._get_file_writer().add_summary(text_pb(tag, markdown), step)
+
+    def _write_layout(self, labels: Sequence[str]) -> None:
+        self._writer.add_custom_scalars(custom_scalars_layout(labels))
+        self._layout_written = True
+
+    def _write_record(self, record: StepRecord) -> None:
+        w = self._writer
+        step = record.step
+        if not self._layout_written and record.layers:
+            self._write_layout([layer.label for layer in record.layers])
+        for layer in record.layers:
+            tag = layer_tag(layer.label)
+            for kind, stats in (("activations", layer.activation), ("gradients", layer.gradient)):
+                if stats is not None and (args := histogram_args(stats)) is not None:
+                    w.add_histogram_raw(f"{kind}/{tag}", global_step=step, **args)
+            for prefix, value in layer_scalars(layer).items():
+                w.add_scalar(f"{prefix}/{tag}", value, global_step=step)
+        for p in record.params:
+            for kind, stats in (("weights", p.weight), ("weight_grads", p.grad)):
+                if stats is not None and (args := histogram_args(stats)) is not None:
+                    w.add_histogram_raw(f"{kind}/{p.name}", global_step=step, **args)
+        self.written_steps += 1

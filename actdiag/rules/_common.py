@@ -1,0 +1,102 @@
+"""What several rule families share: which layer types are which, and small numeric helpers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from actdiag.records import LayerStats, TensorStats
+
+# Layers whose output is a fresh linear map of their input: the spread of their outputs is what Xavier/He theory
+# predicts layer by layer. Normalisation layers own weights too and are kept in the chain on purpose: they reset
+# the spread, which is exactly why a normalised network never shows a sustained collapse.
+NORM_TYPES = frozenset(
+    {
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "SyncBatchNorm",
+        "LayerNorm",
+        "GroupNorm",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "RMSNorm",
+        "LocalResponseNorm",
+    }
+)
+
+# ReLU-family units that really are dead when they never fire: their gradient is exactly zero for x <= 0.
+# LeakyReLU/PReLU/ELU/GELU/SiLU... pass gradient for negative inputs, so "no positive output" is not death there.
+DEAD_CAPABLE = frozenset({"ReLU", "ReLU6"})
+
+RELU_LIKE = frozenset(
+    {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Hardswish"}
+)
+TANH_LIKE = frozenset({"Tanh", "Hardtanh", "Softsign", "Tanhshrink"})
+SIGMOID_LIKE = frozenset({"Sigmoid", "Hardsigmoid", "LogSigmoid"})
+ACTIVATION_TYPES = RELU_LIKE | TANH_LIKE | SIGMOID_LIKE
+
+# Linear maps whose weight `nn.init.kaiming_normal_` / `xavier_normal_` can re-initialise (weight with >= 2 dims).
+REINIT_TYPES = frozenset(
+    {
+        "Linear",
+        "Bilinear",
+        "LazyLinear",
+        "Conv1d",
+        "Conv2d",
+        "Conv3d",
+        "ConvTranspose1d",
+        "ConvTranspose2d",
+        "ConvTranspose3d",
+        "LazyConv1d",
+        "LazyConv2d",
+        "LazyConv3d",
+        "NonDynamicallyQuantizableLinear",
+    }
+)
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def usable(stats: TensorStats | None) -> bool:
+    """Stats with at least one finite value and a finite, non-zero spread."""
+    return stats is not None and stats.count > 0 and finite(stats.std) and stats.std > 0
+
+
+def nonlinearity_after(layers: Sequence[LayerStats], index: int) -> str | None:
+    """The type of the activation that follows the weight layer at `index` (skipping normalisation, dropout and
+    pooling), or None when another weight layer comes first (functional activations are invisible to hooks)."""
+    for layer in layers[index + 1 :]:
+        if layer.type in ACTIVATION_TYPES:
+            return layer.type
+        if layer.weight_name is not None and layer.type not in NORM_TYPES:
+            return None
+    return None
+
+
+def weight_layer_before(layers: Sequence[LayerStats], index: int) -> int | None:
+    """Index of the nearest re-initialisable weight layer before `index` (what feeds an activation)."""
+    for i in range(index - 1, -1, -1):
+        if layers[i].type in REINIT_TYPES and layers[i].weight_name is not None:
+            return i
+    return None
+
+
+def geo_mean(values: Sequence[float]) -> float:
+    if not values:
+        return math.nan
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def fmt(x: float) -> str:
+    """Numbers in messages: 3 significant digits, scientific when tiny or huge."""
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.3g}"
+    return f"{x:.2e}"

@@ -1,0 +1,205 @@
+"""Activation rules: collapse and explosion of the spread across depth, saturation, dead ReLUs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from actdiag.records import Finding, History, LayerStats
+from actdiag.rules._common import DEAD_CAPABLE, REINIT_TYPES, finite, fmt, geo_mean, usable
+from actdiag.rules.thresholds import Thresholds
+
+
+@dataclass(frozen=True, slots=True)
+class _Point:
+    index: int  # position in the step's layers
+    layer: LayerStats
+    std: float
+
+
+def spread_chain(layers: Sequence[LayerStats]) -> list[_Point]:
+    """The outputs of the layers that own a weight, in execution order, with their std.
+
+    Linear maps are where Xavier/He theory predicts the gain, and normalisation layers (which own weights too)
+    stay in the chain because they reset the spread. Activation modules are left out: whether the network uses
+    `nn.ReLU` or `F.relu` must not change the verdict. Layers with no spread (a dead layer, a constant) break the
+    chain rather than count as a collapse: dead units are their own finding.
+    """
+    return [
+        _Point(i, layer, layer.activation.std)  # type: ignore[union-attr]
+        for i, layer in enumerate(layers)
+        if layer.weight_name is not None and usable(layer.activation)
+    ]
+
+
+def _runs(chain: list[_Point], shrinking: bool) -> list[list[_Point]]:
+    """Maximal stretches of the chain where every step moves the spread the same way."""
+    runs: list[list[_Point]] = []
+    current: list[_Point] = chain[:1]
+    for prev, point in zip(chain, chain[1:]):
+        moving = point.std < prev.std if shrinking else point.std > prev.std
+        if moving:
+            current.append(point)
+        else:
+            if len(current) > 1:
+                runs.append(current)
+            current = [point]
+    if len(current) > 1:
+        runs.append(current)
+    return runs
+
+
+def weight_gain(layer: LayerStats) -> float | None:
+    """The std gain the layer's weights give a unit-variance input: sqrt(fan_in * E[w^2]). Xavier init makes it
+    about 1, He init sqrt(2); None where the layer is not a plain linear map."""
+    w = layer.weight
+    if layer.type not in REINIT_TYPES or w is None or w.count == 0 or not layer.shape:
+        return None
+    out_dim = 1 if layer.type.startswith("Conv") and len(layer.shape) >= 3 else len(layer.shape) - 1
+    out_units = layer.shape[out_dim] if len(layer.shape) > out_dim else 0
+    if out_units <= 0 or w.numel % out_units:
+        return None
+    fan_in = w.numel // out_units
+    return math.sqrt(fan_in) * w.rms
+
+
+def spread_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding]:
+    chain = spread_chain(layers)
+    found: list[Finding] = []
+    for shrinking in (True, False):
+        for run in _runs(chain, shrinking):
+            steps = len(run) - 1
+            if steps < t.spread_min_transitions:
+                continue
+            total = run[-1].std / run[0].std
+            gain = total ** (1.0 / steps)  # the geometric mean of the step-by-step ratios (they telescope)
+            if shrinking and not (gain < t.collapse_gain_below and total < t.collapse_total_below):
+                continue
+            if not shrinking and not (gain > t.explosion_gain_above and total > t.explosion_total_above):
+                continue
+            first, last = run[0].layer, run[-1].layer
+            evidence: dict[str, float] = {
+                "gain_per_layer": gain,
+                "layers": float(len(run)),
+                "first_std": run[0].std,
+                "last_std": run[-1].std,
+                "total_ratio": total,
+            }
+            wg = [g for g in (weight_gain(p.layer) for p in run) if g is not None and g > 0]
+            if wg:
+                evidence["weight_gain"] = geo_mean(wg)
+            code = "activation_collapse" if shrinking else "activation_explosion"
+            verb = "shrinks" if shrinking else "grows"
+            message = (
+                f"The spread of activations {verb} by {fmt(gain)}x per layer over {len(run)} layers, from std "
+                f"{fmt(run[0].std)} at layer {first.label} to {fmt(run[-1].std)} at layer {last.label}: the "
+                "initialisation does not keep the signal's variance across depth."
+            )
+            found.append(
+                Finding(
+                    code=code,
+                    severity="warning",
+                    layer=last.name,
+                    message=message,
+                    evidence=evidence,
+                    related=tuple(dict.fromkeys(p.layer.name for p in run[:-1] if p.layer.name != last.name)),
+                )
+            )
+    return found
+
+
+def saturation_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding]:
+    """Bounded activations piling up at their bounds. The model's final layer is left out: a sigmoid/tanh output
+    that saturates is a confident prediction, and its loss (BCE, for one) usually cancels the flat gradient."""
+    last_index = len(layers) - 1
+    hits = [
+        layer
+        for i, layer in enumerate(layers)
+        if i != last_index and finite(layer.saturation) and layer.saturation >= t.saturation_fraction_at_least  # type: ignore[operator]
+    ]
+    if not hits:
+        return []
+    worst = max(hits, key=lambda lay: lay.saturation or 0.0)
+    sat = worst.saturation or 0.0
+    lo, hi = worst.bounds or (math.nan, math.nan)
+    others = f" and {len(hits) - 1} more layer(s)" if len(hits) > 1 else ""
+    message = (
+        f"{sat:.0%} of the outputs of layer {worst.label} ({worst.type}){others} sit at the bounds "
+        f"{fmt(lo)}/{fmt(hi)}, where the gradient is nearly zero: the pre-activations are too large."
+    )
+    evidence = {
+        "saturation": sat,
+        "layers": float(len(hits)),
+        "mean_saturation": sum(h.saturation or 0.0 for h in hits) / len(hits),
+    }
+    return [
+        Finding(
+            code="saturation",
+            severity="warning",
+            layer=worst.name,
+            message=message,
+            evidence=evidence,
+            related=tuple(dict.fromkeys(h.name for h in hits if h.name != worst.name)),
+        )
+    ]
+
+
+def _samples_per_unit(layer: LayerStats) -> float:
+    if not layer.units or not layer.shape:
+        return 0.0
+    return math.prod(layer.shape) / layer.units
+
+
+def _window(history: History | None, label: str, metric: str, n: int) -> list[float] | None:
+    if history is None:
+        return None
+    series = history.layers.get(label, {}).get(metric)
+    if not series:
+        return None
+    values = [v for v in series if finite(v)]
+    return values[-n:] if len(values) >= n else None
+
+
+def dead_relu_findings(layers: Sequence[LayerStats], history: History | None, t: Thresholds) -> list[Finding]:
+    """ReLU units with no positive output for any sample. With a history (watch), a layer is reported when its
+    units stayed dead for `dead_window` recorded steps; with one step, when they are dead in that step."""
+    hits: list[tuple[LayerStats, float, float]] = []  # layer, dead share, recorded steps it held
+    for layer in layers:
+        if layer.type not in DEAD_CAPABLE or layer.dead_fraction is None:
+            continue
+        if _samples_per_unit(layer) < t.dead_min_samples:
+            continue
+        window = _window(history, layer.label, "dead_fraction", t.dead_window)
+        if window is not None:
+            held = min(window)
+            never = layer.never_active_fraction
+            share = min(held, never) if never is not None else held
+            if share > t.dead_fraction_above:
+                hits.append((layer, share, float(len(window))))
+        elif layer.dead_fraction > t.dead_fraction_above:
+            hits.append((layer, layer.dead_fraction, 1.0))
+    if not hits:
+        return []
+    worst, share, steps = max(hits, key=lambda h: h[1])
+    others = f" ({len(hits) - 1} more layer(s) too)" if len(hits) > 1 else ""
+    span = f" for {int(steps)} recorded steps" if steps > 1 else ""
+    message = (
+        f"{share:.0%} of the {worst.units} units of layer {worst.label} output zero for every sample{span}{others}: "
+        "they pass no gradient and no longer learn."
+    )
+    evidence = {"dead_fraction": share, "units": float(worst.units or 0), "layers": float(len(hits))}
+    if steps > 1:
+        evidence["steps"] = steps
+    if worst.rare_fraction is not None:
+        evidence["rare_fraction"] = worst.rare_fraction
+    return [
+        Finding(
+            code="dead_relu",
+            severity="error" if share >= t.dead_error_at_least else "warning",
+            layer=worst.name,
+            message=message,
+            evidence=evidence,
+            related=tuple(dict.fromkeys(h[0].name for h in hits if h[0].name != worst.name)),
+        )
+    ]
