@@ -83,6 +83,44 @@ def test_help_and_version_do_not_import_torch(args) -> None:
     assert "TORCH False" in out.stdout
 
 
+IMPORT_EACH_FIRST = """
+import importlib, pkgutil, sys
+import torch  # imported once; only actdiag's modules are forgotten between tries
+import actdiag
+# Not the framework adapters: importing Lightning or transformers takes seconds, and they reach actdiag through
+# actdiag.integrations._common, which is checked.
+heavy = ("actdiag.integrations.lightning", "actdiag.integrations.transformers")
+names = sorted(m.name for m in pkgutil.walk_packages(actdiag.__path__, "actdiag.") if m.name not in heavy)
+failed = []
+for first in names + ["actdiag.watch", "actdiag.inspect", "actdiag.Finding"]:
+    for name in [n for n in sys.modules if n == "actdiag" or n.startswith("actdiag.")]:
+        del sys.modules[name]
+    try:
+        if first.split(".")[1][0].isupper() or first in ("actdiag.watch", "actdiag.inspect"):
+            getattr(importlib.import_module("actdiag"), first.split(".")[1])
+        else:
+            importlib.import_module(first)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("actdiag"):
+            failed.append(f"{first}: {exc!r}")
+    except Exception as exc:
+        failed.append(f"{first}: {exc!r}")
+print("CHECKED", len(names))
+print("FAILED", failed)
+"""
+
+
+def test_every_module_imports_first_in_a_fresh_process() -> None:
+    """With lazy public names, any module may be the first one imported (`import actdiag.monitor`, or
+    `actdiag.watch` in a new process): none may depend on another having been imported before it."""
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_EACH_FIRST], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "FAILED []" in out.stdout, out.stdout
+    assert int(out.stdout.split("CHECKED ")[1].split()[0]) > 10
+
+
 def test_python_dash_m_actdiag_version() -> None:
     from actdiag import __version__
 
