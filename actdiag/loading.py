@@ -289,7 +289,7 @@ def _is_model_instance(v: Any) -> bool:
     return isinstance(v, nn.Module) and not isinstance(v, _Loss)
 
 
-def _materialize(obj: Any, label: str, folder: Path | None) -> nn.Module:
+def _materialize(obj: Any, label: str, folder: Path | None, spec: TargetSpec) -> nn.Module:
     """An nn.Module from an instance, a class (instantiated without arguments) or a factory (called)."""
     if isinstance(obj, nn.Module):
         return obj
@@ -298,10 +298,11 @@ def _materialize(obj: Any, label: str, folder: Path | None) -> nn.Module:
     call = f"{label}()"
     needed = _needs_args(obj)
     if needed:
-        raise TargetError(
-            f"{call} needs arguments ({', '.join(needed)}); add a build_model() function that returns the model "
-            "built with the arguments you want"
-        )
+        if label in FACTORIES:
+            hint = f"give them default values, or choose another model with {spec.with_attr('NAME')}"
+        else:
+            hint = f"add a build_model() function to {spec.where} that returns the model built as you want it"
+        raise TargetError(f"{call} needs arguments ({', '.join(needed)}); {hint}")
     try:
         model = obj()
     except SystemExit as exc:
@@ -350,12 +351,12 @@ def discover_model(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
     the only nn.Module subclass constructible without arguments, defined in the file."""
     if spec.attr is not None:
         obj = _resolve_attr(module, spec.attr, spec)
-        model = _materialize(obj, spec.attr, folder)
+        model = _materialize(obj, spec.attr, folder, spec)
         return model, spec.attr if isinstance(obj, nn.Module) else f"{spec.attr}()"
     for factory in FACTORIES:
         fn = getattr(module, factory, None)
         if callable(fn):
-            return _materialize(fn, factory, folder), f"{factory}()"
+            return _materialize(fn, factory, folder, spec), f"{factory}()"
     candidate = getattr(module, "model", None)
     if isinstance(candidate, nn.Module):
         return candidate, "model"
@@ -372,7 +373,7 @@ def discover_model(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
     for group, kind in ((instances, "instances"), (buildable, "classes")):
         if len(group) == 1:
             obj = getattr(module, group[0])
-            return _materialize(obj, group[0], folder), group[0] if kind == "instances" else f"{group[0]}()"
+            return _materialize(obj, group[0], folder, spec), group[0] if kind == "instances" else f"{group[0]}()"
         if len(group) > 1:
             listed = ", ".join(group)
             raise TargetError(
