@@ -23,9 +23,8 @@ Design (sync-free by construction)
   hooks from an earlier step are ignored.
 * **Large tensors**: moments, min/max, zero and non-finite counts use every element; histograms use at most
   `sample_cap` elements chosen by a fixed pseudo-random index and say so (`sampled`).
+
+The submodules are imported by name (`actdiag.hooks.stats`, `actdiag.hooks.recorder`); this package imports none of
+them itself, so importing the kernels never drags in the recorder (and its import of `actdiag.distributed`, which
+needs the kernels' layout: a cycle otherwise).
 """
-
-from actdiag.hooks.recorder import Recorder, select_modules
-from actdiag.hooks.stats import decode_tensor_stats, tensor_stats
-
-__all__ = ["Recorder", "decode_tensor_stats", "select_modules", "tensor_stats"]
