@@ -490,16 +490,13 @@ class Recorder:
     def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
         return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free)
 
-    # The `kind` defaults are resolved when called, not when this class is defined: actdiag.distributed imports
-    # actdiag.hooks.stats, which runs actdiag/hooks/__init__ and so this module while actdiag.distributed is still
-    # half-initialised (e.g. after `import actdiag.monitor` in a fresh process), when its constants do not exist yet.
-    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str | None = None) -> None:
+    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = _dist.KIND_REPLICATED) -> None:
         self._put(key, *self._stats(t), kind)
 
-    def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str | None = None) -> None:
+    def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = _dist.KIND_REPLICATED) -> None:
         # `kind` says how the entry merges across ranks (actdiag.distributed); parameters are replicated by DDP.
         self._pending[key] = (vec, meta)
-        self._kinds[key] = _dist.KIND_REPLICATED if kind is None else kind
+        self._kinds[key] = kind
 
     def _own_weight(self, module: nn.Module) -> str | None:
         own = dict(module.named_parameters(recurse=False))
