@@ -147,7 +147,11 @@ def test_missing_name_lists_the_candidates(write, run) -> None:
             "import sys\nsys.exit(3)\n",
             ["called sys.exit(3) while being imported", '__name__ == "__main__"'],
         ),
-        ("needs.py", "def build_model(width):\n    pass\n", ["build_model() needs arguments (width); give them default"]),
+        (
+            "needs.py",
+            "def build_model(width):\n    pass\n",
+            ["build_model() needs arguments (width); give them default"],
+        ),
         ("toplevel.py", "x = 1 / 0\n", ["importing", "ZeroDivisionError: division by zero", "toplevel.py line 1"]),
         ("weird.py", "model = 3\n", ["no model found"]),
     ],
