@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -55,10 +55,15 @@ REPORT_BUG = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, "-V", "--version", prog_name="actdiag")
 def cli() -> None:
-    """actdiag: find why a PyTorch network does not train (vanishing gradients, saturation, dead ReLUs, ...)."""
+    """actdiag: find why a PyTorch network does not train (vanishing gradients, saturation, dead ReLUs, ...).
+
+    `actdiag inspect model.py` executes model.py as Python, like `python model.py` would (without its
+    `if __name__ == "__main__":` block), runs the model it defines on example inputs, and reports what looks wrong
+    with its activations and gradients, with fixes. See `actdiag inspect --help`.
+    """
 
 
 # ----------------------------------------------------------------------------------------------- option parsing
@@ -96,14 +101,16 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _check_output_path(path: str | None, option: str) -> None:
+def _check_output_path(path: str | None, option: str, folder: bool = False) -> None:
     """Fail before running (exit 2) when a report could not be written later; creates nothing."""
     if path is None or path == "-":
         return
     p = Path(path)
-    if p.is_dir():
+    if not folder and p.is_dir():
         raise click.BadParameter(f"{path!r} is a directory; give a file name", param_hint=option)
-    parent = p.parent
+    if folder and p.exists() and not p.is_dir():
+        raise click.BadParameter(f"{path!r} is a file, not a folder", param_hint=option)
+    parent = p if folder and p.is_dir() else p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -126,8 +133,7 @@ class _Outputs:
         _check_output_path(self.json_path, "--json")
         _check_output_path(self.html_path, "--html")
         if self.logdir is not None:
-            if self.logdir.exists() and not self.logdir.is_dir():
-                raise click.BadParameter(f"{str(self.logdir)!r} is a file, not a folder", param_hint="--logdir")
+            _check_output_path(str(self.logdir), "--logdir", folder=True)
             self._logdir_existed = self.logdir.exists()
             if self._logdir_existed:
                 self._before = set(self.logdir.rglob("*"))
@@ -219,8 +225,10 @@ Examples:
     "input_dtypes",
     multiple=True,
     type=click.Choice(INPUT_DTYPES),
-    help="Dtype of the --input-shape inputs (default float32): once for all, or once per input. Integer "
-    "inputs (e.g. long token ids) are drawn from --input-range, else from the model's first nn.Embedding.",
+    metavar="DTYPE",
+    help="Dtype of the --input-shape inputs: float32 (default), float64, float16, bfloat16, long (int64), int32, "
+    "int16, int8, uint8, bool; once for all inputs, or once per input. Integer inputs (e.g. token ids) are drawn "
+    "from --input-range, else from [0, vocabulary size) of the model's first nn.Embedding.",
 )
 @click.option(
     "--input-range",
@@ -270,7 +278,7 @@ def inspect_command(
     user_stdout = contextlib.redirect_stdout(sys.stderr) if json_path == "-" else contextlib.nullcontext()
     try:
         with user_stdout:
-            report, notes = _run(
+            report, notes, source = _run(
                 target,
                 load={
                     "input_shapes": input_shapes,
@@ -289,6 +297,7 @@ def inspect_command(
                 progress_stream=None if quiet else err,
             )
         outputs.write(report)
+        _show(report, notes, source, summary=summary, json_stdout=json_path == "-", quiet=quiet)
     except KeyboardInterrupt:
         outputs.cleanup()
         click.echo("actdiag: interrupted", err=True)
@@ -296,26 +305,27 @@ def inspect_command(
     except Exception as exc:
         outputs.cleanup()
         _fail(exc, debug)
-    from actdiag.reports.console import format_summary, terminal_width, use_color
-
-    if not quiet:
-        for note in notes:
-            click.echo(f"actdiag: note: {note}", err=True)
-    click.echo(
-        format_summary(report, width=terminal_width(summary), color=use_color(summary), quiet=quiet),
-        file=summary,
-        color=use_color(summary),
-    )
-    if json_path == "-":
-        from actdiag.reports.json import dumps
-
-        click.echo(dumps(report), nl=False)
     if not quiet:
         for p in outputs.written:
             click.echo(f"actdiag: wrote {p}", err=True)
         if logdir is not None:
             click.echo(f"actdiag: TensorBoard logs in {logdir} (tensorboard --logdir {logdir})", err=True)
     sys.exit(exit_status(report, fail_on))
+
+
+def _show(report: Report, notes: Sequence[str], source: str, *, summary: Any, json_stdout: bool, quiet: bool) -> None:
+    from actdiag.reports.console import format_summary, terminal_width, use_color
+
+    if not quiet:
+        for note in notes:
+            click.echo(f"actdiag: note: {note}", err=True)
+    color = use_color(summary)
+    text = format_summary(report, width=terminal_width(summary), color=color, quiet=quiet, source=source)
+    click.echo(text, file=summary, color=color)
+    if json_stdout:
+        from actdiag.reports.json import dumps
+
+        click.echo(dumps(report), nl=False)
 
 
 def exit_status(report: Report, fail_on: str) -> int:
@@ -337,7 +347,7 @@ def _run(
     try_fixes: bool,
     logdir: str | None,
     progress_stream: Any,
-) -> tuple[Report, tuple[str, ...]]:
+) -> tuple[Report, tuple[str, ...], str]:
     from actdiag.loading import make_optimizer, open_target, run_inspect
     from actdiag.reports.console import ProgressBar
 
@@ -353,13 +363,13 @@ def _run(
                 logdir=logdir,
                 progress=bar,
             )
-            return report, t.notes
+            return report, t.notes, f"{t.spec.where}: {t.found_as}"
     finally:
         if bar is not None:
             bar.close()
 
 
-def _fail(exc: Exception, debug: bool) -> None:
+def _fail(exc: Exception, debug: bool) -> NoReturn:
     from actdiag.errors import ActdiagError
 
     if debug:

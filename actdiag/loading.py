@@ -23,6 +23,7 @@ import pickle
 import random
 import re
 import sys
+import sysconfig
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.loss import _Loss
 
 from actdiag.errors import TargetError
 from actdiag.hooks.recorder import first_tensor
@@ -67,6 +69,7 @@ DTYPES: Mapping[str, torch.dtype] = {
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"{_IDENT}(\.{_IDENT})*")
 _ACTDIAG_DIR = Path(__file__).resolve().parent
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 _counter = itertools.count()
 
 
@@ -138,6 +141,8 @@ def _is_user_file(filename: str, folder: Path | None) -> bool:
     f = Path(filename).resolve()
     if _ACTDIAG_DIR in f.parents or "site-packages" in f.parts or "dist-packages" in f.parts:
         return False
+    if _STDLIB in f.parents:
+        return False
     return folder is None or folder in f.parents
 
 
@@ -176,14 +181,16 @@ class _UserCode:
         self.names: list[str] = []
 
     def __enter__(self) -> _UserCode:
-        self._path = list(sys.path)
-        self._argv = list(sys.argv)
+        # Keep the list objects as well as their contents: the user's code may replace them, not only edit them.
+        self._path_obj, self._path = sys.path, list(sys.path)
+        self._argv_obj, self._argv = sys.argv, list(sys.argv)
         self._modules = set(sys.modules)
         sys.path.insert(0, str(self.folder) if self.folder is not None else os.getcwd())
         sys.argv = [self.argv0]
         return self
 
     def __exit__(self, *exc: object) -> None:
+        sys.path, sys.argv = self._path_obj, self._argv_obj
         sys.path[:] = self._path
         sys.argv[:] = self._argv
         for name in self.names:
@@ -275,10 +282,15 @@ def _needs_args(obj: Any) -> list[str] | None:
 
 
 def _is_module_class(v: Any) -> bool:
-    return isinstance(v, type) and issubclass(v, nn.Module)
+    return isinstance(v, type) and issubclass(v, nn.Module) and not issubclass(v, _Loss)
 
 
-def _materialize(obj: Any, label: str, folder: Path | None) -> nn.Module:
+def _is_model_instance(v: Any) -> bool:
+    # A module-level `criterion = nn.CrossEntropyLoss()` is an nn.Module too, but never the model to inspect.
+    return isinstance(v, nn.Module) and not isinstance(v, _Loss)
+
+
+def _materialize(obj: Any, label: str, folder: Path | None, spec: TargetSpec) -> nn.Module:
     """An nn.Module from an instance, a class (instantiated without arguments) or a factory (called)."""
     if isinstance(obj, nn.Module):
         return obj
@@ -287,10 +299,11 @@ def _materialize(obj: Any, label: str, folder: Path | None) -> nn.Module:
     call = f"{label}()"
     needed = _needs_args(obj)
     if needed:
-        raise TargetError(
-            f"{call} needs arguments ({', '.join(needed)}); add a build_model() function that returns the model "
-            "built with the arguments you want"
-        )
+        if label in FACTORIES:
+            hint = f"give them default values, or choose another model with {spec.with_attr('NAME')}"
+        else:
+            hint = f"add a build_model() function to {spec.where} that returns the model built as you want it"
+        raise TargetError(f"{call} needs arguments ({', '.join(needed)}); {hint}")
     try:
         model = obj()
     except SystemExit as exc:
@@ -339,17 +352,17 @@ def discover_model(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
     the only nn.Module subclass constructible without arguments, defined in the file."""
     if spec.attr is not None:
         obj = _resolve_attr(module, spec.attr, spec)
-        model = _materialize(obj, spec.attr, folder)
+        model = _materialize(obj, spec.attr, folder, spec)
         return model, spec.attr if isinstance(obj, nn.Module) else f"{spec.attr}()"
     for factory in FACTORIES:
         fn = getattr(module, factory, None)
         if callable(fn):
-            return _materialize(fn, factory, folder), f"{factory}()"
+            return _materialize(fn, factory, folder, spec), f"{factory}()"
     candidate = getattr(module, "model", None)
     if isinstance(candidate, nn.Module):
         return candidate, "model"
     names = _public(module)
-    instances = [n for n in names if isinstance(getattr(module, n), nn.Module)]
+    instances = [n for n in names if _is_model_instance(getattr(module, n))]
     classes = [
         n
         for n in names
@@ -361,7 +374,7 @@ def discover_model(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
     for group, kind in ((instances, "instances"), (buildable, "classes")):
         if len(group) == 1:
             obj = getattr(module, group[0])
-            return _materialize(obj, group[0], folder), group[0] if kind == "instances" else f"{group[0]}()"
+            return _materialize(obj, group[0], folder, spec), group[0] if kind == "instances" else f"{group[0]}()"
         if len(group) > 1:
             listed = ", ".join(group)
             raise TargetError(

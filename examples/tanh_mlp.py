@@ -1,6 +1,6 @@
 """A deep tanh MLP initialised with weights drawn from N(0, 0.01^2): the classic way to make a network untrainable.
 
-Each layer multiplies the spread of its input by about 0.01 * sqrt(fan_in) = 0.16 (fan_in 256), so after a few
+Each layer multiplies the spread of its input by about 0.01 * sqrt(fan_in) = 0.11 (fan_in 128), so after a few
 layers the activations have collapsed toward zero and the gradients reaching the first layers are orders of
 magnitude smaller than those at the top (Glorot & Bengio, 2010). actdiag names the layers and suggests Xavier
 initialisation, which keeps the spread near 1.
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 SMALL = os.environ.get("ACTDIAG_EXAMPLE_SMALL") == "1"
-WIDTH = 64 if SMALL else 256
+WIDTH = 64 if SMALL else 128
 DEPTH = 6 if SMALL else 8
-BATCH = 32 if SMALL else 128
+BATCH = 32 if SMALL else 64
 IN_FEATURES = 32 if SMALL else 64
 CLASSES = 10
 
@@ -32,7 +32,7 @@ def build_model() -> nn.Module:
     fan_in = IN_FEATURES
     for _ in range(DEPTH):
         linear = nn.Linear(fan_in, WIDTH)
-        nn.init.normal_(linear.weight, mean=0.0, std=0.01)  # the bug: far too small for fan_in 256
+        nn.init.normal_(linear.weight, mean=0.0, std=0.01)  # the bug: far too small for fan_in 128
         nn.init.zeros_(linear.bias)
         layers += [linear, nn.Tanh()]
         fan_in = WIDTH

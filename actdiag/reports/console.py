@@ -20,7 +20,7 @@ from actdiag.records import Finding, Fix, Report
 SEVERITY_COLOR = {"error": "red", "warning": "yellow", "info": "cyan"}
 _ANSI = {"red": "31", "yellow": "33", "cyan": "36", "green": "32", "bold": "1", "dim": "2"}
 DEFAULT_WIDTH = 100
-MAX_SNIPPETS = 3
+MAX_SNIPPETS = 2
 
 
 def use_color(stream: IO[Any] | None) -> bool:
@@ -80,10 +80,14 @@ def _what(f: Finding) -> str:
     return f"{f.code}\n{f.message}"
 
 
-def _layer(f: Finding) -> str:
-    name = f.layer if f.layer is not None else "(model)"
+def _layer(f: Finding, types: Mapping[str, str] | None = None) -> str:
+    """The layer's name, with its type when known ("14 (Linear)" says more than "14" in a Sequential)."""
+    if f.layer is None:
+        return "(model)"
+    kind = (types or {}).get(f.layer)
+    name = f"{f.layer} ({kind})" if kind else f.layer
     if f.related:
-        name += f" (+{len(f.related)} more)"
+        name += f"\n+{len(f.related)} more"
     return name
 
 
@@ -99,7 +103,8 @@ def _counts(findings: Sequence[Finding]) -> str:
 def verdict(report: Report, color: bool = False) -> str:
     """One line: what was run and whether anything is wrong, starting with the most severe finding."""
     steps = f"{report.run.steps} step{'s' if report.run.steps != 1 else ''}"
-    ran = f"{report.model.name}, {len(report.layers)} layers, {steps}"
+    n = len(report.layers)
+    ran = f"{report.model.name}, {n} layer{'s' if n != 1 else ''}, {steps}"
     if not report.findings:
         return _paint("verdict: no problems found", "green", color) + f" in {ran}"
     top = report.findings[0]
@@ -116,10 +121,10 @@ def _wrap(text: str, width: int) -> list[str]:
     return out
 
 
-def _plain_table(findings: Sequence[Finding], width: int, color: bool) -> str:
+def _plain_table(findings: Sequence[Finding], width: int, color: bool, types: Mapping[str, str]) -> str:
     header = ("#", "severity", "layer", "what", "evidence", "fix")
     rows = [
-        (str(i), f.severity, _layer(f), _what(f), format_evidence(f.evidence, sep="\n"), format_fix(f.fixes))
+        (str(i), f.severity, _layer(f, types), _what(f), format_evidence(f.evidence, sep="\n"), format_fix(f.fixes))
         for i, f in enumerate(findings, 1)
     ]
     gap = 2
@@ -153,7 +158,7 @@ def _plain_table(findings: Sequence[Finding], width: int, color: bool) -> str:
     return "\n".join(lines)
 
 
-def _rich_table(findings: Sequence[Finding], width: int) -> str | None:
+def _rich_table(findings: Sequence[Finding], width: int, types: Mapping[str, str]) -> str | None:
     """The table drawn by rich (optional extra), or None when rich is not installed."""
     try:
         from rich.console import Console
@@ -177,7 +182,7 @@ def _rich_table(findings: Sequence[Finding], width: int) -> str | None:
         table.add_row(
             str(i),
             Text(f.severity, style=SEVERITY_COLOR.get(f.severity, "")),
-            Text(_layer(f)),
+            Text(_layer(f, types)),
             Text(_what(f)),
             Text(format_evidence(f.evidence, sep="\n")),
             Text(format_fix(f.fixes)),
@@ -187,15 +192,23 @@ def _rich_table(findings: Sequence[Finding], width: int) -> str | None:
     return buf.getvalue().rstrip("\n")
 
 
-def findings_table(findings: Sequence[Finding], *, width: int = DEFAULT_WIDTH, color: bool = False) -> str:
-    """The ranked findings as a table. On a terminal (color=True) rich draws it when installed."""
+def findings_table(
+    findings: Sequence[Finding],
+    *,
+    width: int = DEFAULT_WIDTH,
+    color: bool = False,
+    types: Mapping[str, str] | None = None,
+) -> str:
+    """The ranked findings as a table; `types` maps layer names to module types. On a terminal (color=True) rich
+    draws it when installed."""
     if not findings:
         return ""
+    types = types or {}
     if color:
-        drawn = _rich_table(findings, width)
+        drawn = _rich_table(findings, width, types)
         if drawn is not None:
             return drawn
-    return _plain_table(findings, width, color)
+    return _plain_table(findings, width, color, types)
 
 
 def fix_snippets(findings: Sequence[Finding], limit: int = MAX_SNIPPETS, color: bool = False) -> str:
@@ -213,16 +226,21 @@ def fix_snippets(findings: Sequence[Finding], limit: int = MAX_SNIPPETS, color: 
     return "\n\n".join(blocks)
 
 
-def format_summary(report: Report, *, width: int = DEFAULT_WIDTH, color: bool = False, quiet: bool = False) -> str:
+def format_summary(
+    report: Report, *, width: int = DEFAULT_WIDTH, color: bool = False, quiet: bool = False, source: str = ""
+) -> str:
     """The whole terminal summary: a header, the findings table, fix snippets, and the verdict last (so it is the
-    line a reader sees at the bottom of a CI log). `quiet` keeps only the verdict."""
+    line a reader sees at the bottom of a CI log). `source` says where the model came from, e.g.
+    "model.py: build_model()". `quiet` keeps only the verdict."""
     if quiet:
         return verdict(report, color)
     params = f"{report.model.parameters:,} parameters"
-    head = _paint(f"actdiag: {report.model.name}", "bold", color) + f" ({params}, on {report.run.device})"
+    origin = f" from {source}" if source else ""
+    head = _paint(f"actdiag: {report.model.name}", "bold", color) + f"{origin} ({params}, on {report.run.device})"
     parts = [head]
     if report.findings:
-        parts.append(findings_table(report.findings, width=width, color=color))
+        types = {layer.name: layer.type for layer in report.layers}
+        parts.append(findings_table(report.findings, width=width, color=color, types=types))
         snippets = fix_snippets(report.findings, color=color)
         if snippets:
             parts.append(snippets)

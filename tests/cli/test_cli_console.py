@@ -6,7 +6,7 @@ import importlib.util
 import io
 import sys
 
-from actdiag.records import Finding, Fix, ModelInfo, Report, RunInfo
+from actdiag.records import Finding, Fix, LayerStats, ModelInfo, Report, RunInfo
 from actdiag.reports import console
 
 
@@ -19,7 +19,10 @@ def _report(*findings: Finding) -> Report:
     return Report(
         model=ModelInfo(name="Net", parameters=1234),
         run=RunInfo(steps=2, recorded_steps=2, device="cpu", torch="x", actdiag="y"),
-        layers=(),
+        layers=(
+            LayerStats(name="features.0.conv", type="Conv2d", step=1),
+            LayerStats(name="act2", type="ReLU", step=1),
+        ),
         findings=findings,
     )
 
@@ -57,17 +60,17 @@ def test_plain_table_has_every_column_and_ranked_rows() -> None:
     header = next(line for line in lines if line.startswith("#"))
     assert header.split() == ["#", "severity", "layer", "what", "evidence", "fix"]
     first = next(line for line in lines if line.startswith("1 "))
-    assert first.split()[:4] == ["1", "error", "features.0.conv", "(+1"]
+    assert first.split()[:5] == ["1", "error", "features.0.conv", "(Conv2d)", "vanishing_gradient"]
     assert "vanishing_gradient" in first and "ratio=1.50e-06" in first
     assert first.endswith("initialise the convolutions with He init (verified: it helps)")
-    assert "depth=12" in lines[lines.index(first) + 1]
+    assert "+1 more" in lines[lines.index(first) + 1] and "depth=12" in lines[lines.index(first) + 1]
     assert "fix for vanishing_gradient at features.0.conv (he_init):" in wide
     assert "    nn.init.kaiming_normal_(w)" in lines
     order = [next(i for i, ln in enumerate(lines) if ln.startswith(f"{k} ")) for k in (1, 2, 3)]
     assert order == sorted(order)
-    assert "dead_relu" in lines[order[1]] and "(model)" in lines[order[2]]
+    assert "act2 (ReLU)" in lines[order[1]] and "dead_relu" in lines[order[1]] and "(model)" in lines[order[2]]
     assert lines[-1] == (
-        "verdict: 1 error, 1 warning, 1 info in Net, 0 layers, 2 steps; "
+        "verdict: 1 error, 1 warning, 1 info in Net, 2 layers, 2 steps; "
         "start with vanishing_gradient at features.0.conv"
     )
     narrow = console.format_summary(_report(ERR, WARN, INFO), width=100, color=False)
@@ -76,7 +79,7 @@ def test_plain_table_has_every_column_and_ranked_rows() -> None:
 
 
 def test_verdict_without_findings() -> None:
-    assert console.verdict(_report()) == "verdict: no problems found in Net, 0 layers, 2 steps"
+    assert console.verdict(_report()) == "verdict: no problems found in Net, 2 layers, 2 steps"
     assert console.format_summary(_report(), quiet=True) == console.verdict(_report())
 
 

@@ -230,3 +230,24 @@ def test_nan_inputs_run_and_are_reported(write, run, tmp_path) -> None:
         pytest.skip("no rules yet (issue 3): the nonfinite finding cannot be checked")
     assert codes.count("nonfinite") == 1
     assert next(f for f in doc["findings"] if f["code"] == "nonfinite")["layer"] == "fc1"
+
+
+def test_one_dtype_per_input(write, run, tmp_path) -> None:
+    source = """
+    import torch
+    from torch import nn
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.proj = nn.Linear(6, 6)
+
+        def forward(self, ids, weights):
+            assert ids.dtype == torch.long and weights.dtype == torch.float64
+            return self.proj(self.emb(ids)) * weights.unsqueeze(-1).float()
+    """
+    target = write("tagger.py", source)
+    args = ["--input-shape", "3,7", "--input-shape", "3,7", "--input-dtype", "long", "--input-dtype", "float64"]
+    doc = _json(run, tmp_path, target, *args)
+    assert layer(doc, "proj")["shape"] == [3, 7, 6]

@@ -83,6 +83,44 @@ def test_help_and_version_do_not_import_torch(args) -> None:
     assert "TORCH False" in out.stdout
 
 
+IMPORT_EACH_FIRST = """
+import importlib, pkgutil, sys
+import torch  # imported once; only actdiag's modules are forgotten between tries
+import actdiag
+# Not the framework adapters: importing Lightning or transformers takes seconds, and they reach actdiag through
+# actdiag.integrations._common, which is checked.
+heavy = ("actdiag.integrations.lightning", "actdiag.integrations.transformers")
+names = sorted(m.name for m in pkgutil.walk_packages(actdiag.__path__, "actdiag.") if m.name not in heavy)
+failed = []
+for first in names + ["actdiag.watch", "actdiag.inspect", "actdiag.Finding"]:
+    for name in [n for n in sys.modules if n == "actdiag" or n.startswith("actdiag.")]:
+        del sys.modules[name]
+    try:
+        if first.split(".")[1][0].isupper() or first in ("actdiag.watch", "actdiag.inspect"):
+            getattr(importlib.import_module("actdiag"), first.split(".")[1])
+        else:
+            importlib.import_module(first)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("actdiag"):
+            failed.append(f"{first}: {exc!r}")
+    except Exception as exc:
+        failed.append(f"{first}: {exc!r}")
+print("CHECKED", len(names))
+print("FAILED", failed)
+"""
+
+
+def test_every_module_imports_first_in_a_fresh_process() -> None:
+    """With lazy public names, any module may be the first one imported (`import actdiag.monitor`, or
+    `actdiag.watch` in a new process): none may depend on another having been imported before it."""
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_EACH_FIRST], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "FAILED []" in out.stdout, out.stdout
+    assert int(out.stdout.split("CHECKED ")[1].split()[0]) > 10
+
+
 def test_python_dash_m_actdiag_version() -> None:
     from actdiag import __version__
 
@@ -122,7 +160,8 @@ def test_summary_is_plain_when_piped(write, run, one_finding) -> None:
     assert "\x1b[" not in result.stdout and "\x1b[" not in result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("verdict: 1 error in Net")
-    assert "initialise fc1 with Xavier" in result.stdout
+    assert "fc1 (Linear)" in result.stdout and "initialise fc1" in result.stdout
+    assert "fix for vanishing_gradient at fc1 (xavier_init):" in result.stdout
     assert "nn.init.xavier_uniform_(m.fc1.weight)" in result.stdout
     quiet = run(write("model.py", SOURCE), "--quiet")
     assert quiet.stdout.strip().splitlines() == [lines[-1]]
@@ -188,6 +227,18 @@ def test_unwritable_report_path_fails_before_running(write, run, tmp_path, optio
     assert not ran.exists()
 
 
+def test_bad_logdir_fails_before_running(write, run, tmp_path) -> None:
+    ran = tmp_path / "ran"
+    target = write("model.py", SOURCE.replace("def example_input", f"open({str(ran)!r}, 'w')\ndef example_input"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = run(target, "--logdir", afile)
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+    result = run(target, "--logdir", afile / "sub")
+    assert result.exit_code == 2 and "cannot be written" in result.stderr
+    assert not ran.exists()
+
+
 def test_internal_error_exits_3_and_asks_for_a_report(write, run, monkeypatch) -> None:
     def broken(layers, params=(), history=None):
         raise ZeroDivisionError("bug in a rule")
@@ -200,6 +251,19 @@ def test_internal_error_exits_3_and_asks_for_a_report(write, run, monkeypatch) -
     assert "Traceback" not in result.stderr
     result = run(write("model.py", SOURCE), "--debug")
     assert result.exit_code == 3 and "Traceback" in result.stderr
+
+
+def test_a_crash_while_printing_is_internal_and_removes_reports(write, run, tmp_path, monkeypatch) -> None:
+    import actdiag.reports.console as console
+
+    def broken(*args, **kwargs):
+        raise KeyError("column")
+
+    monkeypatch.setattr(console, "format_summary", broken)
+    out = tmp_path / "r.json"
+    result = run(write("model.py", SOURCE), "--json", out)
+    assert result.exit_code == 3 and "internal error: KeyError" in result.stderr
+    assert not out.exists()
 
 
 def test_failure_inside_actdiag_hooks_is_internal_not_the_users(write, run, monkeypatch) -> None:

@@ -22,8 +22,22 @@ def test_file_target_with_build_model_runs_and_writes_json(write, run, tmp_path:
     assert doc["model"]["name"] == "Net"
     assert [item["name"] for item in doc["layers"]] == ["fc1", "act", "fc2"]
     assert layer(doc, "fc1")["activation"]["count"] == 4 * 20
+    assert result.stdout.splitlines()[0].startswith(f"actdiag: Net from {target}: build_model() (325 parameters")
     assert "verdict:" in result.stdout
     assert result.stderr.strip().endswith(f"wrote {out}")
+
+
+def test_inspect_target_from_python(write) -> None:
+    """The library entry the command uses: no click, no exit, a Report back (and TargetError on bad files)."""
+    from actdiag.errors import TargetError
+    from actdiag.loading import inspect_target
+
+    target = write("model.py", NET + INPUT)
+    report, loaded = inspect_target(str(target), steps=2)
+    assert loaded.found_as == "Net()" and report.run.steps == 2
+    assert [layer.name for layer in report.layers] == ["fc1", "act", "fc2"]
+    with pytest.raises(TargetError, match="does not exist"):
+        inspect_target(str(target) + "x")
 
 
 @pytest.mark.parametrize(
@@ -75,6 +89,8 @@ def test_discovery_order(write, run, tmp_path) -> None:
     assert _params(run, write("c.py", base + "\nmodel = nn.Linear(10, 4)\n"), tmp_path) == 44
     assert _params(run, write("d.py", base + "\nnet = Net()\n"), tmp_path) == 325  # the only instance wins
     assert _params(run, write("e.py", NET + INPUT), tmp_path) == 325  # the only class that needs no arguments
+    # a loss module at module level is not a candidate model
+    assert _params(run, write("f.py", NET + INPUT + "\nnet = Net()\ncriterion = nn.MSELoss()\n"), tmp_path) == 325
 
 
 def test_ambiguous_models_are_listed(write, run) -> None:
@@ -131,7 +147,11 @@ def test_missing_name_lists_the_candidates(write, run) -> None:
             "import sys\nsys.exit(3)\n",
             ["called sys.exit(3) while being imported", '__name__ == "__main__"'],
         ),
-        ("needs.py", "def build_model(width):\n    pass\n", ["build_model() needs arguments (width)"]),
+        (
+            "needs.py",
+            "def build_model(width):\n    pass\n",
+            ["build_model() needs arguments (width); give them default"],
+        ),
         ("toplevel.py", "x = 1 / 0\n", ["importing", "ZeroDivisionError: division by zero", "toplevel.py line 1"]),
         ("weird.py", "model = 3\n", ["no model found"]),
     ],
@@ -197,15 +217,20 @@ def test_imported_like_python_model_py(write, run, tmp_path) -> None:
     def example_input():
         return torch.randn(2, 3)
 
+    sys.argv = ["replaced"]  # replacing the lists, not only editing them, is undone too
+    sys.path = list(sys.path) + ["elsewhere"]
+
     if __name__ == "__main__":
         raise SystemExit("the __main__ block ran")
     """
     target = write("model.py", source, folder=folder)
     path_before, argv_before = list(sys.path), list(sys.argv)
+    path_obj, argv_obj = sys.path, sys.argv
     out = tmp_path / "r.json"
     result = run(target, "--json", out)
     assert result.exit_code == 0, result.stderr
     assert read_json(out)["model"]["parameters"] == 3 * 7 + 7
     assert sys.path == path_before and sys.argv == argv_before
+    assert sys.path is path_obj and sys.argv is argv_obj
     assert sibling not in sys.modules
     assert not any(name.startswith("_actdiag_target_") for name in sys.modules)
