@@ -166,6 +166,18 @@ def _exc_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def _call_user(fn: Any, call: str, folder: Path | None) -> Any:
+    """Call a no-argument function of the user's file; its exit or exception becomes one TargetError naming `call`."""
+    try:
+        return fn()
+    except SystemExit as exc:
+        raise TargetError(f"{call} called {_exit_text(exc)}{_at(exc, folder)}") from exc
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise TargetError(f"{call} raised {_exc_text(exc)}{_at(exc, folder)}") from exc
+
+
 def _exit_text(exc: SystemExit) -> str:
     code = exc.code
     return "sys.exit()" if code is None else f"sys.exit({code!r})"
@@ -304,14 +316,7 @@ def _materialize(obj: Any, label: str, folder: Path | None, spec: TargetSpec) ->
         else:
             hint = f"add a build_model() function to {spec.where} that returns the model built as you want it"
         raise TargetError(f"{call} needs arguments ({', '.join(needed)}); {hint}")
-    try:
-        model = obj()
-    except SystemExit as exc:
-        raise TargetError(f"{call} called {_exit_text(exc)}{_at(exc, folder)}") from exc
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        raise TargetError(f"{call} raised {_exc_text(exc)}{_at(exc, folder)}") from exc
+    model = _call_user(obj, call, folder)
     if not isinstance(model, nn.Module):
         raise TargetError(f"{call} returned {_describe(model)}, not a torch.nn.Module")
     return model
@@ -459,14 +464,7 @@ def example_inputs(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
         needed = _needs_args(obj)
         if needed:
             raise TargetError(f"example_input() in {spec.where} must take no arguments, it needs {', '.join(needed)}")
-        try:
-            value = obj()
-        except SystemExit as exc:
-            raise TargetError(f"example_input() called {_exit_text(exc)}{_at(exc, folder)}") from exc
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            raise TargetError(f"example_input() raised {_exc_text(exc)}{_at(exc, folder)}") from exc
+        value = _call_user(obj, "example_input()", folder)
     else:
         value = obj
     ok = isinstance(value, torch.Tensor)

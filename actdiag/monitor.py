@@ -220,6 +220,13 @@ def _model_device(model: nn.Module) -> str:
     return "cpu"
 
 
+def check_every(every: int) -> int:
+    """The recording interval, checked: a positive integer (not a bool)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+    return every
+
+
 class Monitor:
     """Records a model's statistics while it trains. Use through `actdiag.watch(...)`.
 
@@ -248,10 +255,8 @@ class Monitor:
         process_group: Any = None,
         handle_sigterm: bool = True,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
         self.model = unwrap_model(model)
-        self.every = every
+        self.every = check_every(every)
         self.strict = strict
         self.name = name or type(self.model).__name__
         self._warned: set[str] = set()

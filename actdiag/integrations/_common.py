@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from actdiag.monitor import DEFAULT_EVERY, Monitor
+from actdiag.monitor import DEFAULT_EVERY, Monitor, check_every
 from actdiag.records import Finding
 
 
@@ -18,13 +18,6 @@ def missing_extra(extra: str, framework: str, package: str) -> ImportError:
         f"actdiag.integrations.{extra} needs {framework} (the {package!r} package), which is not installed. "
         f'Install it with: pip install "actdiag[{extra}]"'
     )
-
-
-def check_every(every: int) -> int:
-    """Fail when the callback is built, not when training starts, on a bad recording interval."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive integer, got {every!r}")
-    return every
 
 
 class CallbackBase:
