@@ -44,7 +44,7 @@ _Key = tuple[str, ...]
 _HEADER = 2  # payload length, layout checksum
 
 # How each pending entry merges: per-rank extras sent along (host-side numbers) and the merge rule.
-KIND_STATS = "stats"  # tensor_stats vector; extras: numel, sample_n
+KIND_STATS = "stats"  # tensor_stats vector; extras: numel, sample_n, estimated (0/1)
 KIND_SUM = "sum"  # counts to add; extras: the number of elements they were counted over
 KIND_UNITS = "units"  # per-unit [active counts..., ever-active mask...]; extras: samples per unit
 KIND_REPLICATED = "replicated"  # identical on every rank (parameters under DDP): rank 0's row; the recorder's default
@@ -101,7 +101,7 @@ def unit_verdicts(active: np.ndarray, ever: np.ndarray, samples: float, rare_bel
 def merge_stats(rows: np.ndarray, extras: np.ndarray, bins: int) -> tuple[np.ndarray, StatsMeta]:
     """Merge tensor_stats vectors of several ranks (one per row) into one vector and its meta.
 
-    `extras[r] = (numel, sample_n)` of rank r.
+    `extras[r] = (numel, sample_n, estimated)` of rank r.
     """
     out = np.zeros(rows.shape[1])
     out[3], out[4] = math.inf, -math.inf
@@ -126,8 +126,8 @@ def merge_stats(rows: np.ndarray, extras: np.ndarray, bins: int) -> tuple[np.nda
     out[5] = float(rows[:, 5].sum())
     out[HEAD : HEAD + bins] = rebin(rows[:, 3], rows[:, 4], rows[:, HEAD : HEAD + bins], have)
     out[HEAD + bins : HEAD + bins + N_EXP] = rows[:, HEAD + bins : HEAD + bins + N_EXP].sum(axis=0)
-    numel, sample_n = (int(round(v)) for v in extras.sum(axis=0))
-    return out, StatsMeta(numel=numel, bins=bins, sample_n=sample_n)
+    numel, sample_n, estimated = (int(round(v)) for v in extras.sum(axis=0))
+    return out, StatsMeta(numel=numel, bins=bins, sample_n=sample_n, estimated=estimated > 0)
 
 
 def rebin(mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray, have: np.ndarray) -> np.ndarray:
@@ -297,7 +297,7 @@ class StepMerger:
             vec = data[pos : pos + n]
             pos += n
             if kind == KIND_STATS:
-                out[key] = (vec, StatsMeta(numel=int(x[0]), bins=self.bins, sample_n=int(x[1])))
+                out[key] = (vec, StatsMeta(numel=int(x[0]), bins=self.bins, sample_n=int(x[1]), estimated=x[2] > 0))
             elif kind == KIND_SUM:
                 out[key] = (vec, x[0])
             elif kind == KIND_UNITS:
@@ -328,7 +328,7 @@ def _concat(pending: Mapping[_Key, tuple[torch.Tensor, Any]], keys: list[_Key], 
 
 def _extras(kind: str, meta: Any) -> tuple[float, ...]:
     if kind == KIND_STATS:
-        return (float(meta.numel), float(meta.sample_n))
+        return (float(meta.numel), float(meta.sample_n), float(meta.estimated))
     if kind in (KIND_SUM, KIND_UNITS):
         return (float(meta),)
     return ()

@@ -227,6 +227,18 @@ def check_every(every: int) -> int:
     return every
 
 
+# Recording at least this many steps apart, every element of every tensor is read for exact statistics: the cost,
+# spread over the interval, stays near 1% (BENCHMARKS.md). Recording more often than that, exact statistics would
+# cost a CPU more than the whole budget of `watch(every=1)`, so by default large tensors' spread, extremes and zeros
+# are estimated from their fixed sample instead (`exact=True` forces exact ones; the GPU path is always exact).
+EXACT_FROM_EVERY = 10
+
+
+def exact_for(every: int) -> bool:
+    """Whether `watch(every=every)` computes exact statistics unless told otherwise."""
+    return every >= EXACT_FROM_EVERY
+
+
 class Monitor:
     """Records a model's statistics while it trains. Use through `actdiag.watch(...)`.
 
@@ -245,6 +257,7 @@ class Monitor:
         sample_cap: int = DEFAULT_SAMPLE_CAP,
         track_weights: bool = True,
         track_updates: bool = True,
+        exact: bool | None = None,
         max_history: int = DEFAULT_MAX_HISTORY,
         strict: bool = False,
         sinks: Sequence[Sink] = (),
@@ -268,6 +281,7 @@ class Monitor:
             sample_cap=sample_cap,
             track_weights=track_weights,
             track_updates=track_updates,
+            exact=exact_for(self.every) if exact is None else exact,
             on_error=None if strict else self._fault,
             distributed=distributed,
             process_group=process_group,
@@ -577,7 +591,9 @@ def watch(
     """Watch `model` while it trains: `with actdiag.watch(model, every=10, logdir="runs/x") as monitor: ...`.
 
     Keyword arguments: include/exclude (name patterns or module types), bins, sample_cap, track_weights,
-    track_updates, max_history, strict (raise instead of warning when actdiag itself fails), sinks, name,
+    track_updates, exact (None: exact statistics when `every >= EXACT_FROM_EVERY`; when recording more often, the
+    CPU estimates large tensors' spread, extremes and zeros from their sample, flagged `estimated`), max_history,
+    strict (raise instead of warning when actdiag itself fails), sinks, name,
     report_json/report_html (written when the watch closes, however it closes: normal exit, exception, Ctrl-C or
     SIGTERM; the paths are checked at once), distributed (None: merge across ranks when torch.distributed is
     initialised; False: each rank on its own), process_group, handle_sigterm (default True: SIGTERM unwinds the

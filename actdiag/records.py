@@ -96,6 +96,10 @@ class TensorStats:
     `std` is the population standard deviation (ddof=0). `m2` is the sum of squared deviations from the mean,
     kept so that statistics from several tensors (ranks, calls) merge exactly. With no finite value, mean, std,
     min, max and abs_max are NaN.
+
+    `estimated` is True when m2 (so std), min, max and zero_count were estimated from the histogram's sample rather
+    than computed over every element (`watch(exact=False)` on the CPU, large tensors only); count, the non-finite
+    count and mean are exact either way.
     """
 
     numel: int
@@ -107,6 +111,7 @@ class TensorStats:
     zero_count: int
     histogram: Histogram
     exponents: ExponentHistogram
+    estimated: bool = False
 
     @property
     def nonfinite_count(self) -> int:

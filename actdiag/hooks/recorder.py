@@ -38,7 +38,7 @@ from actdiag.hooks.stats import (
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
     StatsMeta,
-    decode_tensor_stats,
+    decode_many,
     saturation_count,
     tensor_stats,
     unit_activity,
@@ -195,6 +195,7 @@ class Recorder:
         track_weights: bool = True,
         track_updates: bool = True,
         sync_free: bool | None = None,
+        exact: bool = True,
         on_error: Callable[[str, BaseException], None] | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
@@ -233,6 +234,7 @@ class Recorder:
         self.track_weights = track_weights
         self.track_updates = track_updates
         self.sync_free = sync_free
+        self.exact = exact
         self._on_error = on_error
         self.targets = select_modules(model, include, exclude)
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters()) if track_weights else []
@@ -255,7 +257,7 @@ class Recorder:
         self._late_queued = False
         self._nograd_calls: dict[str, list[int]] = {}
         self._recomputed: dict[str, int] = {}
-        self._stance: Any = None
+        self._stance = False
         self.merger: _dist.StepMerger | None = None
         self._grad_scale = 1.0
         if distributed:
@@ -354,9 +356,9 @@ class Recorder:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
-        stance, self._stance = self._stance, None
-        if stance is not None:
-            stance.__exit__(None, None, None)  # back to the stance the user had
+        stance, self._stance = self._stance, False
+        if stance:
+            _EAGER.release()
 
     # ------------------------------------------------------------------ hooks
     def _guard(self, part: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -520,7 +522,7 @@ class Recorder:
 
     # ------------------------------------------------------------------ helpers
     def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
-        return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free)
+        return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free, exact=self.exact)
 
     def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = "replicated") -> None:
         self._put(key, *self._stats(t), kind)
@@ -539,9 +541,11 @@ class Recorder:
         return None if p is None else self._param_name.get(id(p))
 
     def _decode(self, host: Mapping[_Key, tuple[np.ndarray, Any]], order: list[_LayerCall]) -> StepRecord:
+        keys = [k for k, (_, meta) in host.items() if isinstance(meta, StatsMeta)]
+        decoded = dict(zip(keys, decode_many([host[k][0] for k in keys], [host[k][1] for k in keys]), strict=True))
+
         def stats(key: _Key) -> TensorStats | None:
-            got = host.get(key)
-            return None if got is None else decode_tensor_stats(got[0], got[1])
+            return decoded.get(key)
 
         params: list[ParamStats] = []
         by_name: dict[str, ParamStats] = {}
@@ -621,7 +625,44 @@ def _is_compiled(model: nn.Module) -> bool:
     )
 
 
-def _force_eager() -> Any:
+class _EagerStance:
+    """Run every torch.compile'd region eagerly while any recorder is recording (see `_force_eager`).
+
+    Recorders of several models can record at overlapping times, in any order (one process training several
+    models, each watched), so the stance is reference-counted: the first recorder to begin enters it, the last one
+    to end leaves it, and the user's own stance comes back then. Nested `set_stance` contexts restore their
+    predecessor's stance, so leaving them out of order would leave `force_eager` set for good.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.ctx: Any = None
+
+    def acquire(self) -> bool:
+        if self.depth == 0:
+            ctx = _enter_force_eager()
+            if ctx is None:
+                return False
+            self.ctx = ctx
+        self.depth += 1
+        return True
+
+    def release(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            ctx, self.ctx = self.ctx, None
+            ctx.__exit__(None, None, None)  # back to the stance the user had
+
+
+_EAGER = _EagerStance()
+
+
+def _force_eager() -> bool:
+    """Hold the force-eager stance until `_EAGER.release()`; False if nothing was compiled (nothing to hold)."""
+    return _EAGER.acquire()
+
+
+def _enter_force_eager() -> Any:
     """Run every torch.compile'd region eagerly until the returned context is exited (None: nothing to do).
 
     A recorded step runs the user's modules eagerly, with the hooks in place, so its statistics are exactly
@@ -638,9 +679,10 @@ def _force_eager() -> Any:
     if torch.compiler.is_compiling():
         raise RuntimeError(message)
     try:
-        return torch.compiler.set_stance("force_eager")
+        ctx = torch.compiler.set_stance("force_eager")
     except RuntimeError as exc:  # "attempted to set_stance in a torch.compile region"
         raise RuntimeError(message) from exc
+    return ctx
 
 
 def _queue_callback(fn: Callable[[], None]) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +41,12 @@ import torch
 from actdiag.records import E_HIGH, E_LOW, ExponentHistogram, Histogram, TensorStats
 
 DEFAULT_BINS = 64
-# 32768 is ATen's GRAIN_SIZE: every elementwise op on a sample this size runs on the calling thread, with no
-# OpenMP fork/join per op (on a busy CPU a fork/join can wait a whole scheduler slice for a descheduled worker).
-# A bin holding a share p of the values is then known to sqrt(p(1-p)/32768) <= 0.3% of the total.
-DEFAULT_SAMPLE_CAP = 32768
+# Histograms (and, with exact=False, a large tensor's spread and extremes) come from at most 8192 elements. A bin
+# holding a share p of the values is then known to sqrt(p(1-p)/8192) <= 0.55% of the total, and a Gaussian tensor's
+# std estimate to about 0.8%. The sample's work is per tensor, whatever its size: 32768 elements cost ~4x the
+# time of 8192 for no visible change in a 64-bin histogram (bench/bench_kernel.py). Below ATen's GRAIN_SIZE
+# (32768), every op on the sample runs on the calling thread, with no OpenMP fork/join.
+DEFAULT_SAMPLE_CAP = 8192
 N_EXP = E_HIGH - E_LOW + 1  # 255 float32 binades: biased exponents 0 (subnormal) .. 254
 HEAD = 6  # count, mean, m2, min, max, zero_count
 
@@ -55,6 +58,7 @@ class StatsMeta:
     numel: int
     bins: int
     sample_n: int  # elements that went into the histograms
+    estimated: bool = False  # spread, extremes and zeros estimated from those elements (see _stats_estimated)
 
     @property
     def length(self) -> int:
@@ -124,11 +128,14 @@ def tensor_stats(
     bins: int = DEFAULT_BINS,
     sample_cap: int = DEFAULT_SAMPLE_CAP,
     sync_free: bool | None = None,
+    exact: bool = True,
 ) -> tuple[torch.Tensor, StatsMeta]:
     """Statistics of `x` as a float64 vector on x's device (layout in the module docstring) and its meta.
 
     `sync_free=None` picks the masked path on CUDA and the fast path on the CPU when all values are finite;
-    True forces the masked path (tests use it to check that path on the CPU).
+    True forces the masked path (tests use it to check that path on the CPU). `exact=False` lets the CPU path
+    estimate a large tensor's spread, extremes and zeros from its sample (`_stats_estimated`; the meta then says
+    `estimated`); the CUDA path is always exact (bandwidth is not what limits it there).
     """
     x = x.detach()
     numel = x.numel()
@@ -156,6 +163,10 @@ def tensor_stats(
                 a = xf.numpy()
             except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit): the device path
                 a = None
+            if a is not None and not exact and sample_n < numel:
+                est = _stats_estimated(a, bins, sample_n)
+                if est is not None:
+                    return est, StatsMeta(numel=numel, bins=bins, sample_n=sample_n, estimated=True)
             if a is not None:
                 mn, mx = float(a.min()), float(a.max())
                 if math.isfinite(mn) and math.isfinite(mx):
@@ -206,6 +217,53 @@ def _stats_fast(a: np.ndarray, mn: float, mx: float, bins: int, sample_n: int) -
         sample_zeros = 0 if no_zeros else int(np.count_nonzero(sample == 0))
     else:
         sample, sample_zeros = a, zeros
+    vec = np.empty(HEAD + bins + N_EXP)
+    vec[:HEAD] = (float(n), mean_s * scale, m2_s * scale * scale, mn, mx, float(zeros))
+    _histograms_into(vec, sample, mn, mx, scale, bins, sample_zeros)
+    return torch.from_numpy(vec)
+
+
+def _stats_estimated(a: np.ndarray, bins: int, sample_n: int) -> torch.Tensor | None:
+    """The CPU path for large tensors when estimates are allowed (`exact=False`): one pass over every element,
+    the rest from the fixed sample of `sample_n` elements. None if a value is not finite (the caller then takes
+    the exact path, so non-finite counts and the layer where they first appear are always exact).
+
+    Exact: count, non-finite count and mean (the one pass: a sum, which NaN and Inf propagate through; a sum that
+    overflows also sends the tensor to the exact path). Estimated from the sample: the variance (about the exact
+    mean, so unbiased), min, max, zero count (scaled up) and both histograms. Five passes over every element
+    become one, and the sample's work is a few microseconds: see BENCHMARKS.md for what that buys.
+    """
+    n = a.size
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.einsum("i->", a))
+    if not math.isfinite(total):
+        return None
+    mean = total / n
+    sample = a.take(_SAMPLES.get(n, sample_n, torch.device("cpu")).numpy())
+    s64 = sample.astype(np.float64)
+    mn, mx = float(s64.min()), float(s64.max())
+    d = s64 - mean
+    var = float(np.einsum("i,i->", d, d)) / sample_n
+    sample_zeros = 0 if (mn > 0 or mx < 0) else int(np.count_nonzero(sample == 0))
+    vec = np.empty(HEAD + bins + N_EXP)
+    vec[:HEAD] = (float(n), mean, var * n, mn, mx, float(round(sample_zeros * n / sample_n)))
+    _histograms_into(vec, s64, mn, mx, 1.0, bins, sample_zeros, s32=sample if sample.dtype == np.float32 else None)
+    return torch.from_numpy(vec)
+
+
+def _histograms_into(
+    vec: np.ndarray,
+    sample: np.ndarray,
+    mn: float,
+    mx: float,
+    scale: float,
+    bins: int,
+    sample_zeros: int,
+    s32: np.ndarray | None = None,
+) -> None:
+    """Fill the linear and exponent histograms of `vec` from `sample` (all finite, within [mn, mx]); `scale` is a
+    power of two by which `sample / scale` stays well inside float32's range; `s32` the sample as float32 if the
+    caller has it."""
     # Linear bins in the scaled space, where neither `x - min` nor `bins / span` can overflow.
     inv = 1.0 / scale
     span_s = (mx - mn) * inv
@@ -213,19 +271,17 @@ def _stats_fast(a: np.ndarray, mn: float, mx: float, bins: int, sample_n: int) -
     lin = sample - t(mn) if scale == 1.0 else sample * t(inv) - t(mn * inv)
     lin *= t(bins / span_s if span_s > 0 else 0.0)
     np.clip(lin, 0, bins - 1, out=lin)
-    if sample.dtype == np.float32:
-        s32 = sample
-    else:
-        with np.errstate(over="ignore"):  # float64 values beyond float32's range become Inf: exponent 255, cut
-            s32 = sample.astype(np.float32)
+    if s32 is None:
+        if sample.dtype == np.float32:
+            s32 = sample
+        else:
+            with np.errstate(over="ignore"):  # float64 values beyond float32's range become Inf: exponent 255, cut
+                s32 = sample.astype(np.float32)
     expo = (s32.view(np.int32) & 0x7FFFFFFF) >> 23
-    vec = np.empty(HEAD + bins + N_EXP)
-    vec[:HEAD] = (float(n), mean_s * scale, m2_s * scale * scale, mn, mx, float(zeros))
     vec[HEAD : HEAD + bins] = np.bincount(lin.astype(np.int32), minlength=bins)[:bins]
     vec[HEAD + bins :] = np.bincount(expo, minlength=N_EXP + 1)[:N_EXP]
     # Zeros have biased exponent 0 like subnormals, but zero_count covers them: take the sample's zeros back out.
     vec[HEAD + bins] -= sample_zeros
-    return torch.from_numpy(vec)
 
 
 def _stats_masked(xf: torch.Tensor, bins: int, sample_n: int, sample_cap: int) -> torch.Tensor:
@@ -286,39 +342,59 @@ def _bin_counts(idx: torch.Tensor, total: int) -> torch.Tensor:
 
 def decode_tensor_stats(vec: np.ndarray, meta: StatsMeta) -> TensorStats:
     """Turn one vector from `tensor_stats` (read back to the host) into a TensorStats."""
-    count = int(round(float(vec[0])))
-    bins = meta.bins
-    lin = vec[HEAD : HEAD + bins]
-    exps = vec[HEAD + bins : HEAD + bins + N_EXP]
-    if count == 0:
-        mean = m2 = mn = mx = math.nan
-    else:
-        mean, m2, mn, mx = (float(v) for v in vec[1:5])
-    zero_count = int(round(float(vec[5])))
-    # .tolist() turns float64 arrays into Python floats ~4x faster than a generator of float().
-    if count == 0:
-        edges: tuple[float, ...] = (0.0, 1.0)
-        lin_counts: tuple[float, ...] = (0.0,)
-    elif mx > mn:
-        step = (mx - mn) / bins  # what np.linspace computes, without its ~30 us of overhead per call
-        edges = (*(mn + i * step for i in range(bins)), mx)
-        lin_counts = tuple(np.asarray(lin, dtype=np.float64).tolist())
-    else:
-        # A constant tensor: one bin of width 1 centred on its value.
-        edges = (mn - 0.5, mn + 0.5)
-        lin_counts = (float(lin.sum()),)
-    sampled = meta.sampled
-    return TensorStats(
-        numel=meta.numel,
-        count=count,
-        mean=mean,
-        m2=max(m2, 0.0) if count else math.nan,
-        min=mn,
-        max=mx,
-        zero_count=zero_count,
-        histogram=Histogram(edges=edges, counts=lin_counts, sampled=sampled),
-        exponents=ExponentHistogram(counts=tuple(np.asarray(exps, dtype=np.float64).tolist()), sampled=sampled),
-    )
+    return decode_many([vec], [meta])[0]
+
+
+def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[TensorStats]:
+    """`decode_tensor_stats` for a whole step at once: the vectors are stacked and every conversion (bin edges,
+    counts to Python floats) is one numpy call over all of them, not one per tensor (a recorded step of a model
+    with a hundred layers decodes several hundred vectors)."""
+    if not vecs:
+        return []
+    by_bins: dict[int, list[int]] = {}
+    for i, meta in enumerate(metas):
+        by_bins.setdefault(meta.bins, []).append(i)
+    out: list[TensorStats | None] = [None] * len(vecs)
+    for bins, rows in by_bins.items():
+        block = np.stack([np.asarray(vecs[i], dtype=np.float64)[: vector_length(bins)] for i in rows])
+        heads = block[:, :HEAD]
+        counts_i = np.rint(heads[:, 0])
+        mn, mx = heads[:, 3], heads[:, 4]
+        # Bin edges of every row: what np.linspace gives, the last edge exactly max.
+        with np.errstate(invalid="ignore", over="ignore"):
+            step = (mx - mn) / bins
+            edges = mn[:, None] + np.arange(bins + 1) * step[:, None]
+        edges[:, -1] = mx
+        head_l = heads.tolist()
+        # Counts are whole numbers: as Python ints, the many zeros and small counts are interned objects, which
+        # makes this conversion several times cheaper than one float object per bin.
+        lin_l = np.rint(block[:, HEAD : HEAD + bins]).astype(np.int64).tolist()
+        exp_l = np.rint(block[:, HEAD + bins :]).astype(np.int64).tolist()
+        edges_l = edges.tolist()
+        for j, i in enumerate(rows):
+            meta = metas[i]
+            count = int(counts_i[j])
+            _, mean, m2, lo, hi, zeros = head_l[j]
+            if count == 0:
+                mean = m2 = lo = hi = math.nan
+                hist = Histogram(edges=(0.0, 1.0), counts=(0,), sampled=meta.sampled)
+            elif hi > lo:
+                hist = Histogram(edges=tuple(edges_l[j]), counts=tuple(lin_l[j]), sampled=meta.sampled)
+            else:  # a constant tensor: one bin of width 1 centred on its value
+                hist = Histogram(edges=(lo - 0.5, lo + 0.5), counts=(sum(lin_l[j]),), sampled=meta.sampled)
+            out[i] = TensorStats(
+                numel=meta.numel,
+                count=count,
+                mean=mean,
+                m2=max(m2, 0.0) if count else math.nan,
+                min=lo,
+                max=hi,
+                zero_count=int(round(zeros)),
+                histogram=hist,
+                exponents=ExponentHistogram(counts=tuple(exp_l[j]), sampled=meta.sampled),
+                estimated=meta.estimated,
+            )
+    return [s for s in out if s is not None]
 
 
 def unit_dim_for(shape: tuple[int, ...], channels_first: bool) -> int | None:

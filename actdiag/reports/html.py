@@ -106,6 +106,8 @@ def render_html(report: Report, *, figures: bool = True) -> str:
         return None if r is None else _markup(r.svg)
 
     counts = {sev: sum(1 for f in findings if f.severity == sev) for sev in ("error", "warning", "info")}
+    measured = [st for ly in report.layers for st in (ly.activation, ly.gradient) if st is not None]
+    measured += [st for p in report.params for st in (p.weight, p.grad) if st is not None]
     flagged_set = set(flagged)
     rows = [
         LayerRow(i + 1, ly, ly.label in flagged_set or ly.name in flagged_set) for i, ly in enumerate(report.layers)
@@ -132,6 +134,8 @@ def render_html(report: Report, *, figures: bool = True) -> str:
         "series": safe_svg(figs.get("series")),
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "figures": figures,
+        "measured": len(measured),
+        "estimated": sum(1 for st in measured if st.estimated),
     }
     return _environment().get_template(TEMPLATE).render(**context)
 

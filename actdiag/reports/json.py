@@ -41,6 +41,7 @@ def stats_to_dict(s: TensorStats) -> dict[str, Any]:
         "abs_max": _num(s.abs_max),
         "zero_fraction": s.zero_fraction,
         "nonfinite_count": s.nonfinite_count,
+        "estimated": s.estimated,
         "histogram": {
             "edges": [float(e) for e in s.histogram.edges],
             "counts": [int(c) for c in s.histogram.counts],

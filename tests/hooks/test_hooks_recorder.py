@@ -365,3 +365,41 @@ def test_sync_free_path_reads_nothing_back_until_the_step_ends(monkeypatch: pyte
     assert record is not None
     assert all(layer.activation is not None for layer in record.layers)
     assert all(layer.gradient is not None for layer in record.layers if layer.type != "Dropout")
+
+
+def test_exactness_follows_the_interval_unless_told(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from actdiag.monitor import EXACT_FROM_EVERY
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 4))
+    x = torch.randn(64, 256)
+
+    def run(**kw: object) -> actdiag.Monitor:
+        with actdiag.watch(model, sample_cap=1000, **kw) as mon:
+            model(x).pow(2).sum().backward()
+            model.zero_grad()
+            mon.step()
+        return mon
+
+    often, rare = run(every=1), run(every=EXACT_FROM_EVERY)
+    forced = run(every=1, exact=True)
+    big = often.latest.layers[0]  # 64 x 256 outputs and a 256 x 256 weight: over the cap of 1000
+    small = often.latest.layers[2]  # 64 x 4 outputs, under the cap: exact whatever the mode
+    assert big.activation.estimated and big.gradient.estimated and big.weight.estimated
+    assert not small.activation.estimated
+    for mon in (rare, forced):
+        layer = mon.latest.layers[0]
+        assert not (layer.activation.estimated or layer.gradient.estimated or layer.weight.estimated)
+    # Exact and estimated agree on what is exact in both (count, mean) and closely on the rest.
+    a_est, a_ex = big.activation, rare.latest.layers[0].activation
+    assert a_est.count == a_ex.count and a_est.mean == pytest.approx(a_ex.mean, rel=1e-5, abs=1e-7)
+    assert a_est.std == pytest.approx(a_ex.std, rel=0.1)
+    doc = json.loads(often.save_json(tmp_path / "r.json").read_text())
+    assert doc["layers"][0]["activation"]["estimated"] is True
+    assert doc["layers"][2]["activation"]["estimated"] is False
+    # A one-shot inspect is always exact.
+    report = actdiag.inspect(model, x)
+    assert report.layers[0].activation.numel > 8192  # over the default cap, so estimable
+    assert not any(s.estimated for la in report.layers for s in (la.activation, la.gradient, la.weight) if s)

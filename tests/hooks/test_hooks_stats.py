@@ -191,3 +191,83 @@ def test_unit_activity_counts_dead_rare_and_never() -> None:
     conv[:, 2] = 0
     ever_c = torch.zeros(3, dtype=torch.bool)
     assert unit_activity(conv, 1, ever_c, 0.01).tolist()[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------- exact=False
+def sample_of(x: torch.Tensor, cap: int) -> np.ndarray:
+    """The elements the estimated path samples, found independently: the recorded sample index is the only shared
+    part (it is what the statistic is defined over); everything computed from it here is float64 numpy."""
+    from actdiag.hooks.stats import _SAMPLES
+
+    idx = _SAMPLES.get(x.numel(), cap, x.device).cpu().numpy()
+    return x.detach().reshape(-1).to(torch.float64).numpy()[idx]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.randn(300_000) * 3 + 1, id="normal"),
+        pytest.param(lambda: torch.relu(torch.randn(512, 640)), id="relu-zeros"),
+        pytest.param(lambda: torch.randn(100_000, dtype=torch.float64) * 1e-20, id="float64-tiny"),
+        pytest.param(lambda: torch.randn(70_000) * 1e30, id="huge"),
+    ],
+)
+def test_estimated_stats_match_float64_reference_on_their_sample(make) -> None:  # noqa: ANN001
+    x = make()
+    cap = 5000
+    vec, meta = tensor_stats(x, sample_cap=cap, exact=False)
+    s = decode_tensor_stats(vec.numpy(), meta)
+    ref, smp = reference(x), sample_of(x, cap)
+    assert meta.estimated and s.estimated and s.histogram.sampled
+    # Exact, from the one pass over every element.
+    assert s.count == ref["count"] and s.nonfinite_count == 0
+    assert s.mean == pytest.approx(ref["mean"], rel=1e-5, abs=1e-6 * ref["abs_max"])
+    # Estimated: the spread about the exact mean, extremes and zeros of the sample.
+    assert s.std == pytest.approx(np.sqrt(((smp - ref["mean"]) ** 2).mean()), rel=1e-5)
+    assert s.min == smp.min() and s.max == smp.max()
+    assert s.zero_count == round((smp == 0).sum() * x.numel() / cap)
+    assert s.histogram.total == cap
+    nz = smp[smp != 0]
+    expected = np.bincount(frexp_exponents(nz) - E_LOW, minlength=len(s.exponents.counts))
+    np.testing.assert_array_equal(np.asarray(s.exponents.counts), expected)
+    ref_counts, _ = np.histogram(smp, bins=np.asarray(s.histogram.edges))
+    assert np.abs(np.asarray(s.histogram.counts) - ref_counts).sum() <= 2
+    # And the estimates are close to the whole tensor's (a uniform sample of 5000).
+    assert s.std == pytest.approx(ref["std"], rel=0.05)
+    assert s.zero_fraction == pytest.approx(ref["zeros"] / ref["numel"], abs=0.03)
+
+
+def test_estimated_mode_is_exact_for_small_tensors_and_nonfinite_ones() -> None:
+    small = torch.randn(4000)
+    vec, meta = tensor_stats(small, sample_cap=5000, exact=False)
+    assert not meta.estimated
+    check_against_reference(small, sync_free=False)
+    # One NaN among 300k elements: the pass over every element sees it and the exact path counts it.
+    x = torch.randn(300_000)
+    x[123_457] = math.nan
+    x[7] = math.inf
+    vec, meta = tensor_stats(x, sample_cap=5000, exact=False)
+    s = decode_tensor_stats(vec.numpy(), meta)
+    ref = reference(x)
+    assert not s.estimated
+    assert s.nonfinite_count == 2 and s.count == ref["count"]
+    assert s.min == ref["min"] and s.max == ref["max"]
+    assert s.std == pytest.approx(ref["std"], rel=1e-5)
+
+
+def test_estimated_sum_overflow_falls_back_to_exact() -> None:
+    # Finite values whose float32 sum overflows: the one pass reads Inf, and the exact path takes over.
+    x = torch.full((100_000,), 3e38)
+    x[::2] = -3e38
+    vec, meta = tensor_stats(x, sample_cap=5000, exact=False)
+    s = decode_tensor_stats(vec.numpy(), meta)
+    assert not s.estimated and s.nonfinite_count == 0
+    assert s.min == pytest.approx(-3e38) and s.max == pytest.approx(3e38)
+
+
+def test_masked_path_ignores_exact_false() -> None:
+    # The device path (CUDA's) is always exact: only the CPU fast path estimates.
+    x = torch.randn(100_000)
+    vec, meta = tensor_stats(x, sample_cap=5000, exact=False, sync_free=True)
+    assert not meta.estimated
+    assert decode_tensor_stats(vec.numpy(), meta).std == pytest.approx(reference(x)["std"], rel=1e-5)

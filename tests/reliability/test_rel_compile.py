@@ -110,3 +110,20 @@ def test_rel_step_inside_a_compiled_function_is_a_clear_warning(dynamo) -> None:
     assert monitor.recorded_steps == 1  # step 0 (begun before compilation); then recording stopped, training went on
     assert torch._dynamo.eval_frame._stance.stance == "default"
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_rel_overlapping_watches_give_the_stance_back() -> None:
+    # Several watched models recording at overlapping times, ending in any order (each variant of
+    # bench/bench_step.py does this): the user's stance is back once the last recording ends, not before.
+    import torch._dynamo.eval_frame as ef  # the stance is only taken once dynamo is loaded
+
+    models = [_net() for _ in range(3)]
+    mons = [actdiag.watch(m, every=1).start() for m in models]  # each records step 0 from here on
+    assert ef._stance.stance == "force_eager"
+    for m in models:
+        m(torch.randn(4, 4)).sum().backward()
+    mons[1].close()
+    mons[0].close()
+    assert ef._stance.stance == "force_eager"  # one recording still open
+    mons[2].close()
+    assert ef._stance.stance == "default"

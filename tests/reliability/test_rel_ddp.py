@@ -31,7 +31,7 @@ def _split_merge(parts: list[np.ndarray], bins: int = 16) -> tuple[Any, np.ndarr
     for part in parts:
         vec, meta = tensor_stats(torch.from_numpy(part), bins=bins, sync_free=True)
         rows.append(vec.numpy())
-        extras.append((meta.numel, meta.sample_n))
+        extras.append((meta.numel, meta.sample_n, meta.estimated))
     merged, meta = merge_stats(np.stack(rows), np.array(extras, dtype=np.float64), bins)
     return decode_tensor_stats(merged, meta), merged
 
@@ -54,6 +54,22 @@ def test_rel_merge_matches_float64_reference(cuts: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(merged.exponents.counts, ref["exponents"])
     assert merged.histogram.edges == pytest.approx(tuple(np.linspace(ref["min"], ref["max"], 17)), rel=0, abs=0)
     assert merged.histogram.total == ref["count"]
+
+
+def test_rel_merged_estimates_stay_flagged() -> None:
+    # One rank's big slice is estimated (exact=False on the CPU), the other's small slice exact: the merge says so.
+    big, small = torch.randn(20_000), torch.randn(100)
+    rows, extras = [], []
+    for part in (big, small):
+        vec, meta = tensor_stats(part, bins=16, sample_cap=1000, exact=False)
+        rows.append(vec.numpy())
+        extras.append((meta.numel, meta.sample_n, meta.estimated))
+    assert [e[2] for e in extras] == [True, False]
+    merged, meta = merge_stats(np.stack(rows), np.array(extras, dtype=np.float64), 16)
+    s = decode_tensor_stats(merged, meta)
+    assert s.estimated and s.numel == 20_100 and s.count == 20_100
+    both = torch.cat([big, small]).double()
+    assert s.mean == pytest.approx(both.mean().item(), rel=1e-5, abs=1e-6)
 
 
 def test_rel_rebin_identical_ranges_is_exact_and_constant_ranks_land_in_their_bin() -> None:

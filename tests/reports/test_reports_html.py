@@ -148,6 +148,23 @@ def test_reports_html_many_layers_stays_small(tmp_path: Path) -> None:
     _no_urls(html)
 
 
+def test_reports_html_says_when_statistics_are_estimated() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    x = torch.randn(32, 64)
+
+    def html_of(every: int) -> str:
+        with actdiag.watch(model, every=every, sample_cap=500) as mon:
+            model(x).sum().backward()
+            model.zero_grad()
+            mon.step()
+        return render_html(mon.report(), figures=False)
+
+    # Of the 14 tensors (3 outputs, 3 output gradients, 4 parameters and their gradients), the first two layers'
+    # 32x64 outputs and their gradients and the 64x64 weight and its gradient exceed the cap of 500.
+    assert "6 of 14 tensors at the latest step are estimated" in html_of(1)
+    assert "are estimated" not in html_of(50)
+
+
 def test_reports_html_figure_free_render_and_fmt(small_report: Report) -> None:
     html = render_html(small_report, figures=False)
     assert "<svg" not in html and "Layer table" in html and "No findings" in html
