@@ -37,6 +37,7 @@ from actdiag.hooks.stats import (
     _SAMPLES,
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
+    SmallBatch,
     StatsMeta,
     decode_many,
     saturation_count,
@@ -248,6 +249,7 @@ class Recorder:
         self._token = 0
         self._step = -1
         self._pending: dict[_Key, tuple[torch.Tensor, Any]] = {}
+        self._batch = SmallBatch(bins, sample_cap)  # small CPU tensors of the step, measured together in end()
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
@@ -285,6 +287,7 @@ class Recorder:
         self._step = step
         self._token += 1
         self._pending = {}
+        self._batch.items = {}
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
@@ -309,12 +312,14 @@ class Recorder:
         self._remove_hooks()
         with torch.no_grad():
             for pname, p in self.params:
-                if ("P", pname, "weight") not in self._pending:
+                if not self._has(("P", pname, "weight")):
                     self._guard("weights", self._record_weight, pname, p, False)
             for pname, snap in self._snapshots.items():
                 self._guard("updates", self._record_update, pname, self._param_map[pname], snap)
         self._snapshots = {}
         self._recording = False
+        if len(self._batch):
+            self._pending.update(self._batch.finish())
         pending, self._pending = self._pending, {}
         kinds, self._kinds = self._kinds, {}
         order, self._order = self._order, []
@@ -344,6 +349,7 @@ class Recorder:
         self._remove_hooks()
         self._recording = False
         self._pending = {}
+        self._batch.items = {}
         self._kinds = {}
         self._order = []
         self._snapshots = {}
@@ -417,7 +423,7 @@ class Recorder:
         )
         self._order.append(info)
         key_base = ("L", name, str(call))
-        self._put(key_base + ("act",), *self._stats(t), _dist.KIND_STATS)
+        self._put_stats(key_base + ("act",), t, _dist.KIND_STATS)
         floating = t.is_floating_point()
         bounds = bounds_of(module)
         if bounds is not None and floating and t.numel():
@@ -472,7 +478,7 @@ class Recorder:
         with torch.no_grad():
             # Gradient accumulation runs this hook once per backward; the weight is measured on the first. It is
             # still the weight the forward pass used: the optimizer has not run.
-            if ("P", pname, "weight") not in self._pending:
+            if not self._has(("P", pname, "weight")):
                 self._guard("weights", self._record_weight, pname, p, True)
         if self.merger is not None:
             # Under DDP this is still the rank's own gradient: the all-reduced average is written into .grad by a
@@ -538,12 +544,22 @@ class Recorder:
         return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free, exact=self.exact)
 
     def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = "replicated") -> None:
+        if not self.sync_free:
+            meta = self._batch.take(key, t)
+            if meta is not None:  # measured with the step's other small tensors in end()
+                self._pending.pop(key, None)
+                self._kinds[key] = kind
+                return
         self._put(key, *self._stats(t), kind)
+
+    def _has(self, key: _Key) -> bool:
+        return key in self._pending or key in self._batch
 
     def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = "replicated") -> None:
         # `kind` says how the entry merges across ranks (actdiag.distributed.KIND_*; the default is
         # KIND_REPLICATED, spelled out because default values are evaluated while the modules import each other).
         self._pending[key] = (vec, meta)
+        self._batch.discard(key)
         self._kinds[key] = kind
 
     def _own_weight(self, module: nn.Module) -> str | None:

@@ -34,6 +34,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -282,6 +283,95 @@ def _histograms_into(
     vec[HEAD + bins :] = np.bincount(expo, minlength=N_EXP + 1)[:N_EXP]
     # Zeros have biased exponent 0 like subnormals, but zero_count covers them: take the sample's zeros back out.
     vec[HEAD + bins] -= sample_zeros
+
+
+class SmallBatch:
+    """Exact statistics of a step's small CPU tensors (at most `sample_cap` elements: biases, norm weights, small
+    weights and their gradients), computed together when the step ends.
+
+    A transformer or a CNN has dozens of them per recorded step, and for each the ~15 numpy calls of `_stats_fast`
+    cost far more than their arithmetic (tens of microseconds per tensor, with the caches cold inside a training
+    step). Here a tensor costs one copy when it is seen (it may change in place afterwards), and `finish()` makes
+    ~20 numpy calls over all of them at once: segment reductions (`reduceat`) for the moments, extremes and zeros,
+    one `bincount` for every histogram. Sums are float64 over float32 values, so no scaling is needed. A tensor
+    with a non-finite value (or a float64 tensor, whose values can exceed float32's range) takes the per-tensor
+    path instead, with the same result as before.
+    """
+
+    def __init__(self, bins: int, sample_cap: int) -> None:
+        self.bins = bins
+        self.sample_cap = sample_cap
+        self.items: dict[Any, np.ndarray] = {}
+
+    def take(self, key: Any, x: torch.Tensor) -> StatsMeta | None:
+        """Keep a copy of `x` for `finish()` if it qualifies (CPU, float16/bfloat16/float32, 1..sample_cap elements,
+        readable by numpy); None otherwise."""
+        n = x.numel()
+        if x.device.type != "cpu" or not 0 < n <= self.sample_cap or x.dtype not in _BATCH_DTYPES:
+            return None
+        flat = x.detach().reshape(-1)
+        try:
+            a = flat.numpy() if flat.dtype == torch.float32 else flat.to(torch.float32).numpy()
+        except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit)
+            return None
+        self.items[key] = a.copy()
+        return StatsMeta(numel=n, bins=self.bins, sample_n=n)
+
+    def discard(self, key: Any) -> None:
+        self.items.pop(key, None)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def finish(self) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
+        """The vectors of every kept tensor (the layout of `tensor_stats`), keyed as given; the batch is emptied."""
+        items, self.items = self.items, {}
+        bins = self.bins
+        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        good: list[tuple[Any, np.ndarray]] = []
+        for key, a in items.items():
+            # A float64 sum of float32 values cannot overflow: a non-finite sum means a NaN or Inf in the tensor.
+            if math.isfinite(float(np.add.reduce(a, dtype=np.float64))):
+                good.append((key, a))
+            else:
+                out[key] = tensor_stats(torch.from_numpy(a), bins=bins, sample_cap=self.sample_cap)
+        if not good:
+            return out
+        lens = np.fromiter((a.size for _, a in good), dtype=np.intp, count=len(good))
+        starts = np.zeros(len(good), dtype=np.intp)
+        np.cumsum(lens[:-1], out=starts[1:])
+        c32 = np.concatenate([a for _, a in good])
+        c = c32.astype(np.float64)
+        n = lens.astype(np.float64)
+        mn = np.minimum.reduceat(c, starts)
+        mx = np.maximum.reduceat(c, starts)
+        mean = np.add.reduceat(c, starts) / n
+        d = c - np.repeat(mean, lens)
+        m2 = np.add.reduceat(d * d, starts)
+        zeros = np.add.reduceat(c == 0, starts, dtype=np.int64)
+        # Linear bins between each tensor's own min and max (a constant tensor lands in bin 0), exponent bins from
+        # the float32 bits; each tensor's bins are offset into its own row of one bincount.
+        span = mx - mn
+        k = np.divide(bins, span, out=np.zeros_like(span), where=span > 0)
+        lin = (c - np.repeat(mn, lens)) * np.repeat(k, lens)
+        np.clip(lin, 0, bins - 1, out=lin)
+        width = bins + N_EXP + 1
+        row = np.repeat(np.arange(len(good), dtype=np.intp) * width, lens)
+        keys = np.concatenate([row + lin.astype(np.intp), row + bins + ((c32.view(np.int32) & 0x7FFFFFFF) >> 23)])
+        counts = np.bincount(keys, minlength=len(good) * width).reshape(len(good), width)
+        vecs = np.empty((len(good), HEAD + bins + N_EXP))
+        vecs[:, 0], vecs[:, 1], vecs[:, 2], vecs[:, 3], vecs[:, 4], vecs[:, 5] = n, mean, m2, mn, mx, zeros
+        vecs[:, HEAD:] = counts[:, : bins + N_EXP]
+        vecs[:, HEAD + bins] -= zeros  # zeros share biased exponent 0 with the subnormals; zero_count covers them
+        for i, (key, a) in enumerate(good):
+            out[key] = (torch.from_numpy(vecs[i]), StatsMeta(numel=a.size, bins=bins, sample_n=a.size))
+        return out
+
+
+_BATCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _stats_masked(xf: torch.Tensor, bins: int, sample_n: int, sample_cap: int) -> torch.Tensor:

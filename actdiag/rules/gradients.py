@@ -72,8 +72,10 @@ def gradient_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Findi
     # A weight that is exactly zero passes no gradient back (dL/dx = W^T g = 0) until its first update. Zero-
     # initialised heads and gates (ViT's classifier, ControlNet's zero convolutions, adaLN-zero) do this on purpose,
     # so a gradient that vanishes behind one is by design, not a vanishing-gradient problem.
+    # (The mean is exact even when the extremes are estimated from a sample: a zero sample of a weight that is not
+    # all zeros still shows a non-zero mean, barring an exact cancellation.)
     behind_zero = any(
-        lay.weight is not None and lay.weight.count > 0 and lay.weight.abs_max == 0
+        lay.weight is not None and lay.weight.count > 0 and lay.weight.abs_max == 0 and lay.weight.mean == 0
         for lay in layers[layers.index(first) + 1 :]
     )
     if behind_zero:

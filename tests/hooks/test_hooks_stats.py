@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actdiag.hooks.stats import decode_tensor_stats, saturation_count, tensor_stats, unit_activity
-from actdiag.records import E_LOW
+from actdiag.hooks.stats import SmallBatch, decode_tensor_stats, saturation_count, tensor_stats, unit_activity
+from actdiag.records import E_LOW, TensorStats
 
 PATHS = [pytest.param(False, id="fast"), pytest.param(True, id="masked")]
 
@@ -36,8 +36,8 @@ def frexp_exponents(values: np.ndarray) -> np.ndarray:
     return np.maximum(e, E_LOW)  # float32 subnormals share the lowest bin
 
 
-def check_against_reference(x: torch.Tensor, sync_free: bool, rtol: float = 1e-5) -> None:
-    s = compute(x, sync_free)
+def check_against_reference(x: torch.Tensor, sync_free: bool, rtol: float = 1e-5, s: TensorStats | None = None) -> None:
+    s = compute(x, sync_free) if s is None else s
     ref = reference(x)
     assert s.numel == ref["numel"]
     assert s.count == ref["count"]
@@ -271,3 +271,43 @@ def test_masked_path_ignores_exact_false() -> None:
     vec, meta = tensor_stats(x, sample_cap=5000, exact=False, sync_free=True)
     assert not meta.estimated
     assert decode_tensor_stats(vec.numpy(), meta).std == pytest.approx(reference(x)["std"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- SmallBatch
+def test_small_batch_matches_float64_reference_and_the_per_tensor_path() -> None:
+    """The step's small tensors measured together (segment reductions, one bincount) give what each measured alone
+    gives, and both match float64 numpy; non-finite ones go the per-tensor way."""
+    g = torch.Generator().manual_seed(3)
+    cases = {
+        "normal": torch.randn(1000, generator=g),
+        "relu-zeros": torch.relu(torch.randn(37, 11, generator=g)),
+        "constant": torch.full((10,), 3.5),
+        "single": torch.tensor([2.5]),
+        "all-zero": torch.zeros(7),
+        "subnormal": torch.tensor([1e-45, -1e-40, 1.0]),
+        "huge": torch.randn(64, 3, generator=g) * 1e30,
+        "span-overflows-float32": torch.tensor([-3e38, 3e38, 0.0]),
+        "layernorm-ones": torch.ones(256) + torch.randn(256, generator=g) * 1e-3,
+        "float16": (torch.randn(300, generator=g) * 100).half(),
+        "bfloat16": torch.randn(300, generator=g).bfloat16(),
+        "nan-inf": torch.tensor([1.0, math.nan, 2.0, -math.inf, 0.0]),
+        "at-the-cap": torch.randn(1024, generator=g),
+    }
+    batch = SmallBatch(bins=64, sample_cap=1024)
+    assert batch.take("too-big", torch.randn(1025)) is None
+    assert batch.take("float64", torch.randn(10, dtype=torch.float64)) is None  # float64: the per-tensor path
+    for key, x in cases.items():
+        assert batch.take(key, x) is not None
+    # Taken is copied: a later in-place change (an in-place ReLU, the optimizer) does not reach the statistics.
+    before = cases["normal"].clone()
+    cases["normal"].mul_(0)
+    cases["normal"] = before
+    out = batch.finish()
+    assert set(out) == set(cases) and len(batch) == 0
+    for key, x in cases.items():
+        vec, meta = out[key]
+        got = decode_tensor_stats(vec.numpy(), meta)
+        check_against_reference(x, sync_free=False, s=got)
+        alone = compute(x, sync_free=False)
+        assert (got.count, got.zero_count, got.min, got.max) == (alone.count, alone.zero_count, alone.min, alone.max)
+        assert got.exponents.counts == alone.exponents.counts

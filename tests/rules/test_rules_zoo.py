@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import actdiag
-from actdiag.records import Finding, Report
+from actdiag.records import Finding, Report, TensorStats
 from tests.zoo import (
     HEALTHY,
     PATHOLOGIES,
@@ -15,6 +15,7 @@ from tests.zoo import (
     DeadReluNet,
     DeepXavierReluNet,
     HeReluNet,
+    HugeActivationNet,
     NaNNet,
     SaturatedTanhNet,
     XavierTanhNet,
@@ -98,3 +99,42 @@ def test_collapse_before_relu_suggests_he_init_over_every_layer() -> None:
     assert snippet.count("model[") == 20  # one entry per Linear, looped over
     assert "model[0]" in snippet and "model[38]" in snippet
     assert 'nonlinearity="relu"' in snippet
+
+
+def _watched_once(model: nn.Module, sample_cap: int) -> Report:
+    inputs = example(model)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    torch.manual_seed(0)
+    with actdiag.watch(model, every=1, sample_cap=sample_cap, track_updates=False) as mon:
+        out = model(*args)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        out.backward(torch.randn_like(out))
+        mon.step()
+    return mon.report()
+
+
+def _measured(report: Report) -> list[TensorStats]:
+    found = [s for la in report.layers for s in (la.activation, la.gradient) if s is not None]
+    return found + [s for p in report.params for s in (p.weight, p.grad) if s is not None]
+
+
+# NaNNet: non-finite tensors always take the exact path (test below); HugeActivationNet: no tensor over 256 elements.
+_ESTIMABLE = [c for c in [*PATHOLOGIES, *HEALTHY] if c not in (NaNNet, HugeActivationNet)]
+
+
+@pytest.mark.parametrize("cls", _ESTIMABLE, ids=lambda c: c.__name__)
+def test_estimated_statistics_find_the_same(cls: type[nn.Module]) -> None:
+    """Every pathology and healthy control, recorded at every=1 with a sample of 256 elements, so that the spread,
+    extremes and zeros of the larger tensors are estimated: the same codes as the exact one-shot inspection."""
+    exact = {f.code for f in inspect(cls()).findings}
+    report = _watched_once(cls(), sample_cap=256)
+    assert any(s.estimated for s in _measured(report))
+    assert {f.code for f in report.findings} == exact
+
+
+def test_estimated_mode_keeps_nonfinite_tensors_exact() -> None:
+    report = _watched_once(NaNNet(), sample_cap=4)
+    bad = [s for s in _measured(report) if s.nonfinite_count]
+    assert bad and not any(s.estimated for s in bad)
+    assert any(s.estimated for s in _measured(report) if not s.nonfinite_count)
+    assert only(report, "nonfinite").layer == only(inspect(NaNNet()), "nonfinite").layer
