@@ -47,6 +47,12 @@ class CallbackBase:
 def summary(monitor: Monitor, findings: Sequence[Finding], logdir: Path | None) -> str:
     """A few lines for the end of training: what was recorded, where it went, the findings in rank order."""
     head = f"actdiag: recorded {monitor.recorded_steps} of {monitor.steps} steps (every {monitor.every})"
+    rec = monitor.latest
+    if rec is not None and any(
+        st is not None and st.estimated
+        for st in [*(x for la in rec.layers for x in (la.activation, la.gradient)), *(p.weight for p in rec.params)]
+    ):
+        head += "; large tensors' std, min, max and zeros estimated from a sample (exact=True for exact ones)"
     if logdir is not None:
         head += f"; TensorBoard: {logdir}"
     if not findings:

@@ -44,6 +44,16 @@ def test_integ_summary_without_findings_names_the_logdir() -> None:
     ]
 
 
+def test_integ_summary_says_when_statistics_were_estimated() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh())
+    for every, estimated in ((1, True), (10, False)):
+        with actdiag.watch(model, every=every, sample_cap=100) as monitor:
+            model(torch.randn(8, 64)).sum().backward()
+            monitor.step()
+        head = summary(monitor, (), None).splitlines()[0]
+        assert ("estimated from a sample" in head) is estimated, head
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
 def test_integ_check_every_rejects_bad_intervals(bad: object) -> None:
     with pytest.raises(ValueError, match="every must be a positive integer"):
