@@ -287,7 +287,7 @@ class Recorder:
         self._step = step
         self._token += 1
         self._pending = {}
-        self._batch.items = {}
+        self._batch.clear()
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
@@ -298,7 +298,7 @@ class Recorder:
         self._prev_channels_first = False
         self._snapshots = {}
         self._recording = True
-        self._stance = _force_eager()
+        self._stance = _EAGER.acquire()
         for name, module in self.targets:
             self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         for pname, p in self.params:
@@ -349,7 +349,7 @@ class Recorder:
         self._remove_hooks()
         self._recording = False
         self._pending = {}
-        self._batch.items = {}
+        self._batch.clear()
         self._kinds = {}
         self._order = []
         self._snapshots = {}
@@ -655,7 +655,7 @@ def _is_compiled(model: nn.Module) -> bool:
 
 
 class _EagerStance:
-    """Run every torch.compile'd region eagerly while any recorder is recording (see `_force_eager`).
+    """Run every torch.compile'd region eagerly while any recorder is recording (see `_enter_force_eager`).
 
     Recorders of several models can record at overlapping times, in any order (one process training several
     models, each watched), so the stance is reference-counted: the first recorder to begin enters it, the last one
@@ -668,6 +668,7 @@ class _EagerStance:
         self.ctx: Any = None
 
     def acquire(self) -> bool:
+        """Hold the stance until `release()`; False if nothing was compiled (nothing to hold, nothing to release)."""
         if self.depth == 0:
             ctx = _enter_force_eager()
             if ctx is None:
@@ -684,11 +685,6 @@ class _EagerStance:
 
 
 _EAGER = _EagerStance()
-
-
-def _force_eager() -> bool:
-    """Hold the force-eager stance until `_EAGER.release()`; False if nothing was compiled (nothing to hold)."""
-    return _EAGER.acquire()
 
 
 def _enter_force_eager() -> Any:
@@ -708,10 +704,9 @@ def _enter_force_eager() -> Any:
     if torch.compiler.is_compiling():
         raise RuntimeError(message)
     try:
-        ctx = torch.compiler.set_stance("force_eager")
+        return torch.compiler.set_stance("force_eager")
     except RuntimeError as exc:  # "attempted to set_stance in a torch.compile region"
         raise RuntimeError(message) from exc
-    return ctx
 
 
 def _queue_callback(fn: Callable[[], None]) -> None:

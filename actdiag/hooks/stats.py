@@ -320,6 +320,9 @@ class SmallBatch:
     def discard(self, key: Any) -> None:
         self.items.pop(key, None)
 
+    def clear(self) -> None:
+        self.items = {}
+
     def __contains__(self, key: Any) -> bool:
         return key in self.items
 
