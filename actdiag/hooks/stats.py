@@ -22,7 +22,9 @@ Two code paths compute the same numbers:
 
 Histograms are built from at most `sample_cap` elements: tensors larger than that are sampled with a fixed
 pseudo-random index (a private generator, so the user's RNG state is untouched) and the histogram is marked
-`sampled`. Moments, min/max, zero and non-finite counts always use every element. Counting into bins uses
+`sampled`. Moments, min/max, zero and non-finite counts use every element, except with `exact=False` on the CPU
+(`_stats_estimated`: one pass for the count, mean and non-finite values, the rest from the sample, marked
+`estimated`). A step's small CPU tensors are measured together at its end (`SmallBatch`). Counting into bins uses
 `bincount` on the CPU and `histc` with constant bounds on CUDA (`bincount` on CUDA reads its maximum back to size
 its output, a hidden synchronisation).
 """
@@ -310,11 +312,11 @@ class SmallBatch:
         if x.device.type != "cpu" or not 0 < n <= self.sample_cap or x.dtype not in _BATCH_DTYPES:
             return None
         flat = x.detach().reshape(-1)
-        try:
-            a = flat.numpy() if flat.dtype == torch.float32 else flat.to(torch.float32).numpy()
+        try:  # a copy: the tensor may change in place before the step ends
+            a = flat.numpy().copy() if flat.dtype == torch.float32 else flat.to(torch.float32).numpy()
         except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit)
             return None
-        self.items[key] = a.copy()
+        self.items[key] = a
         return StatsMeta(numel=n, bins=self.bins, sample_n=n)
 
     def discard(self, key: Any) -> None:
