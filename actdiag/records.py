@@ -11,7 +11,7 @@ the latest step, the per-step `History` and the findings for the sinks (JSON, HT
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -198,6 +198,12 @@ class ParamStats:
     weight: TensorStats
     grad: TensorStats | None = None
     update_ratio: float | None = None
+
+
+def measured_stats(layers: Iterable[LayerStats], params: Iterable[ParamStats]) -> list[TensorStats]:
+    """Every tensor a step measured: each layer's output and output gradient, each parameter and its gradient."""
+    found = [s for layer in layers for s in (layer.activation, layer.gradient) if s is not None]
+    return found + [s for p in params for s in (p.weight, p.grad) if s is not None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,12 +9,29 @@ import re
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout, without installing actdiag
     sys.path.insert(0, str(ROOT))
+
+
+def with_threads(threads: int, fn: Callable[[], T]) -> T:
+    """Run `fn` with torch using `threads` threads (0: torch's choice), then put the count back: a script's main()
+    also runs inside pytest, and must leave the process as it found it."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_model() -> str:

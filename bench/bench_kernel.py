@@ -105,13 +105,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--write", type=Path, default=None, help="replace the kernel table in this Markdown file")
     args = p.parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args, argv)
-    finally:
-        torch.set_num_threads(threads)  # main() also runs inside pytest: leave the process as it was
+    return _common.with_threads(args.threads, lambda: run(args, argv))
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:

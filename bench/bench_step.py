@@ -44,6 +44,7 @@ from torch import nn
 
 import actdiag
 from actdiag.monitor import DEFAULT_EVERY
+from actdiag.records import measured_stats
 
 VARIANTS = (
     "none", "none-copy", "actdiag-every1", "actdiag-every1-exact", "actdiag-default", "tb-hooks", "tb-all", "wandb",
@@ -232,16 +233,13 @@ class ActdiagVariant(Variant):
         rec = self.monitor.latest
         if rec is None:
             return 0
-        layers = sum((la.activation is not None) + (la.gradient is not None) for la in rec.layers)
-        return layers + sum(1 + (p.grad is not None) for p in rec.params)
+        return len(measured_stats(rec.layers, rec.params))
 
     def recorded_bytes(self) -> int:
         rec = self.monitor.latest
         if rec is None:
             return 0
-        stats = [s for la in rec.layers for s in (la.activation, la.gradient)]
-        stats += [s for p in rec.params for s in (p.weight, p.grad)]
-        return 4 * sum(s.numel for s in stats if s is not None)
+        return 4 * sum(s.numel for s in measured_stats(rec.layers, rec.params))
 
     def after_step(self, loss: torch.Tensor) -> None:
         self.monitor.step()
@@ -614,13 +612,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args, argv)
-    finally:
-        torch.set_num_threads(threads)  # main() also runs inside pytest: leave the process as it was
+    return _common.with_threads(args.threads, lambda: run(args, argv))
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:

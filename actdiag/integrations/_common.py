@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from actdiag.monitor import DEFAULT_EVERY, Monitor, check_every
-from actdiag.records import Finding
+from actdiag.records import Finding, measured_stats
 
 
 def missing_extra(extra: str, framework: str, package: str) -> ImportError:
@@ -48,10 +48,7 @@ def summary(monitor: Monitor, findings: Sequence[Finding], logdir: Path | None) 
     """A few lines for the end of training: what was recorded, where it went, the findings in rank order."""
     head = f"actdiag: recorded {monitor.recorded_steps} of {monitor.steps} steps (every {monitor.every})"
     rec = monitor.latest
-    if rec is not None and any(
-        st is not None and st.estimated
-        for st in [*(x for la in rec.layers for x in (la.activation, la.gradient)), *(p.weight for p in rec.params)]
-    ):
+    if rec is not None and any(st.estimated for st in measured_stats(rec.layers, rec.params)):
         head += "; large tensors' std, min, max and zeros estimated from a sample (exact=True for exact ones)"
     if logdir is not None:
         head += f"; TensorBoard: {logdir}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actdiag.records import SEVERITY_RANK, Finding, LayerStats, Report
+from actdiag.records import SEVERITY_RANK, Finding, LayerStats, Report, measured_stats
 from actdiag.reports._atomic import atomic_write
 
 # Mirrors figures.MAX_GRID_PANELS without importing the figures module (and matplotlib) for figure-less renders.
@@ -106,8 +106,7 @@ def render_html(report: Report, *, figures: bool = True) -> str:
         return None if r is None else _markup(r.svg)
 
     counts = {sev: sum(1 for f in findings if f.severity == sev) for sev in ("error", "warning", "info")}
-    measured = [st for ly in report.layers for st in (ly.activation, ly.gradient) if st is not None]
-    measured += [st for p in report.params for st in (p.weight, p.grad) if st is not None]
+    measured = measured_stats(report.layers, report.params)
     flagged_set = set(flagged)
     rows = [
         LayerRow(i + 1, ly, ly.label in flagged_set or ly.name in flagged_set) for i, ly in enumerate(report.layers)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import actdiag
-from actdiag.records import Finding, Report, TensorStats
+from actdiag.records import Finding, Report, TensorStats, measured_stats
 from tests.zoo import (
     HEALTHY,
     PATHOLOGIES,
@@ -114,8 +114,7 @@ def _watched_once(model: nn.Module, sample_cap: int) -> Report:
 
 
 def _measured(report: Report) -> list[TensorStats]:
-    found = [s for la in report.layers for s in (la.activation, la.gradient) if s is not None]
-    return found + [s for p in report.params for s in (p.weight, p.grad) if s is not None]
+    return measured_stats(report.layers, report.params)
 
 
 # NaNNet: non-finite tensors always take the exact path (test below); HugeActivationNet: no tensor over 256 elements.
