@@ -210,6 +210,7 @@ def sample_of(x: torch.Tensor, cap: int) -> np.ndarray:
         pytest.param(lambda: torch.relu(torch.randn(512, 640)), id="relu-zeros"),
         pytest.param(lambda: torch.randn(100_000, dtype=torch.float64) * 1e-20, id="float64-tiny"),
         pytest.param(lambda: torch.randn(70_000) * 1e30, id="huge"),
+        pytest.param(lambda: torch.randn(70_000) * 1e-36, id="float32-tiny"),  # bins in the scaled space
     ],
 )
 def test_estimated_stats_match_float64_reference_on_their_sample(make) -> None:  # noqa: ANN001
