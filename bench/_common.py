@@ -116,6 +116,33 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (getrusage); None where the platform has no such count."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# glibc's mallopt parameters (malloc.h): freed memory above the trim threshold at the heap's top goes back to the
+# kernel; allocations above the mmap threshold get fresh pages of their own. Both thresholds move with what the
+# process frees unless they are set.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+FIXED_MALLOC_BYTES = 32 << 20  # glibc's upper bound for the mmap threshold on 64-bit
+
+
+def fix_malloc(threshold: int = FIXED_MALLOC_BYTES) -> bool:
+    """Fix glibc's mmap and trim thresholds, so that memory a step frees is kept for the next step instead of being
+    returned to the kernel and faulted in again. False where this is not glibc or mallopt refused."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
 # --------------------------------------------------------------------------------------------- numbers
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")

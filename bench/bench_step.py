@@ -379,6 +379,7 @@ class Runner:
     times: list[float] = field(default_factory=list)  # seconds per timed step
     recorded: list[bool] = field(default_factory=list)
     blocks: list[float] = field(default_factory=list)  # seconds per block, aligned with rounds
+    faults: list[float] = field(default_factory=list)  # minor page faults per step, one entry per block
     peak_extra_mb: float | None = None
 
     def step(self) -> tuple[float, bool]:
@@ -393,12 +394,16 @@ class Runner:
 
     def block(self, n: int) -> None:
         total = 0.0
+        f0 = _common.minor_faults()
         for _ in range(n):
             dt, rec = self.step()
             self.times.append(dt)
             self.recorded.append(rec)
             total += dt
         self.blocks.append(total)
+        f1 = _common.minor_faults()
+        if f0 is not None and f1 is not None:
+            self.faults.append((f1 - f0) / n)
 
 
 def build_runners(load: Workload, variants: Sequence[str], tmp: Path) -> list[Runner]:
@@ -496,6 +501,7 @@ def summarise(runners: Sequence[Runner], bandwidth: float = 0.0) -> list[dict[st
                 "tensors": r.variant.tensors(),
                 "floor_ms": r.variant.recorded_bytes() / bandwidth * 1e3 if bandwidth else math.nan,
                 "steps": len(r.times),
+                "faults": _common.median(r.faults) if r.faults else math.nan,
             }
         )
     return rows
@@ -513,6 +519,7 @@ def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
         "extra us / tensor",
         "one-pass read floor ms",
         "peak RSS above resident, MB",
+        "page faults / step",
     ]
     body = []
     for row in rows:
@@ -529,6 +536,7 @@ def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
                 f"{row['extra_ms'] * 1e3 / row['tensors']:.0f}" if row["tensors"] and row["extra_ms"] > -1e9 else "",
                 f"{row['floor_ms']:.1f}" if row["floor_ms"] > 0 else "",
                 "n/a" if mem is None else f"{mem:.0f}",
+                "n/a" if math.isnan(row["faults"]) else f"{row['faults']:.0f}",
             ]
         )
     return _common.markdown_table(header, body)
@@ -607,6 +615,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true", help="tiny models, 2 rounds: checks the script, times nothing")
     p.add_argument("--write", type=Path, default=None, help="replace the step table in this Markdown file")
+    p.add_argument(
+        "--malloc-fixed",
+        action="store_true",
+        help="fix glibc's mmap/trim thresholds first (mallopt), so that no variant pays for page faults that the "
+        "allocator's moving thresholds cause (see BENCHMARKS.md)",
+    )
     return p.parse_args(argv)
 
 
@@ -638,6 +652,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     cmd = " ".join(["python", "bench/" + Path(__file__).name, *shown])
     lines = [f"Command: `{cmd}`", ""]
     lines += _common.machine_lines()
+    if args.malloc_fixed:
+        fixed = _common.fix_malloc()
+        lines.append(
+            f"- allocator: glibc mmap and trim thresholds fixed at {_common.FIXED_MALLOC_BYTES >> 20} MiB (mallopt)"
+            if fixed
+            else "- allocator: --malloc-fixed asked for, but mallopt is not available here: the system's defaults"
+        )
+    else:
+        lines.append("- allocator: the system's defaults (glibc: mmap and trim thresholds that move at run time)")
     lines += [
         f"- {args.rounds} interleaved rounds x {args.block} steps per variant, after {args.warmup} warm-up steps; "
         f"actdiag DEFAULT_EVERY = {DEFAULT_EVERY}; optimizer AdamW",
