@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import platform
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -76,3 +78,32 @@ def test_kernel_benchmark_times_every_case() -> None:
     text = "\n".join(lines)
     for name in bench_kernel.cases(smoke=True):
         assert f"| {name} |" in text
+
+
+def test_profile_accounts_for_every_part() -> None:
+    profile_step = load("profile_step")
+    lines = profile_step.main(["--smoke", "--model", "mlp"])
+    text = "\n".join(lines)
+    for label, *_ in profile_step.PARTS:
+        assert f"| {label} |" in text, f"missing part {label!r}"
+    # The hooks ran under the timers (registered after wrapping): the forward hooks were called, once per layer.
+    row = next(line for line in lines if line.startswith("| forward hooks"))
+    assert int(row.split("|")[3]) == 4, row  # the smoke MLP: 2 x (Linear + ReLU)
+    # Every function is unwrapped again afterwards.
+    from actdiag.hooks import recorder
+
+    assert recorder.Recorder._record_output.__qualname__ == "Recorder._record_output"
+
+
+def test_step_benchmark_fixed_malloc_is_said(tmp_path: Path) -> None:
+    # In a process of its own: mallopt changes the allocator of the whole process for good.
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_step.py"), "--smoke", "--models", "mlp", "--variants", "none",
+         "--malloc-fixed"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    if platform.libc_ver()[0] == "glibc":
+        assert "- allocator: glibc mmap and trim thresholds fixed at 32 MiB (mallopt)" in out
+    else:
+        assert "- allocator: --malloc-fixed asked for, but mallopt is not available here" in out
+    assert "page faults / step" in out
