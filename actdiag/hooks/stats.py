@@ -200,6 +200,12 @@ _SAFE_EXP = 40
 _ONE_PASS_MAX_SHARE = 0.5
 
 
+def _pow2_scale(mn: float, mx: float) -> float:
+    """1.0, or the power of two (2**e, |e| <= 100) to divide by when the largest magnitude is outside 2**-40..2**40."""
+    e = min(max(math.frexp(max(-mn, mx))[1], -100), 100)
+    return math.ldexp(1.0, e) if abs(e) > _SAFE_EXP else 1.0
+
+
 def _stats_fast(a: np.ndarray, mn: float, mx: float, bins: int, sample_n: int) -> torch.Tensor:
     """The CPU path for all-finite tensors, in numpy on the tensor's own memory.
 
@@ -211,12 +217,8 @@ def _stats_fast(a: np.ndarray, mn: float, mx: float, bins: int, sample_n: int) -
     (einsum: one thread, no BLAS thread pool), a second centred pass only when the mean dominates, `x == 0`.
     """
     n = a.size
-    e = min(max(math.frexp(max(-mn, mx))[1], -100), 100)
-    scale = 1.0
-    a_s = a
-    if abs(e) > _SAFE_EXP:
-        scale = math.ldexp(1.0, e)
-        a_s = a * a.dtype.type(math.ldexp(1.0, -e))
+    scale = _pow2_scale(mn, mx)
+    a_s = a if scale == 1.0 else a * a.dtype.type(1.0 / scale)
     # einsum sums pairwise like ndarray.sum (same rounding here) but ~3x faster on float32.
     mean_s = float(np.einsum("i->", a_s)) / n
     sumsq = float(np.einsum("i,i->", a_s, a_s))
@@ -263,9 +265,7 @@ def _stats_estimated(a: np.ndarray, bins: int, sample_n: int) -> torch.Tensor | 
     vec = np.empty(HEAD + bins + N_EXP)
     vec[:HEAD] = (float(n), mean, var * n, mn, mx, float(round(sample_zeros * n / sample_n)))
     # The bins in the sample's own dtype, scaled like _stats_fast's when float32 could overflow or underflow.
-    e = min(max(math.frexp(max(-mn, mx))[1], -100), 100)
-    scale = math.ldexp(1.0, e) if abs(e) > _SAFE_EXP else 1.0
-    _histograms_into(vec, sample, mn, mx, scale, bins, sample_zeros)
+    _histograms_into(vec, sample, mn, mx, _pow2_scale(mn, mx), bins, sample_zeros)
     return torch.from_numpy(vec)
 
 
