@@ -23,6 +23,7 @@ import fnmatch
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -249,6 +250,8 @@ class Recorder:
         self._token = 0
         self._step = -1
         self._pending: dict[_Key, tuple[torch.Tensor, Any]] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, _Key]] = {}
+        self._aliases: dict[_Key, _Key] = {}
         self._batch = SmallBatch(bins, sample_cap)  # small CPU tensors of the step, measured together in end()
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
@@ -287,6 +290,8 @@ class Recorder:
         self._step = step
         self._token += 1
         self._pending = {}
+        self._seen = {}
+        self._aliases = {}
         self._batch.clear()
         self._kinds = {}
         self._late_params = {}
@@ -310,6 +315,11 @@ class Recorder:
         if not self._recording:
             return None
         self._remove_hooks()
+        if self.merger is None and not self._order and not self._any_param_grad():
+            # Nothing ran since begin() (e.g. the watch closes right after a step): measuring every weight for a
+            # record that would be dropped below costs a full pass over the parameters.
+            self.abort()
+            return None
         with torch.no_grad():
             for pname, p in self.params:
                 if not self._has(("P", pname, "weight")):
@@ -320,6 +330,11 @@ class Recorder:
         self._recording = False
         if len(self._batch):
             self._pending.update(self._batch.finish())
+        for key, src in self._aliases.items():
+            if src in self._pending:
+                self._pending[key] = self._pending[src]
+        self._aliases = {}
+        self._seen = {}
         pending, self._pending = self._pending, {}
         kinds, self._kinds = self._kinds, {}
         order, self._order = self._order, []
@@ -349,6 +364,8 @@ class Recorder:
         self._remove_hooks()
         self._recording = False
         self._pending = {}
+        self._seen = {}
+        self._aliases = {}
         self._batch.clear()
         self._kinds = {}
         self._order = []
@@ -544,22 +561,56 @@ class Recorder:
         return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free, exact=self.exact)
 
     def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = "replicated") -> None:
+        layer = key[0] == "L"
+        if layer and self._same_as_measured(key, t, kind):
+            return
         if not self.sync_free:
             meta = self._batch.take(key, t)
             if meta is not None:  # measured with the step's other small tensors in end()
                 self._pending.pop(key, None)
+                self._aliases.pop(key, None)
                 self._kinds[key] = kind
+                if layer:
+                    self._remember(key, t)
                 return
         self._put(key, *self._stats(t), kind)
+        if layer:
+            self._remember(key, t)
+
+    def _same_as_measured(self, key: _Key, t: torch.Tensor, kind: str) -> bool:
+        """True (and `key` takes the earlier entry's statistics in end()) if this very tensor object was already
+        measured in this step and has not been modified in place since (same version counter). Pass-through modules
+        give such tensors: nn.Identity (e.g. a residual shortcut), nn.Dropout in eval mode or with p=0, a Flatten of
+        something flat, and the gradient of each of them, which autograd hands to every hook on the tensor as one
+        object. An in-place module (ReLU(inplace=True) after a BatchNorm) returns the same object with a new
+        version, so its output is measured again."""
+        seen = self._seen.get(id(t))
+        if seen is None or seen[0]() is not t or t.is_inference() or t._version != seen[1] or not self._has(seen[2]):
+            return False
+        self._aliases[key] = seen[2]
+        self._pending.pop(key, None)
+        self._batch.discard(key)
+        self._kinds[key] = kind
+        return True
+
+    def _remember(self, key: _Key, t: torch.Tensor) -> None:
+        # A weak reference: the check must not keep a gradient alive until the step ends. While the object lives,
+        # its id is its own.
+        if not t.is_inference():
+            self._seen[id(t)] = (weakref.ref(t), t._version, key)
+
+    def _any_param_grad(self) -> bool:
+        return any(k[0] == "P" and k[2] == "grad" for k in (*self._pending, *self._batch.items))
 
     def _has(self, key: _Key) -> bool:
-        return key in self._pending or key in self._batch
+        return key in self._pending or key in self._batch or key in self._aliases
 
     def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = "replicated") -> None:
         # `kind` says how the entry merges across ranks (actdiag.distributed.KIND_*; the default is
         # KIND_REPLICATED, spelled out because default values are evaluated while the modules import each other).
         self._pending[key] = (vec, meta)
         self._batch.discard(key)
+        self._aliases.pop(key, None)
         self._kinds[key] = kind
 
     def _own_weight(self, module: nn.Module) -> str | None:

@@ -91,6 +91,86 @@ def test_stats_and_gradients_match_a_reference_pass() -> None:
     assert layers["act"].dead_fraction == pytest.approx(dead_ref)
 
 
+class PassThroughNet(nn.Module):
+    """fc1 -> BatchNorm -> in-place ReLU, then an Identity shortcut and a Dropout(p=0) on the ReLU's output: the two
+    pass-through modules return the very tensor the ReLU returned, and each registers a gradient hook on it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, width)
+        self.bn = nn.BatchNorm1d(width)
+        self.act = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.0)
+        self.short = nn.Identity()
+        self.fc2 = nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.fc1(x)))
+        return self.head(self.fc2(self.drop(h)) + self.short(h))
+
+
+@pytest.mark.parametrize("batch", [16, 128], ids=["small tensors (batched)", "large tensors (per tensor)"])
+def test_a_tensor_seen_twice_in_one_state_is_measured_once(monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    from actdiag.hooks import recorder as rec_mod
+    from actdiag.hooks import stats as stats_mod
+
+    torch.manual_seed(3)
+    width = 96  # batch 128: 12288 elements per activation, over the 8192-element sample; batch 16: 1536, under
+    model = PassThroughNet(width)
+    x = torch.randn(batch, 6)
+    # Reference: the same computation with retain_grad on every intermediate, float64 statistics, no actdiag.
+    pre = model.fc1(x)
+    b = model.bn(pre)
+    h = torch.relu(b)
+    for t in (pre, b, h):
+        t.retain_grad()
+    y = model.fc2(h)
+    y.retain_grad()
+    out = model.head(y + h)
+    out.pow(2).mean().backward()
+    ref = {"fc1": (pre, pre.grad), "bn": (b, b.grad), "act": (h, h.grad), "fc2": (y, y.grad)}
+    ref["drop"] = ref["short"] = ref["act"]  # the same tensor, and autograd's one gradient for it
+    model.zero_grad()
+
+    measured = []
+    real_stats, real_take = rec_mod.tensor_stats, stats_mod.SmallBatch.take
+
+    def count_stats(t: torch.Tensor, **kw: object) -> object:
+        measured.append(t.numel())
+        return real_stats(t, **kw)
+
+    def count_take(self: stats_mod.SmallBatch, key: object, t: torch.Tensor) -> object:
+        meta = real_take(self, key, t)
+        if meta is not None:
+            measured.append(t.numel())
+        return meta
+
+    monkeypatch.setattr(rec_mod, "tensor_stats", count_stats)
+    monkeypatch.setattr(stats_mod.SmallBatch, "take", count_take)
+    with actdiag.watch(model, every=1, exact=True) as mon:
+        model(x).pow(2).mean().backward()
+        mon.step()
+        n_measured = len(measured)
+    layers = {layer.name: layer for layer in mon.latest.layers}
+    assert list(layers) == ["fc1", "bn", "act", "drop", "fc2", "short", "head"]
+    for name, (value, grad) in ref.items():
+        a, g = layers[name].activation, layers[name].gradient
+        v64, g64 = value.detach().double(), grad.double()
+        assert a.numel == v64.numel() and a.mean == pytest.approx(v64.mean().item(), abs=1e-6), name
+        assert a.std == pytest.approx(v64.std(unbiased=False).item(), rel=1e-5), name
+        assert (a.min, a.max) == pytest.approx((v64.min().item(), v64.max().item()), rel=1e-6), name
+        assert g.norm == pytest.approx(g64.norm().item(), rel=1e-5), name
+    # BatchNorm's output was overwritten in place by the ReLU (same object, new version): measured twice, apart.
+    assert layers["bn"].activation.min < 0 <= layers["act"].activation.min
+    # Measured in the step: activations and gradients of fc1, bn, act, fc2 and head (the pass-through layers take
+    # act's), and the eight parameters with their gradients. Without the check, drop and short would add four more.
+    assert n_measured == 5 * 2 + 8 * 2
+    assert measured[:n_measured].count(batch * width) == 4 * 2
+    # The step begun by the last step() saw no forward pass: closing measures nothing more.
+    assert len(measured) == n_measured
+
+
 def test_hooks_are_removed_on_exit_and_after_exceptions() -> None:
     model = InplaceNet()
     with actdiag.watch(model, every=1) as mon:
