@@ -49,7 +49,9 @@ from actdiag.records import measured_stats
 VARIANTS = (
     "none", "none-copy", "actdiag-every1", "actdiag-every1-exact", "actdiag-default", "tb-hooks", "tb-all", "wandb",
 )  # fmt: skip
-MODELS = ("mlp", "cnn", "gpt")
+MODELS = ("mlp", "cnn", "gpt")  # the table in BENCHMARKS.md
+EXTRA_MODELS = ("vit",)  # on request (--models vit): see its workload
+ALL_MODELS = MODELS + EXTRA_MODELS
 
 
 # ============================================================================================== models
@@ -137,6 +139,65 @@ class GPT(nn.Module):
         return self.head(self.ln_f(self.blocks(self.tok(idx) + self.pos(pos))))
 
 
+class ViTAttention(nn.Module):
+    """timm's Attention with its defaults: q/k norms and dropouts present as placeholders that pass tensors on."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.proj = nn.Linear(d, d)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+
+
+class ViTBlock(nn.Module):
+    """timm's VisionTransformer Block with its defaults (no layer scale, no drop path, no dropout): those options are
+    then nn.Identity / nn.Dropout(0.0) modules, called on every forward, returning their input unchanged."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = ViTAttention(d, heads)
+        self.ls1, self.drop_path1 = nn.Identity(), nn.Identity()
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(0.0), nn.Identity(), nn.Linear(4 * d, d), nn.Dropout(0.0)
+        )
+        self.ls2, self.drop_path2 = nn.Identity(), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """A ViT-Tiny-width vision transformer in timm's layout, for 32x32 images in 4x4 patches."""
+
+    def __init__(self, d: int, depth: int, heads: int, patch: int, side: int, classes: int = 10) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, patch, patch)
+        tokens = (side // patch) ** 2 + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, d) * 0.02)
+        self.pos_drop = nn.Dropout(0.0)
+        self.blocks = nn.Sequential(*(ViTBlock(d, heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.blocks(self.pos_drop(x + self.pos_embed))
+        return self.head(self.norm(x)[:, 0])
+
+
 @dataclass
 class Workload:
     name: str
@@ -187,7 +248,19 @@ def workload(name: str, smoke: bool) -> Workload:
             inp,
             lambda out: F.cross_entropy(out.reshape(-1, vocab), tgt.reshape(-1)),
         )
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if name == "vit":
+        d, depth, heads, batch, side = (16, 1, 2, 2, 8) if smoke else (192, 4, 3, 32, 32)
+        x = torch.randn(batch, 3, side, side, generator=g)
+        labels = torch.randint(0, 10, (batch,), generator=g)
+        return Workload(
+            "vit",
+            f"ViT in timm's layout, {depth} blocks, d={d}, {heads} heads, 4x4 patches of {side}x{side} images, "
+            f"batch {batch}; its unused options are nn.Identity / nn.Dropout(0.0) modules, as timm builds them",
+            lambda: ViT(d, depth, heads, 4, side),
+            x,
+            lambda out: F.cross_entropy(out, labels),
+        )
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
 
 
 # ============================================================================================== variants
@@ -217,6 +290,12 @@ class Variant:
         pass
 
 
+def _distinct(stats: Sequence[Any]) -> list[Any]:
+    """Statistics measured once and shared by several records (a pass-through module's output is its input)
+    count once."""
+    return list({id(s): s for s in stats}.values())
+
+
 class ActdiagVariant(Variant):
     def __init__(self, name: str, every: int, exact: bool | None = None) -> None:
         self.name = name
@@ -233,13 +312,13 @@ class ActdiagVariant(Variant):
         rec = self.monitor.latest
         if rec is None:
             return 0
-        return len(measured_stats(rec.layers, rec.params))
+        return len(_distinct(measured_stats(rec.layers, rec.params)))
 
     def recorded_bytes(self) -> int:
         rec = self.monitor.latest
         if rec is None:
             return 0
-        return 4 * sum(s.numel for s in measured_stats(rec.layers, rec.params))
+        return 4 * sum(s.numel for s in _distinct(measured_stats(rec.layers, rec.params)))
 
     def after_step(self, loss: torch.Tensor) -> None:
         self.monitor.step()
@@ -607,7 +686,11 @@ def target_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated: " + ", ".join(ALL_MODELS) + " (default: the first three)",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     p.add_argument("--rounds", type=int, default=12, help="interleaved rounds (default 12)")
     p.add_argument("--block", type=int, default=DEFAULT_EVERY, help="steps per variant per round (default: every)")
@@ -637,8 +720,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
     for m in models:
-        if m not in MODELS:
-            raise ValueError(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+        if m not in ALL_MODELS:
+            raise ValueError(f"unknown model {m!r}; choose from {', '.join(ALL_MODELS)}")
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")

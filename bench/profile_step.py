@@ -116,7 +116,7 @@ def profile(model_name: str, steps: int, exact: bool | None, smoke: bool) -> lis
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="cnn", choices=bench_step.MODELS)
+    p.add_argument("--model", default="cnn", choices=bench_step.ALL_MODELS)
     p.add_argument("--steps", type=int, default=20, help="recorded steps timed (default 20)")
     p.add_argument("--exact", action="store_true", help="exact=True instead of the every=1 default (estimated)")
     p.add_argument("--malloc-fixed", action="store_true", help="fix glibc's mmap/trim thresholds, as bench_step.py")

@@ -330,9 +330,9 @@ class Recorder:
         self._recording = False
         if len(self._batch):
             self._pending.update(self._batch.finish())
-        for key, src in self._aliases.items():
-            if src in self._pending:
-                self._pending[key] = self._pending[src]
+        # Keys measured as another key's tensor take its statistics after the read-back (and the merge across
+        # ranks, identical for both): one vector read back, merged and decoded, one TensorStats object shared.
+        aliases = {key: src for key, src in self._aliases.items() if src in self._pending}
         self._aliases = {}
         self._seen = {}
         pending, self._pending = self._pending, {}
@@ -347,7 +347,7 @@ class Recorder:
             return None
         if self.merger is None:
             host = _read_back(pending)
-        return self._decode(host, order)
+        return self._decode(host, order, aliases)
 
     def capture_param_grads(self) -> None:
         """Re-read every parameter's current `.grad` (e.g. right before the optimizer step, after AMP unscaling
@@ -482,12 +482,13 @@ class Recorder:
         # A hook can outlive its step (a graph kept alive and backpropagated later): ignore stale ones.
         if token != self._token or not self._recording:
             return
+        measured = grad
         if self._grad_scale != 1.0:
             # DDP optimises the mean of the ranks' losses: the gradient of that objective with respect to this
             # rank's activations is the rank's own gradient divided by the world size (the same division DDP
             # applies to parameter gradients). Merged, these equal a single process's over the whole batch.
-            grad = grad * self._grad_scale
-        self._guard("gradients", self._put_stats, key, grad, _dist.KIND_STATS)
+            measured = grad * self._grad_scale
+        self._guard("gradients", self._put_stats, key, measured, _dist.KIND_STATS, grad)
 
     def _param_grad_hook(self, pname: str, p: torch.Tensor) -> None:
         if not self._recording or p.grad is None:
@@ -560,9 +561,12 @@ class Recorder:
     def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
         return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free, exact=self.exact)
 
-    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = "replicated") -> None:
+    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = "replicated", source: Any = None) -> None:
+        # `source`: the tensor `t` was computed from when it is not the one a hook received (a gradient scaled
+        # under DDP); the check for a tensor already measured looks at that one.
+        source = t if source is None else source
         layer = key[0] == "L"
-        if layer and self._same_as_measured(key, t, kind):
+        if layer and self._same_as_measured(key, source):  # an earlier key's statistics, given to this one in end()
             return
         if not self.sync_free:
             meta = self._batch.take(key, t)
@@ -571,13 +575,13 @@ class Recorder:
                 self._aliases.pop(key, None)
                 self._kinds[key] = kind
                 if layer:
-                    self._remember(key, t)
+                    self._remember(key, source)
                 return
         self._put(key, *self._stats(t), kind)
         if layer:
-            self._remember(key, t)
+            self._remember(key, source)
 
-    def _same_as_measured(self, key: _Key, t: torch.Tensor, kind: str) -> bool:
+    def _same_as_measured(self, key: _Key, t: torch.Tensor) -> bool:
         """True (and `key` takes the earlier entry's statistics in end()) if this very tensor object was already
         measured in this step and has not been modified in place since (same version counter). Pass-through modules
         give such tensors: nn.Identity (e.g. a residual shortcut), nn.Dropout in eval mode or with p=0, a Flatten of
@@ -590,7 +594,7 @@ class Recorder:
         self._aliases[key] = seen[2]
         self._pending.pop(key, None)
         self._batch.discard(key)
-        self._kinds[key] = kind
+        self._kinds.pop(key, None)
         return True
 
     def _remember(self, key: _Key, t: torch.Tensor) -> None:
@@ -620,12 +624,14 @@ class Recorder:
             p = next(iter(own.values()))
         return None if p is None else self._param_name.get(id(p))
 
-    def _decode(self, host: Mapping[_Key, tuple[np.ndarray, Any]], order: list[_LayerCall]) -> StepRecord:
+    def _decode(
+        self, host: Mapping[_Key, tuple[np.ndarray, Any]], order: list[_LayerCall], aliases: Mapping[_Key, _Key]
+    ) -> StepRecord:
         keys = [k for k, (_, meta) in host.items() if isinstance(meta, StatsMeta)]
         decoded = dict(zip(keys, decode_many([host[k][0] for k in keys], [host[k][1] for k in keys]), strict=True))
 
         def stats(key: _Key) -> TensorStats | None:
-            return decoded.get(key)
+            return decoded.get(aliases.get(key, key))
 
         params: list[ParamStats] = []
         by_name: dict[str, ParamStats] = {}

@@ -53,6 +53,16 @@ def test_step_benchmark_writes_a_row_for_every_model_and_variant(bench_step: Mod
     assert "| cnn / none |" not in text and "| mlp / none |" in text
 
 
+def test_step_benchmark_runs_the_extra_models_on_request(bench_step: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "BENCH.md"
+    bench_step.main(["--smoke", "--models", ",".join(bench_step.EXTRA_MODELS), "--variants", "none,actdiag-every1",
+                     "--write", str(out)])  # fmt: skip
+    text = out.read_text()
+    for model in bench_step.EXTRA_MODELS:
+        assert f"| {model} / none |" in text and f"| {model} / actdiag-every1 |" in text
+    assert "| mlp / none |" not in text, "the default models run only when asked for"
+
+
 def test_step_benchmark_rejects_unknown_names(bench_step: ModuleType) -> None:
     with pytest.raises(ValueError, match="unknown variant"):
         bench_step.main(["--smoke", "--models", "mlp", "--variants", "nope"])

@@ -161,6 +161,9 @@ def test_a_tensor_seen_twice_in_one_state_is_measured_once(monkeypatch: pytest.M
         assert a.std == pytest.approx(v64.std(unbiased=False).item(), rel=1e-5), name
         assert (a.min, a.max) == pytest.approx((v64.min().item(), v64.max().item()), rel=1e-6), name
         assert g.norm == pytest.approx(g64.norm().item(), rel=1e-5), name
+    for name in ("drop", "short"):  # one measurement, shared
+        assert layers[name].activation is layers["act"].activation
+        assert layers[name].gradient is layers["act"].gradient
     # BatchNorm's output was overwritten in place by the ReLU (same object, new version): measured twice, apart.
     assert layers["bn"].activation.min < 0 <= layers["act"].activation.min
     # Measured in the step: activations and gradients of fc1, bn, act, fc2 and head (the pass-through layers take

@@ -37,9 +37,12 @@ COLLECTIVES = (
 
 
 def build_model() -> nn.Module:
-    """An MLP with four dead ReLU units (bias -100) and a saturating tanh layer (weights x5)."""
+    """An MLP with four dead ReLU units (bias -100) and a saturating tanh layer (weights x5), ending in an
+    nn.Identity (its output is the last Linear's, measured once and merged once)."""
     torch.manual_seed(1234)
-    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    model = nn.Sequential(
+        nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4), nn.Identity()
+    )
     with torch.no_grad():
         model[0].bias[:4] = -100.0
         model[2].weight.mul_(5.0)

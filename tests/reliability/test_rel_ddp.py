@@ -193,7 +193,7 @@ def test_rel_ddp_one_collective_per_recorded_step(ddp_run: tuple[Path, list[dict
 
 def _check_layers(doc: dict[str, Any], ref: dict[str, Any]) -> None:
     assert doc["step"] == worker.STEPS - 1
-    assert set(doc["layers"]) == {"0", "1", "2", "3", "4"}
+    assert set(doc["layers"]) == {"0", "1", "2", "3", "4", "5"}
     for label, layer in doc["layers"].items():
         # Activations are per-sample computations: the merge is exact up to float32 accumulation in the kernel.
         _check_stats(layer["activation"], ref["acts"][label], rel=1e-5)
