@@ -3,12 +3,18 @@
     python bench/profile_step.py --model cnn --malloc-fixed   # one of bench_step's models, 20 recorded steps
     python bench/profile_step.py --model gpt --steps 40 --exact
     python bench/profile_step.py --smoke                # seconds; what tests/bench/test_bench_smoke.py runs
+    python bench/profile_step.py --model cnn --ablate --malloc-fixed   # what if a part cost nothing?
 
 bench_step.py says how much a recorded step costs; this says where, so that work on the overhead starts from
 figures. Each part is timed by wrapping the function that does it (nested parts are also inside their callers:
 "statistics" is inside the hooks, "decode" inside "end of step"). What no timer sees (torch calling the hooks,
 caches the statistics evicted, allocator effects) is the difference between the step's extra time in bench_step.py
 and the sum of the top-level parts here.
+
+`--ablate` answers the other question, what a recorded step would cost if a part were free: copies of the model
+train side by side, interleaved as in bench_step.py, one unmonitored, one watched, and watched copies with parts
+replaced by stand-ins that do (almost) nothing (`ABLATIONS`). The results are not valid statistics; only the time
+means something. This bounds what any faster implementation of a part (a compiled kernel, say) could buy.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 import _common  # also puts the checkout on sys.path
 import bench_step
+import numpy as np
 import torch
 
 import actdiag
@@ -114,6 +121,129 @@ def profile(model_name: str, steps: int, exact: bool | None, smoke: bool) -> lis
     return lines
 
 
+# ============================================================================================== ablation
+def _one_pass_only(a: Any, bins: int, sample_n: int) -> torch.Tensor:
+    """Stand-in for stats._stats_estimated: the one pass over every element (the sum), no sample, no histograms."""
+    vec = np.zeros(stats.HEAD + bins + stats.N_EXP)
+    vec[: stats.HEAD] = (float(a.size), float(np.einsum("i->", a)) / a.size, 0.0, 0.0, 0.0, 0.0)
+    vec[stats.HEAD] = sample_n
+    return torch.from_numpy(vec)
+
+
+def _one_unit_only(y: torch.Tensor, unit_dim: int, ever: torch.Tensor, rare: float, **kw: Any) -> torch.Tensor:
+    """Stand-in for recorder.unit_activity: the same call on one sample instead of the whole batch."""
+    return _REAL_UNIT_ACTIVITY(y.detach()[:1], unit_dim, ever, rare, **kw)
+
+
+_REAL_UNIT_ACTIVITY = recorder.unit_activity
+
+# name -> (what it shows, [(owner, attribute, stand-in)], watched with actdiag, empty hooks)
+ABLATIONS: dict[str, tuple[str, list[tuple[Any, str, Any]], bool, bool]] = {
+    "none": ("no monitoring", [], False, False),
+    "actdiag": ("watch(every=1) as it is", [], True, False),
+    "no-sample": (
+        "large tensors: the one pass only (no sample, moments or histograms)",
+        [(stats, "_stats_estimated", _one_pass_only)],
+        True,
+        False,
+    ),
+    "no-sample-no-units": (
+        "the same, and the per-unit ReLU pass on one sample",
+        [(stats, "_stats_estimated", _one_pass_only), (recorder, "unit_activity", _one_unit_only)],
+        True,
+        False,
+    ),
+    "empty-hooks": ("hooks registered where actdiag's go, doing nothing", [], False, True),
+}
+
+
+class _EmptyHooks:
+    """Forward hooks on actdiag's modules registering a tensor hook on the output, and parameter post-accumulate
+    hooks, all doing nothing; registered and removed every step, as actdiag's are at every=1."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.targets = recorder.select_modules(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.handles: list[Any] = []
+
+    @staticmethod
+    def _forward(_module: Any, _inputs: Any, output: Any) -> None:
+        t = recorder.first_tensor(output)
+        if t is not None and t.requires_grad:
+            t.register_hook(lambda _g: None)
+
+    def step(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = [m.register_forward_hook(self._forward) for _, m in self.targets]
+        self.handles += [p.register_post_accumulate_grad_hook(lambda _p: None) for p in self.params]
+
+
+@contextmanager
+def _patched(patches: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    for owner, attr, fn in patches:
+        setattr(owner, attr, fn)
+    try:
+        yield
+    finally:
+        for owner, attr, fn in reversed(saved):
+            setattr(owner, attr, fn)
+
+
+def ablate(model_name: str, rounds: int, block: int, smoke: bool) -> list[str]:
+    load = bench_step.workload(model_name, smoke)
+    copies = []
+    for name, (_, patches, watched, empty) in ABLATIONS.items():
+        torch.manual_seed(0)
+        model = load.build()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        after: Any = None
+        if watched:
+            after = actdiag.watch(model, every=1).start()
+        elif empty:
+            after = _EmptyHooks(model)
+            after.step()
+        copies.append((name, model, opt, patches, after))
+
+    def run(copy: tuple[str, Any, Any, Any, Any], n: int) -> float:
+        _, model, opt, patches, after = copy
+        with _patched(patches):  # the stand-ins also cover the hooks registered for the next step
+            t0 = time.perf_counter()
+            for _ in range(n):
+                opt.zero_grad(set_to_none=True)
+                load.loss(model(load.inputs)).backward()
+                opt.step()
+                if after is not None:
+                    after.step()
+            return (time.perf_counter() - t0) / n
+
+    blocks: dict[str, list[float]] = defaultdict(list)
+    try:
+        for c in copies:
+            run(c, 1 if smoke else 3)
+        for r in range(rounds):
+            k = r % len(copies)
+            for c in copies[k:] + copies[:k]:
+                blocks[c[0]].append(run(c, block))
+    finally:
+        for _, _, _, _, after in copies:
+            if hasattr(after, "close"):
+                after.close()
+    base = blocks["none"]
+    rows = []
+    for name, (what, *_) in ABLATIONS.items():
+        ratios = [b / a for a, b in zip(base, blocks[name], strict=True)]
+        lo, hi = _common.quartiles(ratios)
+        med = _common.median(ratios)
+        rows.append([name, what, f"{_common.median(blocks[name]) * 1e3:.1f}", f"{med:.3f} ({lo:.3f}-{hi:.3f})"])
+    return [
+        f"**{model_name}**: {load.description}; {rounds} interleaved rounds x {block} steps per copy",
+        "",
+        *_common.markdown_table(["copy", "what it runs", "median step ms", "ratio to none (IQR)"], rows),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cnn", choices=bench_step.ALL_MODELS)
@@ -121,13 +251,22 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--exact", action="store_true", help="exact=True instead of the every=1 default (estimated)")
     p.add_argument("--malloc-fixed", action="store_true", help="fix glibc's mmap/trim thresholds, as bench_step.py")
     p.add_argument("--smoke", action="store_true", help="a tiny model and 2 steps: checks the script, times nothing")
+    p.add_argument("--ablate", action="store_true", help="time copies with parts stubbed out (see the docstring)")
+    p.add_argument("--rounds", type=int, default=5, help="--ablate: interleaved rounds (default 5)")
+    p.add_argument("--block", type=int, default=15, help="--ablate: steps per copy per round (default 15)")
     args = p.parse_args(argv)
     steps = 2 if args.smoke else args.steps
     if steps < 1:
         p.error("--steps must be at least 1")
     if args.malloc_fixed and not _common.fix_malloc():
         print("[profile] --malloc-fixed: no mallopt here; the allocator keeps its defaults", file=sys.stderr)
-    lines = profile(args.model, steps, True if args.exact else None, args.smoke)
+    if args.ablate:
+        rounds, block = (2, 1) if args.smoke else (args.rounds, args.block)
+        if rounds < 1 or block < 1:
+            p.error("--rounds and --block must be at least 1")
+        lines = ablate(args.model, rounds, block, args.smoke)
+    else:
+        lines = profile(args.model, steps, True if args.exact else None, args.smoke)
     print("\n".join(lines))
     return lines
 

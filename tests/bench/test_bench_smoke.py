@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -103,6 +104,22 @@ def test_profile_accounts_for_every_part() -> None:
     from actdiag.hooks import recorder
 
     assert recorder.Recorder._record_output.__qualname__ == "Recorder._record_output"
+
+
+def test_profile_ablation_times_every_copy_and_restores_the_stand_ins() -> None:
+    profile_step = load("profile_step")
+    from actdiag.hooks import recorder, stats
+
+    real = (stats._stats_estimated, recorder.unit_activity)
+    lines = profile_step.main(["--smoke", "--model", "mlp", "--ablate"])
+    text = "\n".join(lines)
+    for name in profile_step.ABLATIONS:
+        assert f"| {name} |" in text, f"missing copy {name!r}"
+    assert (stats._stats_estimated, recorder.unit_activity) == real
+    # The stand-in keeps the vector's layout: count and mean from its one pass.
+    a = np.arange(20000, dtype=np.float32)
+    vec = profile_step._one_pass_only(a, 64, 8192).numpy()
+    assert vec.shape == (stats.vector_length(64),) and vec[0] == a.size and vec[1] == a.mean(dtype=np.float64)
 
 
 def test_step_benchmark_fixed_malloc_is_said(tmp_path: Path) -> None:
