@@ -135,6 +135,14 @@ def _one_unit_only(y: torch.Tensor, unit_dim: int, ever: torch.Tensor, rare: flo
     return _REAL_UNIT_ACTIVITY(y.detach()[:1], unit_dim, ever, rare, **kw)
 
 
+def _no_statistics(x: torch.Tensor, *, bins: int, sample_cap: int, **kw: Any) -> tuple[torch.Tensor, Any]:
+    """Stand-in for recorder.tensor_stats: a vector of the right layout, nothing read."""
+    n = x.numel()
+    vec = torch.zeros(stats.vector_length(bins), dtype=torch.float64)
+    vec[0] = n
+    return vec, stats.StatsMeta(numel=n, bins=bins, sample_n=min(n, sample_cap))
+
+
 _REAL_UNIT_ACTIVITY = recorder.unit_activity
 
 # name -> (what it shows, [(owner, attribute, stand-in)], watched with actdiag, empty hooks)
@@ -150,6 +158,12 @@ ABLATIONS: dict[str, tuple[str, list[tuple[Any, str, Any]], bool, bool]] = {
     "no-sample-no-units": (
         "the same, and the per-unit ReLU pass on one sample",
         [(stats, "_stats_estimated", _one_pass_only), (recorder, "unit_activity", _one_unit_only)],
+        True,
+        False,
+    ),
+    "no-statistics": (
+        "tensors over the sample size not read at all (a constant vector), the per-unit pass on one sample",
+        [(recorder, "tensor_stats", _no_statistics), (recorder, "unit_activity", _one_unit_only)],
         True,
         False,
     ),
