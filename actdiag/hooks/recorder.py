@@ -256,7 +256,10 @@ class Recorder:
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
+        # Weight samples for the update ratio: torch tensors (any device), or numpy arrays on the CPU (see
+        # _record_weight); the numpy ones are compared with the updated weights in one batch in end().
         self._snapshots: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._np_snapshots: dict[str, tuple[int, np.ndarray | None, np.ndarray]] = {}
         self._prev_channels_first = False
         self.failed: set[str] = set()
         self._kinds: dict[_Key, str] = {}
@@ -302,6 +305,7 @@ class Recorder:
         self._order = []
         self._prev_channels_first = False
         self._snapshots = {}
+        self._np_snapshots = {}
         self._recording = True
         self._stance = _EAGER.acquire()
         for name, module in self.targets:
@@ -326,7 +330,10 @@ class Recorder:
                     self._guard("weights", self._record_weight, pname, p, False)
             for pname, snap in self._snapshots.items():
                 self._guard("updates", self._record_update, pname, self._param_map[pname], snap)
+            if self._np_snapshots:
+                self._guard("updates", self._record_updates_numpy, self._np_snapshots)
         self._snapshots = {}
+        self._np_snapshots = {}
         self._recording = False
         if len(self._batch):
             self._pending.update(self._batch.finish())
@@ -370,6 +377,7 @@ class Recorder:
         self._kinds = {}
         self._order = []
         self._snapshots = {}
+        self._np_snapshots = {}
         self._late_params = {}
 
     def _mismatch(self, message: str) -> None:
@@ -530,27 +538,52 @@ class Recorder:
             # sample_cap elements (the histograms' sample): a full copy of every weight would double the
             # parameters' memory on recorded steps and cost two extra passes over them.
             flat = p.detach().reshape(-1)
+            n = flat.numel()
+            a = _numpy_view(flat) if not self.sync_free and n else None
+            if a is not None:  # on the CPU: numpy, no ATen call (see _record_updates_numpy)
+                idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if n > self.sample_cap else None
+                self._np_snapshots[pname] = (n, idx_np, a.copy() if idx_np is None else a.take(idx_np))
+                return
             idx = None
-            if flat.numel() > self.sample_cap:
-                idx = _SAMPLES.get(flat.numel(), self.sample_cap, flat.device)
+            if n > self.sample_cap:
+                idx = _SAMPLES.get(n, self.sample_cap, flat.device)
                 self._snapshots[pname] = (idx, flat.index_select(0, idx))
             else:
                 self._snapshots[pname] = (idx, flat.clone())
 
+    def _record_updates_numpy(self, snaps: Mapping[str, tuple[int, np.ndarray | None, np.ndarray]]) -> None:
+        """The update ratios of every CPU parameter with a numpy snapshot, in one batch: the same sample of the
+        updated weight is taken for each, then one difference, two squares and two segment sums for all of them
+        (two einsum calls and a tensor per parameter cost more than their arithmetic at a few thousand elements)."""
+        names: list[str] = []
+        now: list[np.ndarray] = []
+        before: list[np.ndarray] = []
+        for pname, (n, idx, a0) in snaps.items():
+            a = _numpy_view(self._param_map[pname].detach().reshape(-1))
+            if a is None or a.size != n or a.dtype != a0.dtype:
+                continue  # replaced by a tensor of another size or dtype, or moved off the CPU: no ratio
+            names.append(pname)
+            now.append(a if idx is None else a.take(idx))
+            before.append(a0)
+        if not names:
+            return
+        lens = np.fromiter((b.size for b in before), dtype=np.intp, count=len(before))
+        starts = np.zeros(len(lens), dtype=np.intp)
+        np.cumsum(lens[:-1], out=starts[1:])
+        b64 = np.concatenate(before, dtype=np.float64)
+        diff = np.concatenate(now, dtype=np.float64)
+        diff -= b64
+        out = np.empty((len(names), 2))
+        out[:, 0] = np.add.reduceat(diff * diff, starts)
+        out[:, 1] = np.add.reduceat(b64 * b64, starts)
+        np.sqrt(out, out=out)
+        for i, pname in enumerate(names):
+            self._put(("P", pname, "update"), torch.from_numpy(out[i]), None, _dist.KIND_REPLICATED)
+
     def _record_update(self, pname: str, p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> None:
+        # Device ops, nothing read back (the CUDA path; CPU float32/float64 weights take _record_updates_numpy).
         idx, p0 = snap
         cur = p.detach().reshape(-1)
-        if not self.sync_free and cur.device.type == "cpu" and cur.dtype in _NUMPY_FLOATS and cur.dtype == p0.dtype:
-            # On the CPU in numpy: a handful of calls on at most sample_cap elements instead of six ATen ops.
-            c = cur.numpy() if idx is None else cur.numpy().take(idx.numpy())
-            a0 = p0.numpy().astype(np.float64)
-            diff = c - a0
-            delta = math.sqrt(float(np.einsum("i,i->", diff, diff)))
-            norm0 = math.sqrt(float(np.einsum("i,i->", a0, a0)))
-            self._put(
-                ("P", pname, "update"), torch.tensor([delta, norm0], dtype=torch.float64), None, _dist.KIND_REPLICATED
-            )
-            return
         if idx is not None:
             cur = cur.index_select(0, idx)
         d = (cur - p0).to(torch.float32)
@@ -769,6 +802,16 @@ def _enter_force_eager() -> Any:
 def _queue_callback(fn: Callable[[], None]) -> None:
     """Run `fn` when the running backward pass finishes (after the callbacks already queued)."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def _numpy_view(flat: torch.Tensor) -> np.ndarray | None:
+    """`flat` as a numpy array sharing its memory: CPU float32/float64 only; None for anything else."""
+    if flat.device.type != "cpu" or flat.dtype not in _NUMPY_FLOATS:
+        return None
+    try:
+        return flat.numpy()
+    except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit)
+        return None
 
 
 def _read_back(pending: Mapping[_Key, tuple[torch.Tensor, Any]]) -> dict[_Key, tuple[np.ndarray, Any]]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import actdiag
+from actdiag.hooks.recorder import Recorder
 
 
 def reference_stats(t: torch.Tensor) -> tuple[float, float]:
@@ -73,6 +74,51 @@ def test_sampled_update_ratio_agrees_with_the_exact_one() -> None:
     # Adam moves every element by about lr, so a 20000-element sample pins the ratio to well under 2%.
     assert got == pytest.approx(exact, rel=0.02)
     assert np.isfinite(got)
+
+
+class MixedParams(nn.Module):
+    """A float32 layer over the sample cap used below, a float64 layer under it, a frozen weight and a parameter the
+    forward pass never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(300, 40)  # 12000 weights: sampled
+        self.small = nn.Linear(40, 8, dtype=torch.float64)
+        self.frozen = nn.Parameter(torch.randn(8), requires_grad=False)
+        self.unused = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(self.big(x).double()) * self.frozen
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host", "device-ops"])
+def test_update_ratio_of_every_parameter_matches_a_float64_reference(sync_free: bool) -> None:
+    from actdiag.hooks.stats import _SAMPLES
+
+    torch.manual_seed(5)
+    model = MixedParams()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(16, 300)
+    cap = 5000
+    rec = Recorder(model, sample_cap=cap, sync_free=sync_free)  # sync_free=True: the CUDA path's device ops
+    rec.begin(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(x).pow(2).mean().backward()
+    opt.step()
+    record = rec.end()
+    assert record is not None
+    got = {s.name: s.update_ratio for s in record.params}
+    assert got["frozen"] is None and got["unused"] is None  # no gradient: not updated, no ratio
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name == "unused":
+            continue
+        w0, w = before[name].reshape(-1).double(), p.detach().reshape(-1).double()
+        if w.numel() > cap:  # the ratio is defined on the fixed sample: the reference uses the same elements
+            idx = _SAMPLES.get(w.numel(), cap, w.device)
+            w0, w = w0[idx], w[idx]
+        expected = ((w - w0).norm() / w0.norm()).item()
+        assert got[name] == pytest.approx(expected, rel=1e-5 if sync_free else 1e-9), name
+        assert got[name] > 0
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host", "device-ops"])
