@@ -41,7 +41,9 @@ from actdiag.hooks.stats import (
     SmallBatch,
     StatsMeta,
     decode_many,
+    numpy_view,
     saturation_count,
+    segments,
     tensor_stats,
     unit_activity,
     unit_dim_for,
@@ -57,8 +59,6 @@ SATURATION_TOL = 0.01
 # A ReLU-family unit is "rarely active" when it is positive for fewer than this share of its samples
 # (SageMaker Debugger's dead-ReLU rule counts units active in under 1% of samples).
 RARE_ACTIVE_BELOW = 0.01
-
-_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 RELU_FAMILY: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -292,20 +292,7 @@ class Recorder:
             self.abort()
         self._step = step
         self._token += 1
-        self._pending = {}
-        self._seen = {}
-        self._aliases = {}
-        self._batch.clear()
-        self._kinds = {}
-        self._late_params = {}
-        self._late_queued = False
-        self._nograd_calls = {}
-        self._recomputed = {}
-        self._calls = {}
-        self._order = []
-        self._prev_channels_first = False
-        self._snapshots = {}
-        self._np_snapshots = {}
+        self._clear_step()
         self._recording = True
         self._stance = _EAGER.acquire()
         for name, module in self.targets:
@@ -350,7 +337,7 @@ class Recorder:
             # Every rank reaches this collective for every recorded step, whatever it saw, so that the ranks stay
             # in lockstep (a rank skipping it would leave the others waiting).
             host = self.merger.merge(pending, kinds)
-        if not order and not any(k[0] == "P" and k[2] == "grad" for k in pending):
+        if not order and not _has_param_grad(pending):
             return None
         if self.merger is None:
             host = _read_back(pending)
@@ -370,15 +357,24 @@ class Recorder:
         """Drop the step in progress and remove every hook (used on exit and after errors)."""
         self._remove_hooks()
         self._recording = False
+        self._clear_step()
+
+    def _clear_step(self) -> None:
+        """Forget everything a step collected (begin() starts from here, abort() ends here)."""
         self._pending = {}
         self._seen = {}
         self._aliases = {}
         self._batch.clear()
         self._kinds = {}
+        self._late_params = {}
+        self._late_queued = False
+        self._nograd_calls = {}
+        self._recomputed = {}
+        self._calls = {}
         self._order = []
+        self._prev_channels_first = False
         self._snapshots = {}
         self._np_snapshots = {}
-        self._late_params = {}
 
     def _mismatch(self, message: str) -> None:
         if self._on_error is None:
@@ -539,7 +535,7 @@ class Recorder:
             # parameters' memory on recorded steps and cost two extra passes over them.
             flat = p.detach().reshape(-1)
             n = flat.numel()
-            a = _numpy_view(flat) if not self.sync_free and n else None
+            a = numpy_view(flat) if not self.sync_free and n else None
             if a is not None:  # on the CPU: numpy, no ATen call (see _record_updates_numpy)
                 idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if n > self.sample_cap else None
                 self._np_snapshots[pname] = (n, idx_np, a.copy() if idx_np is None else a.take(idx_np))
@@ -559,7 +555,7 @@ class Recorder:
         now: list[np.ndarray] = []
         before: list[np.ndarray] = []
         for pname, (n, idx, a0) in snaps.items():
-            a = _numpy_view(self._param_map[pname].detach().reshape(-1))
+            a = numpy_view(self._param_map[pname].detach().reshape(-1))
             if a is None or a.size != n or a.dtype != a0.dtype:
                 continue  # replaced by a tensor of another size or dtype, or moved off the CPU: no ratio
             names.append(pname)
@@ -567,9 +563,7 @@ class Recorder:
             before.append(a0)
         if not names:
             return
-        lens = np.fromiter((b.size for b in before), dtype=np.intp, count=len(before))
-        starts = np.zeros(len(lens), dtype=np.intp)
-        np.cumsum(lens[:-1], out=starts[1:])
+        _, starts = segments(before)
         b64 = np.concatenate(before, dtype=np.float64)
         diff = np.concatenate(now, dtype=np.float64)
         diff -= b64
@@ -603,7 +597,7 @@ class Recorder:
             return
         if not self.sync_free:
             meta = self._batch.take(key, t)
-            if meta is not None:  # measured with the step's other small tensors in end()
+            if meta is not None:  # measured with the step's other small tensors in end() (take() kept it)
                 self._pending.pop(key, None)
                 self._aliases.pop(key, None)
                 self._kinds[key] = kind
@@ -624,10 +618,8 @@ class Recorder:
         seen = self._seen.get(id(t))
         if seen is None or seen[0]() is not t or t.is_inference() or t._version != seen[1] or not self._has(seen[2]):
             return False
+        self._forget(key)
         self._aliases[key] = seen[2]
-        self._pending.pop(key, None)
-        self._batch.discard(key)
-        self._kinds.pop(key, None)
         return True
 
     def _remember(self, key: _Key, t: torch.Tensor) -> None:
@@ -637,7 +629,7 @@ class Recorder:
             self._seen[id(t)] = (weakref.ref(t), t._version, key)
 
     def _any_param_grad(self) -> bool:
-        return any(k[0] == "P" and k[2] == "grad" for k in (*self._pending, *self._batch.items))
+        return _has_param_grad((*self._pending, *self._batch.items))
 
     def _has(self, key: _Key) -> bool:
         return key in self._pending or key in self._batch or key in self._aliases
@@ -645,10 +637,16 @@ class Recorder:
     def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = "replicated") -> None:
         # `kind` says how the entry merges across ranks (actdiag.distributed.KIND_*; the default is
         # KIND_REPLICATED, spelled out because default values are evaluated while the modules import each other).
+        self._forget(key)
         self._pending[key] = (vec, meta)
+        self._kinds[key] = kind
+
+    def _forget(self, key: _Key) -> None:
+        # A key's statistics live in one place: a vector in _pending, a small tensor in the batch, or an alias.
+        self._pending.pop(key, None)
         self._batch.discard(key)
         self._aliases.pop(key, None)
-        self._kinds[key] = kind
+        self._kinds.pop(key, None)
 
     def _own_weight(self, module: nn.Module) -> str | None:
         own = dict(module.named_parameters(recurse=False))
@@ -804,14 +802,10 @@ def _queue_callback(fn: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
-def _numpy_view(flat: torch.Tensor) -> np.ndarray | None:
-    """`flat` as a numpy array sharing its memory: CPU float32/float64 only; None for anything else."""
-    if flat.device.type != "cpu" or flat.dtype not in _NUMPY_FLOATS:
-        return None
-    try:
-        return flat.numpy()
-    except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit)
-        return None
+def _has_param_grad(keys: Iterable[_Key]) -> bool:
+    """Whether any of the step's keys is a parameter's gradient (a step with neither layers nor these recorded
+    nothing)."""
+    return any(k[0] == "P" and k[2] == "grad" for k in keys)
 
 
 def _read_back(pending: Mapping[_Key, tuple[torch.Tensor, Any]]) -> dict[_Key, tuple[np.ndarray, Any]]:

@@ -175,10 +175,7 @@ def tensor_stats(
         if not sync_free and xf.device.type == "cpu":
             # On the CPU the host *is* the device: the tensor is read in place through numpy. Knowing min and max
             # first lets the rest run without masks (NaN propagates through min/max, +-Inf shows as one of them).
-            try:
-                a = xf.numpy()
-            except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit): the device path
-                a = None
+            a = numpy_view(xf)  # None (e.g. a lazy negation bit): the device path
             if a is not None and not exact and sample_n < numel:
                 est = _stats_estimated(a, bins, sample_n)
                 if est is not None:
@@ -362,9 +359,7 @@ class SmallBatch:
                 out[key] = tensor_stats(torch.from_numpy(a), bins=bins, sample_cap=self.sample_cap)
         if not good:
             return out
-        lens = np.fromiter((a.size for _, a in good), dtype=np.intp, count=len(good))
-        starts = np.zeros(len(good), dtype=np.intp)
-        np.cumsum(lens[:-1], out=starts[1:])
+        lens, starts = segments([a for _, a in good])
         c32 = np.concatenate([a for _, a in good])
         c = c32.astype(np.float64)
         n = lens.astype(np.float64)
@@ -394,6 +389,27 @@ class SmallBatch:
 
 
 _BATCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
+def numpy_view(flat: torch.Tensor) -> np.ndarray | None:
+    """`flat` as a numpy array sharing its memory: CPU float32/float64 only; None for anything else (other dtypes,
+    other devices, a tensor numpy cannot view such as one with a lazy negation bit)."""
+    if flat.device.type != "cpu" or flat.dtype not in _NUMPY_FLOATS:
+        return None
+    try:
+        return flat.numpy()
+    except RuntimeError:
+        return None
+
+
+def segments(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, start offsets) of `arrays` laid end to end: the `indices` of np.ufunc.reduceat over their
+    concatenation (every array must be non-empty)."""
+    lens = np.fromiter((a.size for a in arrays), dtype=np.intp, count=len(arrays))
+    starts = np.zeros(len(arrays), dtype=np.intp)
+    np.cumsum(lens[:-1], out=starts[1:])
+    return lens, starts
 
 
 def _stats_masked(xf: torch.Tensor, bins: int, sample_n: int, sample_cap: int) -> torch.Tensor:
@@ -538,7 +554,7 @@ def unit_activity(
         per_unit = y.detach().shape[unit_dim]
         samples = y.numel() // max(per_unit, 1)
         yd = y.detach()
-        if not sync_free and yd.device.type == "cpu" and yd.dtype in (torch.float32, torch.float64):
+        if not sync_free and yd.device.type == "cpu" and yd.dtype in _NUMPY_FLOATS:
             # On the CPU in numpy, one thread, no OpenMP fork/join (see _stats_fast); int32 counts are exact.
             active_np = (yd.numpy() > 0).sum(axis=tuple(dims), dtype=np.int32).reshape(-1)
             alive_np = active_np > 0
@@ -572,7 +588,7 @@ def saturation_count(
         mid = (lo + hi) / 2
         half = (hi - lo) / 2
         # On the CPU in numpy, as in _stats_fast.
-        if not sync_free and yd.device.type == "cpu" and yd.dtype in (torch.float32, torch.float64):
+        if not sync_free and yd.device.type == "cpu" and yd.dtype in _NUMPY_FLOATS:
             a = yd.numpy()
             t = a.dtype.type
             return torch.tensor([float(np.count_nonzero(np.abs(a - t(mid)) >= t(half - tol)))], dtype=torch.float64)
