@@ -207,6 +207,24 @@ class Workload:
     loss: Callable[[torch.Tensor], torch.Tensor]
 
 
+def _image_task(
+    g: torch.Generator, batch: int, side: int
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Random RGB images of side x side pixels and a 10-class classification loss on random labels."""
+    x = torch.randn(batch, 3, side, side, generator=g)
+    labels = torch.randint(0, 10, (batch,), generator=g)
+    return x, lambda out: F.cross_entropy(out, labels)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, load: Workload) -> torch.Tensor:
+    """One full training step of `model` on the workload: forward, backward, optimizer; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss = load.loss(model(load.inputs))
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def workload(name: str, smoke: bool) -> Workload:
     g = torch.Generator().manual_seed(1)
     if name == "mlp":
@@ -226,15 +244,12 @@ def workload(name: str, smoke: bool) -> Workload:
         )  # fmt: skip
     if name == "cnn":
         widths, batch, side = ((4, 8), 2, 8) if smoke else ((32, 64, 128), 32, 32)
-        x = torch.randn(batch, 3, side, side, generator=g)
-        labels = torch.randint(0, 10, (batch,), generator=g)
         return Workload(
             "cnn",
             f"ResNet-style CNN, {len(widths)} basic blocks {'/'.join(map(str, widths))} ch, BatchNorm, in-place ReLU, "
             f"batch {batch}x3x{side}x{side}",
             lambda: ResNet(widths),
-            x,
-            lambda out: F.cross_entropy(out, labels),
+            *_image_task(g, batch, side),
         )
     if name == "gpt":
         vocab, ctx, d, layers, heads, batch = (64, 8, 16, 1, 2, 2) if smoke else (2048, 128, 256, 4, 4, 8)
@@ -250,15 +265,12 @@ def workload(name: str, smoke: bool) -> Workload:
         )
     if name == "vit":
         d, depth, heads, batch, side = (16, 1, 2, 2, 8) if smoke else (192, 4, 3, 32, 32)
-        x = torch.randn(batch, 3, side, side, generator=g)
-        labels = torch.randint(0, 10, (batch,), generator=g)
         return Workload(
             "vit",
             f"ViT in timm's layout, {depth} blocks, d={d}, {heads} heads, 4x4 patches of {side}x{side} images, "
             f"batch {batch}; its unused options are nn.Identity / nn.Dropout(0.0) modules, as timm builds them",
             lambda: ViT(d, depth, heads, 4, side),
-            x,
-            lambda out: F.cross_entropy(out, labels),
+            *_image_task(g, batch, side),
         )
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
 
@@ -464,10 +476,7 @@ class Runner:
     def step(self) -> tuple[float, bool]:
         rec = self.variant.recording()
         t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.load.loss(self.model(self.load.inputs))
-        loss.backward()
-        self.opt.step()
+        loss = train_step(self.model, self.opt, self.load)
         self.variant.after_step(loss)
         return time.perf_counter() - t0, rec
 

@@ -52,27 +52,35 @@ PARTS: tuple[tuple[str, Any, str, bool], ...] = (
 
 
 @contextmanager
-def timed(totals: dict[str, float], calls: dict[str, int]) -> Iterator[None]:
-    """Wrap every part's function with a timer for the duration of the block."""
-    saved = []
-    for label, owner, attr, _ in PARTS:
-        fn = getattr(owner, attr)
-        saved.append((owner, attr, fn))
-
-        def wrapper(*args: Any, _fn: Callable[..., Any] = fn, _label: str = label, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return _fn(*args, **kwargs)
-            finally:
-                totals[_label] += time.perf_counter() - t0
-                calls[_label] += 1
-
-        setattr(owner, attr, wrapper)
+def _patched(patches: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Set each (owner, attribute) to its replacement for the duration of the block, then put the originals back."""
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    for owner, attr, fn in patches:
+        setattr(owner, attr, fn)
     try:
         yield
     finally:
         for owner, attr, fn in reversed(saved):
             setattr(owner, attr, fn)
+
+
+@contextmanager
+def timed(totals: dict[str, float], calls: dict[str, int]) -> Iterator[None]:
+    """Wrap every part's function with a timer for the duration of the block."""
+
+    def timer(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] += time.perf_counter() - t0
+                calls[label] += 1
+
+        return wrapper
+
+    with _patched([(owner, attr, timer(label, getattr(owner, attr))) for label, owner, attr, _ in PARTS]):
+        yield
 
 
 def profile(model_name: str, steps: int, exact: bool | None, smoke: bool) -> list[str]:
@@ -83,9 +91,7 @@ def profile(model_name: str, steps: int, exact: bool | None, smoke: bool) -> lis
 
     def step(monitor: Any = None) -> float:
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        load.loss(model(load.inputs)).backward()
-        opt.step()
+        bench_step.train_step(model, opt, load)
         if monitor is not None:
             monitor.step()
         return time.perf_counter() - t0
@@ -193,18 +199,6 @@ class _EmptyHooks:
         self.handles += [p.register_post_accumulate_grad_hook(lambda _p: None) for p in self.params]
 
 
-@contextmanager
-def _patched(patches: Sequence[tuple[Any, str, Any]]) -> Iterator[None]:
-    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
-    for owner, attr, fn in patches:
-        setattr(owner, attr, fn)
-    try:
-        yield
-    finally:
-        for owner, attr, fn in reversed(saved):
-            setattr(owner, attr, fn)
-
-
 def ablate(model_name: str, rounds: int, block: int, smoke: bool) -> list[str]:
     load = bench_step.workload(model_name, smoke)
     copies = []
@@ -225,9 +219,7 @@ def ablate(model_name: str, rounds: int, block: int, smoke: bool) -> list[str]:
         with _patched(patches):  # the stand-ins also cover the hooks registered for the next step
             t0 = time.perf_counter()
             for _ in range(n):
-                opt.zero_grad(set_to_none=True)
-                load.loss(model(load.inputs)).backward()
-                opt.step()
+                bench_step.train_step(model, opt, load)
                 if after is not None:
                     after.step()
             return (time.perf_counter() - t0) / n
