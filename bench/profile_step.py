@@ -42,11 +42,11 @@ PARTS: tuple[tuple[str, Any, str, bool], ...] = (
     ("parameter hooks (weights, weight gradients)", recorder.Recorder, "_param_grad_hook", True),
     ("end of step (batch, update ratios, read-back, decode)", recorder.Recorder, "end", True),
     ("begin of step (hooks registered)", recorder.Recorder, "begin", True),
-    ("  statistics of a large tensor (tensor_stats)", recorder, "tensor_stats", False),
-    ("    of which estimated from the sample", stats, "_stats_estimated", False),
-    ("      of which the sample's two histograms", stats, "_histograms_into", False),
+    ("  a large tensor measured alone (tensor_stats)", recorder, "tensor_stats", False),
+    ("  a large tensor's one pass and sample copy (StepBatch._take_large)", stats.StepBatch, "_take_large", False),
     ("  dead/rare ReLU units (unit_activity)", recorder, "unit_activity", False),
-    ("  small tensors measured together (SmallBatch.finish)", stats.SmallBatch, "finish", False),
+    ("  tensors measured together (StepBatch.finish)", stats.StepBatch, "finish", False),
+    ("    of which the large tensors' samples (_estimate_rows)", stats, "_estimate_rows", False),
     ("  decode into records", recorder.Recorder, "_decode", False),
 )
 
@@ -128,12 +128,20 @@ def profile(model_name: str, steps: int, exact: bool | None, smoke: bool) -> lis
 
 
 # ============================================================================================== ablation
-def _one_pass_only(a: Any, bins: int, sample_n: int) -> torch.Tensor:
-    """Stand-in for stats._stats_estimated: the one pass over every element (the sum), no sample, no histograms."""
-    vec = np.zeros(stats.HEAD + bins + stats.N_EXP)
-    vec[: stats.HEAD] = (float(a.size), float(np.einsum("i->", a)) / a.size, 0.0, 0.0, 0.0, 0.0)
-    vec[stats.HEAD] = sample_n
-    return torch.from_numpy(vec)
+def _head_only(samples: Any, n: Any, mean: Any, bins: int) -> np.ndarray:
+    """Stand-in for stats._estimate_rows: each row's count and mean (from the one pass), no sample statistics."""
+    out = np.zeros((samples.shape[0], stats.HEAD + bins + stats.N_EXP))
+    out[:, 0], out[:, 1] = n, mean
+    return out
+
+
+def _no_pass(self: Any, key: Any, x: torch.Tensor, n: int) -> Any:
+    """Stand-in for StepBatch._take_large: the tensor taken without being read (a constant row comes back)."""
+    self.large[key] = (n, 0.0, 0)
+    self._used = max(self._used, 1)
+    if self._rows is None:
+        self._rows = np.zeros((1, self.sample_cap), dtype=np.float32)
+    return stats.StatsMeta(numel=n, bins=self.bins, sample_n=self.sample_cap, estimated=True)
 
 
 def _one_unit_only(y: torch.Tensor, unit_dim: int, ever: torch.Tensor, rare: float, **kw: Any) -> torch.Tensor:
@@ -156,20 +164,25 @@ ABLATIONS: dict[str, tuple[str, list[tuple[Any, str, Any]], bool, bool]] = {
     "none": ("no monitoring", [], False, False),
     "actdiag": ("watch(every=1) as it is", [], True, False),
     "no-sample": (
-        "large tensors: the one pass only (no sample, moments or histograms)",
-        [(stats, "_stats_estimated", _one_pass_only)],
+        "large tensors: the one pass and the sample copy only (no sample statistics, no histograms)",
+        [(stats, "_estimate_rows", _head_only)],
         True,
         False,
     ),
     "no-sample-no-units": (
         "the same, and the per-unit ReLU pass on one sample",
-        [(stats, "_stats_estimated", _one_pass_only), (recorder, "unit_activity", _one_unit_only)],
+        [(stats, "_estimate_rows", _head_only), (recorder, "unit_activity", _one_unit_only)],
         True,
         False,
     ),
     "no-statistics": (
         "tensors over the sample size not read at all (a constant vector), the per-unit pass on one sample",
-        [(recorder, "tensor_stats", _no_statistics), (recorder, "unit_activity", _one_unit_only)],
+        [
+            (recorder, "tensor_stats", _no_statistics),
+            (stats.StepBatch, "_take_large", _no_pass),
+            (stats, "_estimate_rows", _head_only),
+            (recorder, "unit_activity", _one_unit_only),
+        ],
         True,
         False,
     ),

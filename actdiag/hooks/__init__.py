@@ -13,8 +13,9 @@ Design (sync-free by construction)
   produce one small float64 vector per tensor (moments, min/max, zero count, a linear histogram and an exponent
   histogram). Computing inside the hook matters: an in-place op later in the forward pass would change the values.
   Small CPU tensors (at most `sample_cap` elements: biases, norm weights and their gradients) are copied in the
-  hook instead and measured all together in `end()` (`stats.SmallBatch`): dozens of them per step cost more in
-  per-call overhead than in arithmetic.
+  hook instead and measured all together in `end()` (`stats.StepBatch`): dozens of them per step cost more in
+  per-call overhead than in arithmetic. So are the samples of large CPU tensors when statistics are estimated
+  (below): the hook makes the one pass over the tensor and copies its sample, `end()` does the rest for all of them.
   No `.item()`, no `.cpu()`: on CUDA the masked, branch-free path is used and binning uses `histc` with constant
   bounds (CUDA `bincount` reads its maximum back to the host).
 * **One read-back per recorded step.** The vectors are kept in a dict for the step; `end()` concatenates them per

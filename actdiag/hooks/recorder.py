@@ -38,8 +38,8 @@ from actdiag.hooks.stats import (
     _SAMPLES,
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
-    SmallBatch,
     StatsMeta,
+    StepBatch,
     decode_many,
     numpy_view,
     saturation_count,
@@ -252,7 +252,7 @@ class Recorder:
         self._pending: dict[_Key, tuple[torch.Tensor, Any]] = {}
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, _Key]] = {}
         self._aliases: dict[_Key, _Key] = {}
-        self._batch = SmallBatch(bins, sample_cap)  # small CPU tensors of the step, measured together in end()
+        self._batch = StepBatch(bins, sample_cap)  # CPU tensors of the step measured together in end()
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
@@ -358,6 +358,7 @@ class Recorder:
         self._remove_hooks()
         self._recording = False
         self._clear_step()
+        self._batch.release()
 
     def _clear_step(self) -> None:
         """Forget everything a step collected (begin() starts from here, abort() ends here)."""
@@ -596,8 +597,8 @@ class Recorder:
         if layer and self._same_as_measured(key, source):  # an earlier key's statistics, given to this one in end()
             return
         if not self.sync_free:
-            meta = self._batch.take(key, t)
-            if meta is not None:  # measured with the step's other small tensors in end() (take() kept it)
+            meta = self._batch.take(key, t, not self.exact)
+            if meta is not None:  # measured with the step's other tensors in end() (take() kept what it needs)
                 self._pending.pop(key, None)
                 self._aliases.pop(key, None)
                 self._kinds[key] = kind
@@ -629,7 +630,7 @@ class Recorder:
             self._seen[id(t)] = (weakref.ref(t), t._version, key)
 
     def _any_param_grad(self) -> bool:
-        return _has_param_grad((*self._pending, *self._batch.items))
+        return _has_param_grad((*self._pending, *self._batch.keys()))
 
     def _has(self, key: _Key) -> bool:
         return key in self._pending or key in self._batch or key in self._aliases

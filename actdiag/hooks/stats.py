@@ -24,9 +24,9 @@ Histograms are built from at most `sample_cap` elements: tensors larger than tha
 pseudo-random index (a private generator, so the user's RNG state is untouched) and the histogram is marked
 `sampled`. Moments, min/max, zero and non-finite counts use every element, except with `exact=False` on the CPU
 (`_stats_estimated`: one pass for the count, mean and non-finite values, the rest from the sample, marked
-`estimated`). A step's small CPU tensors are measured together at its end (`SmallBatch`). Counting into bins uses
-`bincount` on the CPU and `histc` with constant bounds on CUDA (`bincount` on CUDA reads its maximum back to size
-its output, a hidden synchronisation).
+`estimated`). A step's small CPU tensors, and with `exact=False` the samples of its large ones, are measured
+together at its end (`StepBatch`). Counting into bins uses `bincount` on the CPU and `histc` with constant bounds on
+CUDA (`bincount` on CUDA reads its maximum back to size its output, a hidden synchronisation).
 """
 
 from __future__ import annotations
@@ -244,26 +244,92 @@ def _stats_estimated(a: np.ndarray, bins: int, sample_n: int) -> torch.Tensor | 
     the exact path, so non-finite counts and the layer where they first appear are always exact).
 
     Exact: count, non-finite count and mean (the one pass: a sum, which NaN and Inf propagate through; a sum that
-    overflows also sends the tensor to the exact path). Estimated from the sample: the variance (about the exact
-    mean, so unbiased), min, max, zero count (scaled up) and both histograms. Five passes over every element
-    become one; the sample's work is 40-90 us a tensor whatever its size: see BENCHMARKS.md for what that buys.
+    overflows also sends the tensor to the exact path). Estimated from the sample (`_estimate_rows`): the variance
+    (about the exact mean, so unbiased), min, max, zero count (scaled up) and both histograms. Five passes over every
+    element become one. Inside a recorded step the recorder does the same in two halves: the pass and the copy of
+    the sample in the hook, the sample's statistics for all tensors at once when the step ends (`StepBatch`).
     """
     n = a.size
-    total = float(np.einsum("i->", a))  # einsum raises no floating-point warnings: an overflow just reads Inf
+    total = _one_pass_sum(torch.from_numpy(a))
     if not math.isfinite(total):
         return None
-    mean = total / n
     sample = a.take(_SAMPLES.get_numpy(n, sample_n))
-    mn, mx = float(sample.min()), float(sample.max())
-    d = sample.astype(np.float64)
-    d -= mean
-    var = float(np.einsum("i,i->", d, d)) / sample_n
-    sample_zeros = 0 if (mn > 0 or mx < 0) else int(np.count_nonzero(sample == 0))
-    vec = np.empty(HEAD + bins + N_EXP)
-    vec[:HEAD] = (float(n), mean, var * n, mn, mx, float(round(sample_zeros * n / sample_n)))
-    # The bins in the sample's own dtype, scaled like _stats_fast's when float32 could overflow or underflow.
-    _histograms_into(vec, sample, mn, mx, _pow2_scale(mn, mx), bins, sample_zeros)
-    return torch.from_numpy(vec)
+    return torch.from_numpy(_estimate_rows(sample[None], np.array([float(n)]), np.array([total / n]), bins)[0])
+
+
+def _one_pass_sum(flat: torch.Tensor) -> float:
+    """The sum of a large CPU tensor: the one pass over every element of the estimated path (an overflow, a NaN or
+    an Inf reads as a non-finite sum, with no floating-point warning).
+
+    Unlike the dozens of small ops of a tensor's statistics (see `_stats_fast`), this one op is worth torch's
+    threads: measured in a recorded CNN step on 2 cores, 1.7 ms for its 60 large tensors, against 2.3-3.2 ms for
+    `np.einsum` on the calling thread."""
+    return float(flat.sum())
+
+
+def _estimate_rows(samples: np.ndarray, n: np.ndarray, mean: np.ndarray, bins: int) -> np.ndarray:
+    """Vectors (the layout of `tensor_stats`) of K large tensors from their samples, one row each.
+
+    `samples` [K, m] holds finite float32 or float64 values and is used as scratch (scaled in place); `n` [K] are the
+    tensors' element counts and `mean` [K] their exact means, from the one pass over every element. Estimated from
+    the sample: the variance about the exact mean (times n: m2), min, max, the zero count (scaled to n) and both
+    histograms. Rows are independent: each row's numbers are what a batch of that row alone gives.
+    """
+    k, m = samples.shape
+    t = samples.dtype.type
+    width = bins + N_EXP + 1  # a row's linear bins, exponent bins and the exponent-255 bin (Inf/NaN; never hit)
+    # Every value's linear and exponent bin, offset into its row's `width` bins, counted by one bincount. int32 keys:
+    # half the bytes of intp, and torch.bincount takes them as they are (2.6x faster here than np.bincount, which
+    # converts them to intp first).
+    keys = np.empty((k, 2 * m), dtype=np.int32)
+    offsets = np.arange(k, dtype=np.int32)[:, None] * width
+    expo = keys[:, m:]
+    if samples.dtype == np.float32:
+        s32 = samples
+    else:
+        with np.errstate(over="ignore"):  # float64 values beyond float32's range become Inf: exponent 255, cut
+            s32 = samples.astype(np.float32)
+    np.bitwise_and(s32.view(np.int32), 0x7FFFFFFF, out=expo)
+    np.right_shift(expo, 23, out=expo)
+    expo += offsets + bins
+    mn, mx = samples.min(axis=1), samples.max(axis=1)
+    # Booleans summed as uint8 into uint16 (exact below 65536 per row): 4x faster than count_nonzero along an axis.
+    zeros = np.add.reduce((samples == 0).view(np.uint8), axis=1, dtype=np.uint16 if m < 65536 else np.int64)
+    # As in _stats_fast: rows whose largest magnitude is outside 2**-40 .. 2**40 are divided by an exact power of two
+    # first, so that neither the squares nor `x - min` and `bins / span` overflow or underflow.
+    mn_s, mx_s, mean_s = mn.astype(np.float64), mx.astype(np.float64), mean.astype(np.float64)
+    e = np.clip(np.frexp(np.maximum(-mn_s, mx_s))[1], -100, 100)
+    scale = np.where(np.abs(e) > _SAFE_EXP, np.ldexp(1.0, e), 1.0)
+    odd = scale != 1.0
+    if odd.any():
+        inv = 1.0 / scale[odd]
+        samples[odd] *= inv[:, None].astype(samples.dtype)
+        mn_s[odd] *= inv
+        mx_s[odd] *= inv
+        mean_s[odd] *= inv
+    work = samples - mean_s[:, None].astype(samples.dtype)
+    work *= work
+    m2_s = work.sum(axis=1)  # pairwise along each row
+    span = mx_s - mn_s
+    factor = np.divide(bins, span, out=np.zeros_like(span), where=span > 0).astype(samples.dtype)
+    lin = np.subtract(samples, mn_s.astype(samples.dtype)[:, None], out=work)
+    lin *= factor[:, None]
+    # lin >= 0 already (every value is >= min, and rounding is monotonic); only the maximum can round up to `bins`.
+    np.minimum(lin, t(bins - 1), out=lin)
+    np.copyto(keys[:, :m], lin, casting="unsafe")  # truncation of values >= 0: the floor
+    keys[:, :m] += offsets
+    counts = torch.bincount(torch.from_numpy(keys).reshape(-1), minlength=k * width).numpy().reshape(k, width)
+    out = np.empty((k, HEAD + bins + N_EXP))
+    out[:, 0] = n
+    out[:, 1] = mean
+    out[:, 2] = m2_s * scale * scale * (n / m)
+    out[:, 3] = mn
+    out[:, 4] = mx
+    out[:, 5] = np.rint(zeros * n / m)
+    out[:, HEAD:] = counts[:, : bins + N_EXP]
+    # Zeros have biased exponent 0 like subnormals, but zero_count covers them: take the sample's zeros back out.
+    out[:, HEAD + bins] -= zeros
+    return out
 
 
 def _histograms_into(
@@ -301,53 +367,116 @@ def _histograms_into(
     vec[HEAD + bins] -= sample_zeros
 
 
-class SmallBatch:
-    """Exact statistics of a step's small CPU tensors (at most `sample_cap` elements: biases, norm weights, small
-    weights and their gradients), computed together when the step ends.
+class StepBatch:
+    """The tensors of a recorded step that are measured together when it ends, on the CPU.
 
-    A transformer or a CNN has dozens of them per recorded step, and for each the ~15 numpy calls of `_stats_fast`
-    cost far more than their arithmetic (tens of microseconds per tensor, with the caches cold inside a training
-    step). Here a tensor costs one copy when it is seen (it may change in place afterwards), and `finish()` makes
-    ~20 numpy calls over all of them at once: segment reductions (`reduceat`) for the moments, extremes and zeros,
-    one `bincount` for every histogram. Sums are float64 over float32 values, so no scaling is needed. A tensor
-    with a non-finite value (or a float64 tensor, whose values can exceed float32's range) takes the per-tensor
-    path instead, with the same result as before.
+    A transformer or a CNN has dozens of tensors per recorded step, and measured one by one each costs ~30 numpy
+    calls: far more than their arithmetic (several microseconds a call with the caches cold inside a training step).
+    Here a tensor costs a copy when it is seen (it may change in place afterwards), and `finish()` makes ~20 numpy
+    calls for each of the two kinds, however many tensors there are:
+
+    * small tensors (1..sample_cap elements, float16/bfloat16/float32: biases, norm weights, small weights and their
+      gradients): exact statistics from a float32 copy, by segment reductions (`reduceat`) and one `bincount`. Sums
+      are float64 over float32 values, so no scaling is needed.
+    * with `estimate=True` (`watch(exact=False)`), large float32 tensors: the one pass over every element (a sum:
+      count, exact mean, non-finite detection) runs in `take()`, which copies the tensor's sample; the rest is
+      estimated from the samples of all of them at once (`_estimate_rows`, as `_stats_estimated` for one tensor).
+
+    A tensor with a non-finite value (or a float64 tensor, whose values can exceed float32's range) is not taken:
+    the caller measures it alone, with the same result as before.
     """
 
     def __init__(self, bins: int, sample_cap: int) -> None:
         self.bins = bins
         self.sample_cap = sample_cap
-        self.items: dict[Any, np.ndarray] = {}
+        self.items: dict[Any, np.ndarray] = {}  # small tensors: a float32 copy
+        self.large: dict[Any, tuple[int, float, int]] = {}  # large tensors: (numel, exact mean, row of _rows)
+        self._rows: np.ndarray | None = None  # the samples of the large ones, kept across steps (no page faults)
+        self._used = 0
 
-    def take(self, key: Any, x: torch.Tensor) -> StatsMeta | None:
-        """Keep a copy of `x` for `finish()` if it qualifies (CPU, float16/bfloat16/float32, 1..sample_cap elements,
-        readable by numpy); None otherwise."""
+    def take(self, key: Any, x: torch.Tensor, estimate: bool = False) -> StatsMeta | None:
+        """Keep what `finish()` needs of `x` if it qualifies (see the class docstring); None otherwise."""
+        if x.device.type != "cpu":
+            return None
         n = x.numel()
-        if x.device.type != "cpu" or not 0 < n <= self.sample_cap or x.dtype not in _BATCH_DTYPES:
+        if n > self.sample_cap:
+            return self._take_large(key, x, n) if estimate and x.dtype == torch.float32 else None
+        if n == 0 or x.dtype not in _BATCH_DTYPES:
             return None
         flat = x.detach().reshape(-1)
         try:  # a copy: the tensor may change in place before the step ends
             a = flat.numpy().copy() if flat.dtype == torch.float32 else flat.to(torch.float32).numpy()
         except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit)
             return None
+        self.discard(key)
         self.items[key] = a
         return StatsMeta(numel=n, bins=self.bins, sample_n=n)
 
+    def _take_large(self, key: Any, x: torch.Tensor, n: int) -> StatsMeta | None:
+        flat = x.detach().reshape(-1)
+        a = numpy_view(flat)
+        if a is None:
+            return None
+        total = _one_pass_sum(flat)
+        if not math.isfinite(total):  # a NaN or Inf, or a sum beyond float32: the exact per-tensor path counts them
+            return None
+        cap = self.sample_cap
+        self.discard(key)
+        rows = self._rows
+        if rows is None or self._used == rows.shape[0]:
+            grown = np.empty((max(8, 2 * self._used), cap), dtype=np.float32)
+            if rows is not None:
+                grown[: self._used] = rows[: self._used]
+            self._rows = rows = grown
+        np.take(a, _SAMPLES.get_numpy(n, cap), out=rows[self._used])
+        self.large[key] = (n, total / n, self._used)
+        self._used += 1
+        return StatsMeta(numel=n, bins=self.bins, sample_n=cap, estimated=True)
+
     def discard(self, key: Any) -> None:
         self.items.pop(key, None)
+        self.large.pop(key, None)  # its row stays used until the step ends
+
+    def keys(self) -> list[Any]:
+        return [*self.items, *self.large]
 
     def clear(self) -> None:
+        """Forget the step's tensors (the buffer of samples is kept for the next step)."""
         self.items = {}
+        self.large = {}
+        self._used = 0
+
+    def release(self) -> None:
+        """`clear()`, and give the buffer of samples back (when recording stops)."""
+        self.clear()
+        self._rows = None
 
     def __contains__(self, key: Any) -> bool:
-        return key in self.items
+        return key in self.items or key in self.large
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) + len(self.large)
 
     def finish(self) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
         """The vectors of every kept tensor (the layout of `tensor_stats`), keyed as given; the batch is emptied."""
-        items, self.items = self.items, {}
+        items, large, used = self.items, self.large, self._used
+        self.clear()
+        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        if large:
+            assert self._rows is not None
+            keys = list(large)
+            n, mean, row = (np.array(v) for v in zip(*large.values(), strict=True))
+            samples = self._rows[:used] if len(row) == used else self._rows[row]  # rows of discarded keys left out
+            vecs = _estimate_rows(samples, n.astype(np.float64), mean, self.bins)
+            cap = samples.shape[1]
+            for i, key in enumerate(keys):
+                meta = StatsMeta(numel=int(n[i]), bins=self.bins, sample_n=cap, estimated=True)
+                out[key] = (torch.from_numpy(vecs[i]), meta)
+        if items:
+            out.update(self._finish_small(items))
+        return out
+
+    def _finish_small(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
         bins = self.bins
         out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
         good: list[tuple[Any, np.ndarray]] = []
@@ -549,22 +678,31 @@ def unit_activity(
     dead: units with no positive output for any sample of this call; rare: units positive for fewer than
     `rare_below` of their samples; never: units not positive in any recorded call so far.
     """
+    yd = y.detach()
+    per_unit = yd.shape[unit_dim]
+    samples = yd.numel() // max(per_unit, 1)
+    if not sync_free and yd.device.type == "cpu" and yd.dtype in _NUMPY_FLOATS and ever_active.device.type == "cpu":
+        # On the CPU in numpy, one thread, no OpenMP fork/join (see _stats_fast); autocast does not reach numpy. The
+        # booleans are viewed as uint8 and summed into uint16 where no count can reach 65536: 2x faster than a sum
+        # into int32 over all the other dimensions at once. [before, units, after]: a conv output sums H*W first.
+        pos = (yd.numpy() > 0).view(np.uint8).reshape(math.prod(yd.shape[:unit_dim]), per_unit, -1)
+        before, _, after = pos.shape
+        if after > 1:
+            part = np.add.reduce(pos, axis=2, dtype=np.uint16 if after < 65536 else np.int64)
+            active_np = part.sum(axis=0, dtype=np.int64)
+        else:
+            active_np = np.add.reduce(pos[:, :, 0], axis=0, dtype=np.uint16 if before < 65536 else np.int64)
+        alive_np = active_np > 0
+        ever_np = ever_active.numpy()  # the same memory: updated in place
+        np.logical_or(ever_np, alive_np, out=ever_np)
+        counts = (
+            alive_np.size - np.count_nonzero(alive_np),
+            np.count_nonzero(active_np < rare_below * samples),
+            ever_np.size - np.count_nonzero(ever_np),
+        )
+        return torch.from_numpy(np.array(counts, dtype=np.float64))
     with torch.autocast(device_type=y.device.type, enabled=False):
         dims = [d for d in range(y.dim()) if d != unit_dim]
-        per_unit = y.detach().shape[unit_dim]
-        samples = y.numel() // max(per_unit, 1)
-        yd = y.detach()
-        if not sync_free and yd.device.type == "cpu" and yd.dtype in _NUMPY_FLOATS:
-            # On the CPU in numpy, one thread, no OpenMP fork/join (see _stats_fast); int32 counts are exact.
-            active_np = (yd.numpy() > 0).sum(axis=tuple(dims), dtype=np.int32).reshape(-1)
-            alive_np = active_np > 0
-            ever_active.logical_or_(torch.from_numpy(alive_np))
-            counts = [
-                float(alive_np.size - np.count_nonzero(alive_np)),
-                float(np.count_nonzero(active_np < rare_below * samples)),
-                float(ever_active.numel() - int(ever_active.sum())),
-            ]
-            return torch.from_numpy(np.array(counts, dtype=np.float64))
         if yd.is_floating_point() and samples < 2**24:
             # Summing (y > 0) over dimensions reduces booleans ~4x slower than sign(y).clamp(0) summed in float32
             # (exact: sums of ones below 2**24). A NaN makes its unit's count NaN, which then reads as not active.

@@ -110,16 +110,15 @@ def test_profile_ablation_times_every_copy_and_restores_the_stand_ins() -> None:
     profile_step = load("profile_step")
     from actdiag.hooks import recorder, stats
 
-    real = (stats._stats_estimated, recorder.unit_activity)
+    real = (stats._estimate_rows, stats.StepBatch._take_large, recorder.tensor_stats, recorder.unit_activity)
     lines = profile_step.main(["--smoke", "--model", "mlp", "--ablate"])
     text = "\n".join(lines)
     for name in profile_step.ABLATIONS:
         assert f"| {name} |" in text, f"missing copy {name!r}"
-    assert (stats._stats_estimated, recorder.unit_activity) == real
-    # The stand-in keeps the vector's layout: count and mean from its one pass.
-    a = np.arange(20000, dtype=np.float32)
-    vec = profile_step._one_pass_only(a, 64, 8192).numpy()
-    assert vec.shape == (stats.vector_length(64),) and vec[0] == a.size and vec[1] == a.mean(dtype=np.float64)
+    assert (stats._estimate_rows, stats.StepBatch._take_large, recorder.tensor_stats, recorder.unit_activity) == real
+    # The stand-in keeps the vectors' layout: count and mean from the one pass.
+    rows = profile_step._head_only(np.zeros((2, 8), np.float32), np.array([5.0, 7.0]), np.array([0.5, 2.0]), 64)
+    assert rows.shape == (2, stats.vector_length(64)) and rows[:, 0].tolist() == [5, 7] and rows[1, 1] == 2.0
 
 
 def test_step_benchmark_fixed_malloc_is_said(tmp_path: Path) -> None:

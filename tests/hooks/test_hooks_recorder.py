@@ -134,20 +134,20 @@ def test_a_tensor_seen_twice_in_one_state_is_measured_once(monkeypatch: pytest.M
     model.zero_grad()
 
     measured = []
-    real_stats, real_take = rec_mod.tensor_stats, stats_mod.SmallBatch.take
+    real_stats, real_take = rec_mod.tensor_stats, stats_mod.StepBatch.take
 
     def count_stats(t: torch.Tensor, **kw: object) -> object:
         measured.append(t.numel())
         return real_stats(t, **kw)
 
-    def count_take(self: stats_mod.SmallBatch, key: object, t: torch.Tensor) -> object:
-        meta = real_take(self, key, t)
+    def count_take(self: stats_mod.StepBatch, key: object, t: torch.Tensor, estimate: bool = False) -> object:
+        meta = real_take(self, key, t, estimate)
         if meta is not None:
             measured.append(t.numel())
         return meta
 
     monkeypatch.setattr(rec_mod, "tensor_stats", count_stats)
-    monkeypatch.setattr(stats_mod.SmallBatch, "take", count_take)
+    monkeypatch.setattr(stats_mod.StepBatch, "take", count_take)
     with actdiag.watch(model, every=1, exact=True) as mon:
         model(x).pow(2).mean().backward()
         mon.step()
