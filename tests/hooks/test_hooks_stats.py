@@ -193,6 +193,40 @@ def test_unit_activity_counts_dead_rare_and_never() -> None:
     assert unit_activity(conv, 1, ever_c, 0.01).tolist()[0] == 1
 
 
+@pytest.mark.parametrize(
+    ("shape", "unit_dim"),
+    [
+        pytest.param((300, 8), 1, id="linear"),
+        pytest.param((3, 5, 7, 9), 1, id="conv"),
+        pytest.param((4, 6, 10), 2, id="sequence"),
+        pytest.param((70_000, 3), 1, id="over-65535-samples"),
+        pytest.param((1, 3, 70_000), 1, id="over-65535-per-row"),
+    ],
+)
+@pytest.mark.parametrize("sync_free", PATHS)
+def test_unit_activity_matches_reference_counts(shape: tuple[int, ...], unit_dim: int, sync_free: bool) -> None:
+    """Dead, rare and never-active counts against numpy int64 counts of positive outputs per unit, on every layout
+    the recorder passes, including counts over 65535 (where a narrow accumulator would wrap around)."""
+    g = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    y = torch.randn(*shape, generator=g) - 2.4  # ~0.8 % positive: some units rare, small ones dead
+    # Unit 0: active in its first 65636 samples (or all), a count that a uint16 accumulator would wrap to 100.
+    others = [n for d, n in enumerate(shape) if d != unit_dim]
+    k = min(65_636, math.prod(others))
+    where = list(np.unravel_index(np.arange(k), others))
+    where.insert(unit_dim, np.zeros(k, dtype=np.intp))
+    y.numpy()[tuple(where)] = 1.0
+    y.select(unit_dim, shape[unit_dim] - 1).zero_()  # the last unit: dead
+    ever = torch.zeros(shape[unit_dim], dtype=torch.bool)
+    ever[1] = True  # active in an earlier call
+    before = ever.numpy().copy()
+    a = y.double().numpy()
+    active = (np.moveaxis(a, unit_dim, -1) > 0).reshape(-1, shape[unit_dim]).sum(axis=0, dtype=np.int64)
+    samples = a.size // shape[unit_dim]
+    got = unit_activity(y, unit_dim, ever, 0.01, sync_free=sync_free).tolist()
+    assert got == [(active == 0).sum(), (active < 0.01 * samples).sum(), (~(before | (active > 0))).sum()]
+    np.testing.assert_array_equal(ever.numpy(), before | (active > 0))  # updated in place
+
+
 # ---------------------------------------------------------------------------------------------- exact=False
 def sample_of(x: torch.Tensor, cap: int) -> np.ndarray:
     """The elements the estimated path samples, found independently: the recorded sample index is the only shared
