@@ -133,3 +133,20 @@ def test_step_benchmark_fixed_malloc_is_said(tmp_path: Path) -> None:
     else:
         assert "- allocator: --malloc-fixed asked for, but mallopt is not available here" in out
     assert "page faults / step" in out
+
+
+def test_ab_step_times_both_versions_side_by_side() -> None:
+    ab_step = load("ab_step")
+    import torch._dynamo  # recorders take torch.compile's force-eager stance only once dynamo is imported
+
+    lines = ab_step.main(["--smoke", "--model", "mlp", "--baseline", "HEAD"])
+    # Both versions' watches shared one count of the stance, so it is given back (a stuck stance breaks torch.compile).
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+    text = "\n".join(lines)
+    for copy in ("none", "none-copy", "HEAD", "this checkout"):
+        assert f"| {copy} |" in text, f"missing copy {copy!r}"
+    # The baseline is its own package, taken out of git: none of its modules is the checkout's.
+    baseline = {name: m for name, m in sys.modules.items() if name.split(".")[0] == ab_step.BASELINE}
+    assert "actdiag_baseline.hooks.recorder" in baseline
+    checkout = Path(__file__).resolve().parents[2] / "actdiag"
+    assert all(checkout not in Path(m.__file__).parents for m in baseline.values() if getattr(m, "__file__", None))

@@ -1,0 +1,148 @@
+"""A recorded step's cost at two revisions of actdiag, measured side by side in one process.
+
+    python bench/ab_step.py --baseline a77e8cb --model cnn --malloc-fixed    # watch(every=1), 16 rounds x 10 steps
+    python bench/ab_step.py --baseline a77e8cb --model gpt --exact --rounds 20
+    python bench/ab_step.py --smoke                   # seconds; what tests/bench/test_bench_smoke.py runs
+
+The `actdiag` package as it was at the baseline revision is taken out of git (`git archive`) into a temporary folder
+and imported under another name, `actdiag_baseline`, so that both versions watch their own copy of the model in the
+same process. Four copies train in turns, interleaved as in bench_step.py (blocks of `--block` steps, the order
+rotating each round): unmonitored, a second unmonitored copy (the control: the method's noise), watched by the
+baseline and watched by this checkout. Two separate runs of bench_step.py on this shared machine differ by up to ~0.08
+in their every=1 ratios; here drift and other people's jobs hit both versions alike, so a change's effect is not
+confounded with the machine's speed moving between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import _common  # also puts the checkout on sys.path
+import bench_step
+import torch
+
+import actdiag
+from actdiag.hooks import recorder
+
+BASELINE = "actdiag_baseline"
+# Where the package names itself: `from actdiag.x import`, `import actdiag`, and module paths in strings ("actdiag.x").
+_SELF = re.compile(r"\bfrom actdiag(?=[. ])|\bimport actdiag\b|(?<=[\"'])actdiag(?=\.)")
+
+
+def load_baseline(rev: str) -> ModuleType:
+    """The `actdiag` package at git revision `rev`, imported as `actdiag_baseline`."""
+    try:
+        tar = subprocess.run(
+            ["git", "-C", str(_common.ROOT), "archive", "--format=tar", rev, "actdiag"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        raise SystemExit(
+            f"ab_step: cannot take actdiag/ out of git at {rev!r}: {detail.decode().strip() or exc}"
+        ) from None
+    root = Path(tempfile.mkdtemp(prefix="actdiag-ab-"))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(root, filter="data")
+    package = root / BASELINE
+    (root / "actdiag").rename(package)
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        path.write_text(_SELF.sub(lambda m: m.group(0).replace("actdiag", BASELINE), text))
+    sys.path.insert(0, str(root))
+    module = importlib.import_module(BASELINE)
+    # While recording, a recorder holds torch.compile's force-eager stance through a reference count shared by every
+    # watch in the process; two copies of the package would each count alone and give the stance back out of order,
+    # leaving it set. The baseline shares this checkout's count (revisions before it had none to share).
+    base_recorder = importlib.import_module(f"{BASELINE}.hooks.recorder")
+    if hasattr(base_recorder, "_EAGER"):
+        base_recorder._EAGER = recorder._EAGER
+    return module
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    base_pkg = load_baseline(args.baseline)
+    load = bench_step.workload(args.model, args.smoke)
+    copies: list[tuple[str, Any, Any, Any]] = []
+    for label, pkg in (("none", None), ("none-copy", None), (args.baseline, base_pkg), ("this checkout", actdiag)):
+        torch.manual_seed(0)
+        model = load.build()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        mon = pkg.watch(model, every=args.every, exact=args.exact).start() if pkg is not None else None
+        copies.append((label, model, opt, mon))
+
+    def block(copy: tuple[str, Any, Any, Any], n: int) -> float:
+        _, model, opt, mon = copy
+        t0 = time.perf_counter()
+        for _ in range(n):
+            bench_step.train_step(model, opt, load)
+            if mon is not None:
+                mon.step()
+        return (time.perf_counter() - t0) / n
+
+    times: dict[str, list[float]] = defaultdict(list)
+    try:
+        for c in copies:
+            block(c, args.warmup)
+        for r in range(args.rounds):
+            k = r % len(copies)
+            for c in copies[k:] + copies[:k]:
+                times[c[0]].append(block(c, args.block))
+    finally:
+        for *_, mon in copies:
+            if mon is not None:
+                mon.close()
+    rows = []
+    for label, *_ in copies:
+        ratios = [b / a for a, b in zip(times["none"], times[label], strict=True)]
+        lo, hi = _common.quartiles(ratios)
+        rows.append(
+            [label, f"{_common.median(times[label]) * 1e3:.1f}", f"{_common.median(ratios):.3f} ({lo:.3f}-{hi:.3f})"]
+        )
+    what = f"watch(every={args.every}, exact={args.exact})"
+    return [
+        f"**{args.model}**: {load.description}; {what}; {args.rounds} interleaved rounds x {args.block} steps per copy",
+        "",
+        *_common.markdown_table(["copy", "median step ms", "ratio to none (IQR)"], rows),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", default="HEAD", help="git revision to compare with (default HEAD)")
+    p.add_argument("--model", default="cnn", choices=bench_step.ALL_MODELS)
+    p.add_argument("--every", type=int, default=1, help="watch(every=...) for both versions (default 1)")
+    p.add_argument("--exact", action="store_true", default=None, help="watch(exact=True) for both versions")
+    p.add_argument("--rounds", type=int, default=16, help="interleaved rounds (default 16)")
+    p.add_argument("--block", type=int, default=10, help="steps per copy per round (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="steps per copy before timing (default 3)")
+    p.add_argument("--malloc-fixed", action="store_true", help="fix glibc's mmap/trim thresholds, as bench_step.py")
+    p.add_argument("--smoke", action="store_true", help="a tiny model and 2 short rounds: checks the script")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.block, args.warmup = 2, 1, 1
+    if min(args.rounds, args.block, args.every) < 1 or args.warmup < 0:
+        p.error("--rounds, --block and --every must be at least 1, --warmup at least 0")
+    if args.malloc_fixed and not _common.fix_malloc():
+        print("[ab] --malloc-fixed: no mallopt here; the allocator keeps its defaults", file=sys.stderr)
+    lines = run(args)
+    print("\n".join(lines))
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
