@@ -156,6 +156,30 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+def interleaved(
+    count: int, run_block: Callable[[int, int], float], rounds: int, block: int, warmup: int
+) -> list[list[float]]:
+    """Time `count` copies in turns: `run_block(i, n)` trains copy i for n steps and returns seconds per step. Each
+    copy first runs `warmup` steps; then each round runs a block of `block` steps of every copy, in an order that
+    rotates each round, so drift and other people's jobs hit all copies alike. Returns each copy's block times."""
+    times: list[list[float]] = [[] for _ in range(count)]
+    for i in range(count):
+        if warmup:
+            run_block(i, warmup)
+    for r in range(rounds):
+        for j in range(count):
+            i = (r + j) % count
+            times[i].append(run_block(i, block))
+    return times
+
+
+def ratio_cell(base: Sequence[float], times: Sequence[float]) -> str:
+    """Median and IQR of the per-round ratios times / base, as "1.234 (1.200-1.250)"."""
+    ratios = [b / a for a, b in zip(base, times, strict=True)]
+    lo, hi = quartiles(ratios)
+    return f"{median(ratios):.3f} ({lo:.3f}-{hi:.3f})"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out.extend("| " + " | ".join(r) + " |" for r in rows)

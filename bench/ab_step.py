@@ -24,7 +24,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -85,8 +84,8 @@ def run(args: argparse.Namespace) -> list[str]:
         mon = pkg.watch(model, every=args.every, exact=args.exact).start() if pkg is not None else None
         copies.append((label, model, opt, mon))
 
-    def block(copy: tuple[str, Any, Any, Any], n: int) -> float:
-        _, model, opt, mon = copy
+    def block(i: int, n: int) -> float:
+        _, model, opt, mon = copies[i]
         t0 = time.perf_counter()
         for _ in range(n):
             bench_step.train_step(model, opt, load)
@@ -94,25 +93,16 @@ def run(args: argparse.Namespace) -> list[str]:
                 mon.step()
         return (time.perf_counter() - t0) / n
 
-    times: dict[str, list[float]] = defaultdict(list)
     try:
-        for c in copies:
-            block(c, args.warmup)
-        for r in range(args.rounds):
-            k = r % len(copies)
-            for c in copies[k:] + copies[:k]:
-                times[c[0]].append(block(c, args.block))
+        times = _common.interleaved(len(copies), block, args.rounds, args.block, args.warmup)
     finally:
         for *_, mon in copies:
             if mon is not None:
                 mon.close()
-    rows = []
-    for label, *_ in copies:
-        ratios = [b / a for a, b in zip(times["none"], times[label], strict=True)]
-        lo, hi = _common.quartiles(ratios)
-        rows.append(
-            [label, f"{_common.median(times[label]) * 1e3:.1f}", f"{_common.median(ratios):.3f} ({lo:.3f}-{hi:.3f})"]
-        )
+    rows = [
+        [label, f"{_common.median(t) * 1e3:.1f}", _common.ratio_cell(times[0], t)]
+        for (label, *_), t in zip(copies, times, strict=True)
+    ]
     what = f"watch(every={args.every}, exact={args.exact})"
     return [
         f"**{args.model}**: {load.description}; {what}; {args.rounds} interleaved rounds x {args.block} steps per copy",

@@ -227,8 +227,8 @@ def ablate(model_name: str, rounds: int, block: int, smoke: bool) -> list[str]:
             after.step()
         copies.append((name, model, opt, patches, after))
 
-    def run(copy: tuple[str, Any, Any, Any, Any], n: int) -> float:
-        _, model, opt, patches, after = copy
+    def run(i: int, n: int) -> float:
+        _, model, opt, patches, after = copies[i]
         with _patched(patches):  # the stand-ins also cover the hooks registered for the next step
             t0 = time.perf_counter()
             for _ in range(n):
@@ -237,25 +237,17 @@ def ablate(model_name: str, rounds: int, block: int, smoke: bool) -> list[str]:
                     after.step()
             return (time.perf_counter() - t0) / n
 
-    blocks: dict[str, list[float]] = defaultdict(list)
     try:
-        for c in copies:
-            run(c, 1 if smoke else 3)
-        for r in range(rounds):
-            k = r % len(copies)
-            for c in copies[k:] + copies[:k]:
-                blocks[c[0]].append(run(c, block))
+        times = _common.interleaved(len(copies), run, rounds, block, 1 if smoke else 3)
     finally:
         for _, _, _, _, after in copies:
             if hasattr(after, "close"):
                 after.close()
-    base = blocks["none"]
-    rows = []
-    for name, (what, *_) in ABLATIONS.items():
-        ratios = [b / a for a, b in zip(base, blocks[name], strict=True)]
-        lo, hi = _common.quartiles(ratios)
-        med = _common.median(ratios)
-        rows.append([name, what, f"{_common.median(blocks[name]) * 1e3:.1f}", f"{med:.3f} ({lo:.3f}-{hi:.3f})"])
+    blocks = {c[0]: t for c, t in zip(copies, times, strict=True)}
+    rows = [
+        [name, what, f"{_common.median(blocks[name]) * 1e3:.1f}", _common.ratio_cell(blocks["none"], blocks[name])]
+        for name, (what, *_) in ABLATIONS.items()
+    ]
     return [
         f"**{model_name}**: {load.description}; {rounds} interleaved rounds x {block} steps per copy",
         "",

@@ -280,6 +280,20 @@ def test_estimated_stats_match_float64_reference_on_their_sample(make) -> None: 
     check_estimate(x, decode_tensor_stats(vec.numpy(), meta), 5000)
 
 
+def take_change_and_finish(batch: StepBatch, cases: dict[str, torch.Tensor], estimate: bool = False) -> dict:
+    """Take every case into the batch, change cases["normal"] in place afterwards (as an in-place ReLU or the
+    optimizer would: the batch must have kept what it needs when it took the tensor), finish and decode. `cases` is
+    left holding the values as they were taken."""
+    for key, x in cases.items():
+        assert batch.take(key, x, estimate) is not None, key
+    before = cases["normal"].clone()
+    cases["normal"].mul_(0)
+    cases["normal"] = before
+    out = batch.finish()
+    assert set(out) == set(cases) and len(batch) == 0
+    return {key: decode_tensor_stats(vec.numpy(), meta) for key, (vec, meta) in out.items()}
+
+
 def test_step_batch_estimates_large_tensors_like_the_per_tensor_path() -> None:
     """With estimate=True the batch takes large float32 tensors (the one pass and a copy of the sample in take(), the
     rest for all of them at once in finish()): each result matches the float64 reference on its sample and equals
@@ -296,17 +310,8 @@ def test_step_batch_estimates_large_tensors_like_the_per_tensor_path() -> None:
     assert batch.take("float64", torch.randn(50_000, dtype=torch.float64), estimate=True) is None
     batch.take("dropped", torch.randn(30_000), estimate=True)
     batch.discard("dropped")  # a row taken and then given up (its key re-measured elsewhere) is left out
-    for key, x in cases.items():
-        assert batch.take(key, x, estimate=True) is not None
-    # Taken means sampled: an in-place change after the hook (an in-place ReLU) does not reach the statistics.
-    before = cases["normal"].clone()
-    cases["normal"].relu_()
-    cases["normal"] = before
-    out = batch.finish()
-    assert set(out) == set(cases) and len(batch) == 0
-    for key, x in cases.items():
-        vec, meta = out[key]
-        got = decode_tensor_stats(vec.numpy(), meta)
+    for key, got in take_change_and_finish(batch, cases, estimate=True).items():
+        x = cases[key]
         check_estimate(x, got, cap)
         alone = compute(x, sync_free=False, sample_cap=cap, exact=False)
         assert (got.count, got.mean, got.min, got.max, got.zero_count) == (
@@ -375,17 +380,8 @@ def test_small_batch_matches_float64_reference_and_the_per_tensor_path() -> None
     batch = StepBatch(bins=64, sample_cap=1024)
     assert batch.take("too-big", torch.randn(1025)) is None
     assert batch.take("float64", torch.randn(10, dtype=torch.float64)) is None  # float64: the per-tensor path
-    for key, x in cases.items():
-        assert batch.take(key, x) is not None
-    # Taken is copied: a later in-place change (an in-place ReLU, the optimizer) does not reach the statistics.
-    before = cases["normal"].clone()
-    cases["normal"].mul_(0)
-    cases["normal"] = before
-    out = batch.finish()
-    assert set(out) == set(cases) and len(batch) == 0
-    for key, x in cases.items():
-        vec, meta = out[key]
-        got = decode_tensor_stats(vec.numpy(), meta)
+    for key, got in take_change_and_finish(batch, cases).items():
+        x = cases[key]
         check_against_reference(x, sync_free=False, s=got)
         alone = compute(x, sync_free=False)
         assert (got.count, got.zero_count, got.min, got.max) == (alone.count, alone.zero_count, alone.min, alone.max)
