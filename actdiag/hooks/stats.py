@@ -234,7 +234,10 @@ def _stats_fast(a: np.ndarray, mn: float, mx: float, bins: int, sample_n: int) -
         sample, sample_zeros = a, zeros
     vec = np.empty(HEAD + bins + N_EXP)
     vec[:HEAD] = (float(n), mean_s * scale, m2_s * scale * scale, mn, mx, float(zeros))
-    _histograms_into(vec, sample, mn, mx, scale, bins, sample_zeros)
+    sample_s = sample if scale == 1.0 else sample * sample.dtype.type(1.0 / scale)
+    lo_s, span_s = np.array([mn / scale]), np.array([(mx - mn) / scale])
+    vec[HEAD:] = _bin_rows(sample_s[None], _as_float32(sample)[None], lo_s, span_s, bins)[0]
+    vec[HEAD + bins] -= sample_zeros  # zeros share biased exponent 0 with the subnormals; zero_count covers them
     return torch.from_numpy(vec)
 
 
@@ -270,28 +273,12 @@ def _one_pass_sum(flat: torch.Tensor) -> float:
 def _estimate_rows(samples: np.ndarray, n: np.ndarray, mean: np.ndarray, bins: int) -> np.ndarray:
     """Vectors (the layout of `tensor_stats`) of K large tensors from their samples, one row each.
 
-    `samples` [K, m] holds finite float32 or float64 values and is used as scratch (scaled in place); `n` [K] are the
-    tensors' element counts and `mean` [K] their exact means, from the one pass over every element. Estimated from
-    the sample: the variance about the exact mean (times n: m2), min, max, the zero count (scaled to n) and both
-    histograms. Rows are independent: each row's numbers are what a batch of that row alone gives.
+    `samples` [K, m] holds finite float32 or float64 values (left as they are); `n` [K] are the tensors' element
+    counts and `mean` [K] their exact means, from the one pass over every element. Estimated from the sample: the
+    variance about the exact mean (times n: m2), min, max, the zero count (scaled to n) and both histograms. Rows
+    are independent: each row's numbers are what a batch of that row alone gives.
     """
     k, m = samples.shape
-    t = samples.dtype.type
-    width = bins + N_EXP + 1  # a row's linear bins, exponent bins and the exponent-255 bin (Inf/NaN; never hit)
-    # Every value's linear and exponent bin, offset into its row's `width` bins, counted by one bincount. int32 keys:
-    # half the bytes of intp, and torch.bincount takes them as they are (2.6x faster here than np.bincount, which
-    # converts them to intp first).
-    keys = np.empty((k, 2 * m), dtype=np.int32)
-    offsets = np.arange(k, dtype=np.int32)[:, None] * width
-    expo = keys[:, m:]
-    if samples.dtype == np.float32:
-        s32 = samples
-    else:
-        with np.errstate(over="ignore"):  # float64 values beyond float32's range become Inf: exponent 255, cut
-            s32 = samples.astype(np.float32)
-    np.bitwise_and(s32.view(np.int32), 0x7FFFFFFF, out=expo)
-    np.right_shift(expo, 23, out=expo)
-    expo += offsets + bins
     mn, mx = samples.min(axis=1), samples.max(axis=1)
     # Booleans summed as uint8 into uint16 (exact below 65536 per row): 4x faster than count_nonzero along an axis.
     zeros = np.add.reduce((samples == 0).view(np.uint8), axis=1, dtype=np.uint16 if m < 65536 else np.int64)
@@ -300,25 +287,19 @@ def _estimate_rows(samples: np.ndarray, n: np.ndarray, mean: np.ndarray, bins: i
     mn_s, mx_s, mean_s = mn.astype(np.float64), mx.astype(np.float64), mean.astype(np.float64)
     e = np.clip(np.frexp(np.maximum(-mn_s, mx_s))[1], -100, 100)
     scale = np.where(np.abs(e) > _SAFE_EXP, np.ldexp(1.0, e), 1.0)
+    samples_s = samples
     odd = scale != 1.0
     if odd.any():
         inv = 1.0 / scale[odd]
-        samples[odd] *= inv[:, None].astype(samples.dtype)
+        samples_s = samples.copy()
+        samples_s[odd] *= inv[:, None].astype(samples.dtype)
         mn_s[odd] *= inv
         mx_s[odd] *= inv
         mean_s[odd] *= inv
-    work = samples - mean_s[:, None].astype(samples.dtype)
+    work = samples_s - mean_s[:, None].astype(samples.dtype)
     work *= work
     m2_s = work.sum(axis=1)  # pairwise along each row
-    span = mx_s - mn_s
-    factor = np.divide(bins, span, out=np.zeros_like(span), where=span > 0).astype(samples.dtype)
-    lin = np.subtract(samples, mn_s.astype(samples.dtype)[:, None], out=work)
-    lin *= factor[:, None]
-    # lin >= 0 already (every value is >= min, and rounding is monotonic); only the maximum can round up to `bins`.
-    np.minimum(lin, t(bins - 1), out=lin)
-    np.copyto(keys[:, :m], lin, casting="unsafe")  # truncation of values >= 0: the floor
-    keys[:, :m] += offsets
-    counts = torch.bincount(torch.from_numpy(keys).reshape(-1), minlength=k * width).numpy().reshape(k, width)
+    counts = _bin_rows(samples_s, _as_float32(samples), mn_s, mx_s - mn_s, bins, out=work)
     out = np.empty((k, HEAD + bins + N_EXP))
     out[:, 0] = n
     out[:, 1] = mean
@@ -326,45 +307,57 @@ def _estimate_rows(samples: np.ndarray, n: np.ndarray, mean: np.ndarray, bins: i
     out[:, 3] = mn
     out[:, 4] = mx
     out[:, 5] = np.rint(zeros * n / m)
-    out[:, HEAD:] = counts[:, : bins + N_EXP]
+    out[:, HEAD:] = counts
     # Zeros have biased exponent 0 like subnormals, but zero_count covers them: take the sample's zeros back out.
     out[:, HEAD + bins] -= zeros
     return out
 
 
-def _histograms_into(
-    vec: np.ndarray,
-    sample: np.ndarray,
-    mn: float,
-    mx: float,
-    scale: float,
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    """`values` as float32, for their exponent bits (float64 values beyond float32's range become Inf: exponent 255,
+    the bin that is cut)."""
+    if values.dtype == np.float32:
+        return values
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32)
+
+
+def _bin_rows(
+    samples_s: np.ndarray,
+    s32: np.ndarray,
+    lo_s: np.ndarray,
+    span_s: np.ndarray,
     bins: int,
-    sample_zeros: int,
-    s32: np.ndarray | None = None,
-) -> None:
-    """Fill the linear and exponent histograms of `vec` from `sample` (all finite, within [mn, mx]); `scale` is a
-    power of two by which `sample / scale` stays well inside float32's range; `s32` the sample as float32 if the
-    caller has it."""
-    # Linear bins in the scaled space, where neither `x - min` nor `bins / span` can overflow.
-    inv = 1.0 / scale
-    span_s = (mx - mn) * inv
-    t = sample.dtype.type
-    lin = sample - t(mn) if scale == 1.0 else sample * t(inv) - t(mn * inv)
-    lin *= t(bins / span_s if span_s > 0 else 0.0)
-    # lin >= 0 already (every value is >= mn, and rounding is monotonic); only the maximum can round up to `bins`.
-    # np.minimum rather than np.clip: the same result without clip's Python wrapper, ~5 us a call in a step.
-    np.minimum(lin, bins - 1, out=lin)
-    if s32 is None:
-        if sample.dtype == np.float32:
-            s32 = sample
-        else:
-            with np.errstate(over="ignore"):  # float64 values beyond float32's range become Inf: exponent 255, cut
-                s32 = sample.astype(np.float32)
-    expo = (s32.view(np.int32) & 0x7FFFFFFF) >> 23
-    vec[HEAD : HEAD + bins] = np.bincount(lin.astype(np.int32), minlength=bins)[:bins]
-    vec[HEAD + bins :] = np.bincount(expo, minlength=N_EXP + 1)[:N_EXP]
-    # Zeros have biased exponent 0 like subnormals, but zero_count covers them: take the sample's zeros back out.
-    vec[HEAD + bins] -= sample_zeros
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The linear and exponent histograms of each row, [K, bins + N_EXP] counts (exponent bin 0 still holds the
+    zeros, which share it with the subnormals).
+
+    `samples_s` [K, m]: finite values in the scaled space of their row (where neither `x - lo` nor `bins / span`
+    overflows), binned linearly between `lo_s` and `lo_s + span_s` in their own dtype (a constant row lands in bin
+    0); `s32`: the same values unscaled, as float32, binned by exponent from their bits; `out`: scratch of the shape
+    and dtype of `samples_s` (it is not written to otherwise). Every value's two bins, offset into its row, are
+    counted by one bincount: int32 keys are half the bytes of intp, and torch.bincount takes them as they are (2.6x
+    faster for a step's samples than np.bincount, which converts them to intp first).
+    """
+    k, m = samples_s.shape
+    dtype = samples_s.dtype
+    width = bins + N_EXP + 1  # a row's linear bins, exponent bins and the exponent-255 bin (Inf/NaN; never hit)
+    keys = np.empty((k, 2 * m), dtype=np.int32)
+    offsets = np.arange(k, dtype=np.int32)[:, None] * width
+    expo = keys[:, m:]
+    np.bitwise_and(s32.view(np.int32), 0x7FFFFFFF, out=expo)
+    np.right_shift(expo, 23, out=expo)
+    expo += offsets + bins
+    factor = np.divide(bins, span_s, out=np.zeros_like(span_s), where=span_s > 0).astype(dtype)
+    lin = np.subtract(samples_s, lo_s.astype(dtype)[:, None], out=out)
+    lin *= factor[:, None]
+    # lin >= 0 already (every value is >= lo, and rounding is monotonic); only the maximum can round up to `bins`.
+    np.minimum(lin, dtype.type(bins - 1), out=lin)
+    np.copyto(keys[:, :m], lin, casting="unsafe")  # truncation of values >= 0: the floor
+    keys[:, :m] += offsets
+    counts = torch.bincount(torch.from_numpy(keys).reshape(-1), minlength=k * width).numpy().reshape(k, width)
+    return counts[:, : bins + N_EXP]
 
 
 class StepBatch:
