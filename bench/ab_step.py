@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -86,12 +85,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
     def block(i: int, n: int) -> float:
         _, model, opt, mon = copies[i]
-        t0 = time.perf_counter()
-        for _ in range(n):
-            bench_step.train_step(model, opt, load)
-            if mon is not None:
-                mon.step()
-        return (time.perf_counter() - t0) / n
+        return bench_step.timed_steps(model, opt, load, n, mon)
 
     try:
         times = _common.interleaved(len(copies), block, args.rounds, args.block, args.warmup)

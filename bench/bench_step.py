@@ -225,6 +225,16 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, load: Workload) -> 
     return loss
 
 
+def timed_steps(model: nn.Module, opt: torch.optim.Optimizer, load: Workload, n: int, after: Any = None) -> float:
+    """Seconds per step of `n` training steps, calling `after.step()` (a monitor, say) after each when given."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        train_step(model, opt, load)
+        if after is not None:
+            after.step()
+    return (time.perf_counter() - t0) / n
+
+
 def workload(name: str, smoke: bool) -> Workload:
     g = torch.Generator().manual_seed(1)
     if name == "mlp":

@@ -230,12 +230,7 @@ def ablate(model_name: str, rounds: int, block: int, smoke: bool) -> list[str]:
     def run(i: int, n: int) -> float:
         _, model, opt, patches, after = copies[i]
         with _patched(patches):  # the stand-ins also cover the hooks registered for the next step
-            t0 = time.perf_counter()
-            for _ in range(n):
-                bench_step.train_step(model, opt, load)
-                if after is not None:
-                    after.step()
-            return (time.perf_counter() - t0) / n
+            return bench_step.timed_steps(model, opt, load, n, after)
 
     try:
         times = _common.interleaved(len(copies), run, rounds, block, 1 if smoke else 3)
