@@ -102,8 +102,12 @@ class _Series:
         self.steps: list[int] = []
         self.rows: list[dict[str, Any]] = []
 
+    def due(self) -> bool:
+        """Whether the next `offer` keeps its row."""
+        return self.seen % self.stride == 0
+
     def offer(self, step: int, row: dict[str, Any]) -> None:
-        take = self.seen % self.stride == 0
+        take = self.due()
         self.seen += 1
         if not take:
             return
@@ -123,28 +127,33 @@ class HistoryBuffer:
         self.hists = _Series(max_hist)
 
     def add(self, record: StepRecord) -> None:
-        layers = {layer.label: layer_scalars(layer) for layer in record.layers}
-        params = {
-            p.name: {
-                "weight_norm": p.weight.norm,
-                "weight_std": p.weight.std,
-                "grad_norm": p.grad.norm if p.grad else math.nan,
-                "update_ratio": _opt(p.update_ratio),
+        # A step a series will not keep is only counted (its row is never built).
+        if not self.scalars.due():
+            self.scalars.offer(record.step, {})
+        else:
+            layers = {layer.label: layer_scalars(layer) for layer in record.layers}
+            params = {
+                p.name: {
+                    "weight_norm": p.weight.norm,
+                    "weight_std": p.weight.std,
+                    "grad_norm": p.grad.norm if p.grad else math.nan,
+                    "update_ratio": _opt(p.update_ratio),
+                }
+                for p in record.params
             }
-            for p in record.params
-        }
-        self.scalars.offer(record.step, {"layers": layers, "params": params})
-        self.hists.offer(
-            record.step,
-            {
-                layer.label: (
-                    layer.activation.histogram if layer.activation else None,
-                    layer.activation.exponents if layer.activation else None,
-                    layer.gradient.exponents if layer.gradient else None,
-                )
-                for layer in record.layers
-            },
-        )
+            self.scalars.offer(record.step, {"layers": layers, "params": params})
+        if not self.hists.due():
+            self.hists.offer(record.step, {})  # its histograms are never read
+            return
+        row = {}
+        for layer in record.layers:
+            a, g = layer.activation, layer.gradient
+            kept = (a.histogram if a else None, a.exponents if a else None, g.exponents if g else None)
+            for h in kept:
+                if h is not None:
+                    h.counts  # noqa: B018 - read now, so the kept copy does not hold the whole step's arrays
+            row[layer.label] = kept
+        self.hists.offer(record.step, row)
 
     def snapshot(self) -> History:
         rows = self.scalars.rows

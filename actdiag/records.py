@@ -1,7 +1,8 @@
 """Plain, frozen records: what was measured, what it means, what to do about it.
 
-Everything here is floats, ints, strings and tuples. Never tensors: a record outlives the step that produced it,
-and holding a tensor would keep device memory (and possibly an autograd graph) alive.
+Everything here is floats, ints, strings and tuples (a histogram may keep its counts as a row of its step's numpy array
+until they are read, see `_Counts`). Never tensors: a record outlives the step that produced it, and holding a tensor
+would keep device memory (and possibly an autograd graph) alive.
 
 Data flows one way: hooks -> records -> rules -> report -> sinks. The hooks produce `TensorStats`, `LayerStats` and
 `ParamStats` (bundled per recorded step into a `StepRecord`); the rules turn them into `Finding`s; a `Report` bundles
@@ -13,7 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
 
 if TYPE_CHECKING:
     import os
@@ -33,36 +36,131 @@ FP16_MIN_SUBNORMAL_EXP = -24  # |x| < 2**-24 flushes to zero in float16
 FP16_MIN_NORMAL_EXP = -14  # |x| < 2**-14 is subnormal in float16 (lost precision)
 
 
-@dataclass(frozen=True, slots=True)
-class Histogram:
+class _Counts:
+    """Immutable counts that may be kept undecoded: a row of a 2-D integer numpy array shared by a whole recorded step
+    (`_defer`), turned into a tuple the first time anything reads them.
+
+    A recorded step decodes hundreds of histograms; most are never read one by one (a long run keeps a thinned
+    selection, see `actdiag.monitor.HistoryBuffer`), and building hundreds of tuples of Python ints for each step
+    cost the training loop more than the statistics did. Reading or comparing gives the same values either way; a
+    deferred object keeps its step's array alive until it is read (`HistoryBuffer` reads those it keeps at once).
+    """
+
+    __slots__ = ("_counts", "_block", "_row", "sampled")
+
+    _counts: tuple[float, ...] | None
+    _block: Any
+    _row: int
+    sampled: bool
+
+    def __init__(self, counts: Iterable[float], sampled: bool = False) -> None:
+        _set(self, "_counts", tuple(counts))
+        _set(self, "_block", None)
+        _set(self, "_row", 0)
+        _set(self, "sampled", sampled)
+
+    @classmethod
+    def _defer(cls, block: Any, row: int, sampled: bool) -> Any:
+        obj = cls.__new__(cls)
+        _set(obj, "_counts", None)
+        _set(obj, "_block", block)
+        _set(obj, "_row", row)
+        _set(obj, "sampled", sampled)
+        return obj
+
+    @property
+    def counts(self) -> tuple[float, ...]:
+        if self._counts is None:
+            _set(self, "_counts", tuple(self._block[self._row].tolist()))
+            _set(self, "_block", None)  # the step's array is no longer needed by this object
+        assert self._counts is not None
+        return self._counts
+
+    @property
+    def total(self) -> float:
+        if self._counts is None:
+            return float(self._block[self._row].sum())
+        return float(sum(self._counts))
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.counts, self.sampled)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+_set = object.__setattr__  # the immutable classes' own way in
+
+
+class Histogram(_Counts):
     """Counts between consecutive `edges` (len(edges) == len(counts) + 1); the last bin includes its right edge.
 
     `sampled` is True when the counts come from a uniform sample of the tensor's elements rather than all of
     them (large tensors, see `actdiag.hooks`); then `sum(counts)` is the sample size, not the tensor's count.
     """
 
-    edges: tuple[float, ...]
-    counts: tuple[float, ...]
-    sampled: bool = False
+    __slots__ = ("_edges", "_lo", "_hi")
+
+    _edges: tuple[float, ...] | None
+    _lo: float
+    _hi: float
+
+    def __init__(self, edges: Iterable[float], counts: Iterable[float], sampled: bool = False) -> None:
+        super().__init__(counts, sampled)
+        _set(self, "_edges", tuple(edges))
+        _set(self, "_lo", 0.0)
+        _set(self, "_hi", 0.0)
+
+    @classmethod
+    def _even(cls, block: Any, row: int, lo: float, hi: float, sampled: bool) -> Histogram:
+        """Deferred: counts are row `row` of `block`; the edges split [lo, hi] into len(counts) equal bins."""
+        obj = cls._defer(block, row, sampled)
+        _set(obj, "_edges", None)
+        _set(obj, "_lo", lo)
+        _set(obj, "_hi", hi)
+        return obj
 
     @property
-    def total(self) -> float:
-        return float(sum(self.counts))
+    def edges(self) -> tuple[float, ...]:
+        if self._edges is None:
+            bins = len(self.counts)
+            step = (self._hi - self._lo) / bins
+            # What np.linspace gives, the last edge exactly hi (as decoded before deferral existed).
+            with np.errstate(invalid="ignore", over="ignore"):  # a span beyond float64 (-1e308 .. 1e308)
+                edges = (self._lo + np.arange(bins + 1) * step).tolist()
+            edges[-1] = self._hi
+            _set(self, "_edges", tuple(edges))
+        assert self._edges is not None
+        return self._edges
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.edges, self.counts, self.sampled)
+
+    def __repr__(self) -> str:
+        return f"Histogram(edges={self.edges!r}, counts={self.counts!r}, sampled={self.sampled!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Histogram, (self.edges, self.counts, self.sampled))
 
 
-@dataclass(frozen=True, slots=True)
-class ExponentHistogram:
+class ExponentHistogram(_Counts):
     """Counts of finite non-zero values per power of two: `counts[i]` is for exponent `E_LOW + i`.
 
     Exponent e holds values with 2**(e-1) <= |x| < 2**e. The first bin also holds float32 subnormals.
     """
 
-    counts: tuple[float, ...]
-    sampled: bool = False
-
-    @property
-    def total(self) -> float:
-        return float(sum(self.counts))
+    __slots__ = ()
 
     def fraction_at_least(self, exponent: int) -> float:
         """Fraction of the binned values with |x| >= 2**(exponent-1)."""
@@ -86,6 +184,12 @@ class ExponentHistogram:
         if not idx:
             return None
         return E_LOW + idx[0], E_LOW + idx[-1]
+
+    def __repr__(self) -> str:
+        return f"ExponentHistogram(counts={self.counts!r}, sampled={self.sampled!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ExponentHistogram, (self.counts, self.sampled))
 
 
 @dataclass(frozen=True, slots=True)

@@ -596,9 +596,9 @@ def decode_tensor_stats(vec: np.ndarray, meta: StatsMeta) -> TensorStats:
 
 
 def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[TensorStats]:
-    """`decode_tensor_stats` for a whole step at once: the vectors are stacked and every conversion (bin edges,
-    counts to Python floats) is one numpy call over all of them, not one per tensor (a recorded step of a model
-    with a hundred layers decodes several hundred vectors)."""
+    """`decode_tensor_stats` for a whole step at once: the vectors are stacked and every conversion is one numpy
+    call over all of them, not one per tensor (a recorded step of a model with a hundred layers decodes several
+    hundred vectors). The histograms keep their counts in the step's arrays until they are read."""
     if not vecs:
         return []
     by_bins: dict[int, list[int]] = {}
@@ -609,29 +609,23 @@ def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[
         block = np.stack([np.asarray(vecs[i], dtype=np.float64)[: vector_length(bins)] for i in rows])
         heads = block[:, :HEAD]
         counts_i = np.rint(heads[:, 0])
-        mn, mx = heads[:, 3], heads[:, 4]
-        # Bin edges of every row: what np.linspace gives, the last edge exactly max.
-        with np.errstate(invalid="ignore", over="ignore"):
-            step = (mx - mn) / bins
-            edges = mn[:, None] + np.arange(bins + 1) * step[:, None]
-        edges[:, -1] = mx
         head_l = heads.tolist()
-        # Counts are whole numbers: as Python ints, the many zeros and small counts are interned objects, which
-        # makes this conversion several times cheaper than one float object per bin.
-        lin_l = np.rint(block[:, HEAD : HEAD + bins]).astype(np.int64).tolist()
-        exp_l = np.rint(block[:, HEAD + bins :]).astype(np.int64).tolist()
-        edges_l = edges.tolist()
+        # Both histograms of every row stay in two integer arrays; each Histogram reads its row into a tuple only
+        # when something reads it (most of a long run's are never read one by one, see records._Counts).
+        lin_i = np.rint(block[:, HEAD : HEAD + bins]).astype(np.int64)
+        exp_i = np.rint(block[:, HEAD + bins :]).astype(np.int64)
         for j, i in enumerate(rows):
             meta = metas[i]
+            sampled = meta.sampled
             count = int(counts_i[j])
             _, mean, m2, lo, hi, zeros = head_l[j]
             if count == 0:
                 mean = m2 = lo = hi = math.nan
-                hist = Histogram(edges=(0.0, 1.0), counts=(0,), sampled=meta.sampled)
+                hist = Histogram(edges=(0.0, 1.0), counts=(0,), sampled=sampled)
             elif hi > lo:
-                hist = Histogram(edges=tuple(edges_l[j]), counts=tuple(lin_l[j]), sampled=meta.sampled)
+                hist = Histogram._even(lin_i, j, lo, hi, sampled)
             else:  # a constant tensor: one bin of width 1 centred on its value
-                hist = Histogram(edges=(lo - 0.5, lo + 0.5), counts=(sum(lin_l[j]),), sampled=meta.sampled)
+                hist = Histogram(edges=(lo - 0.5, lo + 0.5), counts=(int(lin_i[j].sum()),), sampled=sampled)
             out[i] = TensorStats(
                 numel=meta.numel,
                 count=count,
@@ -641,7 +635,7 @@ def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[
                 max=hi,
                 zero_count=int(round(zeros)),
                 histogram=hist,
-                exponents=ExponentHistogram(counts=tuple(exp_l[j]), sampled=meta.sampled),
+                exponents=ExponentHistogram._defer(exp_i, j, sampled),
                 estimated=meta.estimated,
             )
     return [s for s in out if s is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -10,8 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actdiag.hooks.stats import StepBatch, decode_tensor_stats, saturation_count, tensor_stats, unit_activity
-from actdiag.records import E_LOW, TensorStats
+from actdiag.hooks.stats import (
+    StepBatch,
+    decode_many,
+    decode_tensor_stats,
+    saturation_count,
+    tensor_stats,
+    unit_activity,
+)
+from actdiag.records import E_LOW, ExponentHistogram, Histogram, TensorStats
 
 PATHS = [pytest.param(False, id="fast"), pytest.param(True, id="masked")]
 
@@ -386,3 +394,28 @@ def test_small_batch_matches_float64_reference_and_the_per_tensor_path() -> None
         alone = compute(x, sync_free=False)
         assert (got.count, got.zero_count, got.min, got.max) == (alone.count, alone.zero_count, alone.min, alone.max)
         assert got.exponents.counts == alone.exponents.counts
+
+
+def test_decoded_histograms_read_late_behave_like_tuples() -> None:
+    """decode_many leaves each histogram's counts in the step's arrays until read (records._Counts): reading,
+    comparing, hashing, pickling and the totals give what a histogram built from tuples gives, and nothing can be
+    set on one."""
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(5))
+    vec, meta = tensor_stats(x)
+    first, second = decode_many([vec.numpy()] * 2, [meta] * 2)
+    h, e = first.histogram, first.exponents
+    assert h._block is not None and e._block is not None
+    assert h.total == e.total == 3000  # from the array, before reading
+    assert h == second.histogram and hash(e) == hash(second.exponents)  # compared as values (this reads both)
+    eager_h = Histogram(edges=list(h.edges), counts=list(h.counts), sampled=h.sampled)
+    eager_e = ExponentHistogram(counts=list(e.counts), sampled=e.sampled)
+    assert h._block is None and (h, e) == (eager_h, eager_e) and hash(h) == hash(eager_h)
+    assert isinstance(h.counts, tuple) and all(type(c) is int for c in h.counts)
+    assert len(h.edges) == len(h.counts) + 1 and h.edges[0] == first.min and h.edges[-1] == first.max
+    third = decode_many([vec.numpy()], [meta])[0]
+    assert pickle.loads(pickle.dumps(third.histogram)) == eager_h  # pickled as values, not the step's arrays
+    assert repr(third.exponents) == repr(eager_e)
+    for obj in (h, third.exponents):
+        with pytest.raises(AttributeError):
+            obj.sampled = True
+    assert h != eager_e and Histogram((0.0, 1.0), (1,)) != Histogram((0.0, 2.0), (1,))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 import actdiag
 from actdiag.hooks import stats as stats_mod
+from actdiag.hooks.recorder import Recorder
 from actdiag.monitor import HistoryBuffer, _Series
 from actdiag.records import StepRecord
 
@@ -111,3 +113,36 @@ def test_rel_real_run_every_step_holds_no_growing_state() -> None:
     assert monitor.recorded_steps == 100
     assert tensors_after <= tensors_before
     assert objects_after - objects_before < 50, f"{objects_after - objects_before} objects accumulated"
+
+
+def test_rel_history_keeps_histograms_without_their_steps_arrays() -> None:
+    """A decoded step's histograms keep their counts in the step's arrays until read (records._Counts). The ones the
+    history keeps are read when kept, so a long run holds tuples, not one array per kept step; steps it does not
+    keep leave nothing behind."""
+    buf = HistoryBuffer(max_points=64, max_hist=4)  # its histogram series ends with steps 0 and 2 of 0..3
+    refs = []
+    expected = {}
+    model = _tiny()
+    rec = Recorder(model)
+    for step in range(4):
+        rec.begin(step)
+        model(torch.randn(16, 4)).pow(2).mean().backward()
+        record = rec.end()
+        assert record is not None
+        act = record.layers[0].activation
+        assert act is not None and act.exponents._block is not None  # deferred until read
+        refs.append(weakref.ref(act.exponents._block))
+        counts = act.exponents.counts  # read here: from now on the same values, as tuples
+        expected[step] = (act.histogram.edges, act.histogram.counts, counts)
+        buf.add(record)
+        del record, act
+        gc.collect()
+        assert refs[-1]() is None, f"step {step}: the step's arrays outlived its record"
+    hist = buf.snapshot()
+    label = next(iter(hist.activation_histograms))
+    kept = [h for h in hist.activation_histograms[label] if h is not None]
+    assert hist.hist_steps == (0, 2) and len(kept) == 2 and all(h._block is None for h in kept)
+    for i, step in enumerate(hist.hist_steps):
+        h, e = hist.activation_histograms[label][i], hist.activation_exponents[label][i]
+        assert h is not None and e is not None
+        assert (h.edges, h.counts, e.counts) == expected[step]
