@@ -2,6 +2,7 @@
 
     python bench/ab_step.py --baseline a77e8cb --model cnn --malloc-fixed    # watch(every=1), 16 rounds x 10 steps
     python bench/ab_step.py --baseline a77e8cb --model gpt --exact --rounds 20
+    python bench/ab_step.py --baseline HEAD --model cnn --sample-cap 4096   # the same code, a smaller sample
     python bench/ab_step.py --smoke                   # seconds; what tests/bench/test_bench_smoke.py runs
 
 The `actdiag` package as it was at the baseline revision is taken out of git (`git archive`) into a temporary folder
@@ -76,11 +77,15 @@ def run(args: argparse.Namespace) -> list[str]:
     base_pkg = load_baseline(args.baseline)
     load = bench_step.workload(args.model, args.smoke)
     copies: list[tuple[str, Any, Any, Any]] = []
-    for label, pkg in (("none", None), ("none-copy", None), (args.baseline, base_pkg), ("this checkout", actdiag)):
+    mine = "this checkout" if args.sample_cap is None else f"this checkout, sample_cap={args.sample_cap}"
+    for label, pkg in (("none", None), ("none-copy", None), (args.baseline, base_pkg), (mine, actdiag)):
         torch.manual_seed(0)
         model = load.build()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        mon = pkg.watch(model, every=args.every, exact=args.exact).start() if pkg is not None else None
+        kwargs: dict[str, Any] = {"every": args.every, "exact": args.exact}
+        if pkg is actdiag and args.sample_cap is not None:
+            kwargs["sample_cap"] = args.sample_cap
+        mon = pkg.watch(model, **kwargs).start() if pkg is not None else None
         copies.append((label, model, opt, mon))
 
     def block(i: int, n: int) -> float:
@@ -111,6 +116,12 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--model", default="cnn", choices=bench_step.ALL_MODELS)
     p.add_argument("--every", type=int, default=1, help="watch(every=...) for both versions (default 1)")
     p.add_argument("--exact", action="store_true", default=None, help="watch(exact=True) for both versions")
+    p.add_argument(
+        "--sample-cap",
+        type=int,
+        default=None,
+        help="watch(sample_cap=N) for this checkout only (the baseline keeps its default): what another sample costs",
+    )
     p.add_argument("--rounds", type=int, default=16, help="interleaved rounds (default 16)")
     p.add_argument("--block", type=int, default=10, help="steps per copy per round (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="steps per copy before timing (default 3)")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,3 +154,24 @@ def test_ab_step_times_both_versions_side_by_side() -> None:
     assert "actdiag_baseline.hooks.recorder" in baseline
     checkout = root / "actdiag"
     assert all(checkout not in Path(m.__file__).parents for m in baseline.values() if getattr(m, "__file__", None))
+
+
+def test_ab_step_sample_cap_applies_to_the_checkout_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(__file__).resolve().parents[2]
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: the baseline comes out of git")
+    ab_step = load("ab_step")
+    import actdiag
+
+    caps: list[int] = []
+    real = actdiag.watch
+
+    def spy(model: Any, **kwargs: Any) -> Any:
+        monitor = real(model, **kwargs)
+        caps.append(monitor.recorder.sample_cap)
+        return monitor
+
+    monkeypatch.setattr(ab_step.actdiag, "watch", spy)
+    lines = ab_step.main(["--smoke", "--model", "mlp", "--baseline", "HEAD", "--sample-cap", "64"])
+    assert caps == [64]  # the checkout's watch only; the baseline's own package kept its default
+    assert "| this checkout, sample_cap=64 |" in "\n".join(lines)
