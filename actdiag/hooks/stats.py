@@ -474,8 +474,11 @@ class StepBatch:
         out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
         good: list[tuple[Any, np.ndarray]] = []
         for key, a in items.items():
-            # A float64 sum of float32 values cannot overflow: a non-finite sum means a NaN or Inf in the tensor.
-            if math.isfinite(float(np.add.reduce(a, dtype=np.float64))):
+            # A float64 sum of float32 values cannot overflow: a non-finite sum means a NaN or Inf in the tensor
+            # (Inf + -Inf is NaN: numpy's "invalid value" warning would reach the user's training loop).
+            with np.errstate(invalid="ignore"):
+                total = float(np.add.reduce(a, dtype=np.float64))
+            if math.isfinite(total):
                 good.append((key, a))
             else:
                 out[key] = tensor_stats(torch.from_numpy(a), bins=bins, sample_cap=self.sample_cap)

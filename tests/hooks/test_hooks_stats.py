@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -419,3 +420,15 @@ def test_decoded_histograms_read_late_behave_like_tuples() -> None:
         with pytest.raises(AttributeError):
             obj.sampled = True
     assert h != eager_e and Histogram((0.0, 1.0), (1,)) != Histogram((0.0, 2.0), (1,))
+
+
+def test_small_batch_with_opposite_infinities_warns_nothing() -> None:
+    """Inf + -Inf in a small tensor's finiteness check is NaN; numpy's "invalid value" warning must not reach the
+    user's training loop, and the tensor goes the per-tensor way, which counts both."""
+    batch = StepBatch(bins=16, sample_cap=1024)
+    assert batch.take("k", torch.tensor([math.inf, -math.inf, 1.0, 3.0])) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ((vec, meta),) = batch.finish().values()
+    s = decode_tensor_stats(vec.numpy(), meta)
+    assert (s.count, s.nonfinite_count, s.mean, s.min, s.max) == (2, 2, 2.0, 1.0, 3.0)
