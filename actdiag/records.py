@@ -54,19 +54,19 @@ class _Counts:
     sampled: bool
 
     def __init__(self, counts: Iterable[float], sampled: bool = False) -> None:
-        _set(self, "_counts", tuple(counts))
-        _set(self, "_block", None)
-        _set(self, "_row", 0)
-        _set(self, "sampled", sampled)
+        self._fill(tuple(counts), None, 0, sampled)
 
     @classmethod
     def _defer(cls, block: Any, row: int, sampled: bool) -> Any:
         obj = cls.__new__(cls)
-        _set(obj, "_counts", None)
-        _set(obj, "_block", block)
-        _set(obj, "_row", row)
-        _set(obj, "sampled", sampled)
+        obj._fill(None, block, row, sampled)
         return obj
+
+    def _fill(self, counts: tuple[float, ...] | None, block: Any, row: int, sampled: bool) -> None:
+        _set(self, "_counts", counts)
+        _set(self, "_block", block)
+        _set(self, "_row", row)
+        _set(self, "sampled", sampled)
 
     @property
     def counts(self) -> tuple[float, ...]:
@@ -118,18 +118,19 @@ class Histogram(_Counts):
 
     def __init__(self, edges: Iterable[float], counts: Iterable[float], sampled: bool = False) -> None:
         super().__init__(counts, sampled)
-        _set(self, "_edges", tuple(edges))
-        _set(self, "_lo", 0.0)
-        _set(self, "_hi", 0.0)
+        self._span(tuple(edges), 0.0, 0.0)
 
     @classmethod
     def _even(cls, block: Any, row: int, lo: float, hi: float, sampled: bool) -> Histogram:
         """Deferred: counts are row `row` of `block`; the edges split [lo, hi] into len(counts) equal bins."""
         obj = cls._defer(block, row, sampled)
-        _set(obj, "_edges", None)
-        _set(obj, "_lo", lo)
-        _set(obj, "_hi", hi)
+        obj._span(None, lo, hi)
         return obj
+
+    def _span(self, edges: tuple[float, ...] | None, lo: float, hi: float) -> None:
+        _set(self, "_edges", edges)
+        _set(self, "_lo", lo)
+        _set(self, "_hi", hi)
 
     @property
     def edges(self) -> tuple[float, ...]:
