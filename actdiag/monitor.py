@@ -119,6 +119,31 @@ class _Series:
             self.stride *= 2
 
 
+def _scalar_row(record: StepRecord) -> dict[str, Any]:
+    params = {
+        p.name: {
+            "weight_norm": p.weight.norm,
+            "weight_std": p.weight.std,
+            "grad_norm": p.grad.norm if p.grad else math.nan,
+            "update_ratio": _opt(p.update_ratio),
+        }
+        for p in record.params
+    }
+    return {"layers": {layer.label: layer_scalars(layer) for layer in record.layers}, "params": params}
+
+
+def _hist_row(record: StepRecord) -> dict[str, Any]:
+    row = {}
+    for layer in record.layers:
+        a, g = layer.activation, layer.gradient
+        kept = (a.histogram if a else None, a.exponents if a else None, g.exponents if g else None)
+        for h in kept:
+            if h is not None:
+                h.counts  # noqa: B018 - read now, so the kept copy does not hold the whole step's arrays
+        row[layer.label] = kept
+    return row
+
+
 class HistoryBuffer:
     """Mutable, bounded history of recorded steps; `snapshot()` gives the frozen History."""
 
@@ -127,33 +152,9 @@ class HistoryBuffer:
         self.hists = _Series(max_hist)
 
     def add(self, record: StepRecord) -> None:
-        # A step a series will not keep is only counted (its row is never built).
-        if not self.scalars.due():
-            self.scalars.offer(record.step, {})
-        else:
-            layers = {layer.label: layer_scalars(layer) for layer in record.layers}
-            params = {
-                p.name: {
-                    "weight_norm": p.weight.norm,
-                    "weight_std": p.weight.std,
-                    "grad_norm": p.grad.norm if p.grad else math.nan,
-                    "update_ratio": _opt(p.update_ratio),
-                }
-                for p in record.params
-            }
-            self.scalars.offer(record.step, {"layers": layers, "params": params})
-        if not self.hists.due():
-            self.hists.offer(record.step, {})  # its histograms are never read
-            return
-        row = {}
-        for layer in record.layers:
-            a, g = layer.activation, layer.gradient
-            kept = (a.histogram if a else None, a.exponents if a else None, g.exponents if g else None)
-            for h in kept:
-                if h is not None:
-                    h.counts  # noqa: B018 - read now, so the kept copy does not hold the whole step's arrays
-            row[layer.label] = kept
-        self.hists.offer(record.step, row)
+        # A step a series will not keep is only counted: its row is never built.
+        self.scalars.offer(record.step, _scalar_row(record) if self.scalars.due() else {})
+        self.hists.offer(record.step, _hist_row(record) if self.hists.due() else {})
 
     def snapshot(self) -> History:
         rows = self.scalars.rows

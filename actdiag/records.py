@@ -41,9 +41,10 @@ class _Counts:
     (`_defer`), turned into a tuple the first time anything reads them.
 
     A recorded step decodes hundreds of histograms; most are never read one by one (a long run keeps a thinned
-    selection, see `actdiag.monitor.HistoryBuffer`), and building hundreds of tuples of Python ints for each step
-    cost the training loop more than the statistics did. Reading or comparing gives the same values either way; a
-    deferred object keeps its step's array alive until it is read (`HistoryBuffer` reads those it keeps at once).
+    selection, see `actdiag.monitor.HistoryBuffer`), and building their tuples of Python ints at every step, and
+    collecting them as garbage, cost a recorded CNN step ~1 ms (BENCHMARKS.md, item 10). Reading or comparing gives
+    the same values either way; a deferred object keeps its step's array alive until it is read (`HistoryBuffer`
+    reads those it keeps at once).
     """
 
     __slots__ = ("_counts", "_block", "_row", "sampled")
