@@ -336,28 +336,45 @@ def _bin_rows(
     `samples_s` [K, m]: finite values in the scaled space of their row (where neither `x - lo` nor `bins / span`
     overflows), binned linearly between `lo_s` and `lo_s + span_s` in their own dtype (a constant row lands in bin
     0); `s32`: the same values unscaled, as float32, binned by exponent from their bits; `out`: scratch of the shape
-    and dtype of `samples_s` (it is not written to otherwise). Every value's two bins, offset into its row, are
-    counted by one bincount: int32 keys are half the bytes of intp, and torch.bincount takes them as they are (2.6x
-    faster for a step's samples than np.bincount, which converts them to intp first).
+    and dtype of `samples_s` (it is not written to otherwise).
     """
-    k, m = samples_s.shape
+    k = samples_s.shape[0]
     dtype = samples_s.dtype
-    width = bins + N_EXP + 1  # a row's linear bins, exponent bins and the exponent-255 bin (Inf/NaN; never hit)
-    keys = np.empty((k, 2 * m), dtype=np.int32)
-    offsets = np.arange(k, dtype=np.int32)[:, None] * width
-    expo = keys[:, m:]
-    np.bitwise_and(s32.view(np.int32), 0x7FFFFFFF, out=expo)
-    np.right_shift(expo, 23, out=expo)
-    expo += offsets + bins
     factor = np.divide(bins, span_s, out=np.zeros_like(span_s), where=span_s > 0).astype(dtype)
     lin = np.subtract(samples_s, lo_s.astype(dtype)[:, None], out=out)
     lin *= factor[:, None]
-    # lin >= 0 already (every value is >= lo, and rounding is monotonic); only the maximum can round up to `bins`.
-    np.minimum(lin, dtype.type(bins - 1), out=lin)
-    np.copyto(keys[:, :m], lin, casting="unsafe")  # truncation of values >= 0: the floor
-    keys[:, :m] += offsets
-    counts = torch.bincount(torch.from_numpy(keys).reshape(-1), minlength=k * width).numpy().reshape(k, width)
-    return counts[:, : bins + N_EXP]
+    offsets = np.arange(k, dtype=np.int32)[:, None] * _row_width(bins)
+    return _count_bins(lin, s32, offsets, k, bins)
+
+
+def _row_width(bins: int) -> int:
+    """A row of `_count_bins`: its linear bins, its exponent bins and the exponent-255 bin (Inf/NaN; never hit)."""
+    return bins + N_EXP + 1
+
+
+def _count_bins(lin: np.ndarray, s32: np.ndarray, offsets: np.ndarray, rows: int, bins: int) -> np.ndarray:
+    """[rows, bins + N_EXP] counts of the values whose linear positions are `lin` (>= 0, in bins; floored here) and
+    whose float32 bits are `s32`, each value's two bins offset into its own row by `offsets` (a row is
+    `_row_width(bins)` wide; `offsets` broadcasts against `lin`, whose last axis holds the values).
+
+    Every value's two bins are counted by one bincount: int32 keys are half the bytes of intp, and torch.bincount
+    takes them as they are (2.6x faster for a step's samples than np.bincount, which converts them to intp first).
+    `lin` may be overwritten.
+    """
+    m = lin.shape[-1]
+    keys = np.empty((*lin.shape[:-1], 2 * m), dtype=np.int32)
+    expo = keys[..., m:]
+    np.bitwise_and(s32.view(np.int32), 0x7FFFFFFF, out=expo)
+    np.right_shift(expo, 23, out=expo)
+    expo += offsets + bins
+    # lin >= 0 already (every value is >= its row's low end, and rounding is monotonic); only the maximum can round
+    # up to `bins`.
+    np.minimum(lin, lin.dtype.type(bins - 1), out=lin)
+    np.copyto(keys[..., :m], lin, casting="unsafe")  # truncation of values >= 0: the floor
+    keys[..., :m] += offsets
+    width = _row_width(bins)
+    counts = torch.bincount(torch.from_numpy(keys).reshape(-1), minlength=rows * width).numpy()
+    return counts.reshape(rows, width)[:, : bins + N_EXP]
 
 
 class StepBatch:
@@ -471,45 +488,51 @@ class StepBatch:
 
     def _finish_small(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
         bins = self.bins
-        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
-        good: list[tuple[Any, np.ndarray]] = []
-        for key, a in items.items():
-            # A float64 sum of float32 values cannot overflow: a non-finite sum means a NaN or Inf in the tensor
-            # (Inf + -Inf is NaN: numpy's "invalid value" warning would reach the user's training loop).
-            with np.errstate(invalid="ignore"):
-                total = float(np.add.reduce(a, dtype=np.float64))
-            if math.isfinite(total):
-                good.append((key, a))
-            else:
-                out[key] = tensor_stats(torch.from_numpy(a), bins=bins, sample_cap=self.sample_cap)
-        if not good:
-            return out
-        lens, starts = segments([a for _, a in good])
-        c32 = np.concatenate([a for _, a in good])
+        arrays = list(items.values())
+        lens, starts = segments(arrays)
+        c32 = np.concatenate(arrays)
         c = c32.astype(np.float64)
+        # A float64 sum of float32 values cannot overflow: a non-finite sum means a NaN or Inf in the tensor (Inf +
+        # -Inf is NaN: numpy's "invalid value" warning would reach the user's training loop).
+        with np.errstate(invalid="ignore"):
+            sums = np.add.reduceat(c, starts)
+        finite = np.isfinite(sums)
+        if not finite.all():  # those go the per-tensor way; the rest are measured together as below
+            alone = {
+                key: tensor_stats(torch.from_numpy(a), bins=bins, sample_cap=self.sample_cap)
+                for (key, a), ok in zip(items.items(), finite, strict=True)
+                if not ok
+            }
+            good = {key: a for (key, a), ok in zip(items.items(), finite, strict=True) if ok}
+            return {**alone, **self._finish_small(good)} if good else alone
+        count = len(arrays)
+        seg = np.repeat(np.arange(count, dtype=np.int32), lens)  # each value's tensor
         n = lens.astype(np.float64)
         mn = np.minimum.reduceat(c, starts)
         mx = np.maximum.reduceat(c, starts)
-        mean = np.add.reduceat(c, starts) / n
-        d = c - np.repeat(mean, lens)
-        m2 = np.add.reduceat(d * d, starts)
+        mean = sums / n
+        d = c - mean.take(seg)
+        d *= d
+        m2 = np.add.reduceat(d, starts)
         zeros = np.add.reduceat(c == 0, starts, dtype=np.int64)
         # Linear bins between each tensor's own min and max (a constant tensor lands in bin 0), exponent bins from
         # the float32 bits; each tensor's bins are offset into its own row of one bincount.
         span = mx - mn
         k = np.divide(bins, span, out=np.zeros_like(span), where=span > 0)
-        lin = (c - np.repeat(mn, lens)) * np.repeat(k, lens)
-        np.clip(lin, 0, bins - 1, out=lin)
-        width = bins + N_EXP + 1
-        row = np.repeat(np.arange(len(good), dtype=np.intp) * width, lens)
-        keys = np.concatenate([row + lin.astype(np.intp), row + bins + ((c32.view(np.int32) & 0x7FFFFFFF) >> 23)])
-        counts = np.bincount(keys, minlength=len(good) * width).reshape(len(good), width)
-        vecs = np.empty((len(good), HEAD + bins + N_EXP))
+        lin = np.subtract(c, mn.take(seg), out=d)
+        lin *= k.take(seg)
+        seg *= _row_width(bins)
+        vecs = np.empty((count, HEAD + bins + N_EXP))
         vecs[:, 0], vecs[:, 1], vecs[:, 2], vecs[:, 3], vecs[:, 4], vecs[:, 5] = n, mean, m2, mn, mx, zeros
-        vecs[:, HEAD:] = counts[:, : bins + N_EXP]
+        vecs[:, HEAD:] = _count_bins(lin, c32, seg, count, bins)
         vecs[:, HEAD + bins] -= zeros  # zeros share biased exponent 0 with the subnormals; zero_count covers them
-        for i, (key, a) in enumerate(good):
-            out[key] = (torch.from_numpy(vecs[i]), StatsMeta(numel=a.size, bins=bins, sample_n=a.size))
+        metas: dict[int, StatsMeta] = {}  # one per size: they are immutable
+        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        for key, a, vec in zip(items, arrays, torch.from_numpy(vecs).unbind(0), strict=True):
+            meta = metas.get(a.size)
+            if meta is None:
+                meta = metas[a.size] = StatsMeta(numel=a.size, bins=bins, sample_n=a.size)
+            out[key] = (vec, meta)
         return out
 
 
