@@ -25,13 +25,13 @@ Design (sync-free by construction)
   histogram sample index comes from a private generator), autocast is switched off inside the kernels (so half
   precision inputs are reduced in float32 and our ops do not change the user's autocast cache), and stale tensor
   hooks from an earlier step are ignored.
-* **Large tensors**: histograms use at most `sample_cap` (8192) elements chosen by a fixed pseudo-random index and
-  say so (`sampled`). With exact statistics (the default when recording every 10 steps or less often, and always
-  in `inspect`), moments, min/max, zero and non-finite counts use every element. Recording more often, the CPU
-  path reads every element once (count, mean, non-finite detection; a non-finite value sends the tensor to the
-  exact path) and estimates the spread, extremes and zeros from the same sample, flagged `estimated`: five passes
-  over every element of every tensor were most of a recorded step's cost on a CPU (BENCHMARKS.md). The CUDA path
-  is always exact.
+* **Large tensors**: histograms use at most `sample_cap` elements (8192; 4096 when `watch` records more often than
+  every 10 steps) chosen by a fixed pseudo-random index and say so (`sampled`). With exact statistics (the default
+  when recording every 10 steps or less often, and always in `inspect`), moments, min/max, zero and non-finite
+  counts use every element. Recording more often, the CPU path reads every element once (count, mean, non-finite
+  detection; a non-finite value sends the tensor to the exact path) and estimates the spread, extremes and zeros
+  from the same sample, flagged `estimated`: five passes over every element of every tensor were most of a
+  recorded step's cost on a CPU (BENCHMARKS.md). The CUDA path is always exact.
 
 The submodules are imported by name (`actdiag.hooks.stats`, `actdiag.hooks.recorder`); this package imports none of
 them itself, so importing the kernels never drags in the recorder (and its import of `actdiag.distributed`, which

@@ -486,3 +486,34 @@ def test_exactness_follows_the_interval_unless_told(tmp_path) -> None:  # noqa: 
     report = actdiag.inspect(model, x)
     assert report.layers[0].activation.numel > 8192  # over the default cap, so estimable
     assert not any(s.estimated for la in report.layers for s in (la.activation, la.gradient, la.weight) if s)
+
+
+def test_the_sample_follows_the_interval_unless_told() -> None:
+    """Recording more often than EXACT_FROM_EVERY, a large tensor's histograms come from FREQUENT_SAMPLE_CAP
+    elements (half the default); at the default interval from DEFAULT_SAMPLE_CAP; `sample_cap=` overrides both.
+    Tensors under the sample are counted whole either way."""
+    from actdiag.hooks.stats import DEFAULT_SAMPLE_CAP
+    from actdiag.monitor import EXACT_FROM_EVERY, FREQUENT_SAMPLE_CAP
+
+    assert FREQUENT_SAMPLE_CAP < DEFAULT_SAMPLE_CAP
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+    x = torch.randn(64, 256)  # 16384 outputs: over both samples
+
+    def sample_size(**kw: object) -> int:
+        with actdiag.watch(model, **kw) as mon:
+            model(x).pow(2).sum().backward()
+            model.zero_grad()
+            mon.step()
+        big, small = mon.latest.layers[0], mon.latest.layers[2]
+        assert big.activation.histogram.sampled and not small.activation.histogram.sampled
+        assert small.activation.histogram.total == small.activation.count == 64 * 4
+        assert big.gradient.histogram.total == big.activation.histogram.total
+        return big.activation.histogram.total
+
+    assert sample_size(every=1) == FREQUENT_SAMPLE_CAP
+    assert sample_size(every=EXACT_FROM_EVERY - 1) == FREQUENT_SAMPLE_CAP
+    assert sample_size(every=EXACT_FROM_EVERY) == DEFAULT_SAMPLE_CAP
+    assert sample_size(every=1, exact=True) == FREQUENT_SAMPLE_CAP  # exactness and the sample are set apart
+    assert sample_size(every=1, sample_cap=5000) == 5000
+    assert sample_size(every=EXACT_FROM_EVERY, sample_cap=3000) == 3000
