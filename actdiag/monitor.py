@@ -250,9 +250,9 @@ def exact_for(every: int) -> bool:
 
 
 # Recording more often than EXACT_FROM_EVERY, a large tensor's histograms (and its estimated spread, extremes and
-# zeros) come from half the usual sample: the sample's work is the largest part of a recorded step that scales with
-# it (BENCHMARKS.md: the CNN's every=1 ratio 1.35 -> 1.29). A histogram bin is then known to
-# sqrt(p(1-p)/4096) <= 0.78% of the total instead of 0.55%, on each of the many steps recorded.
+# zeros) come from half the usual sample: the sample's work is the part of a recorded step that scales with it, and
+# halving it took ~0.04-0.06 off the CNN's every=1 ratio on a 2-core CPU (BENCHMARKS.md, item 11). A histogram bin
+# is then known to sqrt(p(1-p)/4096) <= 0.78% of the total instead of 0.55%, on each of the many steps recorded.
 FREQUENT_SAMPLE_CAP = DEFAULT_SAMPLE_CAP // 2
 
 
