@@ -3,6 +3,8 @@
     python bench/bench_step.py                      # the full CPU run behind BENCHMARKS.md
     python bench/bench_step.py --write BENCHMARKS.md
     python bench/bench_step.py --smoke              # seconds; what tests/bench/test_bench_smoke.py runs
+    python bench/bench_step.py --device cuda --write BENCHMARKS.md   # on a GPU: GPT-2 small, the GPU targets
+    python bench/bench_step.py --device cuda --amp bf16 --models gpt  # the same under bf16 autocast
 
 Every variant trains its own copy of the model (same seed, same data) and they all live in one process. The run is
 a series of rounds; in each round every variant runs one block of `--block` consecutive steps, in an order that
@@ -21,6 +23,18 @@ Variants:
   tb-hooks        forward hooks calling SummaryWriter.add_histogram on every leaf output (what users write by hand)
   tb-all          the same loop at actdiag's content: leaf outputs, their gradients, every weight and weight gradient
   wandb           wandb.watch(model, log="all", log_freq=1) in offline mode (skipped with a note if not installed)
+
+On a GPU (`--device cuda`) the transformer is GPT-2 small (12 layers, d=768, 12 heads, context 1024, vocab 50257,
+batch 8); the MLP and the CNN keep their CPU sizes. The hand-written add_histogram loops are left out by default
+there (`--variants` brings them back): they copy every tensor to the host and bin it with numpy (GPT-2 small's
+logits alone are 1.6 GB a step), and the GPU targets do not compare with them. `--peer-block` gives the peers fewer
+steps per round. Each timed step ends with `torch.cuda.synchronize()`, so its time is the device's, and peak memory
+is the device allocator's. After the timed rounds the unmonitored copies and actdiag's run DEFAULT_EVERY more steps
+under `torch.cuda.set_sync_debug_mode("warn")`, counting the host synchronisations of each step, recorded and
+unrecorded apart (an unrecorded step of a watched model must make none; a recorded one makes the one read-back of
+its statistics). The floor beside the ratios is the bytes the statistics pass must read (every element of every
+measured tensor, once) over the device's read bandwidth (`torch.sum` over 1 GiB), as a share of the unmonitored
+step.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +65,14 @@ VARIANTS = (
     "none", "none-copy", "actdiag-every1", "actdiag-every1-exact", "actdiag-default", "tb-hooks", "tb-all", "wandb",
 )  # fmt: skip
 MODELS = ("mlp", "cnn", "gpt")  # the table in BENCHMARKS.md
+PEERS = ("tb-hooks", "tb-all", "wandb")  # the other tools: every step recorded
+GPU_VARIANTS = tuple(v for v in VARIANTS if v not in ("tb-hooks", "tb-all"))  # --device cuda's default, see __doc__
 EXTRA_MODELS = ("vit",)  # on request (--models vit): see its workload
 ALL_MODELS = MODELS + EXTRA_MODELS
+
+
+class UsageError(ValueError):
+    """A model, variant or device this script does not know or this machine lacks."""
 
 
 # ============================================================================================== models
@@ -124,7 +145,7 @@ class GPTBlock(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 layout (pre-norm blocks, learned positions, causal attention), shrunk to CPU size."""
+    """GPT-2 layout (pre-norm blocks, learned positions, causal attention); shrunk to CPU size on the CPU."""
 
     def __init__(self, vocab: int, ctx: int, d: int, layers: int, heads: int) -> None:
         super().__init__()
@@ -202,24 +223,30 @@ class ViT(nn.Module):
 class Workload:
     name: str
     description: str
-    build: Callable[[], nn.Module]
+    build: Callable[[], nn.Module]  # a fresh model on `device`
     inputs: torch.Tensor
     loss: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: torch.dtype | None = None  # forward and loss under torch.autocast in this dtype (--amp)
 
 
 def _image_task(
-    g: torch.Generator, batch: int, side: int
+    g: torch.Generator, batch: int, side: int, device: torch.device
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """Random RGB images of side x side pixels and a 10-class classification loss on random labels."""
-    x = torch.randn(batch, 3, side, side, generator=g)
-    labels = torch.randint(0, 10, (batch,), generator=g)
-    return x, lambda out: F.cross_entropy(out, labels)
+    x = torch.randn(batch, 3, side, side, generator=g).to(device)
+    labels = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return x, lambda out: F.cross_entropy(out.float(), labels)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, load: Workload) -> torch.Tensor:
     """One full training step of `model` on the workload: forward, backward, optimizer; returns the loss."""
     opt.zero_grad(set_to_none=True)
-    loss = load.loss(model(load.inputs))
+    if load.autocast is None:
+        loss = load.loss(model(load.inputs))
+    else:
+        with torch.autocast(load.device.type, dtype=load.autocast):
+            loss = load.loss(model(load.inputs))
     loss.backward()
     opt.step()
     return loss
@@ -235,54 +262,72 @@ def timed_steps(model: nn.Module, opt: torch.optim.Optimizer, load: Workload, n:
     return (time.perf_counter() - t0) / n
 
 
-def workload(name: str, smoke: bool) -> Workload:
-    g = torch.Generator().manual_seed(1)
+def workload(
+    name: str, smoke: bool, device: str | torch.device = "cpu", autocast: torch.dtype | None = None
+) -> Workload:
+    """The benchmark's model `name` (see MODELS) with its data and loss, on `device`; tiny when `smoke`. On a GPU the
+    transformer is GPT-2 small; every other model keeps its CPU size."""
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    g = torch.Generator().manual_seed(1)  # the data are drawn on the CPU, the same on every device, then moved
+    load: Workload
     if name == "mlp":
         width, depth, batch = (32, 2, 4) if smoke else (1024, 8, 256)
-        x = torch.randn(batch, width, generator=g)
-        target = torch.randn(batch, width, generator=g)
+        x = torch.randn(batch, width, generator=g).to(dev)
+        target = torch.randn(batch, width, generator=g).to(dev)
 
         def build_mlp() -> nn.Module:
             layers: list[nn.Module] = []
             for _ in range(depth):
                 layers += [nn.Linear(width, width), nn.ReLU()]
-            return nn.Sequential(*layers)
+            return nn.Sequential(*layers).to(dev)
 
-        return Workload(
+        load = Workload(
             "mlp", f"MLP {depth} x (Linear({width}) + ReLU), batch {batch}", build_mlp, x,
-            lambda out: F.mse_loss(out, target),
+            lambda out: F.mse_loss(out.float(), target),
         )  # fmt: skip
-    if name == "cnn":
+    elif name == "cnn":
         widths, batch, side = ((4, 8), 2, 8) if smoke else ((32, 64, 128), 32, 32)
-        return Workload(
+        load = Workload(
             "cnn",
             f"ResNet-style CNN, {len(widths)} basic blocks {'/'.join(map(str, widths))} ch, BatchNorm, in-place ReLU, "
             f"batch {batch}x3x{side}x{side}",
-            lambda: ResNet(widths),
-            *_image_task(g, batch, side),
+            lambda: ResNet(widths).to(dev),
+            *_image_task(g, batch, side, dev),
         )
-    if name == "gpt":
-        vocab, ctx, d, layers, heads, batch = (64, 8, 16, 1, 2, 2) if smoke else (2048, 128, 256, 4, 4, 8)
+    elif name == "gpt":
+        if smoke:
+            vocab, ctx, d, layers, heads, batch = 64, 8, 16, 1, 2, 2
+        elif gpu:  # GPT-2 small
+            vocab, ctx, d, layers, heads, batch = 50257, 1024, 768, 12, 12, 8
+        else:
+            vocab, ctx, d, layers, heads, batch = 2048, 128, 256, 4, 4, 8
         idx = torch.randint(0, vocab, (batch, ctx + 1), generator=g)
-        inp, tgt = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
-        return Workload(
+        inp, tgt = idx[:, :-1].contiguous().to(dev), idx[:, 1:].contiguous().to(dev)
+        load = Workload(
             "gpt",
-            f"GPT-style transformer, {layers} layers, d={d}, {heads} heads, context {ctx}, vocab {vocab}, "
-            f"batch {batch}",
-            lambda: GPT(vocab, ctx, d, layers, heads),
+            ("GPT-2 small: " if gpu and not smoke else "GPT-style transformer, ")
+            + f"{layers} layers, d={d}, {heads} heads, context {ctx}, vocab {vocab}, batch {batch}",
+            lambda: GPT(vocab, ctx, d, layers, heads).to(dev),
             inp,
-            lambda out: F.cross_entropy(out.reshape(-1, vocab), tgt.reshape(-1)),
+            lambda out: F.cross_entropy(out.reshape(-1, vocab).float(), tgt.reshape(-1)),
         )
-    if name == "vit":
+    elif name == "vit":
         d, depth, heads, batch, side = (16, 1, 2, 2, 8) if smoke else (192, 4, 3, 32, 32)
-        return Workload(
+        load = Workload(
             "vit",
             f"ViT in timm's layout, {depth} blocks, d={d}, {heads} heads, 4x4 patches of {side}x{side} images, "
             f"batch {batch}; its unused options are nn.Identity / nn.Dropout(0.0) modules, as timm builds them",
-            lambda: ViT(d, depth, heads, 4, side),
-            *_image_task(g, batch, side),
+            lambda: ViT(d, depth, heads, 4, side).to(dev),
+            *_image_task(g, batch, side, dev),
         )
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
+    else:
+        raise UsageError(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
+    load.device = dev
+    load.autocast = autocast
+    if autocast is not None:
+        load.description += f", under torch.autocast({str(autocast).replace('torch.', '')})"
+    return load
 
 
 # ============================================================================================== variants
@@ -312,6 +357,13 @@ class Variant:
         pass
 
 
+def _element_size(dtype: str | torch.dtype) -> int:
+    """Bytes per element of a dtype given as torch's or as a record's name of it ("float32", "bfloat16")."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+
+
 def _distinct(stats: Sequence[Any]) -> list[Any]:
     """Statistics measured once and shared by several records (a pass-through module's output is its input)
     count once."""
@@ -325,6 +377,7 @@ class ActdiagVariant(Variant):
         self.exact = exact
 
     def attach(self, model: nn.Module, tmp: Path) -> None:
+        self.model = model
         self.monitor = actdiag.watch(model, every=self.every, exact=self.exact).start()
 
     def recording(self) -> bool:
@@ -340,7 +393,19 @@ class ActdiagVariant(Variant):
         rec = self.monitor.latest
         if rec is None:
             return 0
-        return 4 * sum(s.numel for s in _distinct(measured_stats(rec.layers, rec.params)))
+        # Each tensor at its own element size: an output (and its gradient) in the layer's dtype, which autocast may
+        # have lowered; a weight (and its gradient) in the parameter's.
+        size: dict[int, int] = {}
+        for layer in rec.layers:
+            for s in (layer.activation, layer.gradient):
+                if s is not None:
+                    size[id(s)] = _element_size(layer.dtype)
+        dtypes = {name: p.dtype for name, p in self.model.named_parameters()}
+        for ps in rec.params:
+            for s in (ps.weight, ps.grad):
+                if s is not None:
+                    size[id(s)] = _element_size(dtypes.get(ps.name, torch.float32))
+        return sum(s.numel * size.get(id(s), 4) for s in _distinct(measured_stats(rec.layers, rec.params)))
 
     def after_step(self, loss: torch.Tensor) -> None:
         self.monitor.step()
@@ -467,10 +532,16 @@ def make_variant(name: str) -> Variant:
         return TensorBoardHooks(name, everything=True)
     if name == "wandb":
         return WandbWatch()
-    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    raise UsageError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
 
 # ============================================================================================== timing
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a step's time is the device's, not the time to queue it); no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class Runner:
     variant: Variant
@@ -479,16 +550,35 @@ class Runner:
     load: Workload
     times: list[float] = field(default_factory=list)  # seconds per timed step
     recorded: list[bool] = field(default_factory=list)
-    blocks: list[float] = field(default_factory=list)  # seconds per block, aligned with rounds
+    blocks: list[float] = field(default_factory=list)  # mean seconds per step of each block, aligned with rounds
     faults: list[float] = field(default_factory=list)  # minor page faults per step, one entry per block
     peak_extra_mb: float | None = None
+    syncs: dict[bool, list[int]] = field(default_factory=dict)  # recorded? -> host synchronisations per step (GPU)
 
     def step(self) -> tuple[float, bool]:
         rec = self.variant.recording()
+        _synchronize(self.load.device)
         t0 = time.perf_counter()
         loss = train_step(self.model, self.opt, self.load)
         self.variant.after_step(loss)
+        _synchronize(self.load.device)
         return time.perf_counter() - t0, rec
+
+    def counted_step(self) -> None:
+        """One step (training and the variant's own work) under torch.cuda.set_sync_debug_mode("warn"), adding the
+        host synchronisations it made to `syncs`; the device is drained before, outside the counted region."""
+        rec = self.variant.recording()
+        _synchronize(self.load.device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss = train_step(self.model, self.opt, self.load)
+                self.variant.after_step(loss)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        n = sum(1 for w in caught if "synchronizing" in str(w.message))
+        self.syncs.setdefault(rec, []).append(n)
 
     def block(self, n: int) -> None:
         total = 0.0
@@ -498,7 +588,7 @@ class Runner:
             self.times.append(dt)
             self.recorded.append(rec)
             total += dt
-        self.blocks.append(total)
+        self.blocks.append(total / n)
         f1 = _common.minor_faults()
         if f0 is not None and f1 is not None:
             self.faults.append((f1 - f0) / n)
@@ -519,9 +609,18 @@ def build_runners(load: Workload, variants: Sequence[str], tmp: Path) -> list[Ru
 
 
 def measure_memory(runners: Sequence[Runner], steps: int) -> None:
-    """Peak RSS above the resident level while a variant runs `steps` steps (activations, gradients, and whatever
-    monitoring allocates), one variant at a time after the timed rounds."""
+    """Peak memory above the resident level while a variant runs `steps` steps (activations, gradients, and whatever
+    monitoring allocates), one variant at a time after the timed rounds: the process's RSS on the CPU, the device
+    allocator's peak on a GPU."""
     for r in runners:
+        if r.load.device.type == "cuda":
+            _synchronize(r.load.device)
+            torch.cuda.reset_peak_memory_stats(r.load.device)
+            base_bytes = torch.cuda.memory_allocated(r.load.device)
+            for _ in range(steps):
+                r.step()
+            r.peak_extra_mb = (torch.cuda.max_memory_allocated(r.load.device) - base_bytes) / 2**20
+            continue
         if not _common.reset_peak_rss():
             return
         base = _common.rss_mb()
@@ -530,6 +629,18 @@ def measure_memory(runners: Sequence[Runner], steps: int) -> None:
         peak = _common.peak_rss_mb()
         if base is not None and peak is not None:
             r.peak_extra_mb = peak - base
+
+
+def count_syncs(runners: Sequence[Runner], steps: int) -> None:
+    """On a GPU: `steps` more steps of the unmonitored copies and actdiag's variants, counting each step's host
+    synchronisations (`Runner.syncs`). The peers are left out: their histograms go to the host by design."""
+    for r in runners:
+        if r.load.device.type != "cuda":
+            return
+        if r.variant.name in PEERS:
+            continue
+        for _ in range(steps):
+            r.counted_step()
 
 
 @contextlib.contextmanager
@@ -549,17 +660,33 @@ def attached(load: Workload, variants: Sequence[str]) -> Iterator[list[Runner]]:
 
 
 def run_workload(
-    load: Workload, variants: Sequence[str], rounds: int, block: int, warmup: int, smoke: bool = False
+    load: Workload,
+    variants: Sequence[str],
+    rounds: int,
+    block: int,
+    warmup: int,
+    smoke: bool = False,
+    peer_block: int | None = None,
 ) -> list[Runner]:
+    """The interleaved rounds. Each round runs `block` steps of every variant, the peers `peer_block` (they record
+    every step alike, so fewer steps tell their time; their warm-up is capped to it too). Ratios compare each
+    block's mean step time with the unmonitored block of the same round."""
+    peer_block = block if peer_block is None else peer_block
+
+    def steps(r: Runner) -> int:
+        return peer_block if r.variant.name in PEERS else block
+
     with attached(load, variants) as runners:
         for r in runners:  # warm-up: allocator, first-call caches, the sample index of each tensor size
-            for _ in range(warmup):
+            for _ in range(min(warmup, peer_block) if r.variant.name in PEERS else warmup):
                 r.step()
         for i in range(rounds):
             k = i % len(runners)
             for r in runners[k:] + runners[:k]:
-                r.block(block)
+                r.block(steps(r))
         measure_memory(runners, steps=1 if smoke else 2)
+        # DEFAULT_EVERY steps hold exactly one recorded step of the default interval.
+        count_syncs(runners, steps=2 if smoke else DEFAULT_EVERY)
     return runners
 
 
@@ -600,12 +727,25 @@ def summarise(runners: Sequence[Runner], bandwidth: float = 0.0) -> list[dict[st
                 "floor_ms": r.variant.recorded_bytes() / bandwidth * 1e3 if bandwidth else math.nan,
                 "steps": len(r.times),
                 "faults": _common.median(r.faults) if r.faults else math.nan,
+                "floor_share": (
+                    r.variant.recorded_bytes() / bandwidth / base_med if bandwidth and base_med > 0 else math.nan
+                ),
+                # Host synchronisations per step, the most any one step made: unrecorded, recorded (None: not counted)
+                "syncs_unrecorded": max(r.syncs[False]) if r.syncs.get(False) else None,
+                "syncs_recorded": max(r.syncs[True]) if r.syncs.get(True) else None,
             }
         )
     return rows
 
 
-def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+def _syncs_cell(row: dict[str, Any]) -> str:
+    def one(n: int | None) -> str:
+        return "-" if n is None else str(n)
+
+    return f"{one(row['syncs_unrecorded'])} / {one(row['syncs_recorded'])}"
+
+
+def table_lines(model: str, rows: Sequence[dict[str, Any]], gpu: bool = False) -> list[str]:
     header = [
         "variant",
         "median step ms",
@@ -616,8 +756,8 @@ def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
         "tensors / recorded step",
         "extra us / tensor",
         "one-pass read floor ms",
-        "peak RSS above resident, MB",
-        "page faults / step",
+        "peak device memory above resident, MB" if gpu else "peak RSS above resident, MB",
+        "host syncs / step (unrecorded / recorded)" if gpu else "page faults / step",
     ]
     body = []
     for row in rows:
@@ -634,7 +774,7 @@ def table_lines(model: str, rows: Sequence[dict[str, Any]]) -> list[str]:
                 f"{row['extra_ms'] * 1e3 / row['tensors']:.0f}" if row["tensors"] and row["extra_ms"] > -1e9 else "",
                 f"{row['floor_ms']:.1f}" if row["floor_ms"] > 0 else "",
                 "n/a" if mem is None else f"{mem:.0f}",
-                "n/a" if math.isnan(row["faults"]) else f"{row['faults']:.0f}",
+                _syncs_cell(row) if gpu else "n/a" if math.isnan(row["faults"]) else f"{row['faults']:.0f}",
             ]
         )
     return _common.markdown_table(header, body)
@@ -651,11 +791,37 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("extra per recorded step below wandb.watch", "vs-wandb", 1.0),
     ("control: a second unmonitored copy (no target; shows the noise)", "control", math.nan),
 )
+GPU_TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("unrecorded steps <= 1.01x", "unrecorded", 1.01),
+    ("host synchronisations in an unrecorded step = 0 (set_sync_debug_mode)", "syncs", 0.0),
+    (f"default interval (every={DEFAULT_EVERY}) <= 1.01x", "default", 1.01),
+    ("every=1 <= 1.15x (the target is the transformer's)", "every1", 1.15),
+    ("every=1, exact=True (every element read for every statistic; no target)", "every1-exact", math.nan),
+    ("statistics floor: bytes read / device bandwidth, share of the plain step (no target)", "floor", math.nan),
+    ("extra per recorded step >= 5x below tb-hooks (activations only)", "vs-tb", 5.0),
+    ("extra per recorded step >= 5x below tb-all (same tensors as actdiag)", "vs-tball", 5.0),
+    ("extra per recorded step below wandb.watch", "vs-wandb", 1.0),
+    ("control: a second unmonitored copy (no target; shows the noise)", "control", math.nan),
+)
 
 
-def read_bandwidth(smoke: bool) -> float:
-    """Bytes per second one thread reads summing a 64 MB float32 array (median of 5): what a statistics pass over
-    the recorded tensors cannot beat on this machine."""
+def read_bandwidth(smoke: bool, device: torch.device | None = None) -> float:
+    """Bytes per second a read of memory reaches (median of 5): on the CPU one thread summing a 64 MB float32 array,
+    on a GPU `torch.sum` over 1 GiB. What a statistics pass over the recorded tensors cannot beat on this machine."""
+    if device is not None and device.type == "cuda":
+        x = torch.ones((1 << 14) if smoke else (1 << 28), device=device)
+        x.sum()  # the kernel loaded, the memory touched
+        times = []
+        for _ in range(5):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            x.sum()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        nbytes = x.numel() * x.element_size()
+        del x
+        return nbytes / max(_common.median(times), 1e-9)
     import numpy as np
 
     a = np.ones((1 << 14) if smoke else (1 << 24), dtype=np.float32)
@@ -667,11 +833,11 @@ def read_bandwidth(smoke: bool) -> float:
     return a.nbytes / _common.median(times)
 
 
-def target_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+def target_lines(results: dict[str, list[dict[str, Any]]], gpu: bool = False) -> list[str]:
     """One row per target, one column per model: the measured figure and whether it meets the target."""
-    header = ["target (CPU)", *results]
+    header = ["target (GPU)" if gpu else "target (CPU)", *results]
     body = []
-    for label, how, bound in TARGETS:
+    for label, how, bound in GPU_TARGETS if gpu else TARGETS:
         row = [label]
         for rows in results.values():
             by = {r["variant"]: r for r in rows}
@@ -680,12 +846,17 @@ def target_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 value = by["none-copy"]["ratio"]
             elif how == "unrecorded" and "actdiag-default" in by:
                 value = by["actdiag-default"]["unrecorded_ratio"]
+            elif how == "syncs" and "actdiag-default" in by:
+                n = by["actdiag-default"]["syncs_unrecorded"]
+                value = math.nan if n is None else float(n)
             elif how == "default" and "actdiag-default" in by:
                 value = by["actdiag-default"]["ratio"]
             elif how == "every1" and "actdiag-every1" in by:
                 value = by["actdiag-every1"]["ratio"]
             elif how == "every1-exact" and "actdiag-every1-exact" in by:
                 value = by["actdiag-every1-exact"]["ratio"]
+            elif how == "floor" and "actdiag-every1" in by:
+                value = by["actdiag-every1"]["floor_share"]
             elif how.startswith("vs-") and "actdiag-every1" in by:
                 peer = by.get({"vs-tb": "tb-hooks", "vs-tball": "tb-all", "vs-wandb": "wandb"}[how])
                 ours = by["actdiag-every1"]["extra_ms"]
@@ -693,6 +864,10 @@ def target_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                     value = peer["extra_ms"] / ours
             if math.isnan(value):
                 row.append("n/a")
+            elif how == "syncs":
+                row.append(f"{value:.0f} {'met' if value <= bound else 'MISSED'}")
+            elif how == "floor":
+                row.append(f"{100 * value:.1f} %")
             elif math.isnan(bound):
                 row.append(f"{value:.3f}x")
             elif how.startswith("vs-"):
@@ -710,11 +885,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(MODELS),
         help="comma-separated: " + ", ".join(ALL_MODELS) + " (default: the first three)",
     )
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated: " + ", ".join(VARIANTS) + " (default: all; with --device cuda all but tb-hooks, tb-all)",
+    )
     p.add_argument("--rounds", type=int, default=12, help="interleaved rounds (default 12)")
     p.add_argument("--block", type=int, default=DEFAULT_EVERY, help="steps per variant per round (default: every)")
     p.add_argument("--warmup", type=int, default=DEFAULT_EVERY, help="untimed steps per variant first")
+    p.add_argument(
+        "--peer-block",
+        type=int,
+        default=None,
+        help="steps per round of the peers (tb-hooks, tb-all, wandb), which record every step alike; default: --block",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the models train (default cpu); cuda: GPT-2 small, the GPU targets, and the tables go to their "
+        "own sections of --write's file",
+    )
+    p.add_argument(
+        "--amp",
+        choices=("none", "bf16"),
+        default="none",
+        help="forward and loss under torch.autocast(bfloat16) (default none: float32)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models, 2 rounds: checks the script, times nothing")
     p.add_argument("--write", type=Path, default=None, help="replace the step table in this Markdown file")
     p.add_argument(
@@ -737,15 +935,22 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         args.rounds, args.block, args.warmup = 1, 2, 1
         torch.set_num_threads(1)
     models = [m for m in args.models.split(",") if m]
-    variants = [v for v in args.variants.split(",") if v]
+    default_variants = GPU_VARIANTS if args.device == "cuda" else VARIANTS
+    variants = [v for v in (args.variants or ",".join(default_variants)).split(",") if v]
     for m in models:
         if m not in ALL_MODELS:
-            raise ValueError(f"unknown model {m!r}; choose from {', '.join(ALL_MODELS)}")
+            raise UsageError(f"unknown model {m!r}; choose from {', '.join(ALL_MODELS)}")
     for v in variants:
         if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+            raise UsageError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if "none" not in variants:
         variants.insert(0, "none")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False)")
+    gpu = device.type == "cuda"
+    autocast = torch.bfloat16 if args.amp == "bf16" else None
+    steps_marker, targets_marker = ("bench:gpu-steps", "bench:gpu-targets") if gpu else ("bench:steps", "bench:targets")
     notes = []
     if "wandb" in variants and (why := wandb_status()) is not None:
         variants.remove("wandb")
@@ -763,35 +968,43 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         )
     else:
         lines.append("- allocator: the system's defaults (glibc: mmap and trim thresholds that move at run time)")
+    peers = ""
+    if args.peer_block is not None and any(v in PEERS for v in variants):
+        peers = f" ({args.peer_block} for the peers, whose warm-up is capped to as many)"
     lines += [
-        f"- {args.rounds} interleaved rounds x {args.block} steps per variant, after {args.warmup} warm-up steps; "
-        f"actdiag DEFAULT_EVERY = {DEFAULT_EVERY}; optimizer AdamW",
+        f"- {args.rounds} interleaved rounds x {args.block} steps per variant{peers}, after {args.warmup} warm-up "
+        f"steps; actdiag DEFAULT_EVERY = {DEFAULT_EVERY}; optimizer AdamW",
         "",
     ]
-    bandwidth = read_bandwidth(args.smoke)
-    lines.insert(-1, f"- one-thread read bandwidth (numpy sum over 64 MB): {bandwidth / 1e9:.1f} GB/s")
+    bandwidth = read_bandwidth(args.smoke, device)
+    how = "torch.sum over 1 GiB on the device" if gpu else "one thread, numpy sum over 64 MB"
+    lines.insert(-1, f"- read bandwidth ({how}): {bandwidth / 1e9:.1f} GB/s")
     started = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     for m in models:
-        load = workload(m, args.smoke)
+        load = workload(m, args.smoke, device, autocast)
         print(f"[bench] {load.description}: {', '.join(variants)}", file=sys.stderr, flush=True)
-        runners = run_workload(load, variants, args.rounds, args.block, args.warmup, args.smoke)
+        runners = run_workload(load, variants, args.rounds, args.block, args.warmup, args.smoke, args.peer_block)
         results[m] = summarise(runners, bandwidth)
         lines += [f"**{m}**: {load.description}", ""]
-        lines += table_lines(m, results[m])
+        del runners, load  # the models' memory back before the next workload (a GPU holds one model at a time)
+        lines += table_lines(m, results[m], gpu)
         lines.append("")
-        print("\n".join(table_lines(m, results[m])), file=sys.stderr, flush=True)
+        print("\n".join(table_lines(m, results[m], gpu)), file=sys.stderr, flush=True)
         if args.write is not None:  # after each model, so a long run that is cut short keeps what it measured
-            _common.replace_section(args.write, "bench:steps", lines)
+            _common.replace_section(args.write, steps_marker, lines)
     lines += notes
     lines.append(f"- wall time of the benchmark: {time.perf_counter() - started:.0f} s")
-    targets = target_lines(results)
+    targets = target_lines(results, gpu)
     print("\n".join(lines + ["", *targets]))
     if args.write is not None:
-        _common.replace_section(args.write, "bench:steps", lines)
-        _common.replace_section(args.write, "bench:targets", [*targets, "", f"From `{cmd}`; details below."])
+        _common.replace_section(args.write, steps_marker, lines)
+        _common.replace_section(args.write, targets_marker, [*targets, "", f"From `{cmd}`; details below."])
     return lines + ["", *targets]
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as exc:  # one line, no traceback
+        sys.exit(f"bench_step.py: error: {exc}")

@@ -1,0 +1,159 @@
+"""bench_step.py's GPU mode (`--device cuda`): what can be checked without a GPU here (its error without CUDA, the
+counting of host synchronisations, the GPU targets table, element sizes under autocast), and the whole run on one
+where CUDA exists. Nothing here measures speed."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from tests.bench.test_bench_smoke import BENCH, load
+
+
+@pytest.fixture(scope="module")
+def bench_step() -> ModuleType:
+    return load("bench_step")
+
+
+def test_the_gpu_mode_says_when_there_is_no_cuda(bench_step: ModuleType) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(bench_step.UsageError, match="CUDA is not available"):
+        bench_step.main(["--smoke", "--device", "cuda", "--models", "mlp", "--variants", "none"])
+
+
+def test_bad_input_on_the_command_line_is_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_step.py"), "--smoke", "--models", "nope"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "bench_step.py: error: unknown model 'nope'; choose from mlp, cnn, gpt, vit"
+    ]
+
+
+class _Syncing:
+    """A stand-in variant: every third step is recorded and makes two synchronising calls (as warnings, the way
+    torch reports them under set_sync_debug_mode("warn")); every step also warns about something else."""
+
+    name = "actdiag-default"
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def recording(self) -> bool:
+        return self.n % 3 == 2
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        if self.recording():
+            for _ in range(2):
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+        self.n += 1
+
+
+def test_host_synchronisations_are_counted_per_step_recorded_and_unrecorded(
+    bench_step: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modes: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)  # no CUDA needed to count
+    work = bench_step.workload("mlp", smoke=True)
+    model = work.build()
+    runner = bench_step.Runner(_Syncing(), model, torch.optim.SGD(model.parameters(), lr=0.1), work)
+    for _ in range(6):
+        runner.counted_step()
+    assert runner.syncs == {False: [0, 0, 0, 0], True: [2, 2]}
+    assert modes == ["warn", "default"] * 6, "the mode is put back after every step"
+    # The same warnings do not leak out of the counted region, nor is the filter left changed.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        runner.counted_step()
+    assert caught == []
+
+
+def _row(variant: str, **values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "variant": variant, "ratio": 1.0, "unrecorded_ratio": math.nan, "extra_ms": math.nan,
+        "floor_share": math.nan, "syncs_unrecorded": None, "syncs_recorded": None,
+    }  # fmt: skip
+    row.update(values)
+    return row
+
+
+def test_the_gpu_targets_table_judges_each_target(bench_step: ModuleType) -> None:
+    good = [
+        _row("none"),
+        _row("none-copy", ratio=0.998),
+        _row("actdiag-default", ratio=1.004, unrecorded_ratio=1.005, syncs_unrecorded=0, syncs_recorded=1),
+        _row("actdiag-every1", ratio=1.12, extra_ms=4.0, floor_share=0.031),
+        _row("tb-all", extra_ms=400.0),
+    ]
+    bad = [
+        _row("none"),
+        _row("actdiag-default", ratio=1.02, unrecorded_ratio=1.015, syncs_unrecorded=3, syncs_recorded=4),
+        _row("actdiag-every1", ratio=1.2, extra_ms=10.0, floor_share=0.1),
+        _row("tb-all", extra_ms=30.0),
+    ]
+    text = "\n".join(bench_step.target_lines({"gpt": good, "cnn": bad}, gpu=True))
+    assert "| target (GPU) | gpt | cnn |" in text
+    assert "| unrecorded steps <= 1.01x | 1.005x met | 1.015x MISSED |" in text
+    assert "| host synchronisations in an unrecorded step = 0 (set_sync_debug_mode) | 0 met | 3 MISSED |" in text
+    assert "| default interval (every=50) <= 1.01x | 1.004x met | 1.020x MISSED |" in text
+    assert "| every=1 <= 1.15x (the target is the transformer's) | 1.120x met | 1.200x MISSED |" in text
+    assert (
+        "| statistics floor: bytes read / device bandwidth, share of the plain step (no target) | 3.1 % | 10.0 % |"
+        in text
+    )
+    assert "| extra per recorded step >= 5x below tb-all (same tensors as actdiag) | 100.0x met | 3.0x MISSED |" in text
+    assert "| control: a second unmonitored copy (no target; shows the noise) | 0.998x | n/a |" in text
+    # The CPU table keeps its own bounds.
+    cpu = "\n".join(bench_step.target_lines({"gpt": good}))
+    assert "| target (CPU) | gpt |" in cpu and "| every=1 <= 1.25x | 1.120x met |" in cpu
+    assert "synchronisations" not in cpu
+
+
+def test_recorded_bytes_take_each_tensor_at_its_own_size(bench_step: ModuleType, tmp_path: Path) -> None:
+    work = bench_step.workload("mlp", smoke=True, autocast=torch.bfloat16)  # CPU autocast: bf16 Linear outputs
+    (runner,) = bench_step.build_runners(work, ["actdiag-every1"], tmp_path)
+    try:
+        for _ in range(2):
+            runner.step()
+        variant = runner.variant
+        rec = variant.monitor.latest
+        assert {layer.dtype for layer in rec.layers} == {"bfloat16"}  # the ReLUs of bf16 inputs stay bf16
+        layer_elems = sum(
+            s.numel
+            for layer in rec.layers
+            for s in {id(x): x for x in (layer.activation, layer.gradient) if x}.values()
+        )
+        param_elems = sum(s.numel for p in rec.params for s in (p.weight, p.grad) if s is not None)
+        # bf16 outputs and their gradients at 2 bytes, float32 weights and weight gradients at 4.
+        assert variant.recorded_bytes() == 2 * layer_elems + 4 * param_elems
+    finally:
+        runner.variant.close()
+
+
+@pytest.mark.gpu
+def test_the_gpu_mode_runs_end_to_end(bench_step: ModuleType, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out = tmp_path / "BENCH.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:targets -->\nCPU targets kept\n<!-- /bench:targets -->\n")
+    bench_step.main(["--smoke", "--device", "cuda", "--variants", "none,actdiag-every1,actdiag-default",
+                     "--write", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert "CPU targets kept" in text, "the CPU tables are not overwritten"
+    assert text.count("<!-- bench:gpu-steps -->") == 1 and text.count("<!-- bench:gpu-targets -->") == 1
+    assert "| target (GPU) |" in text and "host syncs / step (unrecorded / recorded)" in text
+    for model in bench_step.MODELS:
+        assert f"| {model} / actdiag-every1 |" in text
+    assert "GB/s" in text and "torch.sum over 1 GiB on the device" in text
