@@ -360,8 +360,8 @@ class Variant:
 def _element_size(dtype: str | torch.dtype) -> int:
     """Bytes per element of a dtype given as torch's or as a record's name of it ("float32", "bfloat16")."""
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, torch.float32)
-    return torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+        dtype = getattr(torch, dtype, None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
 
 
 def _distinct(stats: Sequence[Any]) -> list[Any]:
