@@ -240,7 +240,7 @@ def check_every(every: int) -> int:
 # Recording at least this many steps apart, every element of every tensor is read for exact statistics: the cost,
 # spread over the interval, stays near 1% (BENCHMARKS.md). Recording more often than that, exact statistics would
 # cost a CPU more than the whole budget of `watch(every=1)`, so by default large tensors' spread, extremes and zeros
-# are estimated from their fixed sample instead (`exact=True` forces exact ones; the GPU path is always exact).
+# are estimated from their fixed sample instead (`exact=True` forces exact ones), on the CPU and on a GPU alike.
 EXACT_FROM_EVERY = 10
 
 
@@ -615,7 +615,7 @@ def watch(
     Keyword arguments: include/exclude (name patterns or module types), bins, sample_cap (None: the elements a large
     tensor's histograms come from, DEFAULT_SAMPLE_CAP, or FREQUENT_SAMPLE_CAP when `every < EXACT_FROM_EVERY`),
     track_weights, track_updates, exact (None: exact statistics when `every >= EXACT_FROM_EVERY`; when recording more
-    often, the CPU estimates large tensors' spread, extremes and zeros from their sample, flagged `estimated`),
+    often, large tensors' spread, extremes and zeros are estimated from their sample, flagged `estimated`),
     max_history, strict (raise instead of warning when actdiag itself fails), sinks, name,
     report_json/report_html (written when the watch closes, however it closes: normal exit, exception, Ctrl-C or
     SIGTERM; the paths are checked at once), distributed (None: merge across ranks when torch.distributed is

@@ -204,8 +204,9 @@ class TensorStats:
     min, max and abs_max are NaN.
 
     `estimated` is True when m2 (so std), min, max and zero_count were estimated from the histogram's sample rather
-    than computed over every element (`watch(exact=False)` on the CPU, large tensors only); count, the non-finite
-    count and mean are exact either way.
+    than computed over every element (`watch(exact=False)`, large tensors only); count, the non-finite count and
+    mean are exact either way (on a GPU, the mean falls back on the sample's if the float32 sum of a tensor's finite
+    values overflows).
     """
 
     numel: int

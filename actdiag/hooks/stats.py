@@ -22,11 +22,13 @@ Two code paths compute the same numbers:
 
 Histograms are built from at most `sample_cap` elements: tensors larger than that are sampled with a fixed
 pseudo-random index (a private generator, so the user's RNG state is untouched) and the histogram is marked
-`sampled`. Moments, min/max, zero and non-finite counts use every element, except with `exact=False` on the CPU
-(`_stats_estimated`: one pass for the count, mean and non-finite values, the rest from the sample, marked
-`estimated`). A step's small CPU tensors, and with `exact=False` the samples of its large ones, are measured
-together at its end (`StepBatch`). Counting into bins uses `bincount` on the CPU and `histc` with constant bounds on
-CUDA (`bincount` on CUDA reads its maximum back to size its output, a hidden synchronisation).
+`sampled`. Moments, min/max, zero and non-finite counts use every element, except with `exact=False`: then the count,
+mean and non-finite values come from every element and the rest from the sample, marked `estimated`
+(`_stats_estimated` on the CPU, one pass; `_stats_estimated_masked` on the device path, one write and two reads of
+the tensor where its exact statistics move ~4x the bytes). A step's small CPU tensors, and with `exact=False` the
+samples of its large ones, are measured together at its end (`StepBatch`). Counting into bins uses `bincount` on
+the CPU and `histc` with constant bounds on CUDA (`bincount` on CUDA reads its maximum back to size its output, a
+hidden synchronisation).
 """
 
 from __future__ import annotations
@@ -149,9 +151,9 @@ def tensor_stats(
     """Statistics of `x` as a float64 vector on x's device (layout in the module docstring) and its meta.
 
     `sync_free=None` picks the masked path on CUDA and the fast path on the CPU when all values are finite;
-    True forces the masked path (tests use it to check that path on the CPU). `exact=False` lets the CPU path
-    estimate a large tensor's spread, extremes and zeros from its sample (`_stats_estimated`; the meta then says
-    `estimated`); the CUDA path is always exact (bandwidth is not what limits it there).
+    True forces the masked path (tests use it to check that path on the CPU). `exact=False` lets a large floating
+    tensor's spread, extremes and zeros be estimated from its sample (the meta then says `estimated`): on the CPU
+    `_stats_estimated`, on the device path `_stats_estimated_masked`.
     """
     x = x.detach()
     numel = x.numel()
@@ -167,11 +169,14 @@ def tensor_stats(
     # (Entering the context costs more than some of the kernels, so it is entered only when autocast is on.)
     dev = x.device.type
     with torch.autocast(device_type=dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext():
+        if sync_free is None:
+            sync_free = x.device.type != "cpu"
+        if sync_free and not exact and sample_n < numel and x.is_floating_point():
+            vec = _stats_estimated_masked(x.reshape(-1), wd, bins, sample_n)
+            return vec, StatsMeta(numel=numel, bins=bins, sample_n=sample_n, estimated=True)
         xf = x.reshape(-1)
         if xf.dtype != wd:
             xf = xf.to(wd)
-        if sync_free is None:
-            sync_free = x.device.type != "cpu"
         if not sync_free and xf.device.type == "cpu":
             # On the CPU the host *is* the device: the tensor is read in place through numpy. Knowing min and max
             # first lets the rest run without masks (NaN propagates through min/max, +-Inf shows as one of them).
@@ -593,6 +598,21 @@ def _stats_masked(xf: torch.Tensor, bins: int, sample_n: int, sample_cap: int) -
         idx = _SAMPLES.get(n, sample_cap, xf.device)
         sample, fin_s = xf.index_select(0, idx), fin.index_select(0, idx)
         sample_zeros = (sample == 0).sum()
+    return torch.cat([head, _masked_counts(sample, fin_s, sample_zeros, mn, mx, inv, bins)])
+
+
+def _masked_counts(
+    sample: torch.Tensor,
+    fin_s: torch.Tensor,
+    sample_zeros: torch.Tensor,
+    mn: torch.Tensor,
+    mx: torch.Tensor,
+    inv: torch.Tensor,
+    bins: int,
+) -> torch.Tensor:
+    """Both histograms of the finite values of `sample` (mask `fin_s`, `sample_zeros` of them 0), device ops only:
+    linear bins between `mn` and `mx` and exponent bins, as float64 counts. `inv` is the power of two that brings the
+    largest finite magnitude near 1 (see `_stats_masked`)."""
     trash = bins + N_EXP
     # Linear bins between min and max, in the scaled space where `x - min` and `bins / span` cannot overflow (a
     # non-constant span there is >= 2**-49). A constant tensor lands in bin 0; the host places it.
@@ -604,7 +624,47 @@ def _stats_masked(xf: torch.Tensor, bins: int, sample_n: int, sample_cap: int) -
     expo = torch.bitwise_right_shift(s32.abs().view(torch.int32), 23).to(lin.dtype) + bins
     counts = _bin_counts(torch.cat([lin, expo]), trash + 1)[:trash]
     counts[bins] -= sample_zeros.to(torch.float64)  # zeros share biased exponent 0 with the subnormals
-    return torch.cat([head, counts])
+    return counts
+
+
+def _stats_estimated_masked(flat: torch.Tensor, wd: torch.dtype, bins: int, sample_n: int) -> torch.Tensor:
+    """`_stats_estimated` on the device path (CUDA's): no read-back, so no branch on what the tensor holds.
+
+    Exact, from every element: the finite count and their sum. `nan_to_num` writes the tensor once with its
+    non-finite values zeroed; the elements it left equal to the input are the finite ones (NaN equals nothing, an
+    Inf was changed), and its sum is theirs (in float32 for a half-precision tensor, with no copy of it): four
+    kernels moving ~22 bytes per float32 element (12 per bf16/fp16 one), where the exact masked path moves ~90 with
+    about as many kernels in all. Estimated from the sample's finite values, as `_estimate_rows` does: min, max,
+    both histograms, the zero count and the variance about the exact mean, both scaled from the sample's finite
+    values to the tensor's.
+
+    The mean falls back on the sample's when the float32 sum of the finite values overflows (values near float32's
+    largest). A sample without a finite value, in a tensor with some, leaves min > max: `decode_many` then gives the
+    spread, extremes and histogram of a point at the mean.
+    """
+    n = flat.numel()
+    zeroed = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    count = (zeroed == flat).sum()
+    total = zeroed.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32)
+    del zeroed
+    sample = flat.index_select(0, _SAMPLES.get(n, sample_n, flat.device))
+    if sample.dtype != wd:
+        sample = sample.to(wd)
+    fin = sample.abs() < math.inf
+    m_s = fin.sum()
+    mn = torch.where(fin, sample, math.inf).amin()
+    mx = torch.where(fin, sample, -math.inf).amax()
+    e = torch.frexp(torch.maximum(mn.neg(), mx)).exponent.clamp_(-100, 100)
+    sc = torch.pow(2.0, e.to(torch.float64))  # exact: a power of two; see _stats_masked
+    inv = sc.reciprocal().to(sample.dtype)
+    xs = torch.where(fin, sample * inv, 0.0)
+    mean = total.to(torch.float64) / count.clamp(min=1)
+    mean = torch.where(mean.abs() < math.inf, mean, xs.sum() * sc / m_s)  # the float32 sum overflowed
+    d = torch.where(fin, xs - mean * inv, 0.0)
+    zeros = (sample == 0).sum()
+    scale = count / m_s.clamp(min=1)  # the sample's finite values stand for all of them (d and zeros are 0 if none)
+    head = torch.stack([count, mean, torch.dot(d, d) * sc * sc * scale, mn, mx, zeros * scale])  # decode rounds
+    return torch.cat([head, _masked_counts(sample, fin, zeros, mn, mx, inv, bins)])
 
 
 def _bin_counts(idx: torch.Tensor, total: int) -> torch.Tensor:
@@ -651,6 +711,8 @@ def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[
             elif hi > lo:
                 hist = Histogram._even(lin_i, j, lo, hi, sampled)
             else:  # a constant tensor: one bin of width 1 centred on its value
+                if lo > hi:  # estimated on a device from a sample with no finite value: a point at the mean
+                    lo = hi = mean
                 hist = Histogram(edges=(lo - 0.5, lo + 0.5), counts=(int(lin_i[j].sum()),), sampled=sampled)
             out[i] = TensorStats(
                 numel=meta.numel,

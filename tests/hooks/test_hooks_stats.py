@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actdiag.hooks.stats import (
+    StatsMeta,
     StepBatch,
     decode_many,
     decode_tensor_stats,
@@ -358,12 +359,65 @@ def test_estimated_sum_overflow_falls_back_to_exact() -> None:
     assert s.min == pytest.approx(-3e38) and s.max == pytest.approx(3e38)
 
 
-def test_masked_path_ignores_exact_false() -> None:
-    # The device path (CUDA's) is always exact: only the CPU fast path estimates.
-    x = torch.randn(100_000)
+@pytest.mark.parametrize(
+    "make",
+    [*ESTIMABLE, pytest.param(lambda: (torch.randn(300_000) * 3 + 1).bfloat16(), id="bfloat16")],
+)
+def test_device_path_estimates_like_the_cpu_path(make) -> None:  # noqa: ANN001
+    # The device path (CUDA's; sync_free=True runs it on the CPU) with exact=False: count and mean from every
+    # element, the rest from the same sample as the CPU path.
+    x = make()
     vec, meta = tensor_stats(x, sample_cap=5000, exact=False, sync_free=True)
-    assert not meta.estimated
-    assert decode_tensor_stats(vec.numpy(), meta).std == pytest.approx(reference(x)["std"], rel=1e-5)
+    assert meta.estimated
+    check_estimate(x, decode_tensor_stats(vec.numpy(), meta), 5000)
+
+
+def test_device_path_estimate_keeps_count_and_mean_exact_with_nonfinite_values() -> None:
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(8)) * 2 + 0.5
+    x[::1000] = math.nan  # 300 NaN, some of them in the sample
+    x[7], x[11] = math.inf, -math.inf
+    vec, meta = tensor_stats(x, sample_cap=5000, exact=False, sync_free=True)
+    s = decode_tensor_stats(vec.numpy(), meta)
+    ref, smp = reference(x), sample_of(x, 5000)
+    fin = smp[np.isfinite(smp)]
+    assert 0 < fin.size < smp.size, "the sample holds both kinds"
+    assert s.estimated and s.count == ref["count"] and s.nonfinite_count == 302
+    assert s.mean == pytest.approx(ref["mean"], rel=1e-5, abs=1e-6 * ref["abs_max"])
+    assert s.min == fin.min() and s.max == fin.max()
+    assert s.std == pytest.approx(np.sqrt(((fin - s.mean) ** 2).mean()), rel=1e-5)
+    assert s.histogram.total == fin.size
+    assert s.std == pytest.approx(ref["std"], rel=0.05)
+
+
+def test_device_path_estimate_edge_cases() -> None:
+    from actdiag.hooks.stats import _SAMPLES
+
+    n, cap = 100_000, 5000
+    # All NaN: no finite value anywhere.
+    s = decode_tensor_stats(*_vec_meta(torch.full((n,), math.nan), cap))
+    assert s.count == 0 and s.nonfinite_count == n and math.isnan(s.mean) and math.isnan(s.std)
+    # One finite value, outside the sample: its count and mean are still exact; the rest is a point at the mean.
+    idx = set(_SAMPLES.get(n, cap, torch.device("cpu")).tolist())
+    lone = next(i for i in range(n) if i not in idx)
+    x = torch.full((n,), math.nan)
+    x[lone] = 2.5
+    s = decode_tensor_stats(*_vec_meta(x, cap))
+    assert (s.count, s.mean, s.min, s.max, s.std, s.zero_count) == (1, 2.5, 2.5, 2.5, 0.0, 0)
+    assert s.histogram.total == 0
+    # Finite values whose float32 sum overflows: the mean falls back on the sample's, still finite.
+    x = torch.full((n,), 3e38)
+    x[::2] = -3e38
+    s = decode_tensor_stats(*_vec_meta(x, cap))
+    smp = sample_of(x, cap)
+    assert s.count == n and s.nonfinite_count == 0
+    assert s.mean == pytest.approx(smp.mean(), rel=1e-6, abs=1e30) and math.isfinite(s.std)
+    assert s.min == pytest.approx(-3e38) and s.max == pytest.approx(3e38)
+
+
+def _vec_meta(x: torch.Tensor, cap: int) -> tuple[np.ndarray, StatsMeta]:
+    vec, meta = tensor_stats(x, sample_cap=cap, exact=False, sync_free=True)
+    assert meta.estimated
+    return vec.numpy(), meta
 
 
 # ---------------------------------------------------------------------------------------------- StepBatch
