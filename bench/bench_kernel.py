@@ -1,7 +1,8 @@
 """Time the statistics kernel (`actdiag.hooks.stats.tensor_stats`) on typical tensors, optionally against an older
 revision of the same file.
 
-    python bench/bench_kernel.py                       # this checkout: CPU fast path (exact and exact=False), masked
+    python bench/bench_kernel.py                       # this checkout: CPU fast path and masked (CUDA's) path,
+                                                       # each exact and with exact=False
     python bench/bench_kernel.py --baseline 4d41497    # and the kernel as it was at that git revision
 
 Each figure is the median of `--repeats` calls after two warm-up calls, in microseconds; the kernels are timed
@@ -112,7 +113,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     if args.smoke:
         args.repeats = 2
     base = load_revision(args.baseline) if args.baseline else None
-    header = ["tensor", "fast path us", "fast, exact=False us", "masked path us", "ops fast / masked"]
+    header = [
+        "tensor", "fast path us", "fast, exact=False us", "masked path us", "masked, exact=False us",
+        "ops fast / masked / masked exact=False",
+    ]  # fmt: skip
     if base is not None:
         header += [f"{args.baseline} default us", "speed-up"]
     rows = []
@@ -121,13 +125,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
             lambda x=x: current.tensor_stats(x),
             lambda x=x: current.tensor_stats(x, exact=False),
             lambda x=x: current.tensor_stats(x, sync_free=True),
+            lambda x=x: current.tensor_stats(x, sync_free=True, exact=False),
         ]
         if base is not None:
             fns.append(lambda x=x: base.tensor_stats(x))
         t = time_alternating(fns, args.repeats, args.cold)
-        row = [name, f"{t[0]:.0f}", f"{t[1]:.0f}", f"{t[2]:.0f}", f"{count_ops(fns[0])} / {count_ops(fns[2])}"]
+        ops = " / ".join(str(count_ops(fns[i])) for i in (0, 2, 3))
+        row = [name, *(f"{v:.0f}" for v in t[:4]), ops]
         if base is not None:
-            row += [f"{t[3]:.0f}", f"{t[3] / t[0]:.1f}x"]
+            row += [f"{t[4]:.0f}", f"{t[4] / t[0]:.1f}x"]
         rows.append(row)
     shown = sys.argv[1:] if argv is None else list(argv)
     lines = [f"Command: `python bench/bench_kernel.py {' '.join(shown)}`".strip()]
