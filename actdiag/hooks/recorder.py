@@ -38,6 +38,7 @@ from actdiag.hooks.stats import (
     _SAMPLES,
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
+    DeviceBatch,
     StatsMeta,
     StepBatch,
     decode_many,
@@ -253,6 +254,7 @@ class Recorder:
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, _Key]] = {}
         self._aliases: dict[_Key, _Key] = {}
         self._batch = StepBatch(bins, sample_cap)  # CPU tensors of the step measured together in end()
+        self._dbatch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
@@ -324,6 +326,8 @@ class Recorder:
         self._recording = False
         if len(self._batch):
             self._pending.update(self._batch.finish())
+        if len(self._dbatch):
+            self._pending.update(self._dbatch.finish())
         # Keys measured as another key's tensor take its statistics after the read-back (and the merge across
         # ranks, identical for both): one vector read back, merged and decoded, one TensorStats object shared.
         aliases = {key: src for key, src in self._aliases.items() if src in self._pending}
@@ -359,6 +363,7 @@ class Recorder:
         self._recording = False
         self._clear_step()
         self._batch.release()
+        self._dbatch.release()
 
     def _clear_step(self) -> None:
         """Forget everything a step collected (begin() starts from here, abort() ends here)."""
@@ -366,6 +371,7 @@ class Recorder:
         self._seen = {}
         self._aliases = {}
         self._batch.clear()
+        self._dbatch.clear()
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
@@ -596,15 +602,17 @@ class Recorder:
         layer = key[0] == "L"
         if layer and self._same_as_measured(key, source):  # an earlier key's statistics, given to this one in end()
             return
-        if not self.sync_free:
-            meta = self._batch.take(key, t, not self.exact)
-            if meta is not None:  # measured with the step's other tensors in end() (take() kept what it needs)
-                self._pending.pop(key, None)
-                self._aliases.pop(key, None)
-                self._kinds[key] = kind
-                if layer:
-                    self._remember(key, source)
-                return
+        # Measured with the step's other tensors in end() (take() keeps what it needs): CPU tensors in numpy, the
+        # device path's (CUDA tensors, or all with sync_free=True) with one set of device ops for all of them.
+        on_host = not self.sync_free and t.device.type == "cpu"
+        meta = (self._batch if on_host else self._dbatch).take(key, t, not self.exact)
+        if meta is not None:
+            self._pending.pop(key, None)
+            self._aliases.pop(key, None)
+            self._kinds[key] = kind
+            if layer:
+                self._remember(key, source)
+            return
         self._put(key, *self._stats(t), kind)
         if layer:
             self._remember(key, source)
@@ -630,10 +638,10 @@ class Recorder:
             self._seen[id(t)] = (weakref.ref(t), t._version, key)
 
     def _any_param_grad(self) -> bool:
-        return _has_param_grad((*self._pending, *self._batch.keys()))
+        return _has_param_grad((*self._pending, *self._batch.keys(), *self._dbatch.keys()))
 
     def _has(self, key: _Key) -> bool:
-        return key in self._pending or key in self._batch or key in self._aliases
+        return key in self._pending or key in self._batch or key in self._dbatch or key in self._aliases
 
     def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = "replicated") -> None:
         # `kind` says how the entry merges across ranks (actdiag.distributed.KIND_*; the default is
@@ -646,6 +654,7 @@ class Recorder:
         # A key's statistics live in one place: a vector in _pending, a small tensor in the batch, or an alias.
         self._pending.pop(key, None)
         self._batch.discard(key)
+        self._dbatch.discard(key)
         self._aliases.pop(key, None)
         self._kinds.pop(key, None)
 

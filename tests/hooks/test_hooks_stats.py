@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actdiag.hooks.stats import (
+    DeviceBatch,
     StatsMeta,
     StepBatch,
     decode_many,
@@ -449,6 +450,74 @@ def test_small_batch_matches_float64_reference_and_the_per_tensor_path() -> None
         alone = compute(x, sync_free=False)
         assert (got.count, got.zero_count, got.min, got.max) == (alone.count, alone.zero_count, alone.min, alone.max)
         assert got.exponents.counts == alone.exponents.counts
+
+
+SMALL_CASES = {
+    "normal": lambda g: torch.randn(1000, generator=g),
+    "relu-zeros": lambda g: torch.relu(torch.randn(37, 11, generator=g)),
+    "constant": lambda g: torch.full((10,), 3.5),
+    "single": lambda g: torch.tensor([2.5]),
+    "all-zero": lambda g: torch.zeros(7),
+    "subnormal": lambda g: torch.tensor([1e-45, -1e-40, 1.0]),
+    "huge": lambda g: torch.randn(64, 3, generator=g) * 1e30,
+    "span-overflows-float32": lambda g: torch.tensor([-3e38, 3e38, 0.0]),
+    "layernorm-ones": lambda g: torch.ones(256) + torch.randn(256, generator=g) * 1e-3,
+    "float16": lambda g: (torch.randn(300, generator=g) * 100).half(),
+    "bfloat16": lambda g: torch.randn(300, generator=g).bfloat16(),
+    "nan-inf": lambda g: torch.tensor([1.0, math.nan, 2.0, -math.inf, 0.0]),
+    "all-nan": lambda g: torch.full((9,), math.nan),
+    "at-the-cap": lambda g: torch.randn(1024, generator=g),
+}
+
+
+def test_device_batch_is_exact_for_small_tensors_like_the_masked_path() -> None:
+    """The device path's batch (CUDA's; run here on the CPU): small tensors, NaN and Inf included, measured as rows
+    of one buffer match float64 numpy and what the masked path gives each alone; leftovers of an earlier step's
+    longer tensor in a row do not leak into a shorter one."""
+    g = torch.Generator().manual_seed(3)
+    batch = DeviceBatch(bins=64, sample_cap=1024)
+    assert batch.take("too-big", torch.randn(1025)) is None  # large: only with estimate=True
+    assert batch.take("float64", torch.randn(10, dtype=torch.float64)) is None  # float64: the per-tensor path
+    long_first = {key: torch.randn(1024, generator=g) for key in SMALL_CASES}  # fills every row to the cap
+    take_change_and_finish(batch, {**long_first, "normal": torch.randn(1000, generator=g)})
+    cases = {key: make(g) for key, make in SMALL_CASES.items()}
+    for key, got in take_change_and_finish(batch, cases).items():
+        x = cases[key]
+        check_against_reference(x, sync_free=True, s=got)
+        alone = compute(x, sync_free=True)
+        assert (got.count, got.zero_count, got.min, got.max) == (alone.count, alone.zero_count, alone.min, alone.max)
+        assert got.mean == pytest.approx(alone.mean, rel=1e-6, nan_ok=True), key
+        assert got.exponents.counts == alone.exponents.counts, key
+
+
+def test_device_batch_estimates_large_tensors_like_the_device_path() -> None:
+    """estimate=True: large tensors' count, non-finite count and mean from every element in take(), the rest from
+    their rows in finish(), as `tensor_stats(..., exact=False)` on the device path gives each alone."""
+    cap = 5000
+    cases = {p.id: p.values[0]() for p in ESTIMABLE if p.id != "float64-tiny"}
+    cases["constant"] = torch.full((20_000,), -2.5)
+    with_nan = torch.randn(50_000, generator=torch.Generator().manual_seed(4))
+    with_nan[::500] = math.nan
+    with_nan[3] = -math.inf
+    cases["nan-inf"] = with_nan
+    batch = DeviceBatch(bins=64, sample_cap=cap)
+    assert batch.take("no-estimate", cases["normal"]) is None
+    assert batch.take("float64", torch.randn(50_000, dtype=torch.float64), estimate=True) is None
+    batch.take("dropped", torch.randn(30_000), estimate=True)
+    batch.discard("dropped")  # a row taken and then given up is measured but not returned
+    for key, got in take_change_and_finish(batch, cases, estimate=True).items():
+        x = cases[key]
+        alone = compute(x, sync_free=True, sample_cap=cap, exact=False)
+        assert got.estimated and alone.estimated, key
+        assert (got.numel, got.count, got.min, got.max, got.zero_count) == (
+            alone.numel, alone.count, alone.min, alone.max, alone.zero_count,
+        ), key  # fmt: skip
+        assert got.mean == pytest.approx(alone.mean, rel=1e-6), key
+        assert got.m2 == pytest.approx(alone.m2, rel=1e-5), key
+        assert (got.histogram, got.exponents) == (alone.histogram, alone.exponents), key
+        if key != "nan-inf":
+            check_estimate(x, got, cap)
+    assert len(batch) == 0 and batch.take("again", cases["normal"], estimate=True) is not None
 
 
 def test_decoded_histograms_read_late_behave_like_tuples() -> None:
