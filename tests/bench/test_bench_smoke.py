@@ -92,6 +92,21 @@ def test_kernel_benchmark_times_every_case() -> None:
         assert f"| {name} |" in text
 
 
+def test_op_count_covers_every_model_and_interval(tmp_path: Path) -> None:
+    count_ops = load("count_ops")
+    out = tmp_path / "BENCH.md"
+    lines = count_ops.main(["--smoke", "--write", str(out)])
+    text = out.read_text()
+    assert text.count("<!-- bench:ops -->") == 1 and "\n".join(lines) in text
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "every=" in line]
+    assert [(r[0].split(":")[0], r[3]) for r in rows] == [
+        (f"| {m}", f"every={e}") for m in ("mlp", "cnn", "gpt") for e in (1, 50)
+    ]
+    for r in rows:
+        ops, tensors = int(r[4].split(" ")[0]), int(r[2])
+        assert ops > 0 and tensors > 0, r
+
+
 def test_profile_accounts_for_every_part() -> None:
     profile_step = load("profile_step")
     lines = profile_step.main(["--smoke", "--model", "mlp"])
