@@ -186,6 +186,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return out
 
 
+def command(script: str, argv: Sequence[str] | None) -> str:
+    """How a script was run, for its table: `python bench/SCRIPT ARGS` (argv None: the process's own arguments)."""
+    shown = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", "bench/" + Path(script).name, *shown])
+
+
+def publish(lines: Sequence[str], path: Path | None, marker: str) -> list[str]:
+    """Print a script's table and, with `--write PATH`, put it between its markers in PATH; returns the lines."""
+    print("\n".join(lines))
+    if path is not None:
+        replace_section(path, marker, lines)
+    return list(lines)
+
+
 def replace_section(path: Path, marker: str, body: Sequence[str]) -> None:
     """Replace the text between `<!-- marker -->` and `<!-- /marker -->` in `path` (appending it if absent)."""
     start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"

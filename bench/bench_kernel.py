@@ -135,14 +135,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         if base is not None:
             row += [f"{t[4]:.0f}", f"{t[4] / t[0]:.1f}x"]
         rows.append(row)
-    shown = sys.argv[1:] if argv is None else list(argv)
-    lines = [f"Command: `python bench/bench_kernel.py {' '.join(shown)}`".strip()]
+    lines = [f"Command: `{_common.command(__file__, argv)}`"]
     lines += ["", f"torch threads: {torch.get_num_threads()}; caches {'cold' if args.cold else 'warm'}", ""]
     lines += _common.markdown_table(header, rows)
-    print("\n".join(lines))
-    if args.write is not None:
-        _common.replace_section(args.write, "bench:kernel", lines)
-    return lines
+    return _common.publish(lines, args.write, "bench:kernel")
 
 
 if __name__ == "__main__":

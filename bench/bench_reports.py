@@ -191,9 +191,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parse_args(argv)
     if args.smoke:
         args.layers, args.steps, args.repeats = 6, 10, 1
-    shown = sys.argv[1:] if argv is None else list(argv)
-    cmd = " ".join(["python", "bench/" + Path(__file__).name, *shown])
-    lines = [f"Command: `{cmd}`", ""]
+    lines = [f"Command: `{_common.command(__file__, argv)}`", ""]
     lines += _common.machine_lines()
     lines += [
         "",
@@ -212,10 +210,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         ["command", "median wall s", "range wall s", "median CPU s"], cli_startup(args.repeats)
     )
     lines.append("")
-    print("\n".join(lines))
-    if args.write is not None:
-        _common.replace_section(args.write, "bench:reports", lines)
-    return lines
+    return _common.publish(lines, args.write, "bench:reports")
 
 
 if __name__ == "__main__":

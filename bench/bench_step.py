@@ -955,8 +955,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     if "wandb" in variants and (why := wandb_status()) is not None:
         variants.remove("wandb")
         notes.append(f"- wandb skipped: {why}.")
-    shown = sys.argv[1:] if argv is None else list(argv)
-    cmd = " ".join(["python", "bench/" + Path(__file__).name, *shown])
+    cmd = _common.command(__file__, argv)
     lines = [f"Command: `{cmd}`", ""]
     lines += _common.machine_lines()
     if args.malloc_fixed:

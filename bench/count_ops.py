@@ -115,14 +115,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
             rows.append([f"{name}: {load.description}", f"{p_ops} (+{p_views})", str(n), f"every={every}",
                          f"{ops} (+{views})", f"{ops / n:.1f}", f"{ops / p_ops:.1f}x"])  # fmt: skip
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    shown = sys.argv[1:] if argv is None else list(argv)
-    lines = [f"Command: `python bench/count_ops.py {' '.join(shown)}`".strip(), ""]
+    lines = [f"Command: `{_common.command(__file__, argv)}`", ""]
     lines += _common.machine_lines()[3:4]  # the versions and the git revision
     lines += ["", *_common.markdown_table(header, rows)]
-    print("\n".join(lines))
-    if args.write is not None:
-        _common.replace_section(args.write, "bench:ops", lines)
-    return lines
+    return _common.publish(lines, args.write, "bench:ops")
 
 
 if __name__ == "__main__":
