@@ -35,6 +35,7 @@ from torch import nn
 
 from actdiag import distributed as _dist
 from actdiag.hooks.stats import (
+    _BATCH_DTYPES,
     _SAMPLES,
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
@@ -42,6 +43,7 @@ from actdiag.hooks.stats import (
     StatsMeta,
     StepBatch,
     decode_many,
+    fill_row,
     numpy_view,
     saturation_count,
     segments,
@@ -255,6 +257,7 @@ class Recorder:
         self._aliases: dict[_Key, _Key] = {}
         self._batch = StepBatch(bins, sample_cap)  # CPU tensors of the step measured together in end()
         self._dbatch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
+        self._update_rows = _UpdateRows(sample_cap)  # the device path's weight samples for the update ratios
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
@@ -321,6 +324,8 @@ class Recorder:
                 self._guard("updates", self._record_update, pname, self._param_map[pname], snap)
             if self._np_snapshots:
                 self._guard("updates", self._record_updates_numpy, self._np_snapshots)
+            if len(self._update_rows):
+                self._guard("updates", self._record_updates_rows)
         self._snapshots = {}
         self._np_snapshots = {}
         self._recording = False
@@ -364,6 +369,7 @@ class Recorder:
         self._clear_step()
         self._batch.release()
         self._dbatch.release()
+        self._update_rows.release()
 
     def _clear_step(self) -> None:
         """Forget everything a step collected (begin() starts from here, abort() ends here)."""
@@ -372,6 +378,7 @@ class Recorder:
         self._aliases = {}
         self._batch.clear()
         self._dbatch.clear()
+        self._update_rows.clear()
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
@@ -547,6 +554,8 @@ class Recorder:
                 idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if n > self.sample_cap else None
                 self._np_snapshots[pname] = (n, idx_np, a.copy() if idx_np is None else a.take(idx_np))
                 return
+            if self._update_rows.take(pname, flat):  # the device path: compared in one batch in end()
+                return
             idx = None
             if n > self.sample_cap:
                 idx = _SAMPLES.get(n, self.sample_cap, flat.device)
@@ -580,6 +589,10 @@ class Recorder:
         np.sqrt(out, out=out)
         for i, pname in enumerate(names):
             self._put(("P", pname, "update"), torch.from_numpy(out[i]), None, _dist.KIND_REPLICATED)
+
+    def _record_updates_rows(self) -> None:
+        for pname, vec in self._update_rows.ratios(self._param_map).items():
+            self._put(("P", pname, "update"), vec, None, _dist.KIND_REPLICATED)
 
     def _record_update(self, pname: str, p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> None:
         # Device ops, nothing read back (the CUDA path; CPU float32/float64 weights take _record_updates_numpy).
@@ -729,6 +742,74 @@ class Recorder:
                 )
             )
         return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))
+
+
+class _UpdateRows:
+    """The device path's (CUDA's) weight samples for the update ratios, as rows of one float32 buffer (zero past a
+    weight's sample), compared with the updated weights' samples in one set of ops in `ratios()`: two or three ops
+    a parameter instead of ~10 (each a kernel launch on a GPU). float64 weights, and weights on another device than
+    the first one taken, are left to `Recorder._record_update`."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.kept: dict[str, tuple[int, int, torch.Tensor | None]] = {}  # name -> (row, numel, sample index)
+        self._before: torch.Tensor | None = None
+        self._now: torch.Tensor | None = None
+        self._used = 0
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def take(self, pname: str, flat: torch.Tensor) -> bool:
+        """Keep the sample of weight `flat` (1-D, before the optimizer step); False if it does not qualify."""
+        before = self._before
+        if flat.dtype not in _BATCH_DTYPES or (before is not None and before.device != flat.device):
+            return False
+        if before is None or self._used == before.shape[0]:
+            before = self._grow(flat.device)
+        n = flat.numel()
+        idx = _SAMPLES.get(n, self.cap, flat.device) if n > self.cap else None
+        k = self._used
+        fill_row(before[k], flat, idx)
+        self.kept[pname] = (k, n, idx)
+        self._used += 1
+        return True
+
+    def _grow(self, device: torch.device) -> torch.Tensor:
+        size = max(16, 2 * self._used)
+        before = torch.zeros((size, self.cap), dtype=torch.float32, device=device)
+        if self._before is not None:
+            before[: self._used] = self._before[: self._used]
+        self._before, self._now = before, torch.zeros_like(before)
+        return before
+
+    def ratios(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """[||w_now - w_before||, ||w_before||] over each kept weight's sample, as float64 2-vectors on the device,
+        for every kept weight still of its size, dtype class and device; the rows are then cleared."""
+        assert self._before is not None and self._now is not None
+        before, now = self._before[: self._used], self._now[: self._used]
+        rows: dict[str, int] = {}
+        for pname, (k, n, idx) in self.kept.items():
+            p = params.get(pname)
+            if p is None or p.numel() != n or p.dtype not in _BATCH_DTYPES or p.device != before.device:
+                continue  # replaced by a tensor of another size or kind, or moved: no ratio
+            fill_row(now[k], p.detach().reshape(-1), idx)
+            rows[pname] = k
+        d = now - before
+        norms = torch.stack([d.square().sum(1), before.square().sum(1)], dim=1).sqrt().to(torch.float64)
+        self.clear()
+        return {pname: norms[k] for pname, k in rows.items()}
+
+    def clear(self) -> None:
+        if self._used and self._before is not None and self._now is not None:
+            self._before[: self._used].zero_()
+            self._now[: self._used].zero_()
+        self.kept = {}
+        self._used = 0
+
+    def release(self) -> None:
+        self.clear()
+        self._before = self._now = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -545,6 +545,16 @@ class StepBatch:
 _BATCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def fill_row(row: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor | None) -> None:
+    """Write 1-D `flat` (whole, or its elements at `idx`) into the start of float32 `row`, by device ops only."""
+    if idx is None:
+        row[: flat.numel()].copy_(flat)
+    elif flat.dtype == torch.float32:
+        torch.index_select(flat, 0, idx, out=row)
+    else:
+        row.copy_(flat.index_select(0, idx))
+
+
 class DeviceBatch:
     """`StepBatch` for the device path (CUDA's): a recorded step's tensors measured together when it ends, with one
     set of ops for all of them, where `tensor_stats` makes ~75 kernel launches per tensor (a recorded step of GPT-2
@@ -589,13 +599,8 @@ class DeviceBatch:
             self._exact[k, 1].copy_(zeroed.sum(dtype=torch.float32))
             self._exact[k, 2].fill_(1.0)
             del zeroed
-            idx = _SAMPLES.get(n, self.sample_cap, flat.device)
-            if flat.dtype == torch.float32:
-                torch.index_select(flat, 0, idx, out=rows[k])
-            else:
-                rows[k].copy_(flat.index_select(0, idx))
-        else:
-            rows[k, :n].copy_(flat)  # a copy: the tensor may change in place before the step ends
+        # A copy (the tensor may change in place before the step ends): the whole tensor, or its sample.
+        fill_row(rows[k], flat, _SAMPLES.get(n, self.sample_cap, flat.device) if large else None)
         meta = self._metas.get((n, large))
         if meta is None:
             sample_n = self.sample_cap if large else n
