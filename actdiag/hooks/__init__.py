@@ -18,10 +18,11 @@ Design (sync-free by construction)
   (below): the hook makes the one pass over the tensor and copies its sample, `end()` does the rest for all of them.
   On CUDA (`stats.DeviceBatch`) the same holds with device ops: each small tensor is copied into a row of one
   buffer, each large one's sample too (with its finite count and sum from every element when estimated), and
-  `end()` measures all rows with one set of ops: 8-11 kernel launches per tensor instead of ~66, which for hundreds
-  of tensors would otherwise set a recorded step's cost (`bench/count_ops.py`). Large tensors with exact statistics are
-  measured alone in the hook. No `.item()`, no `.cpu()`: on CUDA the masked, branch-free path is used and binning
-  uses `histc` with constant bounds (CUDA `bincount` reads its maximum back to the host).
+  `end()` measures all rows with one set of ops: 6-10 kernel launches per tensor instead of ~66 when recording
+  often, which for hundreds of tensors would otherwise set a recorded step's cost (`bench/count_ops.py`). Large
+  tensors with exact statistics are measured alone in the hook. No `.item()`, no `.cpu()`: on CUDA the masked,
+  branch-free path is used and binning uses `histc` with constant bounds (CUDA `bincount` reads its maximum back
+  to the host).
 * **One read-back per recorded step.** The vectors are kept in a dict for the step; `end()` concatenates them per
   device and copies once to the host, where numpy splits and decodes them into frozen `TensorStats`. No tensor is
   kept past its step: the dict is emptied, the weight snapshots for the update ratio are dropped.
