@@ -594,9 +594,12 @@ class DeviceBatch:
         k = self._used
         flat = x.detach().reshape(-1)
         if large:
-            zeroed = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
-            self._exact[k, 0].copy_((zeroed == flat).sum())
-            self._exact[k, 1].copy_(zeroed.sum(dtype=torch.float32))
+            dev = flat.device.type
+            # As in tensor_stats: autocast (on in forward hooks) would cast a half tensor to float32 before the sum.
+            with torch.autocast(device_type=dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext():
+                zeroed = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+                self._exact[k, 0].copy_((zeroed == flat).sum())
+                self._exact[k, 1].copy_(zeroed.sum(dtype=torch.float32))
             self._exact[k, 2].fill_(1.0)
             del zeroed
         # A copy (the tensor may change in place before the step ends): the whole tensor, or its sample.
