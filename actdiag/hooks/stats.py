@@ -664,8 +664,8 @@ class DeviceBatch:
 
 def _rows_stats(rows: torch.Tensor, exact: torch.Tensor, bins: int) -> torch.Tensor:
     """[K, HEAD + bins + N_EXP] vectors of `DeviceBatch` rows: `_stats_masked` along each row, with the finite
-    count and mean of a large tensor's row taken from `exact` (its sample standing for its finite values, as in
-    `_stats_estimated_masked`). Device ops only."""
+    count and mean of a large tensor's row (`exact[k] = [count, sum, 1]`) taken from every element of it, the row
+    being its sample, which stands for its finite values (scaled up to their count). Device ops only."""
     k_rows = rows.shape[0]
     fin = rows.abs() < math.inf
     m_s = fin.sum(1)
@@ -693,7 +693,8 @@ def _rows_stats(rows: torch.Tensor, exact: torch.Tensor, bins: int) -> torch.Ten
     k = bins / (mx * inv - lo_s).clamp(min=1e-30)
     lin = ((rows * inv[:, None] - lo_s[:, None]) * k[:, None]).clamp_(0, bins - 1).floor_()
     lin = torch.where(fin, lin, float(trash))
-    expo = torch.bitwise_right_shift(rows.abs().view(torch.int32), 23).to(lin.dtype) + bins
+    r32 = rows if rows.dtype == torch.float32 else rows.to(torch.float32)  # exponents from float32 bits
+    expo = torch.bitwise_right_shift(r32.abs().view(torch.int32), 23).to(lin.dtype) + bins
     offsets = (torch.arange(k_rows, device=rows.device, dtype=lin.dtype) * width)[:, None]
     keys = torch.cat([lin + offsets, expo + offsets], dim=1)
     counts = _bin_counts(keys.reshape(-1), k_rows * width).view(k_rows, width)[:, :trash]
@@ -792,10 +793,11 @@ def _stats_estimated_masked(flat: torch.Tensor, wd: torch.dtype, bins: int, samp
     Exact, from every element: the finite count and their sum. `nan_to_num` writes the tensor once with its
     non-finite values zeroed; the elements it left equal to the input are the finite ones (NaN equals nothing, an
     Inf was changed), and its sum is theirs (in float32 for a half-precision tensor, with no copy of it): four
-    kernels moving ~22 bytes per float32 element (12 per bf16/fp16 one), where the exact masked path moves ~90 with
-    about as many kernels in all. Estimated from the sample's finite values, as `_estimate_rows` does: min, max,
-    both histograms, the zero count and the variance about the exact mean, both scaled from the sample's finite
-    values to the tensor's.
+    kernels moving ~22 bytes per float32 element (12 per bf16/fp16 one), where the exact masked path moves ~90.
+    Estimated from the sample's finite values, as `_estimate_rows` does: min, max, both histograms, the zero count
+    and the variance about the exact mean, both scaled from the sample's finite values to the tensor's. The sample
+    is measured as a one-row `DeviceBatch` would measure it (`_rows_stats`); inside a recorded step tensors go
+    through `DeviceBatch` itself, which measures all of a step's rows with one set of ops.
 
     The mean falls back on the sample's when the float32 sum of the finite values overflows (values near float32's
     largest). A sample without a finite value, in a tensor with some, leaves min > max: `decode_many` then gives the
@@ -803,27 +805,14 @@ def _stats_estimated_masked(flat: torch.Tensor, wd: torch.dtype, bins: int, samp
     """
     n = flat.numel()
     zeroed = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
-    count = (zeroed == flat).sum()
-    total = zeroed.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32)
+    count = (zeroed == flat).sum().to(torch.float64)
+    total = zeroed.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32).to(torch.float64)
     del zeroed
     sample = flat.index_select(0, _SAMPLES.get(n, sample_n, flat.device))
     if sample.dtype != wd:
         sample = sample.to(wd)
-    fin = sample.abs() < math.inf
-    m_s = fin.sum()
-    mn = torch.where(fin, sample, math.inf).amin()
-    mx = torch.where(fin, sample, -math.inf).amax()
-    e = torch.frexp(torch.maximum(mn.neg(), mx)).exponent.clamp_(-100, 100)
-    sc = torch.pow(2.0, e.to(torch.float64))  # exact: a power of two; see _stats_masked
-    inv = sc.reciprocal().to(sample.dtype)
-    xs = torch.where(fin, sample * inv, 0.0)
-    mean = total.to(torch.float64) / count.clamp(min=1)
-    mean = torch.where(mean.abs() < math.inf, mean, xs.sum() * sc / m_s)  # the float32 sum overflowed
-    d = torch.where(fin, xs - mean * inv, 0.0)
-    zeros = (sample == 0).sum()
-    scale = count / m_s.clamp(min=1)  # the sample's finite values stand for all of them (d and zeros are 0 if none)
-    head = torch.stack([count, mean, torch.dot(d, d) * sc * sc * scale, mn, mx, zeros * scale])  # decode rounds
-    return torch.cat([head, _masked_counts(sample, fin, zeros, mn, mx, inv, bins)])
+    exact = torch.stack([count, total, torch.ones_like(count)])  # as a large row of DeviceBatch
+    return _rows_stats(sample[None], exact[None], bins)[0]
 
 
 def _bin_counts(idx: torch.Tensor, total: int) -> torch.Tensor:
