@@ -40,6 +40,7 @@ from actdiag.hooks.stats import (
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
     DeviceBatch,
+    RowStore,
     StatsMeta,
     StepBatch,
     decode_many,
@@ -753,41 +754,26 @@ class _UpdateRows:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.kept: dict[str, tuple[int, int, torch.Tensor | None]] = {}  # name -> (row, numel, sample index)
-        self._before: torch.Tensor | None = None
-        self._now: torch.Tensor | None = None
-        self._used = 0
+        self._store = RowStore((cap, torch.float32, 0.0), (cap, torch.float32, 0.0))  # before, after the update
 
     def __len__(self) -> int:
         return len(self.kept)
 
     def take(self, pname: str, flat: torch.Tensor) -> bool:
         """Keep the sample of weight `flat` (1-D, before the optimizer step); False if it does not qualify."""
-        before = self._before
-        if flat.dtype not in _BATCH_DTYPES or (before is not None and before.device != flat.device):
+        if flat.dtype not in _BATCH_DTYPES or self._store.device not in (None, flat.device):
             return False
-        if before is None or self._used == before.shape[0]:
-            before = self._grow(flat.device)
         n = flat.numel()
         idx = _SAMPLES.get(n, self.cap, flat.device) if n > self.cap else None
-        k = self._used
-        fill_row(before[k], flat, idx)
+        k = self._store.next_row(flat.device)
+        fill_row(self._store.buffers[0][k], flat, idx)
         self.kept[pname] = (k, n, idx)
-        self._used += 1
         return True
-
-    def _grow(self, device: torch.device) -> torch.Tensor:
-        size = max(16, 2 * self._used)
-        before = torch.zeros((size, self.cap), dtype=torch.float32, device=device)
-        if self._before is not None:
-            before[: self._used] = self._before[: self._used]
-        self._before, self._now = before, torch.zeros_like(before)
-        return before
 
     def ratios(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """[||w_now - w_before||, ||w_before||] over each kept weight's sample, as float64 2-vectors on the device,
         for every kept weight still of its size, dtype class and device; the rows are then cleared."""
-        assert self._before is not None and self._now is not None
-        before, now = self._before[: self._used], self._now[: self._used]
+        before, now = self._store.in_use()
         rows: dict[str, int] = {}
         for pname, (k, n, idx) in self.kept.items():
             p = params.get(pname)
@@ -801,15 +787,12 @@ class _UpdateRows:
         return {pname: norms[k] for pname, k in rows.items()}
 
     def clear(self) -> None:
-        if self._used and self._before is not None and self._now is not None:
-            self._before[: self._used].zero_()
-            self._now[: self._used].zero_()
+        self._store.clear()
         self.kept = {}
-        self._used = 0
 
     def release(self) -> None:
-        self.clear()
-        self._before = self._now = None
+        self.kept = {}
+        self._store.release()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -555,6 +555,45 @@ def fill_row(row: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor | None) ->
         row.copy_(flat.index_select(0, idx))
 
 
+class RowStore:
+    """Buffers of rows on one device, kept from step to step: row k of every buffer belongs to the k-th item taken
+    in the step. Each buffer is given as (width, dtype, value its rows are reset to); rows are reset when the step's
+    items are cleared, so that each step starts from clean rows without allocating."""
+
+    def __init__(self, *buffers: tuple[int, torch.dtype, float]) -> None:
+        self._specs = buffers
+        self.buffers: list[torch.Tensor] = []
+        self.used = 0
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.buffers[0].device if self.buffers else None
+
+    def next_row(self, device: torch.device) -> int:
+        """A fresh row's index in every buffer (the buffers are doubled when full)."""
+        if not self.buffers or self.used == self.buffers[0].shape[0]:
+            size = max(16, 2 * self.used)
+            grown = [torch.full((size, w), fill, dtype=dtype, device=device) for w, dtype, fill in self._specs]
+            for new, old in zip(grown, self.buffers, strict=False):
+                new[: self.used] = old[: self.used]
+            self.buffers = grown
+        self.used += 1
+        return self.used - 1
+
+    def in_use(self) -> list[torch.Tensor]:
+        return [b[: self.used] for b in self.buffers]
+
+    def clear(self) -> None:
+        if self.used:
+            for b, (_, _, fill) in zip(self.buffers, self._specs, strict=True):
+                b[: self.used].fill_(fill)
+        self.used = 0
+
+    def release(self) -> None:
+        self.clear()
+        self.buffers = []
+
+
 class DeviceBatch:
     """`StepBatch` for the device path (CUDA's): a recorded step's tensors measured together when it ends, with one
     set of ops for all of them, where `tensor_stats` makes ~75 kernel launches per tensor (a recorded step of GPT-2
@@ -573,34 +612,29 @@ class DeviceBatch:
         self.bins = bins
         self.sample_cap = sample_cap
         self.kept: dict[Any, tuple[int, StatsMeta]] = {}  # key -> (row, meta)
-        self._rows: torch.Tensor | None = None  # [R, sample_cap] float32, NaN where nothing was written
-        self._exact: torch.Tensor | None = None  # [R, 3] float64: finite count, their sum, 1 for a large tensor
-        self._used = 0
+        # The rows, and per row: the finite count, their sum, and 1 for a large tensor.
+        self._store = RowStore((sample_cap, torch.float32, math.nan), (3, torch.float64, 0.0))
         self._metas: dict[tuple[int, bool], StatsMeta] = {}
 
     def take(self, key: Any, x: torch.Tensor, estimate: bool = False) -> StatsMeta | None:
         """Keep what `finish()` needs of `x` if it qualifies (see the class docstring); None otherwise."""
         n = x.numel()
         large = n > self.sample_cap
-        if n == 0 or x.dtype not in _BATCH_DTYPES or (large and not estimate):
+        device = self._store.device
+        if n == 0 or x.dtype not in _BATCH_DTYPES or (large and not estimate) or device not in (None, x.device):
             return None
-        rows = self._rows
-        if rows is not None and rows.device != x.device:
-            return None
-        if rows is None or self._used == rows.shape[0]:
-            rows = self._grow(x.device)
-        assert self._exact is not None
         self.discard(key)
-        k = self._used
+        k = self._store.next_row(x.device)
+        rows, exact = self._store.buffers
         flat = x.detach().reshape(-1)
         if large:
             dev = flat.device.type
             # As in tensor_stats: autocast (on in forward hooks) would cast a half tensor to float32 before the sum.
             with torch.autocast(device_type=dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext():
                 zeroed = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
-                self._exact[k, 0].copy_((zeroed == flat).sum())
-                self._exact[k, 1].copy_(zeroed.sum(dtype=torch.float32))
-            self._exact[k, 2].fill_(1.0)
+                exact[k, 0].copy_((zeroed == flat).sum())
+                exact[k, 1].copy_(zeroed.sum(dtype=torch.float32))
+            exact[k, 2].fill_(1.0)
             del zeroed
         # A copy (the tensor may change in place before the step ends): the whole tensor, or its sample.
         fill_row(rows[k], flat, _SAMPLES.get(n, self.sample_cap, flat.device) if large else None)
@@ -609,18 +643,7 @@ class DeviceBatch:
             sample_n = self.sample_cap if large else n
             meta = self._metas[(n, large)] = StatsMeta(numel=n, bins=self.bins, sample_n=sample_n, estimated=large)
         self.kept[key] = (k, meta)
-        self._used += 1
         return meta
-
-    def _grow(self, device: torch.device) -> torch.Tensor:
-        size = max(16, 2 * self._used)
-        rows = torch.full((size, self.sample_cap), math.nan, dtype=torch.float32, device=device)
-        exact = torch.zeros((size, 3), dtype=torch.float64, device=device)
-        if self._rows is not None and self._exact is not None:
-            rows[: self._used] = self._rows[: self._used]
-            exact[: self._used] = self._exact[: self._used]
-        self._rows, self._exact = rows, exact
-        return rows
 
     def discard(self, key: Any) -> None:
         self.kept.pop(key, None)  # its row stays used until the step ends
@@ -630,16 +653,13 @@ class DeviceBatch:
 
     def clear(self) -> None:
         """Forget the step's tensors; their rows are reset for the next step (the buffers are kept)."""
-        if self._used and self._rows is not None and self._exact is not None:
-            self._rows[: self._used].fill_(math.nan)
-            self._exact[: self._used].zero_()
+        self._store.clear()
         self.kept = {}
-        self._used = 0
 
     def release(self) -> None:
         """`clear()`, and give the buffers back (when recording stops)."""
-        self.clear()
-        self._rows = self._exact = None
+        self.kept = {}
+        self._store.release()
 
     def __contains__(self, key: Any) -> bool:
         return key in self.kept
@@ -652,12 +672,11 @@ class DeviceBatch:
         given; the batch is emptied. Every used row is measured (those of discarded keys too: selecting the kept
         ones on the device would need an index copied from the host)."""
         kept = self.kept
-        if not kept:
-            self.clear()
-            return {}
-        assert self._rows is not None and self._exact is not None
-        vecs = _rows_stats(self._rows[: self._used], self._exact[: self._used], self.bins)
-        out = {key: (vecs[k], meta) for key, (k, meta) in kept.items()}
+        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        if kept:
+            rows, exact = self._store.in_use()
+            vecs = _rows_stats(rows, exact, self.bins)
+            out = {key: (vecs[k], meta) for key, (k, meta) in kept.items()}
         self.clear()
         return out
 
