@@ -40,6 +40,7 @@ from actdiag.hooks.stats import (
     DEFAULT_BINS,
     DEFAULT_SAMPLE_CAP,
     DeviceBatch,
+    RowBatch,
     RowStore,
     StatsMeta,
     StepBatch,
@@ -745,19 +746,16 @@ class Recorder:
         return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))
 
 
-class _UpdateRows:
+class _UpdateRows(RowBatch):
     """The device path's (CUDA's) weight samples for the update ratios, as rows of one float32 buffer (zero past a
     weight's sample), compared with the updated weights' samples in one set of ops in `ratios()`: two or three ops
     a parameter instead of ~10 (each a kernel launch on a GPU). float64 weights, and weights on another device than
     the first one taken, are left to `Recorder._record_update`."""
 
     def __init__(self, cap: int) -> None:
+        # kept: name -> (row, numel, sample index); the rows: the samples before and after the update.
+        super().__init__(RowStore((cap, torch.float32, 0.0), (cap, torch.float32, 0.0)))
         self.cap = cap
-        self.kept: dict[str, tuple[int, int, torch.Tensor | None]] = {}  # name -> (row, numel, sample index)
-        self._store = RowStore((cap, torch.float32, 0.0), (cap, torch.float32, 0.0))  # before, after the update
-
-    def __len__(self) -> int:
-        return len(self.kept)
 
     def take(self, pname: str, flat: torch.Tensor) -> bool:
         """Keep the sample of weight `flat` (1-D, before the optimizer step); False if it does not qualify."""
@@ -785,14 +783,6 @@ class _UpdateRows:
         norms = torch.stack([d.square().sum(1), before.square().sum(1)], dim=1).sqrt().to(torch.float64)
         self.clear()
         return {pname: norms[k] for pname, k in rows.items()}
-
-    def clear(self) -> None:
-        self._store.clear()
-        self.kept = {}
-
-    def release(self) -> None:
-        self.kept = {}
-        self._store.release()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

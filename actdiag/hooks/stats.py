@@ -594,7 +594,38 @@ class RowStore:
         self.buffers = []
 
 
-class DeviceBatch:
+class RowBatch:
+    """What a step keeps in a `RowStore`, by key: `kept[key] = (row, ...)`. Emptied (and the rows reset) by
+    `clear()` at the end of each step; `release()` also gives the buffers back."""
+
+    def __init__(self, store: RowStore) -> None:
+        self.kept: dict[Any, tuple[Any, ...]] = {}
+        self._store = store
+
+    def discard(self, key: Any) -> None:
+        self.kept.pop(key, None)  # its row stays used until the step ends
+
+    def keys(self) -> list[Any]:
+        return list(self.kept)
+
+    def clear(self) -> None:
+        """Forget the step's items; their rows are reset for the next step (the buffers are kept)."""
+        self._store.clear()
+        self.kept = {}
+
+    def release(self) -> None:
+        """`clear()`, and give the buffers back (when recording stops)."""
+        self.kept = {}
+        self._store.release()
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.kept
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
+class DeviceBatch(RowBatch):
     """`StepBatch` for the device path (CUDA's): a recorded step's tensors measured together when it ends, with one
     set of ops for all of them, where `tensor_stats` makes ~75 kernel launches per tensor (a recorded step of GPT-2
     small measures ~470 tensors: the launches, not the arithmetic, would set its cost). Nothing is read back.
@@ -609,11 +640,10 @@ class DeviceBatch:
     """
 
     def __init__(self, bins: int, sample_cap: int) -> None:
+        # kept: key -> (row, meta). The rows, and per row: the finite count, their sum, and 1 for a large tensor.
+        super().__init__(RowStore((sample_cap, torch.float32, math.nan), (3, torch.float64, 0.0)))
         self.bins = bins
         self.sample_cap = sample_cap
-        self.kept: dict[Any, tuple[int, StatsMeta]] = {}  # key -> (row, meta)
-        # The rows, and per row: the finite count, their sum, and 1 for a large tensor.
-        self._store = RowStore((sample_cap, torch.float32, math.nan), (3, torch.float64, 0.0))
         self._metas: dict[tuple[int, bool], StatsMeta] = {}
 
     def take(self, key: Any, x: torch.Tensor, estimate: bool = False) -> StatsMeta | None:
@@ -644,28 +674,6 @@ class DeviceBatch:
             meta = self._metas[(n, large)] = StatsMeta(numel=n, bins=self.bins, sample_n=sample_n, estimated=large)
         self.kept[key] = (k, meta)
         return meta
-
-    def discard(self, key: Any) -> None:
-        self.kept.pop(key, None)  # its row stays used until the step ends
-
-    def keys(self) -> list[Any]:
-        return list(self.kept)
-
-    def clear(self) -> None:
-        """Forget the step's tensors; their rows are reset for the next step (the buffers are kept)."""
-        self._store.clear()
-        self.kept = {}
-
-    def release(self) -> None:
-        """`clear()`, and give the buffers back (when recording stops)."""
-        self.kept = {}
-        self._store.release()
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self.kept
-
-    def __len__(self) -> int:
-        return len(self.kept)
 
     def finish(self) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
         """The vectors of every kept tensor (the layout of `tensor_stats`, rows of one device tensor), keyed as
