@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from actdiag.hooks.stats import (
     DeviceBatch,
+    RowStore,
     StatsMeta,
     StepBatch,
     decode_many,
@@ -488,6 +489,22 @@ def test_device_batch_is_exact_for_small_tensors_like_the_masked_path() -> None:
         assert (got.count, got.zero_count, got.min, got.max) == (alone.count, alone.zero_count, alone.min, alone.max)
         assert got.mean == pytest.approx(alone.mean, rel=1e-6, nan_ok=True), key
         assert got.exponents.counts == alone.exponents.counts, key
+
+
+def test_row_store_keeps_its_rows_when_it_grows_and_resets_them_when_cleared() -> None:
+    store = RowStore((4, torch.float32, math.nan), (1, torch.int64, 7))
+    for k in range(40):  # past the first allocation (16 rows) twice
+        assert store.next_row(torch.device("cpu")) == k
+        store.buffers[0][k, :2] = k
+        store.buffers[1][k, 0] = -k
+    rows, ints = store.in_use()
+    assert rows.shape == (40, 4) and store.buffers[0].shape[0] >= 40
+    np.testing.assert_array_equal(rows[:, :2].numpy(), np.repeat(np.arange(40.0), 2).reshape(40, 2))
+    assert torch.isnan(rows[:, 2:]).all() and ints[:, 0].tolist() == [-k for k in range(40)]
+    store.clear()
+    assert store.used == 0 and torch.isnan(store.buffers[0]).all() and (store.buffers[1] == 7).all()
+    store.release()
+    assert store.buffers == [] and store.device is None
 
 
 def test_device_batch_estimates_large_tensors_like_the_device_path() -> None:
