@@ -693,7 +693,6 @@ def _rows_stats(rows: torch.Tensor, exact: torch.Tensor, bins: int) -> torch.Ten
     """[K, HEAD + bins + N_EXP] vectors of `DeviceBatch` rows: `_stats_masked` along each row, with the finite
     count and mean of a large tensor's row (`exact[k] = [count, sum, 1]`) taken from every element of it, the row
     being its sample, which stands for its finite values (scaled up to their count). Device ops only."""
-    k_rows = rows.shape[0]
     fin = rows.abs() < math.inf
     m_s = fin.sum(1)
     mn = torch.where(fin, rows, math.inf).amin(1)
@@ -714,19 +713,7 @@ def _rows_stats(rows: torch.Tensor, exact: torch.Tensor, bins: int) -> torch.Ten
     scale = torch.where(large, count / m_s64.clamp(min=1), 1.0)
     m2 = (d * d).sum(1) * sc * sc * scale
     head = torch.stack([count, mean, m2, mn.to(torch.float64), mx.to(torch.float64), zeros * scale], dim=1)
-    # Both histograms of every row in one count: each row's bins offset into a block of its own (as _count_bins).
-    trash, width = bins + N_EXP, bins + N_EXP + 1
-    lo_s = mn * inv
-    k = bins / (mx * inv - lo_s).clamp(min=1e-30)
-    lin = ((rows * inv[:, None] - lo_s[:, None]) * k[:, None]).clamp_(0, bins - 1).floor_()
-    lin = torch.where(fin, lin, float(trash))
-    r32 = rows if rows.dtype == torch.float32 else rows.to(torch.float32)  # exponents from float32 bits
-    expo = torch.bitwise_right_shift(r32.abs().view(torch.int32), 23).to(lin.dtype) + bins
-    offsets = (torch.arange(k_rows, device=rows.device, dtype=lin.dtype) * width)[:, None]
-    keys = torch.cat([lin + offsets, expo + offsets], dim=1)
-    counts = _bin_counts(keys.reshape(-1), k_rows * width).view(k_rows, width)[:, :trash]
-    counts[:, bins] -= zeros.to(torch.float64)  # zeros share biased exponent 0 with the subnormals
-    return torch.cat([head, counts], dim=1)
+    return torch.cat([head, _masked_counts(rows, fin, zeros, mn, mx, inv, bins)], dim=1)
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64)
@@ -785,32 +772,37 @@ def _stats_masked(xf: torch.Tensor, bins: int, sample_n: int, sample_cap: int) -
         idx = _SAMPLES.get(n, sample_cap, xf.device)
         sample, fin_s = xf.index_select(0, idx), fin.index_select(0, idx)
         sample_zeros = (sample == 0).sum()
-    return torch.cat([head, _masked_counts(sample, fin_s, sample_zeros, mn, mx, inv, bins)])
+    counts = _masked_counts(sample[None], fin_s[None], sample_zeros[None], mn[None], mx[None], inv[None], bins)
+    return torch.cat([head, counts[0]])
 
 
 def _masked_counts(
-    sample: torch.Tensor,
-    fin_s: torch.Tensor,
-    sample_zeros: torch.Tensor,
+    rows: torch.Tensor,
+    fin: torch.Tensor,
+    zeros: torch.Tensor,
     mn: torch.Tensor,
     mx: torch.Tensor,
     inv: torch.Tensor,
     bins: int,
 ) -> torch.Tensor:
-    """Both histograms of the finite values of `sample` (mask `fin_s`, `sample_zeros` of them 0), device ops only:
-    linear bins between `mn` and `mx` and exponent bins, as float64 counts. `inv` is the power of two that brings the
-    largest finite magnitude near 1 (see `_stats_masked`)."""
-    trash = bins + N_EXP
+    """Both histograms of the finite values of each row of `rows` [K, m] (mask `fin`, `zeros[k]` of row k's values
+    0), device ops only: linear bins between the row's `mn` and `mx` and exponent bins, as [K, bins + N_EXP] float64
+    counts. `inv` [K] is the power of two that brings each row's largest finite magnitude near 1 (`_stats_masked`)."""
+    k_rows = rows.shape[0]
+    trash, width = bins + N_EXP, bins + N_EXP + 1
     # Linear bins between min and max, in the scaled space where `x - min` and `bins / span` cannot overflow (a
     # non-constant span there is >= 2**-49). A constant tensor lands in bin 0; the host places it.
     lo_s = mn * inv
     k = bins / (mx * inv - lo_s).clamp(min=1e-30)
-    lin = ((sample * inv - lo_s) * k).clamp_(0, bins - 1).floor_()
-    lin = torch.where(fin_s, lin, float(trash))
-    s32 = sample if sample.dtype == torch.float32 else sample.to(torch.float32)
-    expo = torch.bitwise_right_shift(s32.abs().view(torch.int32), 23).to(lin.dtype) + bins
-    counts = _bin_counts(torch.cat([lin, expo]), trash + 1)[:trash]
-    counts[bins] -= sample_zeros.to(torch.float64)  # zeros share biased exponent 0 with the subnormals
+    lin = ((rows * inv[:, None] - lo_s[:, None]) * k[:, None]).clamp_(0, bins - 1).floor_()
+    lin = torch.where(fin, lin, float(trash))
+    r32 = rows if rows.dtype == torch.float32 else rows.to(torch.float32)  # exponents from float32 bits
+    expo = torch.bitwise_right_shift(r32.abs().view(torch.int32), 23).to(lin.dtype) + bins
+    keys = torch.cat([lin, expo], dim=1)
+    if k_rows > 1:  # both histograms of every row in one count: each row's bins in a block of its own
+        keys += (torch.arange(k_rows, device=rows.device, dtype=keys.dtype) * width)[:, None]
+    counts = _bin_counts(keys.reshape(-1), k_rows * width).view(k_rows, width)[:, :trash]
+    counts[:, bins] -= zeros.to(torch.float64)  # zeros share biased exponent 0 with the subnormals
     return counts
 
 
