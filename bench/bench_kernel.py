@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import _common  # noqa: I001 - puts the checkout on sys.path before actdiag is imported
+import count_ops
 import torch
 
 from actdiag.hooks import stats as current
@@ -63,22 +64,6 @@ def cases(smoke: bool) -> dict[str, torch.Tensor]:
     }
 
 
-def count_ops(fn: Callable[[], Any]) -> int:
-    """ATen ops one call dispatches: on a GPU each is (at least) one kernel launch, so this is the launch count."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            Counter.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Counter():
-        fn()
-    return Counter.n
-
-
 def time_alternating(fns: Sequence[Callable[[], Any]], repeats: int, cold: bool) -> list[float]:
     # --cold: before each call, write 32 MB with an ATen op on torch's threads, as a training step's kernels do
     # between two hooks: the caches are then cold and the OpenMP team has just run somewhere else.
@@ -115,7 +100,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     base = load_revision(args.baseline) if args.baseline else None
     header = [
         "tensor", "fast path us", "fast, exact=False us", "masked path us", "masked, exact=False us",
-        "ops fast / masked / masked exact=False",
+        "ATen ops but views (GPU launches) fast / masked / masked exact=False",
     ]  # fmt: skip
     if base is not None:
         header += [f"{args.baseline} default us", "speed-up"]
@@ -130,7 +115,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         if base is not None:
             fns.append(lambda x=x: base.tensor_stats(x))
         t = time_alternating(fns, args.repeats, args.cold)
-        ops = " / ".join(str(count_ops(fns[i])) for i in (0, 2, 3))
+        ops = " / ".join(str(count_ops.counted(fns[i])[0]) for i in (0, 2, 3))
         row = [name, *(f"{v:.0f}" for v in t[:4]), ops]
         if base is not None:
             row += [f"{t[4]:.0f}", f"{t[4] / t[0]:.1f}x"]

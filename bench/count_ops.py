@@ -63,9 +63,11 @@ def _gpt2_layout(smoke: bool) -> bench_step.Workload:
     )
 
 
-def _counted(step: Callable[[], None]) -> tuple[int, int]:
+def counted(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(ATen ops that are not views, views) that one call of `fn` dispatches: on a GPU the first are (at least) one
+    kernel launch each."""
     with _Counter() as c:
-        step()
+        fn()
     return c.ops, c.views
 
 
@@ -75,7 +77,7 @@ def count(load: bench_step.Workload, every: int) -> dict[str, Any]:
     model = load.build()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     bench_step.train_step(model, opt, load)  # first-call work (optimizer state) out of the count
-    plain = _counted(lambda: bench_step.train_step(model, opt, load))
+    plain = counted(lambda: bench_step.train_step(model, opt, load))
     with actdiag.watch(model, every=every) as monitor:
         monitor.recorder.sync_free = True  # the device path's code, on the CPU
         for _ in range(2):  # the sample indices drawn, the buffers grown
@@ -89,7 +91,7 @@ def count(load: bench_step.Workload, every: int) -> dict[str, Any]:
             bench_step.train_step(model, opt, load)
             monitor.step()
 
-        watched = _counted(recorded)
+        watched = counted(recorded)
         rec = monitor.latest
         assert rec is not None
         tensors = len({id(s) for s in measured_stats(rec.layers, rec.params)})
