@@ -712,6 +712,7 @@ def summarise(runners: Sequence[Runner], bandwidth: float = 0.0) -> list[dict[st
         unrec_med = _common.median(unrec)
         # Extra time per recorded step: the recorded steps' median over the unmonitored median, from the same rounds.
         extra = rec_med - base_med if rec else math.nan
+        floor = r.variant.recorded_bytes() / bandwidth if bandwidth else math.nan  # seconds to read them once
         rows.append(
             {
                 "variant": r.variant.name,
@@ -724,12 +725,10 @@ def summarise(runners: Sequence[Runner], bandwidth: float = 0.0) -> list[dict[st
                 "extra_ms": extra * 1e3,
                 "peak_extra_mb": r.peak_extra_mb,
                 "tensors": r.variant.tensors(),
-                "floor_ms": r.variant.recorded_bytes() / bandwidth * 1e3 if bandwidth else math.nan,
+                "floor_ms": floor * 1e3,
                 "steps": len(r.times),
                 "faults": _common.median(r.faults) if r.faults else math.nan,
-                "floor_share": (
-                    r.variant.recorded_bytes() / bandwidth / base_med if bandwidth and base_med > 0 else math.nan
-                ),
+                "floor_share": floor / base_med if base_med > 0 else math.nan,
                 # Host synchronisations per step, the most any one step made: unrecorded, recorded (None: not counted)
                 "syncs_unrecorded": max(r.syncs[False]) if r.syncs.get(False) else None,
                 "syncs_recorded": max(r.syncs[True]) if r.syncs.get(True) else None,

@@ -597,7 +597,8 @@ class Recorder:
             self._put(("P", pname, "update"), vec, None, _dist.KIND_REPLICATED)
 
     def _record_update(self, pname: str, p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> None:
-        # Device ops, nothing read back (the CUDA path; CPU float32/float64 weights take _record_updates_numpy).
+        # Device ops, nothing read back: the device path's weights that _UpdateRows does not take (float64, or on a
+        # second device); CPU float32/float64 weights take _record_updates_numpy.
         idx, p0 = snap
         cur = p.detach().reshape(-1)
         if idx is not None:
