@@ -92,33 +92,26 @@ def _row(variant: str, **values: Any) -> dict[str, Any]:
     return row
 
 
+def _default(paired: float, parts: float, unrecorded: float, own: float, syncs: tuple[int, int]) -> dict[str, Any]:
+    """actdiag-default's row: its ratios (paired, from its parts), its unrecorded steps' (paired, own call), and
+    the host synchronisations of an unrecorded and a recorded step."""
+    return _row(
+        "actdiag-default", ratio=paired, parts_ratio=parts, unrecorded_ratio=unrecorded, unrecorded_own_ratio=own,
+        syncs_unrecorded=syncs[0], syncs_recorded=syncs[1],
+    )  # fmt: skip
+
+
 def test_the_gpu_targets_table_judges_each_target(bench_step: ModuleType) -> None:
     good = [
         _row("none"),
         _row("none-copy", ratio=0.998),
-        _row(
-            "actdiag-default",
-            ratio=1.03,
-            parts_ratio=1.004,
-            unrecorded_ratio=1.03,
-            unrecorded_own_ratio=1.0002,
-            syncs_unrecorded=0,
-            syncs_recorded=1,
-        ),
+        _default(paired=1.03, parts=1.004, unrecorded=1.03, own=1.0002, syncs=(0, 1)),
         _row("actdiag-every1", ratio=1.12, extra_ms=4.0, floor_share=0.031),
         _row("tb-all", extra_ms=400.0),
     ]
     bad = [
         _row("none"),
-        _row(
-            "actdiag-default",
-            ratio=1.0,
-            parts_ratio=1.02,
-            unrecorded_ratio=0.99,
-            unrecorded_own_ratio=1.015,
-            syncs_unrecorded=3,
-            syncs_recorded=4,
-        ),
+        _default(paired=1.0, parts=1.02, unrecorded=0.99, own=1.015, syncs=(3, 4)),
         _row("actdiag-every1", ratio=1.2, extra_ms=10.0, floor_share=0.1),
         _row("tb-all", extra_ms=30.0),
     ]
