@@ -24,7 +24,8 @@ Variants:
                   time (1 + its mean over the plain step); their ratio against the unmonitored copy, paired by
                   round, is shown beside it, to be read against the control (two copies differ by a few percent).
                   The default interval is judged likewise from its parts (a recorded step's extra time and the
-                  own call of the DEFAULT_EVERY - 1 others, over DEFAULT_EVERY plain steps), its paired ratio beside
+                  own call of the DEFAULT_EVERY - 1 others, over DEFAULT_EVERY plain steps), its paired
+                  ratio beside it.
   tb-hooks        forward hooks calling SummaryWriter.add_histogram on every leaf output (what users write by hand)
   tb-all          the same loop at actdiag's content: leaf outputs, their gradients, every weight and weight gradient
   wandb           wandb.watch(model, log="all", log_freq=1) in offline mode (skipped with a note if not installed)
