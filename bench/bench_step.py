@@ -778,7 +778,7 @@ def _syncs_cell(row: dict[str, Any]) -> str:
 
 def _unrecorded_cell(row: dict[str, Any]) -> str:
     """The unrecorded steps' paired ratio, and the host time of the variant's own call in them (actdiag's code)."""
-    us = row.get("unrecorded_own_us", math.nan)
+    us = row["unrecorded_own_us"]
     own = "" if math.isnan(us) or row["variant"] in PEERS else f" ({us:.0f} us)"
     return _ratio(row["unrecorded_ratio"]) + own
 
