@@ -33,9 +33,10 @@ from actdiag.records import (
     StepRecord,
 )
 
-# Record every 50th step by default: a recorded step costs 1.4-1.9x a plain one on a 2-core CPU (BENCHMARKS.md), so
-# at 50 the average overhead is ~1-2 %, within the 1.03x budget for a tool meant to stay on; it is also Lightning's
-# default logging interval. Step 0 is always recorded, so even short runs get the state at initialisation.
+# Record every 50th step by default: unrecorded steps run no hook, so a recorded step's extra time is spread over
+# the interval, and at 50 the average stays well within the 1.03x budget of a tool meant to stay on (measured in
+# BENCHMARKS.md); it is also Lightning's default logging interval. Step 0 is always recorded, so even short runs get
+# the state at initialisation.
 DEFAULT_EVERY = 50
 DEFAULT_MAX_HISTORY = 512
 DEFAULT_MAX_HIST_SNAPSHOTS = 64
@@ -237,10 +238,11 @@ def check_every(every: int) -> int:
     return every
 
 
-# Recording at least this many steps apart, every element of every tensor is read for exact statistics: the cost,
-# spread over the interval, stays near 1% (BENCHMARKS.md). Recording more often than that, exact statistics would
-# cost a CPU more than the whole budget of `watch(every=1)`, so by default large tensors' spread, extremes and zeros
-# are estimated from their fixed sample instead (`exact=True` forces exact ones), on the CPU and on a GPU alike.
+# Recording at least this many steps apart, every element of every tensor is read for exact statistics: the cost is
+# spread over the interval. Recording more often than that, the several passes of exact statistics over every
+# element would dominate a recorded step, so by default large tensors' spread, extremes and zeros are estimated from
+# their fixed sample instead (`exact=True` forces exact ones), on the CPU and on a GPU alike. Measured effect:
+# BENCHMARKS.md and docs/performance.md.
 EXACT_FROM_EVERY = 10
 
 
@@ -251,8 +253,8 @@ def exact_for(every: int) -> bool:
 
 # Recording more often than EXACT_FROM_EVERY, a large tensor's histograms (and its estimated spread, extremes and
 # zeros) come from half the usual sample: the sample's work is the part of a recorded step that scales with it, and
-# halving it took ~0.04-0.06 off the CNN's every=1 ratio on a 2-core CPU (BENCHMARKS.md, item 11). A histogram bin
-# is then known to sqrt(p(1-p)/4096) <= 0.78% of the total instead of 0.55%, on each of the many steps recorded.
+# at such intervals it is paid on many steps (measured effect: docs/performance.md). A histogram bin is then known
+# to sqrt(p(1-p)/4096) <= 0.78% of the total instead of 0.55%, on each of the many steps recorded.
 FREQUENT_SAMPLE_CAP = DEFAULT_SAMPLE_CAP // 2
 
 

@@ -42,8 +42,8 @@ class _Counts:
 
     A recorded step decodes hundreds of histograms; most are never read one by one (a long run keeps a thinned
     selection, see `actdiag.monitor.HistoryBuffer`), and building their tuples of Python ints at every step, and
-    collecting them as garbage, cost a recorded CNN step ~1 ms (BENCHMARKS.md, item 10). Reading or comparing gives
-    the same values either way; a deferred object keeps its step's array alive until it is read (`HistoryBuffer`
+    collecting them as garbage, was a measurable part of a recorded step (docs/performance.md). Reading or comparing
+    gives the same values either way; a deferred object keeps its step's array alive until it is read (`HistoryBuffer`
     reads those it keeps at once).
     """
 
