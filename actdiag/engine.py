@@ -113,7 +113,7 @@ def inspect(
         include=include,
         exclude=exclude,
         track_updates=optimizer is not None,
-        exact=True,  # a one-shot check reads every element: its cost does not recur
+        accuracy="exact",  # a one-shot check reads every element: its cost does not recur
         strict=True,
         sinks=list(sinks),
         name=name,

@@ -11,14 +11,14 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-from actdiag import distributed as _dist
 from actdiag._version import __version__
 from actdiag.errors import ReportPathError
+from actdiag.hooks import merge as _dist
 from actdiag.hooks.recorder import Recorder, Selector, unwrap_model
 from actdiag.hooks.stats import DEFAULT_BINS, DEFAULT_SAMPLE_CAP
 from actdiag.records import (
@@ -32,6 +32,9 @@ from actdiag.records import (
     RunInfo,
     StepRecord,
 )
+
+if TYPE_CHECKING:
+    from actdiag.rules.thresholds import Thresholds
 
 # Record every 50th step by default: unrecorded steps run no hook, so a recorded step's extra time is spread over
 # the interval, and at 50 the average stays well within the 1.03x budget of a tool meant to stay on (measured in
@@ -238,23 +241,30 @@ def check_every(every: int) -> int:
     return every
 
 
-# Recording at least this many steps apart, every element of every tensor is read for exact statistics: the cost is
+# Recording at least this many steps apart, every element of every tensor is read for every statistic: the cost is
 # spread over the interval. Recording more often than that, the several passes of exact statistics over every
-# element would dominate a recorded step, so by default large tensors' spread, extremes and zeros are estimated from
-# their fixed sample instead (`exact=True` forces exact ones), on the CPU and on a GPU alike. Measured effect:
-# BENCHMARKS.md and docs/performance.md.
+# element would dominate a recorded step, so by default large tensors' spread, zeros, histograms and update ratios
+# come from their fixed sample instead (`accuracy="exact"` forces exact ones); count, mean, min, max and the
+# non-finite count are exact at every interval (CONTRACT.md, "Exactness"), on the CPU and on a GPU alike. Measured
+# effect: BENCHMARKS.md and docs/performance.md.
 EXACT_FROM_EVERY = 10
 
-
-def exact_for(every: int) -> bool:
-    """Whether `watch(every=every)` computes exact statistics unless told otherwise."""
-    return every >= EXACT_FROM_EVERY
+Accuracy = Literal["auto", "exact", "estimated"]
+_ACCURACIES = ("auto", "exact", "estimated")
 
 
-# Recording more often than EXACT_FROM_EVERY, a large tensor's histograms (and its estimated spread, extremes and
-# zeros) come from half the usual sample: the sample's work is the part of a recorded step that scales with it, and
-# at such intervals it is paid on many steps (measured effect: docs/performance.md). A histogram bin is then known
-# to sqrt(p(1-p)/4096) <= 0.78% of the total instead of 0.55%, on each of the many steps recorded.
+def exact_for(every: int, accuracy: Accuracy = "auto") -> bool:
+    """Whether `watch(every=every, accuracy=accuracy)` reads every element for every statistic: "auto" does when
+    `every >= EXACT_FROM_EVERY`."""
+    if accuracy not in _ACCURACIES:
+        raise ValueError(f"accuracy must be one of {', '.join(map(repr, _ACCURACIES))}, got {accuracy!r}")
+    return accuracy == "exact" or (accuracy == "auto" and every >= EXACT_FROM_EVERY)
+
+
+# Recording more often than EXACT_FROM_EVERY, a large tensor's histograms (and its estimated spread and zeros) come
+# from half the usual sample: the sample's work is the part of a recorded step that scales with it, and at such
+# intervals it is paid on many steps (measured effect: docs/performance.md). A histogram bin is then known to
+# sqrt(p(1-p)/4096) <= 0.78% of the total instead of 0.55%, on each of the many steps recorded.
 FREQUENT_SAMPLE_CAP = DEFAULT_SAMPLE_CAP // 2
 
 
@@ -281,7 +291,8 @@ class Monitor:
         sample_cap: int | None = None,
         track_weights: bool = True,
         track_updates: bool = True,
-        exact: bool | None = None,
+        accuracy: Accuracy = "auto",
+        thresholds: Thresholds | None = None,
         max_history: int = DEFAULT_MAX_HISTORY,
         strict: bool = False,
         sinks: Sequence[Sink] = (),
@@ -295,6 +306,7 @@ class Monitor:
         self.model = unwrap_model(model)
         self.every = check_every(every)
         self.strict = strict
+        self.thresholds = thresholds  # None: actdiag.rules.thresholds.DEFAULT_THRESHOLDS
         self.name = name or type(self.model).__name__
         self._warned: set[str] = set()
         self.recorder = Recorder(
@@ -305,7 +317,7 @@ class Monitor:
             sample_cap=sample_cap_for(self.every) if sample_cap is None else sample_cap,
             track_weights=track_weights,
             track_updates=track_updates,
-            exact=exact_for(self.every) if exact is None else exact,
+            exact=exact_for(self.every, accuracy),
             on_error=None if strict else self._fault,
             distributed=distributed,
             process_group=process_group,
@@ -481,7 +493,9 @@ class Monitor:
         found: tuple[Finding, ...] = ()
         if self.latest is not None:
             try:
-                found = tuple(diagnose(self.latest.layers, self.latest.params, self.history))
+                found = tuple(
+                    diagnose(self.latest.layers, self.latest.params, self.history, thresholds=self.thresholds)
+                )
             except Exception as exc:  # noqa: BLE001
                 if self.strict:
                     raise
@@ -610,19 +624,75 @@ def _critical() -> Iterator[None]:
 
 
 def watch(
-    model: nn.Module, every: int = DEFAULT_EVERY, logdir: str | os.PathLike[str] | None = None, **kwargs: Any
+    model: nn.Module,
+    every: int = DEFAULT_EVERY,
+    logdir: str | os.PathLike[str] | None = None,
+    *,
+    include: Selector | Iterable[Selector] | None = None,
+    exclude: Selector | Iterable[Selector] | None = None,
+    bins: int = DEFAULT_BINS,
+    sample_cap: int | None = None,
+    track_weights: bool = True,
+    track_updates: bool = True,
+    accuracy: Accuracy = "auto",
+    thresholds: Thresholds | None = None,
+    max_history: int = DEFAULT_MAX_HISTORY,
+    strict: bool = False,
+    sinks: Sequence[Sink] = (),
+    name: str | None = None,
+    report_json: str | os.PathLike[str] | None = None,
+    report_html: str | os.PathLike[str] | None = None,
+    distributed: bool | None = None,
+    process_group: Any = None,
+    handle_sigterm: bool = True,
 ) -> Monitor:
     """Watch `model` while it trains: `with actdiag.watch(model, every=10, logdir="runs/x") as monitor: ...`.
 
-    Keyword arguments: include/exclude (name patterns or module types), bins, sample_cap (None: the elements a large
-    tensor's histograms come from, DEFAULT_SAMPLE_CAP, or FREQUENT_SAMPLE_CAP when `every < EXACT_FROM_EVERY`),
-    track_weights, track_updates, exact (None: exact statistics when `every >= EXACT_FROM_EVERY`; when recording more
-    often, large tensors' spread, extremes and zeros are estimated from their sample, flagged `estimated`),
-    max_history, strict (raise instead of warning when actdiag itself fails), sinks, name,
-    report_json/report_html (written when the watch closes, however it closes: normal exit, exception, Ctrl-C or
-    SIGTERM; the paths are checked at once), distributed (None: merge across ranks when torch.distributed is
-    initialised; False: each rank on its own), process_group, handle_sigterm (default True: SIGTERM unwinds the
-    `with` block as SystemExit(143) so that what was recorded is flushed, and SIGTERM or Ctrl-C arriving while
-    actdiag writes takes effect right after the write).
+    Args:
+        model: the module to watch (DDP, DataParallel and torch.compile wrappers are looked through).
+        every: record steps 0, every, 2*every, ... (call `monitor.step()` once per training step).
+        logdir: write TensorBoard event files there.
+        include, exclude: which modules to watch: fnmatch patterns on qualified names, or module types.
+        bins: bins of each tensor's linear histogram.
+        sample_cap: how many elements of a large tensor its histograms come from; None: DEFAULT_SAMPLE_CAP, or
+            FREQUENT_SAMPLE_CAP when `every < EXACT_FROM_EVERY`.
+        track_weights, track_updates: record parameters' statistics, and their update ratios.
+        accuracy: "exact" reads every element for every statistic; "estimated" lets large tensors' std, zero
+            fraction, histograms and update ratios come from their fixed sample (each record names the fields
+            that did, `TensorStats.estimated`); "auto" is exact when `every >= EXACT_FROM_EVERY`, estimated
+            otherwise. Count, mean, min, max, abs_max and the non-finite count are exact whatever it says.
+        thresholds: the rules' thresholds (`actdiag.Thresholds`); None: the documented defaults.
+        max_history: points kept per metric in the history (older ones are thinned).
+        strict: raise instead of warning when actdiag itself fails.
+        sinks: more sinks fed each recorded step.
+        name: the run's name in reports (default: the model's class name).
+        report_json, report_html: written when the watch closes, however it closes (normal exit, exception,
+            Ctrl-C or SIGTERM); the paths are checked at once.
+        distributed: None merges each recorded step across ranks when torch.distributed is initialised; False
+            leaves each rank on its own.
+        process_group: the group to merge over (default: the world).
+        handle_sigterm: SIGTERM unwinds the `with` block as SystemExit(143) so that what was recorded is flushed,
+            and SIGTERM or Ctrl-C arriving while actdiag writes takes effect right after the write.
     """
-    return Monitor(model, every=every, logdir=logdir, **kwargs)
+    return Monitor(
+        model,
+        every=every,
+        logdir=logdir,
+        include=include,
+        exclude=exclude,
+        bins=bins,
+        sample_cap=sample_cap,
+        track_weights=track_weights,
+        track_updates=track_updates,
+        accuracy=accuracy,
+        thresholds=thresholds,
+        max_history=max_history,
+        strict=strict,
+        sinks=sinks,
+        name=name,
+        report_json=report_json,
+        report_html=report_html,
+        distributed=distributed,
+        process_group=process_group,
+        handle_sigterm=handle_sigterm,
+    )

@@ -203,10 +203,10 @@ class TensorStats:
     kept so that statistics from several tensors (ranks, calls) merge exactly. With no finite value, mean, std,
     min, max and abs_max are NaN.
 
-    `estimated` is True when m2 (so std), min, max and zero_count were estimated from the histogram's sample rather
-    than computed over every element (`watch(exact=False)`, large tensors only); count, the non-finite count and
-    mean are exact either way (on a GPU, the mean falls back on the sample's if the float32 sum of a tensor's finite
-    values overflows).
+    `estimated` names the fields that come from the histogram's sample rather than from every element (e.g.
+    ("std", "zero_fraction", "histogram")): only recording more often than every 10 steps, large tensors only.
+    count, mean, min, max, abs_max and the non-finite count are exact at every interval (CONTRACT.md, "Exactness").
+    `extra` holds the values of slots added to the statistics layout (`actdiag.hooks.layout.Layout.with_slot`).
     """
 
     numel: int
@@ -218,7 +218,8 @@ class TensorStats:
     zero_count: int
     histogram: Histogram
     exponents: ExponentHistogram
-    estimated: bool = False
+    estimated: tuple[str, ...] = ()
+    extra: tuple[tuple[str, float], ...] = ()
 
     @property
     def nonfinite_count(self) -> int:
@@ -287,6 +288,7 @@ class LayerStats:
     rare_fraction: float | None = None
     never_active_fraction: float | None = None
     update_ratio: float | None = None
+    update_ratio_estimated: bool = False
 
     @property
     def label(self) -> str:
@@ -297,7 +299,8 @@ class LayerStats:
 @dataclass(frozen=True, slots=True)
 class ParamStats:
     """One parameter at one recorded step. `update_ratio` is ||w_after - w_before|| / ||w_before|| over the
-    optimizer step of the recorded training step (None when updates are not tracked or the weight is zero)."""
+    optimizer step of the recorded training step (None when updates are not tracked or the weight is zero),
+    over every element, or over a fixed sample of a large weight when `update_ratio_estimated`."""
 
     name: str
     shape: tuple[int, ...]
@@ -305,6 +308,7 @@ class ParamStats:
     weight: TensorStats
     grad: TensorStats | None = None
     update_ratio: float | None = None
+    update_ratio_estimated: bool = False
 
 
 def measured_stats(layers: Iterable[LayerStats], params: Iterable[ParamStats]) -> list[TensorStats]:

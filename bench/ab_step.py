@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import io
 import re
 import subprocess
@@ -82,7 +83,10 @@ def run(args: argparse.Namespace) -> list[str]:
         torch.manual_seed(0)
         model = load.build()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        kwargs: dict[str, Any] = {"every": args.every, "exact": args.exact}
+        kwargs: dict[str, Any] = {"every": args.every}
+        if args.exact:  # revisions before watch(accuracy=) took exact=True
+            new = pkg is not None and "accuracy" in inspect.signature(pkg.watch).parameters
+            kwargs.update({"accuracy": "exact"} if new else {"exact": True})
         if pkg is actdiag and args.sample_cap is not None:
             kwargs["sample_cap"] = args.sample_cap
         mon = pkg.watch(model, **kwargs).start() if pkg is not None else None

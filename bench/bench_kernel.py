@@ -109,8 +109,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
         fns: list[Callable[[], Any]] = [
             lambda x=x: current.tensor_stats(x),
             lambda x=x: current.tensor_stats(x, exact=False),
-            lambda x=x: current.tensor_stats(x, sync_free=True),
-            lambda x=x: current.tensor_stats(x, sync_free=True, exact=False),
+            lambda x=x: current.tensor_stats(x, path="device"),
+            lambda x=x: current.tensor_stats(x, path="device", exact=False),
         ]
         if base is not None:
             fns.append(lambda x=x: base.tensor_stats(x))

@@ -384,7 +384,8 @@ class ActdiagVariant(Variant):
 
     def attach(self, model: nn.Module, tmp: Path) -> None:
         self.model = model
-        self.monitor = actdiag.watch(model, every=self.every, exact=self.exact).start()
+        accuracy = "exact" if self.exact else "auto"
+        self.monitor = actdiag.watch(model, every=self.every, accuracy=accuracy).start()
 
     def recording(self) -> bool:
         return self.monitor.recorder.recording

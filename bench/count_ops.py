@@ -1,5 +1,5 @@
 """Count the ATen ops that actdiag adds to a recorded training step on the device path (CUDA's code, run on the CPU
-with `sync_free=True`). On a GPU every op that is not a view is a kernel launch, and each costs the host several
+with `path="device"`). On a GPU every op that is not a view is a kernel launch, and each costs the host several
 microseconds whatever the tensor's size: for a model with hundreds of measured tensors the launches, not the
 arithmetic, can set what a recorded step costs. This is the one GPU figure that needs no GPU.
 
@@ -79,7 +79,7 @@ def count(load: bench_step.Workload, every: int) -> dict[str, Any]:
     bench_step.train_step(model, opt, load)  # first-call work (optimizer state) out of the count
     plain = counted(lambda: bench_step.train_step(model, opt, load))
     with actdiag.watch(model, every=every) as monitor:
-        monitor.recorder.sync_free = True  # the device path's code, on the CPU
+        monitor.recorder.path = True  # the device path's code, on the CPU
         for _ in range(2):  # the sample indices drawn, the buffers grown
             bench_step.train_step(model, opt, load)
             monitor.step()

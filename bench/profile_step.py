@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import actdiag
-from actdiag.hooks import recorder, stats
+from actdiag.hooks import host, layout, recorder
 
 # (label, owner, attribute, top level): the top-level parts do not nest in one another.
 PARTS: tuple[tuple[str, Any, str, bool], ...] = (
@@ -43,10 +43,10 @@ PARTS: tuple[tuple[str, Any, str, bool], ...] = (
     ("end of step (batch, update ratios, read-back, decode)", recorder.Recorder, "end", True),
     ("begin of step (hooks registered)", recorder.Recorder, "begin", True),
     ("  a large tensor measured alone (tensor_stats)", recorder, "tensor_stats", False),
-    ("  a large tensor's one pass and sample copy (StepBatch._take_large)", stats.StepBatch, "_take_large", False),
+    ("  a large tensor's one pass and sample copy (HostBatch._take_large)", host.HostBatch, "_take_large", False),
     ("  dead/rare ReLU units (unit_activity)", recorder, "unit_activity", False),
-    ("  tensors measured together (StepBatch.finish)", stats.StepBatch, "finish", False),
-    ("    of which the large tensors' samples (_estimate_rows)", stats, "_estimate_rows", False),
+    ("  tensors measured together (HostBatch.finish)", host.HostBatch, "finish", False),
+    ("    of which the large tensors' samples (_estimate_rows)", host, "_estimate_rows", False),
     ("  decode into records", recorder.Recorder, "_decode", False),
 )
 
@@ -102,7 +102,8 @@ def profile(model_name: str, steps: int, exact: bool | None, smoke: bool) -> lis
     calls: dict[str, int] = defaultdict(int)
     # The timers go on before the warm-up: hooks are registered one step ahead (in the previous monitor.step()),
     # and a hook registered before its function was wrapped would escape the timer.
-    with actdiag.watch(model, every=1, exact=exact) as monitor, timed(totals, calls):
+    accuracy = "exact" if exact else "auto"
+    with actdiag.watch(model, every=1, accuracy=accuracy) as monitor, timed(totals, calls):
         for _ in range(warm):
             step(monitor)
         totals.clear()
@@ -128,20 +129,20 @@ def profile(model_name: str, steps: int, exact: bool | None, smoke: bool) -> lis
 
 
 # ============================================================================================== ablation
-def _head_only(samples: Any, n: Any, mean: Any, bins: int) -> np.ndarray:
-    """Stand-in for stats._estimate_rows: each row's count and mean (from the one pass), no sample statistics."""
-    out = np.zeros((samples.shape[0], stats.HEAD + bins + stats.N_EXP))
-    out[:, 0], out[:, 1] = n, mean
+def _head_only(samples: Any, n: Any, mean: Any, mn: Any, mx: Any, bins: int) -> np.ndarray:
+    """Stand-in for host._estimate_rows: each row's exact parts (from every element), no sample statistics."""
+    out = np.zeros((samples.shape[0], layout.STATS.length(bins)))
+    layout.STATS.put(out, count=n, mean=mean, min=mn, max=mx)
     return out
 
 
 def _no_pass(self: Any, key: Any, x: torch.Tensor, n: int) -> Any:
-    """Stand-in for StepBatch._take_large: the tensor taken without being read (a constant row comes back)."""
-    self.large[key] = (n, 0.0, 0)
+    """Stand-in for HostBatch._take_large: the tensor taken without being read (a constant row comes back)."""
+    self.large[key] = (n, 0.0, 0.0, 0.0, 0)
     self._used = max(self._used, 1)
     if self._rows is None:
         self._rows = np.zeros((1, self.sample_cap), dtype=np.float32)
-    return stats.StatsMeta(numel=n, bins=self.bins, sample_n=self.sample_cap, estimated=True)
+    return layout.StatsMeta(numel=n, bins=self.bins, sample_n=self.sample_cap, estimated=True)
 
 
 def _one_unit_only(y: torch.Tensor, unit_dim: int, ever: torch.Tensor, rare: float, **kw: Any) -> torch.Tensor:
@@ -152,9 +153,9 @@ def _one_unit_only(y: torch.Tensor, unit_dim: int, ever: torch.Tensor, rare: flo
 def _no_statistics(x: torch.Tensor, *, bins: int, sample_cap: int, **kw: Any) -> tuple[torch.Tensor, Any]:
     """Stand-in for recorder.tensor_stats: a vector of the right layout, nothing read."""
     n = x.numel()
-    vec = torch.zeros(stats.vector_length(bins), dtype=torch.float64)
-    vec[0] = n
-    return vec, stats.StatsMeta(numel=n, bins=bins, sample_n=min(n, sample_cap))
+    vec = torch.zeros(layout.STATS.length(bins), dtype=torch.float64)
+    vec[layout.STATS.COUNT] = n
+    return vec, layout.StatsMeta(numel=n, bins=bins, sample_n=min(n, sample_cap))
 
 
 _REAL_UNIT_ACTIVITY = recorder.unit_activity
@@ -165,13 +166,13 @@ ABLATIONS: dict[str, tuple[str, list[tuple[Any, str, Any]], bool, bool]] = {
     "actdiag": ("watch(every=1) as it is", [], True, False),
     "no-sample": (
         "large tensors: the one pass and the sample copy only (no sample statistics, no histograms)",
-        [(stats, "_estimate_rows", _head_only)],
+        [(host, "_estimate_rows", _head_only)],
         True,
         False,
     ),
     "no-sample-no-units": (
         "the same, and the per-unit ReLU pass on one sample",
-        [(stats, "_estimate_rows", _head_only), (recorder, "unit_activity", _one_unit_only)],
+        [(host, "_estimate_rows", _head_only), (recorder, "unit_activity", _one_unit_only)],
         True,
         False,
     ),
@@ -179,8 +180,8 @@ ABLATIONS: dict[str, tuple[str, list[tuple[Any, str, Any]], bool, bool]] = {
         "tensors over the sample size not read at all (a constant vector), the per-unit pass on one sample",
         [
             (recorder, "tensor_stats", _no_statistics),
-            (stats.StepBatch, "_take_large", _no_pass),
-            (stats, "_estimate_rows", _head_only),
+            (host.HostBatch, "_take_large", _no_pass),
+            (host, "_estimate_rows", _head_only),
             (recorder, "unit_activity", _one_unit_only),
         ],
         True,

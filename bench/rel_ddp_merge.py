@@ -59,10 +59,11 @@ def worker(rank: int, init: str) -> None:
 
 
 def monitor_payload_kib() -> float:
-    from actdiag.hooks.stats import DEFAULT_BINS, vector_length
+    from actdiag.hooks.layout import STATS
+    from actdiag.hooks.stats import DEFAULT_BINS
 
     n_stats = 20 * 2 + 20 * 2  # 20 layers (activation, gradient) + 20 parameters (weight, gradient)
-    return (n_stats * vector_length(DEFAULT_BINS) + 10 * 2 * 256) * 8 / 1024
+    return (n_stats * STATS.length(DEFAULT_BINS) + 10 * 2 * 256) * 8 / 1024
 
 
 def main() -> None:

@@ -33,22 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from actdiag import distributed as _dist
+from actdiag.hooks import merge as _dist
+from actdiag.hooks.device import DeviceBatch, RowBatch, RowStore, fill_row
+from actdiag.hooks.host import HostBatch
+from actdiag.hooks.keys import Key
+from actdiag.hooks.layout import StatsMeta, decode_many
+from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, DEFAULT_SAMPLE_CAP, numpy_view, segments
 from actdiag.hooks.stats import (
-    _BATCH_DTYPES,
-    _SAMPLES,
     DEFAULT_BINS,
-    DEFAULT_SAMPLE_CAP,
-    DeviceBatch,
-    RowBatch,
-    RowStore,
-    StatsMeta,
-    StepBatch,
-    decode_many,
-    fill_row,
-    numpy_view,
+    Path,
+    on_host,
     saturation_count,
-    segments,
     tensor_stats,
     unit_activity,
     unit_dim_for,
@@ -186,9 +181,6 @@ class _LayerCall:
     sat_numel: int = 0
 
 
-_Key = tuple[str, ...]  # ("L", name, call, kind) or ("P", param_name, kind)
-
-
 class Recorder:
     """Records one step at a time; `begin(step)` ... `end()` -> StepRecord. Not thread-safe (neither is autograd
     hook registration on one model)."""
@@ -203,7 +195,7 @@ class Recorder:
         sample_cap: int = DEFAULT_SAMPLE_CAP,
         track_weights: bool = True,
         track_updates: bool = True,
-        sync_free: bool | None = None,
+        path: Path | None = None,
         exact: bool = True,
         on_error: Callable[[str, BaseException], None] | None = None,
         distributed: bool | None = None,
@@ -242,8 +234,8 @@ class Recorder:
         self.sample_cap = sample_cap
         self.track_weights = track_weights
         self.track_updates = track_updates
-        self.sync_free = sync_free
-        self.exact = exact
+        self.path = path  # None: the host path for CPU tensors, the device path for the rest (stats.Path)
+        self.exact = exact  # False: large tensors' spread, zeros, histograms and update ratios from their sample
         self._on_error = on_error
         self.targets = select_modules(model, include, exclude)
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters()) if track_weights else []
@@ -254,11 +246,11 @@ class Recorder:
         self._recording = False
         self._token = 0
         self._step = -1
-        self._pending: dict[_Key, tuple[torch.Tensor, Any]] = {}
-        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, _Key]] = {}
-        self._aliases: dict[_Key, _Key] = {}
-        self._batch = StepBatch(bins, sample_cap)  # CPU tensors of the step measured together in end()
-        self._dbatch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
+        self._pending: dict[Key, tuple[torch.Tensor, Any]] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, Key]] = {}
+        self._aliases: dict[Key, Key] = {}
+        self._host_batch = HostBatch(bins, sample_cap)  # the host path's tensors, measured together in end()
+        self._device_batch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
         self._update_rows = _UpdateRows(sample_cap)  # the device path's weight samples for the update ratios
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
@@ -269,7 +261,7 @@ class Recorder:
         self._np_snapshots: dict[str, tuple[int, np.ndarray | None, np.ndarray]] = {}
         self._prev_channels_first = False
         self.failed: set[str] = set()
-        self._kinds: dict[_Key, str] = {}
+        self._kinds: dict[Key, str] = {}
         self._late_params: dict[str, torch.Tensor] = {}
         self._late_queued = False
         self._nograd_calls: dict[str, list[int]] = {}
@@ -320,7 +312,7 @@ class Recorder:
             return None
         with torch.no_grad():
             for pname, p in self.params:
-                if not self._has(("P", pname, "weight")):
+                if not self._has(Key.param(pname, "weight")):
                     self._guard("weights", self._record_weight, pname, p, False)
             for pname, snap in self._snapshots.items():
                 self._guard("updates", self._record_update, pname, self._param_map[pname], snap)
@@ -331,10 +323,10 @@ class Recorder:
         self._snapshots = {}
         self._np_snapshots = {}
         self._recording = False
-        if len(self._batch):
-            self._pending.update(self._batch.finish())
-        if len(self._dbatch):
-            self._pending.update(self._dbatch.finish())
+        if len(self._host_batch):
+            self._pending.update(self._host_batch.finish())
+        if len(self._device_batch):
+            self._pending.update(self._device_batch.finish())
         # Keys measured as another key's tensor take its statistics after the read-back (and the merge across
         # ranks, identical for both): one vector read back, merged and decoded, one TensorStats object shared.
         aliases = {key: src for key, src in self._aliases.items() if src in self._pending}
@@ -362,15 +354,15 @@ class Recorder:
         with torch.no_grad():
             for pname, p in self.params:
                 if p.requires_grad and p.grad is not None:
-                    self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
+                    self._guard("weight gradients", self._put_stats, Key.param(pname, "grad"), p.grad)
 
     def abort(self) -> None:
         """Drop the step in progress and remove every hook (used on exit and after errors)."""
         self._remove_hooks()
         self._recording = False
         self._clear_step()
-        self._batch.release()
-        self._dbatch.release()
+        self._host_batch.release()
+        self._device_batch.release()
         self._update_rows.release()
 
     def _clear_step(self) -> None:
@@ -378,8 +370,8 @@ class Recorder:
         self._pending = {}
         self._seen = {}
         self._aliases = {}
-        self._batch.clear()
-        self._dbatch.clear()
+        self._host_batch.clear()
+        self._device_batch.clear()
         self._update_rows.clear()
         self._kinds = {}
         self._late_params = {}
@@ -441,7 +433,7 @@ class Recorder:
         self._recomputed[name] = k + 1
         t = first_tensor(output)
         if t is not None and t.is_floating_point() and t.requires_grad:
-            t.register_hook(partial(self._grad_hook, ("L", name, str(calls[k]), "grad"), self._token))
+            t.register_hook(partial(self._grad_hook, Key.layer(name, calls[k], "grad"), self._token))
 
     def _record_output(self, name: str, module: nn.Module, output: Any) -> None:
         t = first_tensor(output)
@@ -459,8 +451,7 @@ class Recorder:
             weight_name=self._weight_of.get(name),
         )
         self._order.append(info)
-        key_base = ("L", name, str(call))
-        self._put_stats(key_base + ("act",), t, _dist.KIND_STATS)
+        self._put_stats(Key.layer(name, call, "act"), t, _dist.KIND_STATS)
         floating = t.is_floating_point()
         bounds = bounds_of(module)
         if bounds is not None and floating and t.numel():
@@ -468,8 +459,8 @@ class Recorder:
             info.bounds = (lo, hi)
             info.sat_numel = t.numel()
             self._put(
-                key_base + ("sat",),
-                saturation_count(t, lo, hi, tol, sync_free=self.sync_free),
+                Key.layer(name, call, "sat"),
+                saturation_count(t, lo, hi, tol, path=self.path),
                 t.numel(),
                 _dist.KIND_SUM,
             )
@@ -484,21 +475,21 @@ class Recorder:
                 info.units = units
                 if self.merger is None:
                     self._put(
-                        key_base + ("units",),
-                        unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, sync_free=self.sync_free),
+                        Key.layer(name, call, "units"),
+                        unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path),
                         None,
                     )
                 else:
                     # Dead/rare/never are decided after the ranks' per-unit counts are summed.
                     vec = _dist.unit_vector(t, udim, ever)
-                    self._put(key_base + ("unitvec",), vec, t.numel() // max(units, 1), _dist.KIND_UNITS)
+                    self._put(Key.layer(name, call, "unitvec"), vec, t.numel() // max(units, 1), _dist.KIND_UNITS)
         self._prev_channels_first = isinstance(module, _CHANNELS_FIRST_3D)
         if floating and t.requires_grad and torch.is_grad_enabled():
-            t.register_hook(partial(self._grad_hook, key_base + ("grad",), self._token))
+            t.register_hook(partial(self._grad_hook, Key.layer(name, call, "grad"), self._token))
         elif floating and not torch.is_grad_enabled():
             self._nograd_calls.setdefault(name, []).append(call)
 
-    def _grad_hook(self, key: _Key, token: int, grad: torch.Tensor) -> None:
+    def _grad_hook(self, key: Key, token: int, grad: torch.Tensor) -> None:
         # A hook can outlive its step (a graph kept alive and backpropagated later): ignore stale ones.
         if token != self._token or not self._recording:
             return
@@ -517,7 +508,7 @@ class Recorder:
             return
         # Gradient accumulation runs this hook once per backward; the weight is measured on the first. It is still
         # the weight the forward pass used: the optimizer has not run.
-        if not self._has(("P", pname, "weight")):
+        if not self._has(Key.param(pname, "weight")):
             self._guard("weights", self._record_weight, pname, p, True)
         if self.merger is not None:
             # Under DDP this is still the rank's own gradient: the all-reduced average is written into .grad by a
@@ -527,7 +518,7 @@ class Recorder:
                 self._late_queued = True
                 self._guard("weight gradients", _queue_callback, self._late_first)
             return
-        self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
+        self._guard("weight gradients", self._put_stats, Key.param(pname, "grad"), p.grad)
 
     def _late_first(self) -> None:
         # Runs at the end of backward, but possibly before DDP's callback (queued when its last bucket was ready,
@@ -541,29 +532,35 @@ class Recorder:
             return
         for pname, p in params.items():
             if p.grad is not None:
-                self._guard("weight gradients", self._put_stats, ("P", pname, "grad"), p.grad)
+                self._guard("weight gradients", self._put_stats, Key.param(pname, "grad"), p.grad)
 
     def _record_weight(self, pname: str, p: torch.Tensor, before_update: bool) -> None:
-        self._put_stats(("P", pname, "weight"), p)
+        self._put_stats(Key.param(pname, "weight"), p)
         if before_update and self.track_updates and p.is_floating_point():
-            # The update ratio |w_after - w_before| / |w_before| is estimated on a fixed sample of at most
-            # sample_cap elements (the histograms' sample): a full copy of every weight would double the
-            # parameters' memory on recorded steps and cost two extra passes over them.
+            # The update ratio |w_after - w_before| / |w_before| compares the weight with a copy taken now: of every
+            # element when statistics are exact, of its fixed sample (the histograms') when a large weight may be
+            # estimated, where a full copy of every weight on every recorded step would double the parameters'
+            # memory and cost two extra passes over them.
             flat = p.detach().reshape(-1)
             n = flat.numel()
-            a = numpy_view(flat) if not self.sync_free and n else None
+            sampled = self._update_sampled(n)
+            a = numpy_view(flat) if on_host(flat, self.path) and n else None
             if a is not None:  # on the CPU: numpy, no ATen call (see _record_updates_numpy)
-                idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if n > self.sample_cap else None
+                idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if sampled else None
                 self._np_snapshots[pname] = (n, idx_np, a.copy() if idx_np is None else a.take(idx_np))
                 return
-            if self._update_rows.take(pname, flat):  # the device path: compared in one batch in end()
-                return
+            if (sampled or n <= self.sample_cap) and self._update_rows.take(pname, flat):
+                return  # the device path: compared in one batch in end()
             idx = None
-            if n > self.sample_cap:
+            if sampled:
                 idx = _SAMPLES.get(n, self.sample_cap, flat.device)
                 self._snapshots[pname] = (idx, flat.index_select(0, idx))
             else:
                 self._snapshots[pname] = (idx, flat.clone())
+
+    def _update_sampled(self, numel: int) -> bool:
+        """Whether a weight of `numel` elements gets its update ratio from its fixed sample (an estimate)."""
+        return not self.exact and numel > self.sample_cap
 
     def _record_updates_numpy(self, snaps: Mapping[str, tuple[int, np.ndarray | None, np.ndarray]]) -> None:
         """The update ratios of every CPU parameter with a numpy snapshot, in one batch: the same sample of the
@@ -590,11 +587,11 @@ class Recorder:
         out[:, 1] = np.add.reduceat(b64 * b64, starts)
         np.sqrt(out, out=out)
         for i, pname in enumerate(names):
-            self._put(("P", pname, "update"), torch.from_numpy(out[i]), None, _dist.KIND_REPLICATED)
+            self._put(Key.param(pname, "update"), torch.from_numpy(out[i]), None, _dist.KIND_REPLICATED)
 
     def _record_updates_rows(self) -> None:
         for pname, vec in self._update_rows.ratios(self._param_map).items():
-            self._put(("P", pname, "update"), vec, None, _dist.KIND_REPLICATED)
+            self._put(Key.param(pname, "update"), vec, None, _dist.KIND_REPLICATED)
 
     def _record_update(self, pname: str, p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> None:
         # Device ops, nothing read back: the device path's weights that _UpdateRows does not take (float64, or on a
@@ -605,23 +602,23 @@ class Recorder:
             cur = cur.index_select(0, idx)
         d = (cur - p0).to(torch.float32)
         vec = torch.stack([torch.linalg.vector_norm(d), torch.linalg.vector_norm(p0.to(torch.float32))])
-        self._put(("P", pname, "update"), vec.to(torch.float64), None, _dist.KIND_REPLICATED)
+        self._put(Key.param(pname, "update"), vec.to(torch.float64), None, _dist.KIND_REPLICATED)
 
     # ------------------------------------------------------------------ helpers
     def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
-        return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, sync_free=self.sync_free, exact=self.exact)
+        return tensor_stats(t, bins=self.bins, sample_cap=self.sample_cap, path=self.path, exact=self.exact)
 
-    def _put_stats(self, key: _Key, t: torch.Tensor, kind: str = "replicated", source: Any = None) -> None:
+    def _put_stats(self, key: Key, t: torch.Tensor, kind: str = "replicated", source: Any = None) -> None:
         # `source`: the tensor `t` was computed from when it is not the one a hook received (a gradient scaled
         # under DDP); the check for a tensor already measured looks at that one.
         source = t if source is None else source
-        layer = key[0] == "L"
+        layer = key.is_layer
         if layer and self._same_as_measured(key, source):  # an earlier key's statistics, given to this one in end()
             return
         # Measured with the step's other tensors in end() (take() keeps what it needs): CPU tensors in numpy, the
-        # device path's (CUDA tensors, or all with sync_free=True) with one set of device ops for all of them.
-        on_host = not self.sync_free and t.device.type == "cpu"
-        meta = (self._batch if on_host else self._dbatch).take(key, t, not self.exact)
+        # device path's (CUDA tensors, or all with path="device") with one set of device ops for all of them.
+        batch = self._host_batch if on_host(t, self.path) else self._device_batch
+        meta = batch.take(key, t, not self.exact)
         if meta is not None:
             self._pending.pop(key, None)
             self._aliases.pop(key, None)
@@ -633,7 +630,7 @@ class Recorder:
         if layer:
             self._remember(key, source)
 
-    def _same_as_measured(self, key: _Key, t: torch.Tensor) -> bool:
+    def _same_as_measured(self, key: Key, t: torch.Tensor) -> bool:
         """True (and `key` takes the earlier entry's statistics in end()) if this very tensor object was already
         measured in this step and has not been modified in place since (same version counter). Pass-through modules
         give such tensors: nn.Identity (e.g. a residual shortcut), nn.Dropout in eval mode or with p=0, a Flatten of
@@ -647,30 +644,30 @@ class Recorder:
         self._aliases[key] = seen[2]
         return True
 
-    def _remember(self, key: _Key, t: torch.Tensor) -> None:
+    def _remember(self, key: Key, t: torch.Tensor) -> None:
         # A weak reference: the check must not keep a gradient alive until the step ends. While the object lives,
         # its id is its own.
         if not t.is_inference():
             self._seen[id(t)] = (weakref.ref(t), t._version, key)
 
     def _any_param_grad(self) -> bool:
-        return _has_param_grad((*self._pending, *self._batch.keys(), *self._dbatch.keys()))
+        return _has_param_grad((*self._pending, *self._host_batch.keys(), *self._device_batch.keys()))
 
-    def _has(self, key: _Key) -> bool:
-        return key in self._pending or key in self._batch or key in self._dbatch or key in self._aliases
+    def _has(self, key: Key) -> bool:
+        return key in self._pending or key in self._host_batch or key in self._device_batch or key in self._aliases
 
-    def _put(self, key: _Key, vec: torch.Tensor, meta: Any, kind: str = "replicated") -> None:
-        # `kind` says how the entry merges across ranks (actdiag.distributed.KIND_*; the default is
+    def _put(self, key: Key, vec: torch.Tensor, meta: Any, kind: str = "replicated") -> None:
+        # `kind` says how the entry merges across ranks (merge.KIND_*; the default is
         # KIND_REPLICATED, spelled out because default values are evaluated while the modules import each other).
         self._forget(key)
         self._pending[key] = (vec, meta)
         self._kinds[key] = kind
 
-    def _forget(self, key: _Key) -> None:
+    def _forget(self, key: Key) -> None:
         # A key's statistics live in one place: a vector in _pending, a small tensor in the batch, or an alias.
         self._pending.pop(key, None)
-        self._batch.discard(key)
-        self._dbatch.discard(key)
+        self._host_batch.discard(key)
+        self._device_batch.discard(key)
         self._aliases.pop(key, None)
         self._kinds.pop(key, None)
 
@@ -682,21 +679,21 @@ class Recorder:
         return None if p is None else self._param_name.get(id(p))
 
     def _decode(
-        self, host: Mapping[_Key, tuple[np.ndarray, Any]], order: list[_LayerCall], aliases: Mapping[_Key, _Key]
+        self, host: Mapping[Key, tuple[np.ndarray, Any]], order: list[_LayerCall], aliases: Mapping[Key, Key]
     ) -> StepRecord:
         keys = [k for k, (_, meta) in host.items() if isinstance(meta, StatsMeta)]
         decoded = dict(zip(keys, decode_many([host[k][0] for k in keys], [host[k][1] for k in keys]), strict=True))
 
-        def stats(key: _Key) -> TensorStats | None:
+        def stats(key: Key) -> TensorStats | None:
             return decoded.get(aliases.get(key, key))
 
         params: list[ParamStats] = []
         by_name: dict[str, ParamStats] = {}
         for pname, p in self.params:
-            w = stats(("P", pname, "weight"))
+            w = stats(Key.param(pname, "weight"))
             if w is None:
                 continue
-            upd = host.get(("P", pname, "update"))
+            upd = host.get(Key.param(pname, "update"))
             ratio = None
             if upd is not None:
                 delta, norm0 = float(upd[0][0]), float(upd[0][1])
@@ -706,19 +703,20 @@ class Recorder:
                 shape=tuple(p.shape),
                 requires_grad=p.requires_grad,
                 weight=w,
-                grad=stats(("P", pname, "grad")),
+                grad=stats(Key.param(pname, "grad")),
                 update_ratio=ratio,
+                update_ratio_estimated=ratio is not None and self._update_sampled(p.numel()),
             )
             params.append(ps)
             by_name[pname] = ps
         layers = []
         for info in order:
-            base = ("L", info.name, str(info.call))
+            base = Key.layer(info.name, info.call, "act")
             saturation = dead = rare = never = None
-            sat = host.get(base + ("sat",))
+            sat = host.get(base._replace(kind="sat"))
             if sat is not None and sat[1]:
                 saturation = float(sat[0][0]) / float(sat[1])  # meta: elements counted (all ranks' when merged)
-            units = host.get(base + ("units",))
+            units = host.get(base._replace(kind="units"))
             if units is not None and info.units:
                 dead, rare, never = (float(v) / info.units for v in units[0][:3])
             wp = by_name.get(info.weight_name) if info.weight_name else None
@@ -730,8 +728,8 @@ class Recorder:
                     call=info.call,
                     shape=info.shape,
                     dtype=info.dtype,
-                    activation=stats(base + ("act",)),
-                    gradient=stats(base + ("grad",)),
+                    activation=stats(base),
+                    gradient=stats(base._replace(kind="grad")),
                     weight=wp.weight if wp else None,
                     weight_grad=wp.grad if wp else None,
                     weight_name=info.weight_name if wp else None,
@@ -742,6 +740,7 @@ class Recorder:
                     rare_fraction=rare,
                     never_active_fraction=never,
                     update_ratio=wp.update_ratio if wp else None,
+                    update_ratio_estimated=wp.update_ratio_estimated if wp else False,
                 )
             )
         return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))
@@ -867,18 +866,18 @@ def _queue_callback(fn: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
-def _has_param_grad(keys: Iterable[_Key]) -> bool:
+def _has_param_grad(keys: Iterable[Key]) -> bool:
     """Whether any of the step's keys is a parameter's gradient (a step with neither layers nor these recorded
     nothing)."""
-    return any(k[0] == "P" and k[2] == "grad" for k in keys)
+    return any(not k.is_layer and k.kind == "grad" for k in keys)
 
 
-def _read_back(pending: Mapping[_Key, tuple[torch.Tensor, Any]]) -> dict[_Key, tuple[np.ndarray, Any]]:
+def _read_back(pending: Mapping[Key, tuple[torch.Tensor, Any]]) -> dict[Key, tuple[np.ndarray, Any]]:
     """One device-to-host copy per device: concatenate every vector of the step, copy, split on the host."""
-    by_device: dict[torch.device, list[tuple[_Key, torch.Tensor, Any]]] = {}
+    by_device: dict[torch.device, list[tuple[Key, torch.Tensor, Any]]] = {}
     for key, (vec, meta) in pending.items():
         by_device.setdefault(vec.device, []).append((key, vec, meta))
-    out: dict[_Key, tuple[np.ndarray, Any]] = {}
+    out: dict[Key, tuple[np.ndarray, Any]] = {}
     for device, items in by_device.items():
         if device.type == "cpu":  # already on the host: no copy to make, so no concatenation either
             for key, vec, meta in items:

@@ -49,7 +49,7 @@ def summary(monitor: Monitor, findings: Sequence[Finding], logdir: Path | None) 
     head = f"actdiag: recorded {monitor.recorded_steps} of {monitor.steps} steps (every {monitor.every})"
     rec = monitor.latest
     if rec is not None and any(st.estimated for st in measured_stats(rec.layers, rec.params)):
-        head += "; large tensors' std, min, max and zeros estimated from a sample (exact=True for exact ones)"
+        head += "; large tensors' std, zeros and histograms estimated from a sample (accuracy='exact' for exact ones)"
     if logdir is not None:
         head += f"; TensorBoard: {logdir}"
     if not findings:

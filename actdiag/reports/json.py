@@ -41,7 +41,7 @@ def stats_to_dict(s: TensorStats) -> dict[str, Any]:
         "abs_max": _num(s.abs_max),
         "zero_fraction": s.zero_fraction,
         "nonfinite_count": s.nonfinite_count,
-        "estimated": s.estimated,
+        "estimated": list(s.estimated),  # the fields from a sample (CONTRACT.md, "Exactness"); [] when exact
         "histogram": {
             "edges": [float(e) for e in s.histogram.edges],
             "counts": [int(c) for c in s.histogram.counts],
@@ -65,6 +65,8 @@ def layer_to_dict(layer: LayerStats) -> dict[str, Any]:
         v = getattr(layer, key)
         if v is not None:
             d[key] = _num(v)
+    if layer.update_ratio is not None and layer.update_ratio_estimated:
+        d["estimated"] = ["update_ratio"]
     if layer.bounds is not None:
         d["bounds"] = list(layer.bounds)
     if layer.units is not None:
@@ -79,6 +81,8 @@ def param_to_dict(p: ParamStats) -> dict[str, Any]:
         d["grad"] = stats_to_dict(p.grad)
     if p.update_ratio is not None:
         d["update_ratio"] = _num(p.update_ratio)
+        if p.update_ratio_estimated:
+            d["estimated"] = ["update_ratio"]
     return d
 
 

@@ -124,17 +124,20 @@ def test_profile_accounts_for_every_part() -> None:
 
 def test_profile_ablation_times_every_copy_and_restores_the_stand_ins() -> None:
     profile_step = load("profile_step")
-    from actdiag.hooks import recorder, stats
+    from actdiag.hooks import host, recorder
+    from actdiag.hooks.layout import STATS
 
-    real = (stats._estimate_rows, stats.StepBatch._take_large, recorder.tensor_stats, recorder.unit_activity)
+    real = (host._estimate_rows, host.HostBatch._take_large, recorder.tensor_stats, recorder.unit_activity)
     lines = profile_step.main(["--smoke", "--model", "mlp", "--ablate"])
     text = "\n".join(lines)
     for name in profile_step.ABLATIONS:
         assert f"| {name} |" in text, f"missing copy {name!r}"
-    assert (stats._estimate_rows, stats.StepBatch._take_large, recorder.tensor_stats, recorder.unit_activity) == real
+    assert (host._estimate_rows, host.HostBatch._take_large, recorder.tensor_stats, recorder.unit_activity) == real
     # The stand-in keeps the vectors' layout: count and mean from the one pass.
-    rows = profile_step._head_only(np.zeros((2, 8), np.float32), np.array([5.0, 7.0]), np.array([0.5, 2.0]), 64)
-    assert rows.shape == (2, stats.vector_length(64)) and rows[:, 0].tolist() == [5, 7] and rows[1, 1] == 2.0
+    n, mean, lo = np.array([5.0, 7.0]), np.array([0.5, 2.0]), np.array([-1.0, 0.0])
+    rows = profile_step._head_only(np.zeros((2, 8), np.float32), n, mean, lo, lo + 3, 64)
+    assert rows.shape == (2, STATS.length(64)) and rows[:, STATS.COUNT].tolist() == [5, 7]
+    assert rows[1, STATS.MEAN] == 2.0 and rows[0, STATS.MAX] == 2.0
 
 
 def test_step_benchmark_fixed_malloc_is_said(tmp_path: Path) -> None:

@@ -274,7 +274,7 @@ def test_failure_inside_actdiag_hooks_is_internal_not_the_users(write, run, monk
         raise RuntimeError("kernel bug")
 
     monkeypatch.setattr(recorder, "tensor_stats", broken)
-    monkeypatch.setattr(recorder.StepBatch, "take", broken)  # tensors measured together, in end()
+    monkeypatch.setattr(recorder.HostBatch, "take", broken)  # tensors measured together, in end()
     result = run(write("model.py", SOURCE))
     assert result.exit_code == 3, result.stderr
     assert "kernel bug" in result.stderr

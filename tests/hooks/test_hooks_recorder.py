@@ -112,8 +112,8 @@ class PassThroughNet(nn.Module):
 
 @pytest.mark.parametrize("batch", [16, 128], ids=["small tensors (batched)", "large tensors (per tensor)"])
 def test_a_tensor_seen_twice_in_one_state_is_measured_once(monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    from actdiag.hooks import host as host_mod
     from actdiag.hooks import recorder as rec_mod
-    from actdiag.hooks import stats as stats_mod
 
     torch.manual_seed(3)
     width = 96  # batch 128: 12288 elements per activation, over the 8192-element sample; batch 16: 1536, under
@@ -134,21 +134,21 @@ def test_a_tensor_seen_twice_in_one_state_is_measured_once(monkeypatch: pytest.M
     model.zero_grad()
 
     measured = []
-    real_stats, real_take = rec_mod.tensor_stats, stats_mod.StepBatch.take
+    real_stats, real_take = rec_mod.tensor_stats, host_mod.HostBatch.take
 
     def count_stats(t: torch.Tensor, **kw: object) -> object:
         measured.append(t.numel())
         return real_stats(t, **kw)
 
-    def count_take(self: stats_mod.StepBatch, key: object, t: torch.Tensor, estimate: bool = False) -> object:
+    def count_take(self: host_mod.HostBatch, key: object, t: torch.Tensor, estimate: bool = False) -> object:
         meta = real_take(self, key, t, estimate)
         if meta is not None:
             measured.append(t.numel())
         return meta
 
     monkeypatch.setattr(rec_mod, "tensor_stats", count_stats)
-    monkeypatch.setattr(stats_mod.StepBatch, "take", count_take)
-    with actdiag.watch(model, every=1, exact=True) as mon:
+    monkeypatch.setattr(host_mod.HostBatch, "take", count_take)
+    with actdiag.watch(model, every=1, accuracy="exact") as mon:
         model(x).pow(2).mean().backward()
         mon.step()
         n_measured = len(measured)
@@ -432,7 +432,7 @@ def test_sync_free_path_reads_nothing_back_until_the_step_ends(monkeypatch: pyte
 
     model = DropNet()
     x = torch.randn(3, 3, 6, 6)
-    rec = Recorder(model, sync_free=True, sample_cap=16)
+    rec = Recorder(model, path="device", sample_cap=16)
     model(x).sum().backward()  # warm the sample-index cache outside the check too
     rec.begin(0)
 
@@ -452,12 +452,12 @@ def test_sync_free_path_reads_nothing_back_until_the_step_ends(monkeypatch: pyte
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_device_path_records_what_the_host_path_records(exact: bool) -> None:
-    """The device path (CUDA's, here on the CPU with sync_free=True: its batch of rows, its estimated large tensors)
+    """The device path (CUDA's, here on the CPU with path="device": its batch of rows, its estimated large tensors)
     and the host path give one model's step the same statistics, an in-place ReLU after a BatchNorm and a NaN
     included."""
     from actdiag.hooks.recorder import Recorder
 
-    def record(sync_free: bool) -> object:
+    def record(path: str) -> object:
         torch.manual_seed(0)
         model = nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Flatten(),
@@ -465,12 +465,12 @@ def test_device_path_records_what_the_host_path_records(exact: bool) -> None:
         )  # fmt: skip
         x = torch.randn(20, 3, 12, 12, generator=torch.Generator().manual_seed(1))
         x[0, 0, 0, 0] = math.nan  # one NaN: counted exactly on both paths
-        rec = Recorder(model, sync_free=sync_free, sample_cap=512, exact=exact)
+        rec = Recorder(model, path=path, sample_cap=512, exact=exact)
         rec.begin(0)
         model(x).nan_to_num().sum().backward()
         return rec.end()
 
-    host, device = record(False), record(True)
+    host, device = record("host"), record("device")
     assert [layer.name for layer in host.layers] == [layer.name for layer in device.layers]
     pairs = [(h.activation, d.activation) for h, d in zip(host.layers, device.layers, strict=True)]
     pairs += [(h.gradient, d.gradient) for h, d in zip(host.layers, device.layers, strict=True)]
@@ -515,7 +515,7 @@ def test_exactness_follows_the_interval_unless_told(tmp_path) -> None:  # noqa: 
         return mon
 
     often, rare = run(every=1), run(every=EXACT_FROM_EVERY)
-    forced = run(every=1, exact=True)
+    forced = run(every=1, accuracy="exact")
     big = often.latest.layers[0]  # 64 x 256 outputs and a 256 x 256 weight: over the cap of 1000
     small = often.latest.layers[2]  # 64 x 4 outputs, under the cap: exact whatever the mode
     assert big.activation.estimated and big.gradient.estimated and big.weight.estimated
@@ -526,10 +526,11 @@ def test_exactness_follows_the_interval_unless_told(tmp_path) -> None:  # noqa: 
     # Exact and estimated agree on what is exact in both (count, mean) and closely on the rest.
     a_est, a_ex = big.activation, rare.latest.layers[0].activation
     assert a_est.count == a_ex.count and a_est.mean == pytest.approx(a_ex.mean, rel=1e-5, abs=1e-7)
+    assert (a_est.min, a_est.max) == (a_ex.min, a_ex.max)  # extremes are exact at every interval
     assert a_est.std == pytest.approx(a_ex.std, rel=0.1)
     doc = json.loads(often.save_json(tmp_path / "r.json").read_text())
-    assert doc["layers"][0]["activation"]["estimated"] is True
-    assert doc["layers"][2]["activation"]["estimated"] is False
+    assert doc["layers"][0]["activation"]["estimated"] == ["std", "zero_fraction", "histogram"]
+    assert doc["layers"][2]["activation"]["estimated"] == []
     # A one-shot inspect is always exact.
     report = actdiag.inspect(model, x)
     assert report.layers[0].activation.numel > 8192  # over the default cap, so estimable
@@ -562,6 +563,6 @@ def test_the_sample_follows_the_interval_unless_told() -> None:
     assert sample_size(every=1) == FREQUENT_SAMPLE_CAP
     assert sample_size(every=EXACT_FROM_EVERY - 1) == FREQUENT_SAMPLE_CAP
     assert sample_size(every=EXACT_FROM_EVERY) == DEFAULT_SAMPLE_CAP
-    assert sample_size(every=1, exact=True) == FREQUENT_SAMPLE_CAP  # exactness and the sample are set apart
+    assert sample_size(every=1, accuracy="exact") == FREQUENT_SAMPLE_CAP  # exactness and the sample are set apart
     assert sample_size(every=1, sample_cap=5000) == 5000
     assert sample_size(every=EXACT_FROM_EVERY, sample_cap=3000) == 3000

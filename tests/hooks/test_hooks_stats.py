@@ -12,11 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actdiag.hooks.device import DeviceBatch, RowStore
+from actdiag.hooks.host import HostBatch
 from actdiag.hooks.stats import (
-    DeviceBatch,
-    RowStore,
     StatsMeta,
-    StepBatch,
     decode_many,
     decode_tensor_stats,
     saturation_count,
@@ -25,11 +24,11 @@ from actdiag.hooks.stats import (
 )
 from actdiag.records import E_LOW, ExponentHistogram, Histogram, TensorStats
 
-PATHS = [pytest.param(False, id="fast"), pytest.param(True, id="masked")]
+PATHS = [pytest.param("host", id="host"), pytest.param("device", id="device")]
 
 
-def compute(x: torch.Tensor, sync_free: bool, **kw):  # noqa: ANN202
-    vec, meta = tensor_stats(x, sync_free=sync_free, **kw)
+def compute(x: torch.Tensor, path: str, **kw):  # noqa: ANN202
+    vec, meta = tensor_stats(x, path=path, **kw)
     return decode_tensor_stats(vec.cpu().numpy(), meta)
 
 
@@ -48,8 +47,8 @@ def frexp_exponents(values: np.ndarray) -> np.ndarray:
     return np.maximum(e, E_LOW)  # float32 subnormals share the lowest bin
 
 
-def check_against_reference(x: torch.Tensor, sync_free: bool, rtol: float = 1e-5, s: TensorStats | None = None) -> None:
-    s = compute(x, sync_free) if s is None else s
+def check_against_reference(x: torch.Tensor, path: str, rtol: float = 1e-5, s: TensorStats | None = None) -> None:
+    s = compute(x, path) if s is None else s
     ref = reference(x)
     assert s.numel == ref["numel"]
     assert s.count == ref["count"]
@@ -82,7 +81,7 @@ def check_against_reference(x: torch.Tensor, sync_free: bool, rtol: float = 1e-5
         assert diff <= 2 * near.any(axis=1).sum()
 
 
-@pytest.mark.parametrize("sync_free", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "make",
     [
@@ -100,53 +99,53 @@ def check_against_reference(x: torch.Tensor, sync_free: bool, rtol: float = 1e-5
         pytest.param(lambda: torch.tensor([-3e38, 3e38, 0.0]), id="span-overflows-float32"),
     ],
 )
-def test_finite_tensors_match_reference(make, sync_free: bool) -> None:  # noqa: ANN001
-    check_against_reference(make(), sync_free)
+def test_finite_tensors_match_reference(make, path: str) -> None:  # noqa: ANN001
+    check_against_reference(make(), path)
 
 
-@pytest.mark.parametrize("sync_free", PATHS)
-def test_nonfinite_values_are_counted_and_left_out(sync_free: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_nonfinite_values_are_counted_and_left_out(path: str) -> None:
     x = torch.randn(200)
     x[3] = math.nan
     x[50] = math.inf
     x[51] = -math.inf
     x[120] = 0.0
-    check_against_reference(x, sync_free)
-    s = compute(x, sync_free)
+    check_against_reference(x, path)
+    s = compute(x, path)
     assert s.nonfinite_count == 3 and s.count == 197
 
 
-@pytest.mark.parametrize("sync_free", PATHS)
-def test_all_nonfinite_and_empty(sync_free: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_all_nonfinite_and_empty(path: str) -> None:
     for x in (torch.full((5,), math.nan), torch.tensor([math.inf, -math.inf]), torch.empty(0), torch.empty(3, 0)):
-        s = compute(x, sync_free)
+        s = compute(x, path)
         assert s.count == 0
         assert s.nonfinite_count == x.numel()
         assert math.isnan(s.mean) and math.isnan(s.std) and math.isnan(s.abs_max)
         assert s.histogram.total == 0 and s.exponents.total == 0
 
 
-@pytest.mark.parametrize("sync_free", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
-def test_integer_and_bool_tensors(dtype: torch.dtype, sync_free: bool) -> None:
+def test_integer_and_bool_tensors(dtype: torch.dtype, path: str) -> None:
     x = torch.randint(0, 2 if dtype == torch.bool else 100, (123,)).to(dtype)
-    check_against_reference(x, sync_free)
+    check_against_reference(x, path)
 
 
-@pytest.mark.parametrize("sync_free", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_reduced_in_float32(dtype: torch.dtype, sync_free: bool) -> None:
+def test_half_precision_reduced_in_float32(dtype: torch.dtype, path: str) -> None:
     x = (torch.randn(4096) * 100).to(dtype)
     x[0] = 60000 if dtype == torch.float16 else 1e30
     # The reference sees exactly the half values; accumulation in float32 keeps the moments accurate.
-    check_against_reference(x, sync_free, rtol=1e-5)
+    check_against_reference(x, path, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sync_free", PATHS)
-def test_large_tensor_histograms_are_sampled_but_moments_are_exact(sync_free: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_large_tensor_histograms_are_sampled_but_moments_are_exact(path: str) -> None:
     x = torch.randn(300_000)
     rng_before = torch.get_rng_state()
-    s = compute(x, sync_free, sample_cap=10_000)
+    s = compute(x, path, sample_cap=10_000)
     assert torch.equal(torch.get_rng_state(), rng_before), "sampling must not touch the user's RNG"
     ref = reference(x)
     assert s.count == ref["count"]
@@ -173,10 +172,10 @@ def test_large_tensor_histograms_are_sampled_but_moments_are_exact(sync_free: bo
         min_size=0,
         max_size=80,
     ),
-    st.booleans(),
+    st.sampled_from(["host", "device"]),
 )
-def test_random_float32_vectors(values: list[float], sync_free: bool) -> None:
-    check_against_reference(torch.tensor(values, dtype=torch.float32), sync_free, rtol=1e-4)
+def test_random_float32_vectors(values: list[float], path: str) -> None:
+    check_against_reference(torch.tensor(values, dtype=torch.float32), path, rtol=1e-4)
 
 
 def test_saturation_count_matches_reference() -> None:
@@ -215,8 +214,8 @@ def test_unit_activity_counts_dead_rare_and_never() -> None:
         pytest.param((1, 3, 70_000), 1, id="over-65535-per-row"),
     ],
 )
-@pytest.mark.parametrize("sync_free", PATHS)
-def test_unit_activity_matches_reference_counts(shape: tuple[int, ...], unit_dim: int, sync_free: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_unit_activity_matches_reference_counts(shape: tuple[int, ...], unit_dim: int, path: str) -> None:
     """Dead, rare and never-active counts against numpy int64 counts of positive outputs per unit, on every layout
     the recorder passes, including counts over 65535 (where a narrow accumulator would wrap around)."""
     g = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
@@ -234,7 +233,7 @@ def test_unit_activity_matches_reference_counts(shape: tuple[int, ...], unit_dim
     a = y.double().numpy()
     active = (np.moveaxis(a, unit_dim, -1) > 0).reshape(-1, shape[unit_dim]).sum(axis=0, dtype=np.int64)
     samples = a.size // shape[unit_dim]
-    got = unit_activity(y, unit_dim, ever, 0.01, sync_free=sync_free).tolist()
+    got = unit_activity(y, unit_dim, ever, 0.01, path=path).tolist()
     assert got == [(active == 0).sum(), (active < 0.01 * samples).sum(), (~(before | (active > 0))).sum()]
     np.testing.assert_array_equal(ever.numpy(), before | (active > 0))  # updated in place
 
@@ -261,20 +260,20 @@ ESTIMABLE = [
 def check_estimate(x: torch.Tensor, s: TensorStats, cap: int) -> None:
     """`s`, estimated from x's sample of `cap` elements, against a float64 reference over x and that sample."""
     ref, smp = reference(x), sample_of(x, cap)
-    assert s.estimated and s.histogram.sampled
-    # Exact, from the one pass over every element.
+    assert s.estimated == ("std", "zero_fraction", "histogram") and s.histogram.sampled
+    # Exact, from every element (CONTRACT.md, "Exactness"): count, mean, extremes.
     assert s.count == ref["count"] and s.nonfinite_count == 0
     assert s.mean == pytest.approx(ref["mean"], rel=1e-5, abs=1e-6 * ref["abs_max"])
+    assert s.min == ref["min"] and s.max == ref["max"] and s.abs_max == ref["abs_max"]
     # Estimated: the spread about that mean (as summed in float32: where the mean dominates, its rounding would
-    # swamp the comparison), extremes and zeros of the sample.
+    # swamp the comparison) and the zeros of the sample.
     assert s.std == pytest.approx(np.sqrt(((smp - s.mean) ** 2).mean()), rel=1e-5)
-    assert s.min == smp.min() and s.max == smp.max()
     assert s.zero_count == round((smp == 0).sum() * x.numel() / cap)
     assert s.histogram.total == cap
     nz = smp[smp != 0]
     expected = np.bincount(frexp_exponents(nz) - E_LOW, minlength=len(s.exponents.counts))
     np.testing.assert_array_equal(np.asarray(s.exponents.counts), expected)
-    if smp.max() > smp.min():
+    if s.max > s.min:
         ref_counts, _ = np.histogram(smp, bins=np.asarray(s.histogram.edges))
         assert np.abs(np.asarray(s.histogram.counts) - ref_counts).sum() <= 2
     else:  # a constant tensor: one bin holding the whole sample
@@ -292,7 +291,7 @@ def test_estimated_stats_match_float64_reference_on_their_sample(make) -> None: 
     check_estimate(x, decode_tensor_stats(vec.numpy(), meta), 5000)
 
 
-def take_change_and_finish(batch: StepBatch, cases: dict[str, torch.Tensor], estimate: bool = False) -> dict:
+def take_change_and_finish(batch: HostBatch, cases: dict[str, torch.Tensor], estimate: bool = False) -> dict:
     """Take every case into the batch, change cases["normal"] in place afterwards (as an in-place ReLU or the
     optimizer would: the batch must have kept what it needs when it took the tensor), finish and decode. `cases` is
     left holding the values as they were taken."""
@@ -314,7 +313,7 @@ def test_step_batch_estimates_large_tensors_like_the_per_tensor_path() -> None:
     cases = {p.id: p.values[0]() for p in ESTIMABLE if p.id != "float64-tiny"}
     cases["constant"] = torch.full((20_000,), -2.5)
     cases["mean-dominates"] = 1000 + torch.randn(40_000) * 1e-2
-    batch = StepBatch(bins=64, sample_cap=cap)
+    batch = HostBatch(bins=64, sample_cap=cap)
     assert batch.take("no-estimate", cases["normal"]) is None  # estimate=False: large tensors are not taken
     with_nan = torch.randn(50_000)
     with_nan[77] = math.nan
@@ -325,7 +324,7 @@ def test_step_batch_estimates_large_tensors_like_the_per_tensor_path() -> None:
     for key, got in take_change_and_finish(batch, cases, estimate=True).items():
         x = cases[key]
         check_estimate(x, got, cap)
-        alone = compute(x, sync_free=False, sample_cap=cap, exact=False)
+        alone = compute(x, path="host", sample_cap=cap, exact=False)
         assert (got.count, got.mean, got.min, got.max, got.zero_count) == (
             alone.count, alone.mean, alone.min, alone.max, alone.zero_count,
         ), key  # fmt: skip
@@ -337,7 +336,7 @@ def test_estimated_mode_is_exact_for_small_tensors_and_nonfinite_ones() -> None:
     small = torch.randn(4000)
     vec, meta = tensor_stats(small, sample_cap=5000, exact=False)
     assert not meta.estimated
-    check_against_reference(small, sync_free=False)
+    check_against_reference(small, path="host")
     # One NaN among 300k elements: the pass over every element sees it and the exact path counts it.
     x = torch.randn(300_000)
     x[123_457] = math.nan
@@ -366,10 +365,10 @@ def test_estimated_sum_overflow_falls_back_to_exact() -> None:
     [*ESTIMABLE, pytest.param(lambda: (torch.randn(300_000) * 3 + 1).bfloat16(), id="bfloat16")],
 )
 def test_device_path_estimates_like_the_cpu_path(make) -> None:  # noqa: ANN001
-    # The device path (CUDA's; sync_free=True runs it on the CPU) with exact=False: count and mean from every
+    # The device path (CUDA's; path="device" runs it on the CPU) with exact=False: count and mean from every
     # element, the rest from the same sample as the CPU path.
     x = make()
-    vec, meta = tensor_stats(x, sample_cap=5000, exact=False, sync_free=True)
+    vec, meta = tensor_stats(x, sample_cap=5000, exact=False, path="device")
     assert meta.estimated
     check_estimate(x, decode_tensor_stats(vec.numpy(), meta), 5000)
 
@@ -378,14 +377,14 @@ def test_device_path_estimate_keeps_count_and_mean_exact_with_nonfinite_values()
     x = torch.randn(300_000, generator=torch.Generator().manual_seed(8)) * 2 + 0.5
     x[::1000] = math.nan  # 300 NaN, some of them in the sample
     x[7], x[11] = math.inf, -math.inf
-    vec, meta = tensor_stats(x, sample_cap=5000, exact=False, sync_free=True)
+    vec, meta = tensor_stats(x, sample_cap=5000, exact=False, path="device")
     s = decode_tensor_stats(vec.numpy(), meta)
     ref, smp = reference(x), sample_of(x, 5000)
     fin = smp[np.isfinite(smp)]
     assert 0 < fin.size < smp.size, "the sample holds both kinds"
     assert s.estimated and s.count == ref["count"] and s.nonfinite_count == 302
     assert s.mean == pytest.approx(ref["mean"], rel=1e-5, abs=1e-6 * ref["abs_max"])
-    assert s.min == fin.min() and s.max == fin.max()
+    assert s.min == ref["min"] and s.max == ref["max"]  # exact: from every finite element
     assert s.std == pytest.approx(np.sqrt(((fin - s.mean) ** 2).mean()), rel=1e-5)
     assert s.histogram.total == fin.size
     assert s.std == pytest.approx(ref["std"], rel=0.05)
@@ -398,7 +397,7 @@ def test_device_path_estimate_edge_cases() -> None:
     # All NaN: no finite value anywhere.
     s = decode_tensor_stats(*_vec_meta(torch.full((n,), math.nan), cap))
     assert s.count == 0 and s.nonfinite_count == n and math.isnan(s.mean) and math.isnan(s.std)
-    # One finite value, outside the sample: its count and mean are still exact; the rest is a point at the mean.
+    # One finite value, outside the sample: its count, mean and extremes are still exact.
     idx = set(_SAMPLES.get(n, cap, torch.device("cpu")).tolist())
     lone = next(i for i in range(n) if i not in idx)
     x = torch.full((n,), math.nan)
@@ -417,12 +416,12 @@ def test_device_path_estimate_edge_cases() -> None:
 
 
 def _vec_meta(x: torch.Tensor, cap: int) -> tuple[np.ndarray, StatsMeta]:
-    vec, meta = tensor_stats(x, sample_cap=cap, exact=False, sync_free=True)
+    vec, meta = tensor_stats(x, sample_cap=cap, exact=False, path="device")
     assert meta.estimated
     return vec.numpy(), meta
 
 
-# ---------------------------------------------------------------------------------------------- StepBatch
+# ---------------------------------------------------------------------------------------------- HostBatch
 def test_small_batch_matches_float64_reference_and_the_per_tensor_path() -> None:
     """The step's small tensors measured together (segment reductions, one bincount) give what each measured alone
     gives, and both match float64 numpy; non-finite ones go the per-tensor way."""
@@ -442,13 +441,13 @@ def test_small_batch_matches_float64_reference_and_the_per_tensor_path() -> None
         "nan-inf": torch.tensor([1.0, math.nan, 2.0, -math.inf, 0.0]),
         "at-the-cap": torch.randn(1024, generator=g),
     }
-    batch = StepBatch(bins=64, sample_cap=1024)
+    batch = HostBatch(bins=64, sample_cap=1024)
     assert batch.take("too-big", torch.randn(1025)) is None
     assert batch.take("float64", torch.randn(10, dtype=torch.float64)) is None  # float64: the per-tensor path
     for key, got in take_change_and_finish(batch, cases).items():
         x = cases[key]
-        check_against_reference(x, sync_free=False, s=got)
-        alone = compute(x, sync_free=False)
+        check_against_reference(x, path="host", s=got)
+        alone = compute(x, path="host")
         assert (got.count, got.zero_count, got.min, got.max) == (alone.count, alone.zero_count, alone.min, alone.max)
         assert got.exponents.counts == alone.exponents.counts
 
@@ -484,8 +483,8 @@ def test_device_batch_is_exact_for_small_tensors_like_the_masked_path() -> None:
     cases = {key: make(g) for key, make in SMALL_CASES.items()}
     for key, got in take_change_and_finish(batch, cases).items():
         x = cases[key]
-        check_against_reference(x, sync_free=True, s=got)
-        alone = compute(x, sync_free=True)
+        check_against_reference(x, path="device", s=got)
+        alone = compute(x, path="device")
         assert (got.count, got.zero_count, got.min, got.max) == (alone.count, alone.zero_count, alone.min, alone.max)
         assert got.mean == pytest.approx(alone.mean, rel=1e-6, nan_ok=True), key
         assert got.exponents.counts == alone.exponents.counts, key
@@ -524,7 +523,7 @@ def test_device_batch_estimates_large_tensors_like_the_device_path() -> None:
     batch.discard("dropped")  # a row taken and then given up is measured but not returned
     for key, got in take_change_and_finish(batch, cases, estimate=True).items():
         x = cases[key]
-        alone = compute(x, sync_free=True, sample_cap=cap, exact=False)
+        alone = compute(x, path="device", sample_cap=cap, exact=False)
         assert got.estimated and alone.estimated, key
         assert (got.numel, got.count, got.min, got.max, got.zero_count) == (
             alone.numel, alone.count, alone.min, alone.max, alone.zero_count,
@@ -565,7 +564,7 @@ def test_decoded_histograms_read_late_behave_like_tuples() -> None:
 def test_small_batch_with_opposite_infinities_warns_nothing() -> None:
     """Inf + -Inf in a small tensor's finiteness check is NaN; numpy's "invalid value" warning must not reach the
     user's training loop, and the tensor goes the per-tensor way, which counts both."""
-    batch = StepBatch(bins=16, sample_cap=1024)
+    batch = HostBatch(bins=16, sample_cap=1024)
     assert batch.take("k", torch.tensor([math.inf, -math.inf, 1.0, 3.0])) is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")

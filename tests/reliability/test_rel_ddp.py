@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from actdiag.distributed import merge_stats, rebin
+from actdiag.hooks.layout import merge_vectors, rebin
 from actdiag.hooks.stats import decode_tensor_stats, tensor_stats
 
 from . import rel_ddp_worker as worker
@@ -29,10 +29,10 @@ WORLD = 2
 def _split_merge(parts: list[np.ndarray], bins: int = 16) -> tuple[Any, np.ndarray]:
     rows, extras = [], []
     for part in parts:
-        vec, meta = tensor_stats(torch.from_numpy(part), bins=bins, sync_free=True)
+        vec, meta = tensor_stats(torch.from_numpy(part), bins=bins, path="device")
         rows.append(vec.numpy())
         extras.append((meta.numel, meta.sample_n, meta.estimated))
-    merged, meta = merge_stats(np.stack(rows), np.array(extras, dtype=np.float64), bins)
+    merged, meta = merge_vectors(np.stack(rows), np.array(extras, dtype=np.float64), bins)
     return decode_tensor_stats(merged, meta), merged
 
 
@@ -65,7 +65,7 @@ def test_rel_merged_estimates_stay_flagged() -> None:
         rows.append(vec.numpy())
         extras.append((meta.numel, meta.sample_n, meta.estimated))
     assert [e[2] for e in extras] == [True, False]
-    merged, meta = merge_stats(np.stack(rows), np.array(extras, dtype=np.float64), 16)
+    merged, meta = merge_vectors(np.stack(rows), np.array(extras, dtype=np.float64), 16)
     s = decode_tensor_stats(merged, meta)
     assert s.estimated and s.numel == 20_100 and s.count == 20_100
     both = torch.cat([big, small]).double()

@@ -1,4 +1,4 @@
-"""The merge protocol of actdiag.distributed.StepMerger, with ranks simulated by threads: gathers always have equal
+"""The merge protocol of actdiag.hooks.merge.StepMerger, with ranks simulated by threads: gathers always have equal
 sizes on every rank (a mismatch aborts gloo), the payload capacity is agreed once and re-agreed only when a step
 outgrows it, and ranks that recorded different layers keep their own statistics with a warning."""
 
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from actdiag.distributed import KIND_STATS, KIND_SUM, KIND_UNITS, StepMerger
+from actdiag.hooks.keys import Key
+from actdiag.hooks.merge import KIND_STATS, KIND_SUM, KIND_UNITS, StepMerger
 from actdiag.hooks.stats import decode_tensor_stats, tensor_stats
 
 from .rel_reference import np_stats
 
-Pending = dict[tuple[str, ...], tuple[torch.Tensor, Any]]
+Pending = dict[Key, tuple[torch.Tensor, Any]]
 
 
 class FakeWorld:
@@ -74,18 +75,18 @@ def _stats(x: np.ndarray) -> tuple[torch.Tensor, Any]:
 
 
 def _pending(x: np.ndarray, relu: np.ndarray, extra: bool = False) -> tuple[Pending, dict]:  # type: ignore[type-arg]
-    p: Pending = {("L", "fc", "0", "act"): _stats(x)}
-    kinds = {("L", "fc", "0", "act"): KIND_STATS}
+    p: Pending = {Key.layer("fc", 0, "act"): _stats(x)}
+    kinds = {Key.layer("fc", 0, "act"): KIND_STATS}
     sat = torch.tensor([float((np.abs(x) > 1).sum())], dtype=torch.float64)
-    p[("L", "fc", "0", "sat")] = (sat, x.size)
-    kinds[("L", "fc", "0", "sat")] = KIND_SUM
+    p[Key.layer("fc", 0, "sat")] = (sat, x.size)
+    kinds[Key.layer("fc", 0, "sat")] = KIND_SUM
     active = torch.from_numpy((relu > 0).sum(axis=0).astype(np.float64))
     ever = (active > 0).to(torch.float64)
-    p[("L", "relu", "0", "unitvec")] = (torch.cat([active, ever]), relu.shape[0])
-    kinds[("L", "relu", "0", "unitvec")] = KIND_UNITS
+    p[Key.layer("relu", 0, "unitvec")] = (torch.cat([active, ever]), relu.shape[0])
+    kinds[Key.layer("relu", 0, "unitvec")] = KIND_UNITS
     if extra:
-        p[("L", "only_on_this_rank", "0", "act")] = _stats(x[:3])
-        kinds[("L", "only_on_this_rank", "0", "act")] = KIND_STATS
+        p[Key.layer("only_on_this_rank", 0, "act")] = _stats(x[:3])
+        kinds[Key.layer("only_on_this_rank", 0, "act")] = KIND_STATS
     return p, kinds
 
 
@@ -102,14 +103,14 @@ def test_rel_protocol_merges_and_agrees_capacity_once() -> None:
         assert out[0].keys() == out[1].keys()
         for key in out[0]:
             np.testing.assert_array_equal(out[0][key][0], out[1][key][0])
-        vec, meta = out[0][("L", "fc", "0", "act")]
+        vec, meta = out[0][Key.layer("fc", 0, "act")]
         got = decode_tensor_stats(vec, meta)
         ref = np_stats(np.concatenate([x.ravel() for x in xs]))
         assert got.count == ref["count"] == 40 and got.min == ref["min"] and got.max == ref["max"]
         assert got.mean == pytest.approx(ref["mean"], rel=1e-12) and got.m2 == pytest.approx(ref["m2"], rel=1e-12)
-        sat, n = out[0][("L", "fc", "0", "sat")]
+        sat, n = out[0][Key.layer("fc", 0, "sat")]
         assert sat[0] == sum((np.abs(x) > 1).sum() for x in xs) and n == 40
-        dead, rare, never = out[0][("L", "relu", "0", "units")][0]
+        dead, rare, never = out[0][Key.layer("relu", 0, "units")][0]
         active = sum((r > 0).sum(axis=0) for r in relus)
         assert dead == (active == 0).sum() and never == (active == 0).sum() and rare == (active < 0.1).sum()
     assert not warnings
@@ -118,7 +119,7 @@ def test_rel_protocol_merges_and_agrees_capacity_once() -> None:
     # a step that records more on every rank outgrows the capacity: the ranks agree on a larger one, once
     built = [_pending(xs[r], relus[r], extra=True) for r in range(2)]
     out = _run(world, mergers, [b[0] for b in built], built[0][1])
-    assert decode_tensor_stats(*out[0][("L", "only_on_this_rank", "0", "act")]).count == 2 * 3 * 4
+    assert decode_tensor_stats(*out[0][Key.layer("only_on_this_rank", 0, "act")]).count == 2 * 3 * 4
     assert len(world.sizes) == 6 and world.sizes[4] == world.sizes[3] and world.sizes[5][0] > world.sizes[4][0]
     assert not warnings
 
@@ -134,15 +135,15 @@ def test_rel_protocol_rank_dependent_layers_keep_own_stats_and_warn() -> None:
     p1, kinds1 = _pending(xs[1], relu, extra=True)  # rank 1 recorded one more layer: a longer payload
     out = _run(world, mergers, [p0, p1], {**kinds, **kinds1})
     assert len(warnings) == 2 and "different layers" in warnings[0]
-    own = decode_tensor_stats(*out[0][("L", "fc", "0", "act")])
+    own = decode_tensor_stats(*out[0][Key.layer("fc", 0, "act")])
     assert own.count == 20 and own.mean == pytest.approx(xs[0].mean(), rel=1e-12)  # rank 0's own, unmerged
-    assert ("L", "only_on_this_rank", "0", "act") in out[1]
+    assert Key.layer("only_on_this_rank", 0, "act") in out[1]
     assert all(len(set(s)) == 1 for s in world.sizes)  # and nobody gathered mismatched sizes
     # a later step with equal layouts merges again
     p0, kinds = _pending(xs[0], relu)
     p1, _ = _pending(xs[1], relu)
     out = _run(world, mergers, [p0, p1], kinds)
-    assert decode_tensor_stats(*out[0][("L", "fc", "0", "act")]).count == 40
+    assert decode_tensor_stats(*out[0][Key.layer("fc", 0, "act")]).count == 40
     assert len(warnings) == 2
 
 

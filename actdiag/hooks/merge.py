@@ -3,17 +3,14 @@
 Under data parallelism every rank sees its own slice of the batch, so the statistics a single process would have
 computed over the whole batch are a merge of the ranks' statistics. Everything the recorder keeps merges exactly:
 
-* count, zero count, non-finite count (through numel), exponent histograms, saturation counts: sums;
-* min / max: min / max over the ranks that saw a finite value;
-* mean and m2 (sum of squared deviations): Chan, Golub & LeVeque's pairwise update
-  `m2 = m2_a + m2_b + delta**2 * n_a * n_b / n`, which stays exact where sums of squares would cancel;
+* a tensor's statistics vector: slot by slot, by the rule written beside each slot in `layout.STATS` (sums for
+  counts, min/max over the ranks that saw a finite value, Chan, Golub & LeVeque's pairwise update for mean and
+  m2), exponent histograms summed (`layout.merge_vectors`); the non-finite count follows through numel;
+* saturation counts: sums;
 * dead units: per-unit counts of positive outputs are summed (a unit is dead when the sum is 0, rare when it is
   under 1% of all samples) and the "ever active" masks are OR-ed;
 * linear histograms are the one thing that cannot merge exactly: each rank bins between its own min and max, so
-  the ranks' edges differ. They are re-binned onto the common edges (global min to global max) by spreading each
-  source bin uniformly over the bins it overlaps, then rounded so that the total count is exact. A count can move
-  at most into a neighbouring bin (a source bin is never wider than a common one), and the edges are exactly those
-  a single process would use.
+  the ranks' edges differ. They are re-binned onto the common edges (`layout.rebin`).
 
 Parameters under DDP are replicated (and their gradients all-reduced), so parameter statistics are not merged:
 every rank records the same numbers and rank 0's row is used.
@@ -29,7 +26,6 @@ each rank's own statistics and a warning says so.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,13 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from actdiag.hooks.stats import HEAD, N_EXP, StatsMeta
+from actdiag.hooks.keys import Key
+from actdiag.hooks.layout import StatsMeta, merge_vectors
 
-_Key = tuple[str, ...]
+_Key = Key
 _HEADER = 2  # payload length, layout checksum
 
 # How each pending entry merges: per-rank extras sent along (host-side numbers) and the merge rule.
-KIND_STATS = "stats"  # tensor_stats vector; extras: numel, sample_n, estimated (0/1)
+KIND_STATS = "stats"  # a statistics vector (layout.STATS); extras: numel, sample_n, estimated (0/1)
 KIND_SUM = "sum"  # counts to add; extras: the number of elements they were counted over
 KIND_UNITS = "units"  # per-unit [active counts..., ever-active mask...]; extras: samples per unit
 KIND_REPLICATED = "replicated"  # identical on every rank (parameters under DDP): rank 0's row; the recorder's default
@@ -96,83 +93,6 @@ def unit_verdicts(active: np.ndarray, ever: np.ndarray, samples: float, rare_bel
     rare = float(np.count_nonzero(active < rare_below * samples))
     never = float(np.count_nonzero(ever == 0))
     return np.array([dead, rare, never])
-
-
-def merge_stats(rows: np.ndarray, extras: np.ndarray, bins: int) -> tuple[np.ndarray, StatsMeta]:
-    """Merge tensor_stats vectors of several ranks (one per row) into one vector and its meta.
-
-    `extras[r] = (numel, sample_n, estimated)` of rank r.
-    """
-    out = np.zeros(rows.shape[1])
-    out[3], out[4] = math.inf, -math.inf
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for row in rows:
-        nb = float(row[0])
-        if nb <= 0:
-            continue
-        mb, m2b = float(row[1]), float(row[2])
-        tot = n + nb
-        delta = mb - mean
-        mean += delta * nb / tot
-        m2 += m2b + delta * delta * n * nb / tot
-        n = tot
-    out[0], out[1], out[2] = n, mean, m2
-    have = rows[:, 0] > 0
-    if have.any():
-        out[3] = float(rows[have, 3].min())
-        out[4] = float(rows[have, 4].max())
-    out[5] = float(rows[:, 5].sum())
-    out[HEAD : HEAD + bins] = rebin(rows[:, 3], rows[:, 4], rows[:, HEAD : HEAD + bins], have)
-    out[HEAD + bins : HEAD + bins + N_EXP] = rows[:, HEAD + bins : HEAD + bins + N_EXP].sum(axis=0)
-    numel, sample_n, estimated = (int(round(v)) for v in extras.sum(axis=0))
-    return out, StatsMeta(numel=numel, bins=bins, sample_n=sample_n, estimated=estimated > 0)
-
-
-def rebin(mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray, have: np.ndarray) -> np.ndarray:
-    """Linear histograms of several ranks (each between its own min and max) onto common edges from the global
-    min to the global max, with the same number of bins. Totals are exact; see the module docstring."""
-    bins = counts.shape[1]
-    merged = np.zeros(bins)
-    if not have.any():
-        return merged
-    lo, hi = float(mins[have].min()), float(maxs[have].max())
-    total = float(counts[have].sum())
-    if not hi > lo:
-        merged[0] = total
-        return merged
-    edges = np.linspace(lo, hi, bins + 1)
-    for r in np.flatnonzero(have):
-        c = counts[r]
-        a, b = float(mins[r]), float(maxs[r])
-        if b > a:
-            src = np.linspace(a, b, bins + 1)
-            cdf = np.concatenate([[0.0], np.cumsum(c)])
-            merged += np.diff(np.interp(edges, src, cdf))
-        else:
-            # A constant rank: every value is `a`; it goes where the kernel would have binned it.
-            i = min(int((a - lo) * (bins / (hi - lo))), bins - 1)
-            merged[i] += float(c.sum())
-    return _round_preserving_total(merged, total)
-
-
-def _round_preserving_total(x: np.ndarray, total: float) -> np.ndarray:
-    """Integer counts close to `x` that add up to `total` exactly (largest remainders get the leftover units)."""
-    floor = np.floor(x + 1e-9)
-    short = int(round(total - floor.sum()))
-    if short > 0:
-        order = np.argsort(-(x - floor), kind="stable")
-        floor[order[:short]] += 1
-    elif short < 0:
-        order = np.argsort(x - floor, kind="stable")
-        for i in order:
-            if short == 0:
-                break
-            if floor[i] > 0:
-                floor[i] -= 1
-                short += 1
-    return floor
 
 
 Kinds = Mapping[_Key, str]
@@ -273,7 +193,7 @@ class StepMerger:
             pos += n
             xpos += len(x)
             if kind == KIND_STATS:
-                out[key] = merge_stats(block, ex, self.bins)
+                out[key] = merge_vectors(block, ex, self.bins, meta.layout)
             elif kind == KIND_SUM:
                 out[key] = (block.sum(axis=0), float(ex[:, 0].sum()))
             elif kind == KIND_UNITS:
@@ -282,7 +202,7 @@ class StepMerger:
                 ever = block[:, units:].max(axis=0)
                 samples = float(ex[:, 0].sum())
                 verdict = unit_verdicts(active_counts, ever, samples, self.rare_below)
-                out[key[:-1] + ("units",)] = (verdict, None)
+                out[key._replace(kind="units")] = (verdict, None)
             else:
                 out[key] = (block[0].copy(), meta)  # replicated: rank 0's numbers, shaped like ours
         return out
@@ -297,12 +217,14 @@ class StepMerger:
             vec = data[pos : pos + n]
             pos += n
             if kind == KIND_STATS:
-                out[key] = (vec, StatsMeta(numel=int(x[0]), bins=self.bins, sample_n=int(x[1]), estimated=x[2] > 0))
+                numel, sample_n, estimated = int(x[0]), int(x[1]), x[2] > 0
+                out[key] = (vec, StatsMeta(numel, self.bins, sample_n, estimated, meta.layout))
             elif kind == KIND_SUM:
                 out[key] = (vec, x[0])
             elif kind == KIND_UNITS:
                 units = n // 2
-                out[key[:-1] + ("units",)] = (unit_verdicts(vec[:units], vec[units:], x[0], self.rare_below), None)
+                verdict = unit_verdicts(vec[:units], vec[units:], x[0], self.rare_below)
+                out[key._replace(kind="units")] = (verdict, None)
             else:
                 out[key] = (vec, meta)
         return out

@@ -1,0 +1,386 @@
+"""The host path: statistics of CPU tensors, computed in numpy on the tensor's own memory.
+
+On the CPU the host is the device, so the tensor is read in place through numpy: min and max first (NaN propagates
+through them, +-Inf shows as one of them), then sum, sum of squares (a second, centred pass only when the mean
+dominates) and the zeros, combined on the host in float64. numpy runs each pass on the calling thread; ATen would
+make every op over 32768 elements an OpenMP fork/join across torch's threads, and inside a training step on a busy
+machine those cost far more than the arithmetic (see BENCHMARKS.md). A tensor with a non-finite value goes to the
+device path's kernel (`device.exact_stats`), which masks them out.
+
+`exact_stats` reads every element for every statistic; `estimated_stats` (recording more often than every 10
+steps) reads every element once for the exact count, mean, min and max and takes the spread, the zeros and the
+histograms from the fixed sample. `HostBatch` measures a step's small tensors, and the samples of its large ones
+when estimating, together when the step ends. Every vector has the layout of `layout.STATS`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from actdiag.hooks import device
+from actdiag.hooks.layout import N_EXP, STATS, StatsMeta
+from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, numpy_view, segments
+
+# Sums of squares of float32 values leave float32's normal range when |x| nears 2**64 or 2**-63. Tensors whose
+# largest magnitude is outside 2**-40 .. 2**40 are therefore scaled by an exact power of two first; the rest (nearly
+# all) skip the multiply.
+_SAFE_EXP = 40
+
+
+# The variance comes from one pass (sum and sum of squares) when the mean's square is at most this share of the
+# mean square: the subtraction then loses at most one bit. Otherwise (e.g. LayerNorm weights near 1) a second,
+# centred pass is made.
+_ONE_PASS_MAX_SHARE = 0.5
+
+
+def _pow2_scale(mn: float, mx: float) -> float:
+    """1.0, or the power of two (2**e, |e| <= 100) to divide by when the largest magnitude is outside 2**-40..2**40."""
+    e = min(max(math.frexp(max(-mn, mx))[1], -100), 100)
+    return math.ldexp(1.0, e) if abs(e) > _SAFE_EXP else 1.0
+
+
+def exact_stats(a: np.ndarray, mn: float, mx: float, bins: int, sample_n: int) -> torch.Tensor:
+    """Statistics of an all-finite CPU tensor `a` (1-D, its own memory), every element read, in numpy.
+
+    Why numpy: see the module docstring (bench/bench_kernel.py --cold compares it with ATen). The passes: min, max
+    (done by the caller), sum, sum of squares (einsum: one thread, no BLAS thread pool), a second centred pass only
+    when the mean dominates, `x == 0`.
+    """
+    n = a.size
+    scale = _pow2_scale(mn, mx)
+    a_s = a if scale == 1.0 else a * a.dtype.type(1.0 / scale)
+    # einsum sums pairwise like ndarray.sum (same rounding here), faster on float32.
+    mean_s = float(np.einsum("i->", a_s)) / n
+    sumsq = float(np.einsum("i,i->", a_s, a_s))
+    if n * mean_s * mean_s <= _ONE_PASS_MAX_SHARE * sumsq:
+        m2_s = sumsq - n * mean_s * mean_s
+    else:
+        d = a_s - a_s.dtype.type(mean_s)
+        m2_s = float(np.einsum("i,i->", d, d))
+    no_zeros = mn > 0 or mx < 0
+    zeros = 0 if no_zeros else int(np.count_nonzero(a == 0))
+
+    if sample_n < n:
+        sample = a.take(_SAMPLES.get_numpy(n, sample_n))
+        sample_zeros = 0 if no_zeros else int(np.count_nonzero(sample == 0))
+    else:
+        sample, sample_zeros = a, zeros
+    vec = np.empty(STATS.length(bins))
+    vec[: STATS.head] = STATS.ordered(
+        count=float(n), mean=mean_s * scale, m2=m2_s * scale * scale, min=mn, max=mx, zero_count=float(zeros)
+    )
+    sample_s = sample if scale == 1.0 else sample * sample.dtype.type(1.0 / scale)
+    lo_s, span_s = np.array([mn / scale]), np.array([(mx - mn) / scale])
+    vec[STATS.head :] = _bin_rows(sample_s[None], _as_float32(sample)[None], lo_s, span_s, bins)[0]
+    vec[STATS.exp(bins).start] -= sample_zeros  # zeros share biased exponent 0 with subnormals; zero_count has them
+    return torch.from_numpy(vec)
+
+
+def estimated_stats(a: np.ndarray, bins: int, sample_n: int) -> torch.Tensor | None:
+    """Statistics of a large CPU tensor `a` (1-D) when estimates are allowed: the exact parts from every element
+    (`exact_parts`), the rest from the fixed sample of `sample_n` elements. None if a value is not finite (the
+    caller then takes the exact path, so non-finite counts and the layer where they first appear are exact).
+
+    Exact: count, non-finite count, mean, min and max. Estimated from the sample (`_estimate_rows`): the variance
+    (about the exact mean, so unbiased), the zero count (scaled up) and both histograms. Inside a recorded step the
+    recorder does the same in two halves: the exact parts and the copy of the sample in the hook, the sample's
+    statistics for all tensors at once when the step ends (`HostBatch`).
+    """
+    n = a.size
+    parts = exact_parts(torch.from_numpy(a))
+    if parts is None:
+        return None
+    total, mn, mx = parts
+    sample = a.take(_SAMPLES.get_numpy(n, sample_n))
+    count, mean, lo, hi = (np.array([v]) for v in (float(n), total / n, mn, mx))
+    return torch.from_numpy(_estimate_rows(sample[None], count, mean, lo, hi, bins)[0])
+
+
+def exact_parts(flat: torch.Tensor) -> tuple[float, float, float] | None:
+    """(sum, min, max) of a large CPU tensor: what the estimated path reads from every element; None when a value
+    is not finite or the sum overflows (NaN and Inf propagate through all three, with no floating-point warning).
+
+    Unlike the dozens of small ops of a tensor's statistics (see `exact_stats`), these two ops are worth torch's
+    threads (BENCHMARKS.md)."""
+    total = float(flat.sum())
+    mn, mx = (float(v) for v in torch.aminmax(flat))
+    if not (math.isfinite(total) and math.isfinite(mn) and math.isfinite(mx)):
+        return None
+    return total, mn, mx
+
+
+def _estimate_rows(
+    samples: np.ndarray, n: np.ndarray, mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, bins: int
+) -> np.ndarray:
+    """Vectors (the layout of `STATS`) of K large tensors from their samples, one row each.
+
+    `samples` [K, m] holds finite float32 or float64 values (left as they are); `n` [K] are the tensors' element
+    counts and `mean`, `mn`, `mx` [K] their exact mean, min and max, from every element. Estimated from the sample:
+    the variance about the exact mean (times n: m2), the zero count (scaled to n) and both histograms (between the
+    exact min and max). Rows are independent: each row's numbers are what a batch of that row alone gives.
+    """
+    k, m = samples.shape
+    # Booleans summed as uint8 into uint16 (exact below 65536 per row), faster than count_nonzero along an axis.
+    zeros = np.add.reduce((samples == 0).view(np.uint8), axis=1, dtype=np.uint16 if m < 65536 else np.int64)
+    # As in exact_stats: rows whose largest magnitude is outside 2**-40 .. 2**40 are divided by an exact power of two
+    # first, so that neither the squares nor `x - min` and `bins / span` overflow or underflow.
+    mn_s, mx_s, mean_s = mn.astype(np.float64), mx.astype(np.float64), mean.astype(np.float64)
+    e = np.clip(np.frexp(np.maximum(-mn_s, mx_s))[1], -100, 100)
+    scale = np.where(np.abs(e) > _SAFE_EXP, np.ldexp(1.0, e), 1.0)
+    samples_s = samples
+    odd = scale != 1.0
+    if odd.any():
+        inv = 1.0 / scale[odd]
+        samples_s = samples.copy()
+        samples_s[odd] *= inv[:, None].astype(samples.dtype)
+        mn_s[odd] *= inv
+        mx_s[odd] *= inv
+        mean_s[odd] *= inv
+    work = samples_s - mean_s[:, None].astype(samples.dtype)
+    work *= work
+    m2_s = work.sum(axis=1)  # pairwise along each row
+    counts = _bin_rows(samples_s, _as_float32(samples), mn_s, mx_s - mn_s, bins, out=work)
+    out = np.empty((k, STATS.length(bins)))
+    STATS.put(
+        out, count=n, mean=mean, m2=m2_s * scale * scale * (n / m), min=mn, max=mx, zero_count=np.rint(zeros * n / m)
+    )
+    out[:, STATS.head :] = counts
+    # Zeros have biased exponent 0 like subnormals, but zero_count covers them: take the sample's zeros back out.
+    out[:, STATS.exp(bins).start] -= zeros
+    return out
+
+
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    """`values` as float32, for their exponent bits (float64 values beyond float32's range become Inf: exponent 255,
+    the bin that is cut)."""
+    if values.dtype == np.float32:
+        return values
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32)
+
+
+def _bin_rows(
+    samples_s: np.ndarray,
+    s32: np.ndarray,
+    lo_s: np.ndarray,
+    span_s: np.ndarray,
+    bins: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The linear and exponent histograms of each row, [K, bins + N_EXP] counts (exponent bin 0 still holds the
+    zeros, which share it with the subnormals).
+
+    `samples_s` [K, m]: finite values in the scaled space of their row (where neither `x - lo` nor `bins / span`
+    overflows), binned linearly between `lo_s` and `lo_s + span_s` in their own dtype (a constant row lands in bin
+    0); `s32`: the same values unscaled, as float32, binned by exponent from their bits; `out`: scratch of the shape
+    and dtype of `samples_s` (it is not written to otherwise).
+    """
+    k = samples_s.shape[0]
+    dtype = samples_s.dtype
+    factor = np.divide(bins, span_s, out=np.zeros_like(span_s), where=span_s > 0).astype(dtype)
+    lin = np.subtract(samples_s, lo_s.astype(dtype)[:, None], out=out)
+    lin *= factor[:, None]
+    offsets = np.arange(k, dtype=np.int32)[:, None] * _row_width(bins)
+    return _count_bins(lin, s32, offsets, k, bins)
+
+
+def _row_width(bins: int) -> int:
+    """A row of `_count_bins`: its linear bins, its exponent bins and the exponent-255 bin (Inf/NaN; never hit)."""
+    return bins + N_EXP + 1
+
+
+def _count_bins(lin: np.ndarray, s32: np.ndarray, offsets: np.ndarray, rows: int, bins: int) -> np.ndarray:
+    """[rows, bins + N_EXP] counts of the values whose linear positions are `lin` (>= 0, in bins; floored here) and
+    whose float32 bits are `s32`, each value's two bins offset into its own row by `offsets` (a row is
+    `_row_width(bins)` wide; `offsets` broadcasts against `lin`, whose last axis holds the values).
+
+    Every value's two bins are counted by one bincount: int32 keys are half the bytes of intp, and torch.bincount
+    takes them as they are (2.6x faster for a step's samples than np.bincount, which converts them to intp first).
+    `lin` may be overwritten.
+    """
+    m = lin.shape[-1]
+    keys = np.empty((*lin.shape[:-1], 2 * m), dtype=np.int32)
+    expo = keys[..., m:]
+    np.bitwise_and(s32.view(np.int32), 0x7FFFFFFF, out=expo)
+    np.right_shift(expo, 23, out=expo)
+    expo += offsets + bins
+    # lin >= 0 already (every value is >= its row's low end, and rounding is monotonic); only the maximum can round
+    # up to `bins`.
+    np.minimum(lin, lin.dtype.type(bins - 1), out=lin)
+    np.copyto(keys[..., :m], lin, casting="unsafe")  # truncation of values >= 0: the floor
+    keys[..., :m] += offsets
+    width = _row_width(bins)
+    counts = torch.bincount(torch.from_numpy(keys).reshape(-1), minlength=rows * width).numpy()
+    return counts.reshape(rows, width)[:, : bins + N_EXP]
+
+
+class HostBatch:
+    """The tensors of a recorded step that are measured together when it ends, on the CPU.
+
+    A transformer or a CNN has dozens of tensors per recorded step, and measured one by one each costs ~30 numpy
+    calls: far more than their arithmetic (several microseconds a call with the caches cold inside a training step).
+    Here a tensor costs a copy when it is seen (it may change in place afterwards), and `finish()` makes ~20 numpy
+    calls for each of the two kinds, however many tensors there are:
+
+    * small tensors (1..sample_cap elements, float16/bfloat16/float32: biases, norm weights, small weights and their
+      gradients): exact statistics from a float32 copy, by segment reductions (`reduceat`) and one `bincount`. Sums
+      are float64 over float32 values, so no scaling is needed.
+    * with `estimate=True` (recording often), large float32 tensors: the exact parts from every element (sum, min
+      and max: count, mean, extremes, non-finite detection) are read in `take()`, which copies the tensor's sample;
+      the rest is estimated from the samples of all of them at once (`_estimate_rows`, as `estimated_stats` for one
+      tensor).
+
+    A tensor with a non-finite value (or a float64 tensor, whose values can exceed float32's range) is not taken:
+    the caller measures it alone, with the same result as before.
+    """
+
+    def __init__(self, bins: int, sample_cap: int) -> None:
+        self.bins = bins
+        self.sample_cap = sample_cap
+        self.items: dict[Any, np.ndarray] = {}  # small tensors: a float32 copy
+        # large tensors: (numel, exact mean, min, max, row of _rows)
+        self.large: dict[Any, tuple[int, float, float, float, int]] = {}
+        self._rows: np.ndarray | None = None  # the samples of the large ones, kept across steps (no page faults)
+        self._used = 0
+
+    def take(self, key: Any, x: torch.Tensor, estimate: bool = False) -> StatsMeta | None:
+        """Keep what `finish()` needs of `x` if it qualifies (see the class docstring); None otherwise."""
+        if x.device.type != "cpu":
+            return None
+        n = x.numel()
+        if n > self.sample_cap:
+            return self._take_large(key, x, n) if estimate and x.dtype == torch.float32 else None
+        if n == 0 or x.dtype not in _BATCH_DTYPES:
+            return None
+        flat = x.detach().reshape(-1)
+        try:  # a copy: the tensor may change in place before the step ends
+            a = flat.numpy().copy() if flat.dtype == torch.float32 else flat.to(torch.float32).numpy()
+        except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit)
+            return None
+        self.discard(key)
+        self.items[key] = a
+        return StatsMeta(numel=n, bins=self.bins, sample_n=n)
+
+    def _take_large(self, key: Any, x: torch.Tensor, n: int) -> StatsMeta | None:
+        flat = x.detach().reshape(-1)
+        a = numpy_view(flat)
+        if a is None:
+            return None
+        parts = exact_parts(flat)
+        if parts is None:  # a NaN or Inf, or a sum beyond float32: the exact per-tensor path counts them
+            return None
+        total, mn, mx = parts
+        cap = self.sample_cap
+        self.discard(key)
+        rows = self._rows
+        if rows is None or self._used == rows.shape[0]:
+            grown = np.empty((max(8, 2 * self._used), cap), dtype=np.float32)
+            if rows is not None:
+                grown[: self._used] = rows[: self._used]
+            self._rows = rows = grown
+        np.take(a, _SAMPLES.get_numpy(n, cap), out=rows[self._used])
+        self.large[key] = (n, total / n, mn, mx, self._used)
+        self._used += 1
+        return StatsMeta(numel=n, bins=self.bins, sample_n=cap, estimated=True)
+
+    def discard(self, key: Any) -> None:
+        self.items.pop(key, None)
+        self.large.pop(key, None)  # its row stays used until the step ends
+
+    def keys(self) -> list[Any]:
+        return [*self.items, *self.large]
+
+    def clear(self) -> None:
+        """Forget the step's tensors (the buffer of samples is kept for the next step)."""
+        self.items = {}
+        self.large = {}
+        self._used = 0
+
+    def release(self) -> None:
+        """`clear()`, and give the buffer of samples back (when recording stops)."""
+        self.clear()
+        self._rows = None
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.items or key in self.large
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.large)
+
+    def finish(self) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
+        """The vectors of every kept tensor (the layout of `tensor_stats`), keyed as given; the batch is emptied."""
+        items, large, used = self.items, self.large, self._used
+        self.clear()
+        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        if large:
+            assert self._rows is not None
+            keys = list(large)
+            n, mean, mn, mx, row = (np.array(v) for v in zip(*large.values(), strict=True))
+            samples = self._rows[:used] if len(row) == used else self._rows[row]  # rows of discarded keys left out
+            vecs = _estimate_rows(samples, n.astype(np.float64), mean, mn, mx, self.bins)
+            cap = samples.shape[1]
+            for i, key in enumerate(keys):
+                meta = StatsMeta(numel=int(n[i]), bins=self.bins, sample_n=cap, estimated=True)
+                out[key] = (torch.from_numpy(vecs[i]), meta)
+        if items:
+            out.update(self._finish_small(items))
+        return out
+
+    def _finish_small(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
+        bins = self.bins
+        arrays = list(items.values())
+        lens, starts = segments(arrays)
+        c32 = np.concatenate(arrays)
+        c = c32.astype(np.float64)
+        # A float64 sum of float32 values cannot overflow: a non-finite sum means a NaN or Inf in the tensor (Inf +
+        # -Inf is NaN: numpy's "invalid value" warning would reach the user's training loop).
+        with np.errstate(invalid="ignore"):
+            sums = np.add.reduceat(c, starts)
+        finite = np.isfinite(sums)
+        if not finite.all():  # those go the per-tensor way; the rest are measured together as below
+            alone = {
+                key: _alone(a, bins, self.sample_cap)
+                for (key, a), ok in zip(items.items(), finite, strict=True)
+                if not ok
+            }
+            good = {key: a for (key, a), ok in zip(items.items(), finite, strict=True) if ok}
+            return {**alone, **self._finish_small(good)} if good else alone
+        count = len(arrays)
+        seg = np.repeat(np.arange(count, dtype=np.int32), lens)  # each value's tensor
+        n = lens.astype(np.float64)
+        mn = np.minimum.reduceat(c, starts)
+        mx = np.maximum.reduceat(c, starts)
+        mean = sums / n
+        d = c - mean.take(seg)
+        d *= d
+        m2 = np.add.reduceat(d, starts)
+        zeros = np.add.reduceat(c == 0, starts, dtype=np.int64)
+        # Linear bins between each tensor's own min and max (a constant tensor lands in bin 0), exponent bins from
+        # the float32 bits; each tensor's bins are offset into its own row of one bincount.
+        span = mx - mn
+        k = np.divide(bins, span, out=np.zeros_like(span), where=span > 0)
+        lin = np.subtract(c, mn.take(seg), out=d)
+        lin *= k.take(seg)
+        seg *= _row_width(bins)
+        vecs = np.empty((count, STATS.length(bins)))
+        STATS.put(vecs, count=n, mean=mean, m2=m2, min=mn, max=mx, zero_count=zeros)
+        vecs[:, STATS.head :] = _count_bins(lin, c32, seg, count, bins)
+        vecs[:, STATS.exp(bins).start] -= zeros  # zeros share biased exponent 0 with subnormals; zero_count has them
+        metas: dict[int, StatsMeta] = {}  # one per size: they are immutable
+        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        for key, a, vec in zip(items, arrays, torch.from_numpy(vecs).unbind(0), strict=True):
+            meta = metas.get(a.size)
+            if meta is None:
+                meta = metas[a.size] = StatsMeta(numel=a.size, bins=bins, sample_n=a.size)
+            out[key] = (vec, meta)
+        return out
+
+
+def _alone(a: np.ndarray, bins: int, sample_cap: int) -> tuple[torch.Tensor, StatsMeta]:
+    """A small float32 copy holding a non-finite value, measured by itself (the device path's kernel masks them)."""
+    n = a.size
+    return device.exact_stats(torch.from_numpy(a), bins, n, sample_cap), StatsMeta(numel=n, bins=bins, sample_n=n)

@@ -1,0 +1,33 @@
+"""What the recorder keeps per recorded step is keyed by `Key`: whose tensor (a layer's call or a parameter) and
+which of its quantities."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+Owner = Literal["layer", "param"]
+# A layer call's quantities: "act" (its output), "grad" (the gradient of the loss with respect to it), "sat"
+# (saturation count), "units" (dead/rare/never unit counts), "unitvec" (per-unit counts, merged across ranks into
+# "units"). A parameter's: "weight", "grad", "update" (the norms of its update ratio).
+Kind = Literal["act", "grad", "sat", "units", "unitvec", "weight", "update"]
+
+
+class Key(NamedTuple):
+    """One recorded quantity. Keys sort the same way in every process (the merge across ranks relies on it)."""
+
+    owner: Owner
+    name: str  # the module's or the parameter's qualified name
+    call: int  # the layer's call within the step (0 for a parameter)
+    kind: Kind
+
+    @classmethod
+    def layer(cls, name: str, call: int, kind: Kind) -> Key:
+        return cls("layer", name, call, kind)
+
+    @classmethod
+    def param(cls, name: str, kind: Kind) -> Key:
+        return cls("param", name, 0, kind)
+
+    @property
+    def is_layer(self) -> bool:
+        return self.owner == "layer"

@@ -1,0 +1,321 @@
+"""The statistics vector, named: which slot holds what, how it merges across ranks, how it decodes.
+
+A tensor's statistics travel as one float64 vector (so that a recorded step reads everything back with one copy
+and merges across ranks with one collective):
+
+    [slot_0 .. slot_{S-1}, lin_0 .. lin_{B-1}, exp_0 .. exp_{NE-1}]
+
+the named slots of a `Layout` (`STATS`: count, mean, m2, min, max, zero_count), then a linear histogram of B bins
+between min and max and the exponent histogram (see `actdiag.records.E_LOW`). Every kernel writes the slots by name
+(`STATS.put`, or the slot's index `STATS.COUNT`...), `decode_many` reads them by name and `merge_vectors` merges
+each slot by the rule written beside it. Adding a statistic is one `Slot`: its name, its merge rule, the value of
+an empty tensor and, for a slot the built-in kernels do not compute, a `kernel` from the tensor's finite values
+(`Layout.with_slot`; tests/hooks/test_hooks_layout.py adds one and follows it to the record and the merge).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+
+from actdiag.records import E_HIGH, E_LOW, ExponentHistogram, Histogram, TensorStats
+
+N_EXP = E_HIGH - E_LOW + 1  # 255 float32 binades: biased exponents 0 (subnormal) .. 254
+
+
+class Merge(Enum):
+    """How one slot of several ranks' vectors becomes the slot of the whole batch's vector."""
+
+    SUM = "sum"  # counts: added
+    MIN = "min"  # over the ranks that saw a finite value
+    MAX = "max"
+    MEAN = "mean"  # Chan, Golub & LeVeque's pairwise update, weighted by the `count` slot
+    M2 = "m2"  # sum of squared deviations: m2_a + m2_b + delta**2 * n_a * n_b / n (no cancellation)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One named statistic of the vector.
+
+    `empty`: its value for a tensor with no finite element. `estimated_as`: the `TensorStats` field it becomes,
+    when it may come from a large tensor's sample (see "Exactness" in CONTRACT.md); None for the slots that are
+    exact at every interval. `kernel`: for a slot the built-in kernels do not compute, a function of the tensor's
+    finite values (1-D, float64) returning a 0-d tensor; it is evaluated per tensor, never in the batched paths.
+    """
+
+    name: str
+    merge: Merge
+    empty: float = 0.0
+    estimated_as: str | None = None
+    kernel: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The named slots of a statistics vector, followed by the two histogram blocks (module docstring)."""
+
+    slots: tuple[Slot, ...]
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.slots]
+        if len(set(names)) != len(names):
+            raise ValueError(f"slot names must be unique, got {names}")
+        for i, name in enumerate(names):  # STATS.COUNT, STATS.MEAN, ...: the index of each slot, by name
+            object.__setattr__(self, name.upper(), i)
+
+    def __getattr__(self, name: str) -> int:  # for mypy: the slot indices set in __post_init__
+        raise AttributeError(name)
+
+    @property
+    def head(self) -> int:
+        """Number of named slots (where the linear histogram starts)."""
+        return len(self.slots)
+
+    def index(self, name: str) -> int:
+        for i, s in enumerate(self.slots):
+            if s.name == name:
+                return i
+        raise KeyError(f"no slot named {name!r} in this layout ({', '.join(s.name for s in self.slots)})")
+
+    def length(self, bins: int) -> int:
+        return self.head + bins + N_EXP
+
+    def lin(self, bins: int) -> slice:
+        """Where the linear histogram's counts are."""
+        return slice(self.head, self.head + bins)
+
+    def exp(self, bins: int) -> slice:
+        """Where the exponent histogram's counts are."""
+        return slice(self.head + bins, self.head + bins + N_EXP)
+
+    def with_slot(self, slot: Slot) -> Layout:
+        """A copy of this layout with one more slot (after the others, so theirs keep their indices)."""
+        return Layout((*self.slots, slot))
+
+    @property
+    def extra(self) -> tuple[Slot, ...]:
+        """The slots computed by their own kernel (those `STATS` does not have)."""
+        return tuple(s for s in self.slots if s.kernel is not None)
+
+    def ordered(self, **values: Any) -> list[Any]:
+        """The built-in slots' values, given by name, in the order of the vector (for a stack or a row)."""
+        return [values[s.name] for s in self.slots if s.kernel is None]
+
+    def put(self, out: Any, **values: Any) -> None:
+        """Write named slot values into `out`, a vector (numpy or torch) or a [K, length] block (a column each)."""
+        for name, value in values.items():
+            out[..., self.index(name)] = value
+
+    def empty_vector(self, bins: int, device: torch.device) -> torch.Tensor:
+        """The vector of a tensor with no element."""
+        out = torch.zeros(self.length(bins), dtype=torch.float64, device=device)
+        for i, s in enumerate(self.slots):
+            if s.empty:
+                out[i] = s.empty
+        return out
+
+
+STATS = Layout(
+    (
+        Slot("count", Merge.SUM),  # finite values
+        Slot("mean", Merge.MEAN, empty=0.0),
+        Slot("m2", Merge.M2, estimated_as="std"),
+        Slot("min", Merge.MIN, empty=math.inf),
+        Slot("max", Merge.MAX, empty=-math.inf),
+        Slot("zero_count", Merge.SUM, estimated_as="zero_fraction"),
+    )
+)
+# What a large tensor's histograms are when they come from its sample on the estimated path.
+HISTOGRAM_FIELD = "histogram"
+
+
+@dataclass(frozen=True, slots=True)
+class StatsMeta:
+    """What the host knows about a vector without reading it: sizes, layout, and whether the estimated path (some
+    slots from the sample, see `Slot.estimated_as`) made it."""
+
+    numel: int
+    bins: int
+    sample_n: int  # elements that went into the histograms
+    estimated: bool = False
+    layout: Layout = field(default=STATS, repr=False)
+
+    @property
+    def length(self) -> int:
+        return self.layout.length(self.bins)
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample_n < self.numel
+
+    def estimated_fields(self) -> tuple[str, ...]:
+        """The `TensorStats` fields that come from the sample (empty when every field is exact)."""
+        if not self.estimated:
+            return ()
+        names = tuple(s.estimated_as for s in self.layout.slots if s.estimated_as is not None)
+        return (*names, HISTOGRAM_FIELD)
+
+
+def with_extra_slots(vec: torch.Tensor, x: torch.Tensor, layout: Layout, bins: int) -> torch.Tensor:
+    """`vec` (the `STATS` vector of `x`) laid out as `layout`, its extra slots computed by their kernels from the
+    finite values of `x` (or their `empty` value without any)."""
+    if layout is STATS:
+        return vec
+    flat = x.detach().reshape(-1).to(torch.float64)
+    finite = flat[torch.isfinite(flat)]
+    out = torch.empty(layout.length(bins), dtype=torch.float64, device=vec.device)
+    for i, s in enumerate(layout.slots):
+        if s.kernel is not None:
+            out[i] = s.kernel(finite).to(torch.float64) if finite.numel() else s.empty
+        else:
+            out[i] = vec[STATS.index(s.name)]
+    out[layout.head :] = vec[STATS.head :]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- merging
+def merge_vectors(
+    rows: np.ndarray, extras: np.ndarray, bins: int, layout: Layout = STATS
+) -> tuple[np.ndarray, StatsMeta]:
+    """Merge the vectors of several ranks (one per row) into one vector and its meta, slot by slot by each slot's
+    rule. `extras[r] = (numel, sample_n, estimated)` of rank r."""
+    count_i = layout.index("count")
+    counts = rows[:, count_i]
+    have = counts > 0
+    out = np.zeros(rows.shape[1])
+    for i, s in enumerate(layout.slots):
+        col = rows[:, i]
+        if s.merge is Merge.SUM:
+            out[i] = float(col.sum())
+        elif s.merge is Merge.MIN:
+            out[i] = float(col[have].min()) if have.any() else s.empty
+        elif s.merge is Merge.MAX:
+            out[i] = float(col[have].max()) if have.any() else s.empty
+    mean_i = [i for i, s in enumerate(layout.slots) if s.merge is Merge.MEAN]
+    m2_i = [i for i, s in enumerate(layout.slots) if s.merge is Merge.M2]
+    if mean_i:
+        n = mean = m2 = 0.0
+        for r in np.flatnonzero(have):
+            nb = float(counts[r])
+            mb = float(rows[r, mean_i[0]])
+            m2b = float(rows[r, m2_i[0]]) if m2_i else 0.0
+            tot = n + nb
+            delta = mb - mean
+            mean += delta * nb / tot
+            m2 += m2b + delta * delta * n * nb / tot
+            n = tot
+        out[mean_i[0]] = mean
+        if m2_i:
+            out[m2_i[0]] = m2
+    lo, hi = layout.index("min"), layout.index("max")
+    out[layout.lin(bins)] = rebin(rows[:, lo], rows[:, hi], rows[:, layout.lin(bins)], have)
+    out[layout.exp(bins)] = rows[:, layout.exp(bins)].sum(axis=0)
+    numel, sample_n, estimated = (int(round(v)) for v in extras.sum(axis=0))
+    meta = StatsMeta(numel=numel, bins=bins, sample_n=sample_n, estimated=estimated > 0, layout=layout)
+    return out, meta
+
+
+def rebin(mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray, have: np.ndarray) -> np.ndarray:
+    """Linear histograms of several ranks (each between its own min and max) onto common edges from the global
+    min to the global max, with the same number of bins, by spreading each source bin uniformly over the bins it
+    overlaps. Totals are exact, and a count moves at most into a neighbouring bin (a source bin is never wider
+    than a common one); the edges are exactly those a single process would use."""
+    bins = counts.shape[1]
+    merged = np.zeros(bins)
+    if not have.any():
+        return merged
+    lo, hi = float(mins[have].min()), float(maxs[have].max())
+    total = float(counts[have].sum())
+    if not hi > lo:
+        merged[0] = total
+        return merged
+    edges = np.linspace(lo, hi, bins + 1)
+    for r in np.flatnonzero(have):
+        c = counts[r]
+        a, b = float(mins[r]), float(maxs[r])
+        if b > a:
+            src = np.linspace(a, b, bins + 1)
+            cdf = np.concatenate([[0.0], np.cumsum(c)])
+            merged += np.diff(np.interp(edges, src, cdf))
+        else:
+            # A constant rank: every value is `a`; it goes where the kernel would have binned it.
+            i = min(int((a - lo) * (bins / (hi - lo))), bins - 1)
+            merged[i] += float(c.sum())
+    return _round_preserving_total(merged, total)
+
+
+def _round_preserving_total(x: np.ndarray, total: float) -> np.ndarray:
+    """Integer counts close to `x` that add up to `total` exactly (largest remainders get the leftover units)."""
+    floor = np.floor(x + 1e-9)
+    short = int(round(total - floor.sum()))
+    if short > 0:
+        order = np.argsort(-(x - floor), kind="stable")
+        floor[order[:short]] += 1
+    elif short < 0:
+        order = np.argsort(x - floor, kind="stable")
+        for i in order:
+            if short == 0:
+                break
+            if floor[i] > 0:
+                floor[i] -= 1
+                short += 1
+    return floor
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+def decode_tensor_stats(vec: np.ndarray, meta: StatsMeta) -> TensorStats:
+    """Turn one vector (read back to the host) into a TensorStats."""
+    return decode_many([vec], [meta])[0]
+
+
+def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[TensorStats]:
+    """`decode_tensor_stats` for a whole step at once: the vectors are stacked and every conversion is one numpy
+    call over all of them, not one per tensor (a recorded step of a model with a hundred layers decodes several
+    hundred vectors). The histograms keep their counts in the step's arrays until they are read."""
+    if not vecs:
+        return []
+    groups: dict[tuple[int, Layout], list[int]] = {}
+    for i, meta in enumerate(metas):
+        groups.setdefault((meta.bins, meta.layout), []).append(i)
+    out: list[TensorStats | None] = [None] * len(vecs)
+    for (bins, layout), rows in groups.items():
+        block = np.stack([np.asarray(vecs[i], dtype=np.float64)[: layout.length(bins)] for i in rows])
+        counts_i = np.rint(block[:, layout.index("count")])
+        named = {s.name: block[:, i].tolist() for i, s in enumerate(layout.slots)}
+        extra_names = [s.name for s in layout.extra]
+        # Both histograms of every row stay in two integer arrays; each Histogram reads its row into a tuple only
+        # when something reads it (most of a long run's are never read one by one, see records._Counts).
+        lin_i = np.rint(block[:, layout.lin(bins)]).astype(np.int64)
+        exp_i = np.rint(block[:, layout.exp(bins)]).astype(np.int64)
+        for j, i in enumerate(rows):
+            meta = metas[i]
+            sampled = meta.sampled
+            count = int(counts_i[j])
+            mean, m2, lo, hi = (named[k][j] for k in ("mean", "m2", "min", "max"))
+            if count == 0:
+                mean = m2 = lo = hi = math.nan
+                hist = Histogram(edges=(0.0, 1.0), counts=(0,), sampled=sampled)
+            elif hi > lo:
+                hist = Histogram._even(lin_i, j, lo, hi, sampled)
+            else:  # a constant tensor: one bin of width 1 centred on its value
+                hist = Histogram(edges=(lo - 0.5, lo + 0.5), counts=(int(lin_i[j].sum()),), sampled=sampled)
+            out[i] = TensorStats(
+                numel=meta.numel,
+                count=count,
+                mean=mean,
+                m2=max(m2, 0.0) if count else math.nan,
+                min=lo,
+                max=hi,
+                zero_count=int(round(named["zero_count"][j])),
+                histogram=hist,
+                exponents=ExponentHistogram._defer(exp_i, j, sampled),
+                estimated=meta.estimated_fields(),
+                extra=tuple((name, named[name][j]) for name in extra_names),
+            )
+    return [s for s in out if s is not None]
