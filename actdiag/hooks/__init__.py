@@ -10,19 +10,16 @@ Design (sync-free by construction)
   an in-place op receives the gradient with respect to the tensor as it was when the hook was registered, which is
   exactly the module's output.
 * **Statistics are computed in the hook, on the tensor's device** (`stats.tensor_stats`): a handful of reductions
-  produce one small float64 vector per tensor (moments, min/max, zero count, a linear histogram and an exponent
-  histogram). Computing inside the hook matters: an in-place op later in the forward pass would change the values.
-  Small CPU tensors (at most `sample_cap` elements: biases, norm weights and their gradients) are copied in the
-  hook instead and measured all together in `end()` (`stats.StepBatch`): dozens of them per step cost more in
-  per-call overhead than in arithmetic. So are the samples of large CPU tensors when statistics are estimated
-  (below): the hook makes the one pass over the tensor and copies its sample, `end()` does the rest for all of them.
-  On CUDA (`stats.DeviceBatch`) the same holds with device ops: each small tensor is copied into a row of one
-  buffer, each large one's sample too (with its finite count and sum from every element when estimated), and
-  `end()` measures all rows with one set of ops: 6-10 kernel launches per tensor instead of ~66 when recording
-  often, which for hundreds of tensors would otherwise set a recorded step's cost (`bench/count_ops.py`). Large
-  tensors with exact statistics are measured alone in the hook. No `.item()`, no `.cpu()`: on CUDA the masked,
-  branch-free path is used and binning uses `histc` with constant bounds (CUDA `bincount` reads its maximum back
-  to the host).
+  produce one small float64 vector per tensor, laid out by `layout.STATS` (named slots: moments, min/max, zero
+  count; then a linear and an exponent histogram). Computing inside the hook matters: an in-place op later in the
+  forward pass would change the values. Two kernel paths compute it, each exact or estimated: the host path
+  (`host.py`, numpy on the CPU) and the device path (`device.py`, branch-free device ops: CUDA's). Small tensors
+  (at most `sample_cap` elements: biases, norm weights and their gradients) are copied in the hook instead and
+  measured all together in `end()` (`host.HostBatch`, `device.DeviceBatch`): dozens of them per step cost more in
+  per-call overhead (or kernel launches) than in arithmetic. So are the samples of large tensors when statistics
+  are estimated (below): the hook reads the tensor once for its exact parts and copies its sample, `end()` does
+  the rest for all of them (`bench/count_ops.py` counts the launches). No `.item()`, no `.cpu()`: on CUDA binning
+  uses `histc` with constant bounds (CUDA `bincount` reads its maximum back to the host).
 * **One read-back per recorded step.** The vectors are kept in a dict for the step; `end()` concatenates them per
   device and copies once to the host, where numpy splits and decodes them into frozen `TensorStats`. No tensor is
   kept past its step: the dict is emptied, the weight snapshots for the update ratio are dropped.
@@ -31,16 +28,16 @@ Design (sync-free by construction)
   precision inputs are reduced in float32 and our ops do not change the user's autocast cache), and stale tensor
   hooks from an earlier step are ignored.
 * **Large tensors**: histograms use at most `sample_cap` elements (8192; 4096 when `watch` records more often than
-  every 10 steps) chosen by a fixed pseudo-random index and say so (`sampled`). With exact statistics (the default
-  when recording every 10 steps or less often, and always in `inspect`), moments, min/max, zero and non-finite
-  counts use every element. Recording more often, the CPU path reads every element once (count, mean, non-finite
-  detection; a non-finite value sends the tensor to the exact path) and estimates the spread, extremes and zeros
-  from the same sample, flagged `estimated`: five passes over every element of every tensor were most of a
-  recorded step's cost on a CPU (BENCHMARKS.md). The CUDA path does the same without a read-back: the finite count
-  and their sum from every element (two reads and one write of it, where its exact statistics move ~4x the bytes),
-  the rest from the sample.
+  every 10 steps) chosen by a fixed pseudo-random index and say so (`sampled`). Count, mean, min, max and the
+  non-finite count always use every element. With exact statistics (the default when recording every 10 steps or
+  less often, and always in `inspect`), so do the spread, the zeros and the update ratios. Recording more often,
+  those come from the same sample and the record names them (`TensorStats.estimated`): passes over every element
+  of every tensor were most of a recorded step's cost (BENCHMARKS.md). A CPU tensor with a non-finite value takes
+  the exact path.
+* **Across ranks** (`merge.StepMerger`): one collective per recorded step gathers every rank's vectors, merged slot
+  by slot by the rule beside each slot in `layout.STATS`.
 
 The submodules are imported by name (`actdiag.hooks.stats`, `actdiag.hooks.recorder`); this package imports none of
-them itself, so importing the kernels never drags in the recorder (and its import of `actdiag.distributed`, which
-needs the kernels' layout: a cycle otherwise).
+them itself, so importing the kernels never drags in the recorder. Imports point down: recorder -> merge, updates,
+stats -> host, device -> layout, sampling.
 """

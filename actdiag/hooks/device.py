@@ -226,8 +226,9 @@ class RowBatch:
 
 class DeviceBatch(RowBatch):
     """`HostBatch` for the device path (CUDA's): a recorded step's tensors measured together when it ends, with one
-    set of ops for all of them, where `tensor_stats` makes ~75 kernel launches per tensor (a recorded step of GPT-2
-    small measures ~470 tensors: the launches, not the arithmetic, would set its cost). Nothing is read back.
+    set of ops for all of them, where `tensor_stats` makes dozens of kernel launches per tensor (a recorded step of
+    a transformer measures hundreds of tensors: the launches, not the arithmetic, would set its cost; see
+    bench/count_ops.py). Nothing is read back.
 
     Every kept tensor is a row of `sample_cap` float32 values on its device. A tensor of at most that many elements
     is copied in whole; the rest of its row stays NaN, which every statistic leaves out as it leaves out the tensor's

@@ -199,7 +199,7 @@ def _count_bins(lin: np.ndarray, s32: np.ndarray, offsets: np.ndarray, rows: int
     `_row_width(bins)` wide; `offsets` broadcasts against `lin`, whose last axis holds the values).
 
     Every value's two bins are counted by one bincount: int32 keys are half the bytes of intp, and torch.bincount
-    takes them as they are (2.6x faster for a step's samples than np.bincount, which converts them to intp first).
+    takes them as they are (faster for a step's samples than np.bincount, which converts them to intp first).
     `lin` may be overwritten.
     """
     m = lin.shape[-1]
@@ -221,10 +221,10 @@ def _count_bins(lin: np.ndarray, s32: np.ndarray, offsets: np.ndarray, rows: int
 class HostBatch:
     """The tensors of a recorded step that are measured together when it ends, on the CPU.
 
-    A transformer or a CNN has dozens of tensors per recorded step, and measured one by one each costs ~30 numpy
-    calls: far more than their arithmetic (several microseconds a call with the caches cold inside a training step).
-    Here a tensor costs a copy when it is seen (it may change in place afterwards), and `finish()` makes ~20 numpy
-    calls for each of the two kinds, however many tensors there are:
+    A transformer or a CNN has dozens of tensors per recorded step, and measured one by one each costs dozens of
+    numpy calls: far more than their arithmetic (with the caches cold inside a training step; BENCHMARKS.md). Here
+    a tensor costs a copy when it is seen (it may change in place afterwards), and `finish()` makes a fixed number
+    of numpy calls for each of the two kinds, however many tensors there are:
 
     * small tensors (1..sample_cap elements, float16/bfloat16/float32: biases, norm weights, small weights and their
       gradients): exact statistics from a float32 copy, by segment reductions (`reduceat`) and one `bincount`. Sums

@@ -19,9 +19,7 @@ modules keep PyTorch's hook-free fast path).
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -34,11 +32,24 @@ import torch
 from torch import nn
 
 from actdiag.hooks import merge as _dist
-from actdiag.hooks.device import DeviceBatch, RowBatch, RowStore, fill_row
+from actdiag.hooks.compiled import _EAGER
+from actdiag.hooks.device import DeviceBatch
 from actdiag.hooks.host import HostBatch
 from actdiag.hooks.keys import Key
 from actdiag.hooks.layout import StatsMeta, decode_many
-from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, DEFAULT_SAMPLE_CAP, numpy_view, segments
+from actdiag.hooks.modules import (
+    _CHANNELS_FIRST_3D,
+    RARE_ACTIVE_BELOW,
+    RELU_FAMILY,
+    SATURATION_TOL,
+    Selector,
+    _is_compiled,
+    bounds_of,
+    first_tensor,
+    select_modules,
+    unwrap_model,
+)
+from actdiag.hooks.sampling import DEFAULT_SAMPLE_CAP
 from actdiag.hooks.stats import (
     DEFAULT_BINS,
     Path,
@@ -48,124 +59,21 @@ from actdiag.hooks.stats import (
     unit_activity,
     unit_dim_for,
 )
+from actdiag.hooks.updates import UpdateRatios
 from actdiag.records import LayerStats, ParamStats, StepRecord, TensorStats
 
-# A bounded unit counts as saturated when its output is within SATURATION_TOL of a bound: for tanh |y| >= 0.99,
-# where the local gradient 1 - y**2 is under 2% of its peak (Glorot & Bengio 2010 study exactly this regime); the
-# same absolute tolerance for sigmoid (y <= 0.01 or y >= 0.99, gradient under 4% of its peak). Hard-bounded units
-# (hardtanh, hardsigmoid) have zero gradient exactly at the bound, so their tolerance is 0.
-SATURATION_TOL = 0.01
-
-# A ReLU-family unit is "rarely active" when it is positive for fewer than this share of its samples
-# (SageMaker Debugger's dead-ReLU rule counts units active in under 1% of samples).
-RARE_ACTIVE_BELOW = 0.01
-
-RELU_FAMILY: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-)
-
-_CHANNELS_FIRST_3D: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.ConvTranspose1d,
-    nn.BatchNorm1d,
-    nn.InstanceNorm1d,
-    nn.MaxPool1d,
-    nn.AvgPool1d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveMaxPool1d,
-)
-
-
-def bounds_of(module: nn.Module) -> tuple[float, float, float] | None:
-    """(low, high, tolerance) for bounded activations, None for anything else."""
-    if isinstance(module, nn.ReLU6):  # a Hardtanh subclass, but its lower bound is ReLU's "off", not saturation
-        return None
-    if isinstance(module, nn.Hardtanh):
-        return float(module.min_val), float(module.max_val), 0.0
-    if isinstance(module, (nn.Tanh, nn.Softsign)):
-        return -1.0, 1.0, SATURATION_TOL
-    if isinstance(module, nn.Sigmoid):
-        return 0.0, 1.0, SATURATION_TOL
-    if isinstance(module, nn.Hardsigmoid):
-        return 0.0, 1.0, 0.0
-    return None
-
-
-Selector = str | type[nn.Module]
-
-
-def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> bool:
-    for sel in selectors:
-        if isinstance(sel, str):
-            if fnmatch.fnmatchcase(name, sel):
-                return True
-        elif isinstance(module, sel):
-            return True
-    return False
-
-
-def _as_selectors(value: Selector | Iterable[Selector] | None, what: str) -> tuple[Selector, ...]:
-    if value is None:
-        return ()
-    items = (value,) if isinstance(value, (str, type)) else tuple(value)
-    for item in items:
-        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
-            raise TypeError(f"{what} takes name patterns (str) or nn.Module subclasses, got {item!r}")
-    return items
-
-
-def select_modules(
-    model: nn.Module,
-    include: Selector | Iterable[Selector] | None = None,
-    exclude: Selector | Iterable[Selector] | None = None,
-) -> list[tuple[str, nn.Module]]:
-    """The modules to watch: every leaf module and every module owning parameters directly (e.g.
-    MultiheadAttention, whose out_proj is never called as a module), filtered by include/exclude selectors
-    (fnmatch patterns on the qualified name, or module types). Shared modules appear once, under their first name.
-    """
-    inc = _as_selectors(include, "include")
-    exc = _as_selectors(exclude, "exclude")
-    chosen = []
-    for name, module in model.named_modules():
-        leaf = next(module.children(), None) is None
-        owns = next(module.parameters(recurse=False), None) is not None
-        if not (leaf or owns):
-            continue
-        if inc and not _matches(name, module, inc):
-            continue
-        if exc and _matches(name, module, exc):
-            continue
-        chosen.append((name, module))
-    return chosen
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """The primary tensor of a module's output: the value itself, or the first tensor found depth-first in
-    tuples, lists, dicts (HF ModelOutput is one) and dataclass-like objects."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        items: Iterable[Any] = value
-    elif isinstance(value, Mapping):
-        items = value.values()
-    else:
-        return None
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
+# Names the rest of actdiag (and its tests) import from here; they live in the modules named above.
+__all__ = [
+    "RARE_ACTIVE_BELOW",
+    "RELU_FAMILY",
+    "SATURATION_TOL",
+    "Recorder",
+    "Selector",
+    "bounds_of",
+    "first_tensor",
+    "select_modules",
+    "unwrap_model",
+]
 
 
 @dataclass(slots=True)
@@ -251,14 +159,10 @@ class Recorder:
         self._aliases: dict[Key, Key] = {}
         self._host_batch = HostBatch(bins, sample_cap)  # the host path's tensors, measured together in end()
         self._device_batch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
-        self._update_rows = _UpdateRows(sample_cap)  # the device path's weight samples for the update ratios
+        self._updates = UpdateRatios(sample_cap)  # weight copies for the update ratios
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
-        # Weight samples for the update ratio: torch tensors (any device), or numpy arrays on the CPU (see
-        # _record_weight); the numpy ones are compared with the updated weights in one batch in end().
-        self._snapshots: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        self._np_snapshots: dict[str, tuple[int, np.ndarray | None, np.ndarray]] = {}
         self._prev_channels_first = False
         self.failed: set[str] = set()
         self._kinds: dict[Key, str] = {}
@@ -314,14 +218,10 @@ class Recorder:
             for pname, p in self.params:
                 if not self._has(Key.param(pname, "weight")):
                     self._guard("weights", self._record_weight, pname, p, False)
-            for pname, snap in self._snapshots.items():
-                self._guard("updates", self._record_update, pname, self._param_map[pname], snap)
-            if self._np_snapshots:
-                self._guard("updates", self._record_updates_numpy, self._np_snapshots)
-            if len(self._update_rows):
-                self._guard("updates", self._record_updates_rows)
-        self._snapshots = {}
-        self._np_snapshots = {}
+            ratios = self._guard("updates", self._updates.finish, self._param_map)
+            for pname, vec in (ratios or {}).items():
+                self._put(Key.param(pname, "update"), vec, None, _dist.KIND_REPLICATED)
+        self._updates.clear()
         self._recording = False
         if len(self._host_batch):
             self._pending.update(self._host_batch.finish())
@@ -363,7 +263,7 @@ class Recorder:
         self._clear_step()
         self._host_batch.release()
         self._device_batch.release()
-        self._update_rows.release()
+        self._updates.release()
 
     def _clear_step(self) -> None:
         """Forget everything a step collected (begin() starts from here, abort() ends here)."""
@@ -372,7 +272,7 @@ class Recorder:
         self._aliases = {}
         self._host_batch.clear()
         self._device_batch.clear()
-        self._update_rows.clear()
+        self._updates.clear()
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
@@ -381,8 +281,6 @@ class Recorder:
         self._calls = {}
         self._order = []
         self._prev_channels_first = False
-        self._snapshots = {}
-        self._np_snapshots = {}
 
     def _mismatch(self, message: str) -> None:
         if self._on_error is None:
@@ -502,7 +400,7 @@ class Recorder:
         self._guard("gradients", self._put_stats, key, measured, _dist.KIND_STATS, grad)
 
     def _param_grad_hook(self, pname: str, p: torch.Tensor) -> None:
-        # No torch.no_grad() here (entering and leaving it cost ~10 us a hook inside a step): every path detaches
+        # No torch.no_grad() here (entering and leaving it costs more than some hooks' work): every path detaches
         # the tensors it reads before any op, so no graph is recorded either way.
         if not self._recording or p.grad is None:
             return
@@ -537,72 +435,14 @@ class Recorder:
     def _record_weight(self, pname: str, p: torch.Tensor, before_update: bool) -> None:
         self._put_stats(Key.param(pname, "weight"), p)
         if before_update and self.track_updates and p.is_floating_point():
-            # The update ratio |w_after - w_before| / |w_before| compares the weight with a copy taken now: of every
-            # element when statistics are exact, of its fixed sample (the histograms') when a large weight may be
-            # estimated, where a full copy of every weight on every recorded step would double the parameters'
-            # memory and cost two extra passes over them.
             flat = p.detach().reshape(-1)
-            n = flat.numel()
-            sampled = self._update_sampled(n)
-            a = numpy_view(flat) if on_host(flat, self.path) and n else None
-            if a is not None:  # on the CPU: numpy, no ATen call (see _record_updates_numpy)
-                idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if sampled else None
-                self._np_snapshots[pname] = (n, idx_np, a.copy() if idx_np is None else a.take(idx_np))
-                return
-            if (sampled or n <= self.sample_cap) and self._update_rows.take(pname, flat):
-                return  # the device path: compared in one batch in end()
-            idx = None
-            if sampled:
-                idx = _SAMPLES.get(n, self.sample_cap, flat.device)
-                self._snapshots[pname] = (idx, flat.index_select(0, idx))
-            else:
-                self._snapshots[pname] = (idx, flat.clone())
+            self._updates.snapshot(
+                pname, flat, host=on_host(flat, self.path), sampled=self._update_sampled(flat.numel())
+            )
 
     def _update_sampled(self, numel: int) -> bool:
         """Whether a weight of `numel` elements gets its update ratio from its fixed sample (an estimate)."""
         return not self.exact and numel > self.sample_cap
-
-    def _record_updates_numpy(self, snaps: Mapping[str, tuple[int, np.ndarray | None, np.ndarray]]) -> None:
-        """The update ratios of every CPU parameter with a numpy snapshot, in one batch: the same sample of the
-        updated weight is taken for each, then one difference, two squares and two segment sums for all of them
-        (two einsum calls and a tensor per parameter cost more than their arithmetic at a few thousand elements)."""
-        names: list[str] = []
-        now: list[np.ndarray] = []
-        before: list[np.ndarray] = []
-        for pname, (n, idx, a0) in snaps.items():
-            a = numpy_view(self._param_map[pname].detach().reshape(-1))
-            if a is None or a.size != n or a.dtype != a0.dtype:
-                continue  # replaced by a tensor of another size or dtype, or moved off the CPU: no ratio
-            names.append(pname)
-            now.append(a if idx is None else a.take(idx))
-            before.append(a0)
-        if not names:
-            return
-        _, starts = segments(before)
-        b64 = np.concatenate(before, dtype=np.float64)
-        diff = np.concatenate(now, dtype=np.float64)
-        diff -= b64
-        out = np.empty((len(names), 2))
-        out[:, 0] = np.add.reduceat(diff * diff, starts)
-        out[:, 1] = np.add.reduceat(b64 * b64, starts)
-        np.sqrt(out, out=out)
-        for i, pname in enumerate(names):
-            self._put(Key.param(pname, "update"), torch.from_numpy(out[i]), None, _dist.KIND_REPLICATED)
-
-    def _record_updates_rows(self) -> None:
-        for pname, vec in self._update_rows.ratios(self._param_map).items():
-            self._put(Key.param(pname, "update"), vec, None, _dist.KIND_REPLICATED)
-
-    def _record_update(self, pname: str, p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> None:
-        # Device ops, nothing read back: the device path's weights that _UpdateRows does not take (float64, or on a
-        # second device); CPU float32/float64 weights take _record_updates_numpy.
-        idx, p0 = snap
-        cur = p.detach().reshape(-1)
-        if idx is not None:
-            cur = cur.index_select(0, idx)
-        d = (cur - p0).to(torch.float32)
-        vec = torch.stack([torch.linalg.vector_norm(d), torch.linalg.vector_norm(p0.to(torch.float32))])
-        self._put(Key.param(pname, "update"), vec.to(torch.float64), None, _dist.KIND_REPLICATED)
 
     # ------------------------------------------------------------------ helpers
     def _stats(self, t: torch.Tensor) -> tuple[torch.Tensor, StatsMeta]:
@@ -744,121 +584,6 @@ class Recorder:
                 )
             )
         return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))
-
-
-class _UpdateRows(RowBatch):
-    """The device path's (CUDA's) weight samples for the update ratios, as rows of one float32 buffer (zero past a
-    weight's sample), compared with the updated weights' samples in one set of ops in `ratios()`: two or three ops
-    a parameter instead of ~10 (each a kernel launch on a GPU). float64 weights, and weights on another device than
-    the first one taken, are left to `Recorder._record_update`."""
-
-    def __init__(self, cap: int) -> None:
-        # kept: name -> (row, numel, sample index); the rows: the samples before and after the update.
-        super().__init__(RowStore((cap, torch.float32, 0.0), (cap, torch.float32, 0.0)))
-        self.cap = cap
-
-    def take(self, pname: str, flat: torch.Tensor) -> bool:
-        """Keep the sample of weight `flat` (1-D, before the optimizer step); False if it does not qualify."""
-        if flat.dtype not in _BATCH_DTYPES or self._store.device not in (None, flat.device):
-            return False
-        n = flat.numel()
-        idx = _SAMPLES.get(n, self.cap, flat.device) if n > self.cap else None
-        k = self._store.next_row(flat.device)
-        fill_row(self._store.buffers[0][k], flat, idx)
-        self.kept[pname] = (k, n, idx)
-        return True
-
-    def ratios(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """[||w_now - w_before||, ||w_before||] over each kept weight's sample, as float64 2-vectors on the device,
-        for every kept weight still of its size, dtype class and device; the rows are then cleared."""
-        before, now = self._store.in_use()
-        rows: dict[str, int] = {}
-        for pname, (k, n, idx) in self.kept.items():
-            p = params.get(pname)
-            if p is None or p.numel() != n or p.dtype not in _BATCH_DTYPES or p.device != before.device:
-                continue  # replaced by a tensor of another size or kind, or moved: no ratio
-            fill_row(now[k], p.detach().reshape(-1), idx)
-            rows[pname] = k
-        d = now - before
-        norms = torch.stack([d.square().sum(1), before.square().sum(1)], dim=1).sqrt().to(torch.float64)
-        self.clear()
-        return {pname: norms[k] for pname, k in rows.items()}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel, DataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            inner = model._orig_mod
-            assert isinstance(inner, nn.Module)
-            model = inner
-        else:
-            return model
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    """torch.compile(model) wraps it in an OptimizedModule; model.compile() sets _compiled_call_impl."""
-    return any(
-        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
-        for m in model.modules()
-    )
-
-
-class _EagerStance:
-    """Run every torch.compile'd region eagerly while any recorder is recording (see `_enter_force_eager`).
-
-    Recorders of several models can record at overlapping times, in any order (one process training several
-    models, each watched), so the stance is reference-counted: the first recorder to begin enters it, the last one
-    to end leaves it, and the user's own stance comes back then. Nested `set_stance` contexts restore their
-    predecessor's stance, so leaving them out of order would leave `force_eager` set for good.
-    """
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.ctx: Any = None
-
-    def acquire(self) -> bool:
-        """Hold the stance until `release()`; False if nothing was compiled (nothing to hold, nothing to release)."""
-        if self.depth == 0:
-            ctx = _enter_force_eager()
-            if ctx is None:
-                return False
-            self.ctx = ctx
-        self.depth += 1
-        return True
-
-    def release(self) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            ctx, self.ctx = self.ctx, None
-            ctx.__exit__(None, None, None)  # back to the stance the user had
-
-
-_EAGER = _EagerStance()
-
-
-def _enter_force_eager() -> Any:
-    """Run every torch.compile'd region eagerly until the returned context is exited (None: nothing to do).
-
-    A recorded step runs the user's modules eagerly, with the hooks in place, so its statistics are exactly
-    those of the eager model; compiled graphs never contain actdiag code, so actdiag causes no graph break and
-    no recompilation, and the unrecorded steps run the compiled graphs untouched. If torch._dynamo was never
-    imported, nothing was compiled: importing it here would only cost time.
-    """
-    if "torch._dynamo" not in sys.modules or not hasattr(torch.compiler, "set_stance"):
-        return None
-    message = (
-        "monitor.step() ran inside a torch.compile'd function, where compiled code cannot be switched to eager; "
-        "call it outside compiled functions"
-    )
-    if torch.compiler.is_compiling():
-        raise RuntimeError(message)
-    try:
-        return torch.compiler.set_stance("force_eager")
-    except RuntimeError as exc:  # "attempted to set_stance in a torch.compile region"
-        raise RuntimeError(message) from exc
 
 
 def _queue_callback(fn: Callable[[], None]) -> None:

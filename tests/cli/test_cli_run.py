@@ -41,7 +41,9 @@ def one_finding(monkeypatch):
     """Rules that report one hand-built finding of the given severity (the real rules live on another branch)."""
 
     def install(severity: str = "warning") -> None:
-        monkeypatch.setattr(actdiag.rules, "diagnose", lambda layers, params=(), history=None: (_finding(severity),))
+        monkeypatch.setattr(
+            actdiag.rules, "diagnose", lambda layers, params=(), history=None, thresholds=None: (_finding(severity),)
+        )
 
     return install
 

@@ -1,0 +1,151 @@
+"""Update ratios: ||w_after - w_before|| / ||w_before|| over the optimizer step of a recorded training step.
+
+The weight is copied when its gradient is ready (the optimizer has not run yet) and compared with itself at the end
+of the step. The copy holds every element when statistics are exact, or a large weight's fixed sample (the
+histograms') when it may be estimated: a full copy of every weight on every recorded step would double the
+parameters' memory and cost two extra passes over them. Three ways, as for the statistics: numpy on the host (one
+batch for all CPU weights), rows of one buffer on the device path (`UpdateRows`), and device ops per weight for the
+rest (float64 weights, weights on a second device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from actdiag.hooks.device import RowBatch, RowStore, fill_row
+from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, numpy_view, segments
+
+
+class UpdateRatios:
+    """The weight copies of one recorded step and, in `finish()`, the [||w_now - w_before||, ||w_before||] norms
+    of every weight still of its size, kind and device, as float64 2-vectors keyed by parameter name."""
+
+    def __init__(self, sample_cap: int) -> None:
+        self.sample_cap = sample_cap
+        self._device_rows = UpdateRows(sample_cap)  # the device path's copies, compared in one set of ops
+        self._tensors: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}  # (sample index, copy)
+        self._arrays: dict[str, tuple[int, np.ndarray | None, np.ndarray]] = {}  # (numel, sample index, copy)
+
+    def snapshot(self, pname: str, flat: torch.Tensor, *, host: bool, sampled: bool) -> None:
+        """Copy weight `flat` (1-D, before the optimizer step): its sample when `sampled`, all of it otherwise;
+        `host`: the host path (numpy) may take it."""
+        n = flat.numel()
+        a = numpy_view(flat) if host and n else None
+        if a is not None:  # on the CPU: numpy, no ATen call (see _host_ratios)
+            idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if sampled else None
+            self._arrays[pname] = (n, idx_np, a.copy() if idx_np is None else a.take(idx_np))
+            return
+        if (sampled or n <= self.sample_cap) and self._device_rows.take(pname, flat):
+            return  # the device path: compared in one batch in finish()
+        if sampled:
+            idx = _SAMPLES.get(n, self.sample_cap, flat.device)
+            self._tensors[pname] = (idx, flat.index_select(0, idx))
+        else:
+            self._tensors[pname] = (None, flat.clone())
+
+    def finish(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The norms of every weight copied this step (see the class docstring); the copies are dropped."""
+        out: dict[str, torch.Tensor] = {}
+        try:
+            for pname, snap in self._tensors.items():
+                out[pname] = _tensor_ratio(params[pname], snap)
+            if self._arrays:
+                out.update(_host_ratios(self._arrays, params))
+            if len(self._device_rows):
+                out.update(self._device_rows.ratios(params))
+        finally:
+            self.clear()
+        return out
+
+    def clear(self) -> None:
+        self._tensors = {}
+        self._arrays = {}
+        self._device_rows.clear()
+
+    def release(self) -> None:
+        """`clear()`, and give the device rows back (when recording stops)."""
+        self.clear()
+        self._device_rows.release()
+
+
+def _host_ratios(
+    snaps: Mapping[str, tuple[int, np.ndarray | None, np.ndarray]], params: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The norms of every CPU parameter with a numpy copy, in one batch: the same elements of the updated weight
+    are taken for each, then one difference, two squares and two segment sums for all of them (two einsum calls and
+    a tensor per parameter cost more than their arithmetic at a few thousand elements)."""
+    names: list[str] = []
+    now: list[np.ndarray] = []
+    before: list[np.ndarray] = []
+    for pname, (n, idx, a0) in snaps.items():
+        a = numpy_view(params[pname].detach().reshape(-1))
+        if a is None or a.size != n or a.dtype != a0.dtype:
+            continue  # replaced by a tensor of another size or dtype, or moved off the CPU: no ratio
+        names.append(pname)
+        now.append(a if idx is None else a.take(idx))
+        before.append(a0)
+    if not names:
+        return {}
+    _, starts = segments(before)
+    b64 = np.concatenate(before, dtype=np.float64)
+    diff = np.concatenate(now, dtype=np.float64)
+    diff -= b64
+    out = np.empty((len(names), 2))
+    out[:, 0] = np.add.reduceat(diff * diff, starts)
+    out[:, 1] = np.add.reduceat(b64 * b64, starts)
+    np.sqrt(out, out=out)
+    return {pname: torch.from_numpy(out[i]) for i, pname in enumerate(names)}
+
+
+def _tensor_ratio(p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
+    """Device ops, nothing read back: the device path's weights that `UpdateRows` does not take (float64, on a
+    second device, or large and exact)."""
+    idx, p0 = snap
+    cur = p.detach().reshape(-1)
+    if idx is not None:
+        cur = cur.index_select(0, idx)
+    d = (cur - p0).to(torch.float32)
+    vec = torch.stack([torch.linalg.vector_norm(d), torch.linalg.vector_norm(p0.to(torch.float32))])
+    return vec.to(torch.float64)
+
+
+class UpdateRows(RowBatch):
+    """The device path's (CUDA's) weight copies for the update ratios, as rows of one float32 buffer (zero past a
+    weight's elements), compared with the updated weights in one set of ops for all of them in `ratios()` (each op a
+    kernel launch on a GPU). float64 weights, and weights on another device than the first one taken, are left to
+    `_tensor_ratio`."""
+
+    def __init__(self, cap: int) -> None:
+        # kept: name -> (row, numel, sample index); the rows: the copies before and after the update.
+        super().__init__(RowStore((cap, torch.float32, 0.0), (cap, torch.float32, 0.0)))
+        self.cap = cap
+
+    def take(self, pname: str, flat: torch.Tensor) -> bool:
+        """Keep the sample of weight `flat` (1-D, before the optimizer step); False if it does not qualify."""
+        if flat.dtype not in _BATCH_DTYPES or self._store.device not in (None, flat.device):
+            return False
+        n = flat.numel()
+        idx = _SAMPLES.get(n, self.cap, flat.device) if n > self.cap else None
+        k = self._store.next_row(flat.device)
+        fill_row(self._store.buffers[0][k], flat, idx)
+        self.kept[pname] = (k, n, idx)
+        return True
+
+    def ratios(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """[||w_now - w_before||, ||w_before||] over each kept weight's copy, as float64 2-vectors on the device,
+        for every kept weight still of its size, dtype class and device; the rows are then cleared."""
+        before, now = self._store.in_use()
+        rows: dict[str, int] = {}
+        for pname, (k, n, idx) in self.kept.items():
+            p = params.get(pname)
+            if p is None or p.numel() != n or p.dtype not in _BATCH_DTYPES or p.device != before.device:
+                continue  # replaced by a tensor of another size or kind, or moved: no ratio
+            fill_row(now[k], p.detach().reshape(-1), idx)
+            rows[pname] = k
+        d = now - before
+        norms = torch.stack([d.square().sum(1), before.square().sum(1)], dim=1).sqrt().to(torch.float64)
+        self.clear()
+        return {pname: norms[k] for pname, k in rows.items()}
