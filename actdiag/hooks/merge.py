@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -96,7 +96,16 @@ def unit_verdicts(active: np.ndarray, ever: np.ndarray, samples: float, rare_bel
 
 
 Kinds = Mapping[_Key, str]
-_Entry = tuple[_Key, str, int, tuple[float, ...], Any]  # key, kind, vector length, extras, local meta
+
+
+class _Entry(NamedTuple):
+    """One vector of the step as sent: its place in the payload and what is sent along (`_extras`)."""
+
+    key: _Key
+    kind: str
+    length: int
+    extras: tuple[float, ...]
+    meta: Any  # this rank's own meta
 
 
 class StepMerger:
@@ -149,10 +158,10 @@ class StepMerger:
         for key in keys:
             vec, meta = pending[key]
             kind = kinds.get(key, KIND_REPLICATED)
-            layout.append((key, kind, vec.numel(), _extras(kind, meta), meta))
-        signature = repr([(k, kind, n, len(x)) for k, kind, n, x, _ in layout]).encode()
+            layout.append(_Entry(key, kind, vec.numel(), _extras(kind, meta), meta))
+        signature = repr([(tuple(e.key), e.kind, e.length, len(e.extras)) for e in layout]).encode()
         checksum = float(zlib.crc32(signature))  # < 2**32: exact in float64, and the same in every process
-        extras = np.array([v for e in layout for v in e[3]], dtype=np.float64)
+        extras = np.array([v for e in layout for v in e.extras], dtype=np.float64)
         payload = torch.cat([torch.from_numpy(extras).to(device), _concat(pending, keys, device)])
         length = payload.numel()
         rows = self._exchange(payload, length, checksum, device)
@@ -183,7 +192,7 @@ class StepMerger:
         return self._gather(torch.cat([head, payload, payload.new_zeros(need - length)]))
 
     def _merge_rows(self, rows: np.ndarray, layout: list[_Entry]) -> dict[_Key, tuple[np.ndarray, Any]]:
-        n_extras = sum(len(e[3]) for e in layout)
+        n_extras = sum(len(e.extras) for e in layout)
         ex_rows, data = rows[:, :n_extras], rows[:, n_extras:]
         out: dict[_Key, tuple[np.ndarray, Any]] = {}
         xpos = pos = 0
@@ -195,12 +204,12 @@ class StepMerger:
             if kind == KIND_STATS:
                 out[key] = merge_vectors(block, ex, self.bins, meta.layout)
             elif kind == KIND_SUM:
-                out[key] = (block.sum(axis=0), float(ex[:, 0].sum()))
+                out[key] = (block.sum(axis=0), float(ex.sum()))  # extras: the elements counted
             elif kind == KIND_UNITS:
                 units = n // 2
                 active_counts = block[:, :units].sum(axis=0)
                 ever = block[:, units:].max(axis=0)
-                samples = float(ex[:, 0].sum())
+                samples = float(ex.sum())  # extras: samples per unit
                 verdict = unit_verdicts(active_counts, ever, samples, self.rare_below)
                 out[key._replace(kind="units")] = (verdict, None)
             else:
@@ -209,7 +218,7 @@ class StepMerger:
 
     def _split_local(self, row: np.ndarray, layout: list[_Entry]) -> dict[_Key, tuple[np.ndarray, Any]]:
         """This rank's own vectors, unmerged, read from its payload row: used when the ranks' layouts differ."""
-        n_extras = sum(len(e[3]) for e in layout)
+        n_extras = sum(len(e.extras) for e in layout)
         data = row[n_extras:]
         out: dict[_Key, tuple[np.ndarray, Any]] = {}
         pos = 0
@@ -217,13 +226,15 @@ class StepMerger:
             vec = data[pos : pos + n]
             pos += n
             if kind == KIND_STATS:
-                numel, sample_n, estimated = int(x[0]), int(x[1]), x[2] > 0
-                out[key] = (vec, StatsMeta(numel, self.bins, sample_n, estimated, meta.layout))
+                numel, sample_n, estimated = x
+                out[key] = (vec, StatsMeta(int(numel), self.bins, int(sample_n), estimated > 0, meta.layout))
             elif kind == KIND_SUM:
-                out[key] = (vec, x[0])
+                (counted,) = x
+                out[key] = (vec, counted)
             elif kind == KIND_UNITS:
                 units = n // 2
-                verdict = unit_verdicts(vec[:units], vec[units:], x[0], self.rare_below)
+                (samples,) = x
+                verdict = unit_verdicts(vec[:units], vec[units:], samples, self.rare_below)
                 out[key._replace(kind="units")] = (verdict, None)
             else:
                 out[key] = (vec, meta)

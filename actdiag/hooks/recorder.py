@@ -536,7 +536,7 @@ class Recorder:
             upd = host.get(Key.param(pname, "update"))
             ratio = None
             if upd is not None:
-                delta, norm0 = float(upd[0][0]), float(upd[0][1])
+                delta, norm0 = (float(v) for v in upd[0])  # updates.UpdateRatios: the two norms
                 ratio = delta / norm0 if norm0 > 0 and math.isfinite(norm0) else None
             ps = ParamStats(
                 name=pname,
