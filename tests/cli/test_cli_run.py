@@ -242,7 +242,7 @@ def test_bad_logdir_fails_before_running(write, run, tmp_path) -> None:
 
 
 def test_internal_error_exits_3_and_asks_for_a_report(write, run, monkeypatch) -> None:
-    def broken(layers, params=(), history=None):
+    def broken(layers, params=(), history=None, thresholds=None):
         raise ZeroDivisionError("bug in a rule")
 
     monkeypatch.setattr(actdiag.rules, "diagnose", broken)
