@@ -79,7 +79,7 @@ def count(load: bench_step.Workload, every: int) -> dict[str, Any]:
     bench_step.train_step(model, opt, load)  # first-call work (optimizer state) out of the count
     plain = counted(lambda: bench_step.train_step(model, opt, load))
     with actdiag.watch(model, every=every) as monitor:
-        monitor.recorder.path = True  # the device path's code, on the CPU
+        monitor.recorder.path = "device"  # the device path's code, on the CPU
         for _ in range(2):  # the sample indices drawn, the buffers grown
             bench_step.train_step(model, opt, load)
             monitor.step()
