@@ -44,8 +44,9 @@ class DeadAndSaturatedNet(nn.Module):
         return self.head(self.act3(self.fc3(h)))
 
 
-def watched_run(logdir: Path, steps: int = 12, every: int = 2) -> Monitor:
-    """Train DeadAndSaturatedNet under `actdiag.watch(logdir=...)`; the closed monitor."""
+def watched_run(logdir: Path, steps: int = 30, every: int = 2) -> Monitor:
+    """Train DeadAndSaturatedNet under `actdiag.watch(logdir=...)`; the closed monitor. The default records 15
+    steps, more than the 10 TensorBoard would keep of a plugin it was not told about."""
     model = DeadAndSaturatedNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(1)

@@ -185,11 +185,11 @@ def test_reports_tensorboard_dashboard_renders_in_chromium(tmp_path: Path, serve
     expected = [(f.code, f.layer) for f in sorted(monitor.findings, key=lambda f: -f.rank)]
     assert expected[0] == ("dead_relu", XSS_NAME)
 
-    base = serve(logdir, lambda b: _get(b, "/data/plugin/actdiag/runs") == [{"run": ".", "steps": 10, "report": True}])
+    base = serve(logdir, lambda b: _get(b, "/data/plugin/actdiag/runs") == [{"run": ".", "steps": 28, "report": True}])
     listing = _get(base, "/data/plugins_listing")
     assert listing["actdiag"]["enabled"] is True
     assert listing["actdiag"]["loading_mechanism"]["module_path"] == "/data/plugin/actdiag/index.js"
-    assert _get(base, "/data/plugin/actdiag/profile?run=.")["steps"] == [0, 2, 4, 6, 8, 10]
+    assert _get(base, "/data/plugin/actdiag/profile?run=.")["steps"] == list(range(0, 30, 2))  # all 15 kept
     assert listing["histograms"]["enabled"] and listing["text"]["enabled"]  # the other tabs keep working
 
     result = open_page(f"{base}/data/plugin_entry.html?name=actdiag", tmp_path / "chromium", PAGE_SCRIPT, AFTER_SCRIPT)
@@ -199,7 +199,7 @@ def test_reports_tensorboard_dashboard_renders_in_chromium(tmp_path: Path, serve
     assert [(f["code"], f["layer"]) for f in values["findings"]] == expected
     assert values["imgs"] == 0 and values["xssText"] is True
     assert values["profileMarks"] > 7 and values["heatmaps"] == 2 and values["histRows"] == 7
-    assert values["slider"] == "5" and values["stepLabel"].startswith("step 0 (1 of 6")
+    assert values["slider"] == "14" and values["stepLabel"].startswith("step 0 (1 of 15")
     assert values["copy"] in ("Copied", "Select and press Ctrl+C")
     assert _not_blank(result.screenshot) > 10.0
 

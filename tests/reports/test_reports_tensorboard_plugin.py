@@ -56,7 +56,7 @@ def test_reports_tensorboard_plugin_routes_serve_the_watch(watched: tuple[Any, A
     client, report = watched
     status, runs = _get(client, "/data/plugin/actdiag/runs")
     assert status == 200
-    assert runs == [{"run": ".", "steps": 10, "report": True}]  # 12 steps, every 2: recorded at 0, 2, ..., 10
+    assert runs == [{"run": ".", "steps": 28, "report": True}]  # 30 steps, every 2: recorded at 0, 2, ..., 28
 
     status, got = _get(client, "/data/plugin/actdiag/report?run=.")
     assert status == 200 and got["schema"] == BLOB_SCHEMA
@@ -69,7 +69,7 @@ def test_reports_tensorboard_plugin_routes_serve_the_watch(watched: tuple[Any, A
 
     status, prof = _get(client, "/data/plugin/actdiag/profile?run=.")
     assert status == 200
-    assert prof["steps"] == [0, 2, 4, 6, 8, 10]
+    assert prof["steps"] == list(range(0, 30, 2))  # all 15 kept
     last = prof["profiles"][-1]
     assert [row["layer"] for row in last["layers"]] == [layer_tag(ly.label) for ly in report.layers]
     for row, layer in zip(last["layers"], report.layers):
@@ -91,8 +91,8 @@ def test_reports_tensorboard_plugin_routes_serve_the_watch(watched: tuple[Any, A
         assert math.fsum(b[2] for b in h["buckets"]) == pytest.approx(64 * (4 if h["layer"] == "head" else 32))
         lefts = [b[0] for b in h["buckets"]]
         assert lefts == sorted(lefts)
-    status, ghist = _get(client, "/data/plugin/actdiag/histograms?run=.&kind=gradients&step=10")
-    assert status == 200 and {h["step"] for h in ghist["layers"]} == {10}
+    status, ghist = _get(client, "/data/plugin/actdiag/histograms?run=.&kind=gradients&step=28")
+    assert status == 200 and {h["step"] for h in ghist["layers"]} == {28}
 
 
 @pytest.mark.parametrize(
