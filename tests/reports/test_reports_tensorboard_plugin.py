@@ -135,3 +135,16 @@ def test_reports_tensorboard_plugin_keeps_more_samples_unless_told() -> None:
     flags = argparse.Namespace(samples_per_plugin={"actdiag": 7})
     loader.fix_flags(flags)
     assert flags.samples_per_plugin == {"actdiag": 7}  # the user's own setting wins
+
+
+def test_reports_tensorboard_plugin_lists_only_runs_with_actdiag_data(tmp_path: Path) -> None:
+    watched_run(tmp_path / "runs" / "b_watched", steps=4)
+    plain_run(tmp_path / "runs" / "a_plain")
+    watched_run(tmp_path / "runs" / "c_watched", steps=2)
+    client = tensorboard_client(tmp_path / "runs")
+    assert _get(client, "/data/plugins_listing")[1]["actdiag"]["enabled"] is True
+    status, runs = _get(client, "/data/plugin/actdiag/runs")
+    assert status == 200
+    assert runs == [{"run": "b_watched", "steps": 2, "report": True}, {"run": "c_watched", "steps": 0, "report": True}]
+    assert _get(client, "/data/plugin/actdiag/profile?run=a_plain") == (200, {"steps": [], "profiles": []})
+    assert _get(client, "/data/plugin/actdiag/profile?run=c_watched")[1]["steps"] == [0]

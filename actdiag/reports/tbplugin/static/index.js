@@ -277,7 +277,7 @@ function legend(items, hollowNote) {
 }
 
 // ---------------------------------------------------------------------------------------------------- heatmaps
-function heatmap(profiles, key, label, color, width, selected) {
+function heatmap(profiles, key, label, absent, color, width) {
   const layerNames = [];
   const types = {};
   for (const p of profiles)
@@ -287,8 +287,9 @@ function heatmap(profiles, key, label, color, width, selected) {
         layerNames.push(row.layer);
       }
   const box = el("div", {}, el("h3", { text: label, style: { fontSize: "13px", margin: "10px 0 2px" } }));
+  box.select = () => {};
   if (!layerNames.length) {
-    box.append(el("p", { className: "note", text: `No layer of this run has a ${label.toLowerCase()}.` }));
+    box.append(el("p", { className: "note", text: absent }));
     return box;
   }
   const top = 4;
@@ -307,10 +308,10 @@ function heatmap(profiles, key, label, color, width, selected) {
       root.append(titled(cell, `${row.layer} at step ${p.step}: ${pct(v)}`));
     }
   });
-  if (selected != null) {
-    const x = LABEL_W + selected * cw;
-    root.append(svg("rect", { x, y: top - 2, width: Math.max(cw, 2), height: layerNames.length * ROW + 3, fill: "none", stroke: "#212121", "stroke-width": 1.2 }));
-  }
+  // Built once per run; moving the step slider only moves this frame.
+  const frame = svg("rect", { x: LABEL_W, y: top - 2, width: Math.max(cw, 2), height: layerNames.length * ROW + 3, fill: "none", stroke: "#212121", "stroke-width": 1.2 });
+  root.append(frame);
+  box.select = (i) => frame.setAttribute("x", String(LABEL_W + i * cw));
   const ticks = Math.min(n, 6);
   for (let t = 0; t < ticks; t++) {
     const j = ticks === 1 ? 0 : Math.round((t * (n - 1)) / (ticks - 1));
@@ -444,14 +445,21 @@ async function showRun(body, run) {
       histBox.replaceChildren(el("p", { className: "error-box", text: err.message }));
     }
   };
-  const draw = async (i) => {
+  const heatmaps = [
+    heatmap(profiles, "dead_fraction", "Dead units (share per layer)", "No ReLU-family layer in this run: no dead-unit share.", SHARES[0].color, width),
+    heatmap(profiles, "saturation", "Saturated units (share per layer)", "No bounded activation (tanh, sigmoid, ...) in this run: no saturated share.", SHARES[1].color, width),
+  ];
+  healthBox.replaceChildren(...heatmaps);
+  let histTimer = null;
+  const draw = (i) => {
     stepLabel.textContent = `step ${profiles[i].step} (${i + 1} of ${profiles.length} recorded)`;
     profileBox.replaceChildren(profileChart(profiles[i], decades, width));
-    healthBox.replaceChildren(
-      heatmap(profiles, "dead_fraction", "Dead units (share per layer)", SHARES[0].color, width, i),
-      heatmap(profiles, "saturation", "Saturated units (share per layer)", SHARES[1].color, width, i),
-    );
-    await drawHist(i);
+    for (const h of heatmaps) h.select(i);
+    // Dragging the slider fires many input events: ask for the histograms once it rests.
+    clearTimeout(histTimer);
+    return new Promise((resolve) => {
+      histTimer = setTimeout(() => drawHist(i).then(resolve), 120);
+    });
   };
   slider.addEventListener("input", () => draw(Number(slider.value)));
   kind.addEventListener("change", () => drawHist(Number(slider.value)));
