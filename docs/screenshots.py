@@ -1,15 +1,18 @@
-"""Regenerate the README's screenshots from a real run (docs/images/report.png, docs/images/tensorboard.png).
+"""Regenerate the README's screenshots from a real run (docs/images/report.png, docs/images/tensorboard*.png).
 
     python docs/screenshots.py            # needs chromium; writes into docs/images/
+    python docs/screenshots.py tensorboard_actdiag.png      # only the images named
 
 It inspects examples/tanh_mlp.py (the HTML report, with --try-fixes), trains the same model for a few dozen steps
 under actdiag.watch with a logdir, serves that logdir with a real `tensorboard` on 127.0.0.1 and photographs both
-pages with headless Chromium. Everything runs locally; nothing is fetched.
+pages with headless Chromium (TensorBoard's own tabs and actdiag's dashboard). Everything runs locally; nothing is
+fetched.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -53,7 +56,10 @@ def chromium_png(url: str, width: int, height: int, profile: Path, wait_ms: int 
 
 
 def save_small(png: bytes, path: Path) -> None:
-    """Save as an optimised palette PNG, scaled down until it is under MAX_BYTES."""
+    """Save as an optimised palette PNG, scaled down until it is under MAX_BYTES (unless other images were asked
+    for on the command line)."""
+    if sys.argv[1:] and path.name not in sys.argv[1:]:
+        return
     img = Image.open(io.BytesIO(png)).convert("RGB")
     scale = 1.0
     while True:
@@ -65,6 +71,24 @@ def save_small(png: bytes, path: Path) -> None:
         scale *= 0.9
     path.write_bytes(buf.getvalue())
     print(f"{path.relative_to(ROOT)}: {size[0]}x{size[1]}, {buf.tell() / 1000:.0f} kB")
+
+
+def tensorboard_env(work: Path) -> dict[str, str]:
+    """An environment in which `tensorboard` finds actdiag's dashboard from this checkout. An actdiag installed from
+    before the plugin lacks the entry point; then a minimal distribution that declares only it goes on the path."""
+    from importlib import metadata
+
+    env = dict(os.environ)
+    paths = [str(ROOT)]
+    entry = "actdiag.reports.tbplugin:ActdiagLoader"
+    if not any(ep.value == entry for ep in metadata.entry_points(group="tensorboard_plugins")):
+        dist = work / "entry-point" / "actdiag_tb_shots-0.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: actdiag-tb-shots\nVersion: 0\n")
+        (dist / "entry_points.txt").write_text(f"[tensorboard_plugins]\nactdiag = {entry}\n")
+        paths.append(str(dist.parent))
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
 
 
 def train_under_watch(logdir: Path) -> None:
@@ -117,7 +141,7 @@ def main() -> None:
             "--load_fast",
             "false",
         ]
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(cmd, env=tensorboard_env(work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             base = f"http://127.0.0.1:{port}"
             for _ in range(120):
@@ -132,6 +156,7 @@ def main() -> None:
                 ("tensorboard.png", "#histograms", (1400, 1000)),
                 ("tensorboard_scalars.png", "#custom_scalars", (1400, 1000)),
                 ("tensorboard_findings.png", "#text", (1400, 600)),
+                ("tensorboard_actdiag.png", "#actdiag", (1400, 2300)),
             ):
                 png = chromium_png(f"{base}/{fragment}", *size, work, wait_ms=15000)
                 save_small(png, OUT / name)

@@ -2,8 +2,15 @@
 
     activations/<layer>  gradients/<layer>  weights/<param>  weight_grads/<param>     histograms
     act_std/<layer>  grad_norm/<layer>  dead_fraction/<layer>  saturation/<layer>  update_ratio/<layer>   scalars
+    weight_norm/<param>                                                               scalars
     custom_scalars__config__                                                          one layout, per metric
     actdiag/findings                                                                  Markdown table, at close
+    actdiag/profile                                                                   JSON, per recorded step
+    actdiag/report                                                                    JSON findings, at close
+
+The two JSON tags carry `plugin_name = "actdiag"`: they feed actdiag's own dashboard (`actdiag.reports.tbplugin`),
+and TensorBoard's other tabs ignore them. `actdiag/profile` holds a step's depth profile (per layer: activation std,
+mean, abs max, dead and saturated share, gradient RMS), `actdiag/report` the ranked findings with their fixes.
 
 Histograms come from the counts the recorder already computed on the device (`add_histogram_raw`); no tensor is
 ever copied here. Everything goes through one `SummaryWriter` on the run directory itself: `add_scalars` is never
@@ -18,6 +25,7 @@ flushes whenever it has caught up. `on_close` drains the queue, writes the findi
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import queue
@@ -28,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actdiag.records import Finding, LayerStats, Report, StepRecord, TensorStats
+from actdiag.records import SEVERITY_RANK, Finding, LayerStats, Report, StepRecord, TensorStats
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -42,6 +50,12 @@ SCALAR_TAGS: tuple[tuple[str, str], ...] = (
     ("update_ratio", "update ratio |dW|/|W|"),
 )
 FINDINGS_TAG = "actdiag/findings"
+# actdiag's own summaries, read by its TensorBoard plugin (the plugin name is in shared/CONTRACT.md section 6).
+PLUGIN_NAME = "actdiag"
+PROFILE_TAG = "actdiag/profile"
+REPORT_TAG = "actdiag/report"
+# The JSON blobs' layout; the plugin reads this version and says so when a logdir holds another.
+BLOB_SCHEMA = "actdiag.tensorboard/1"
 # A multiline chart with more lines than this is unreadable; the layout splits layers into charts of this size.
 LAYERS_PER_CHART = 12
 # Records waiting for the writer thread. A step is a few kilobytes of floats, so this bounds memory at a few MB;
@@ -135,6 +149,71 @@ def layout_series(layers: Sequence[LayerStats]) -> dict[str, list[str]]:
         for prefix in layer_scalars(layer):
             series.setdefault(prefix, []).append(layer.label)
     return series
+
+
+def _finite(v: float | None) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def layer_profile(layer: LayerStats) -> dict[str, Any]:
+    """One layer's row of the depth profile: what the dashboard plots per layer, None where it does not apply.
+
+    A zero stays 0.0 (a dead layer's activation std, a gradient that is exactly zero): the dashboard marks zeros
+    apart from missing values, which a log scale could not show.
+    """
+    act, grad = layer.activation, layer.gradient
+    return {
+        "layer": layer_tag(layer.label),
+        "type": layer.type,
+        "act_std": _finite(act.std) if act is not None and act.count else None,
+        "act_mean": _finite(act.mean) if act is not None and act.count else None,
+        "act_abs_max": _finite(act.abs_max) if act is not None and act.count else None,
+        "act_nonfinite": act.nonfinite_count if act is not None else None,
+        "grad_rms": _finite(grad.rms) if grad is not None and grad.count else None,
+        "grad_nonfinite": grad.nonfinite_count if grad is not None else None,
+        "dead_fraction": _finite(layer.dead_fraction),
+        "saturation": _finite(layer.saturation),
+        "units": layer.units,
+    }
+
+
+def profile_blob(record: StepRecord) -> dict[str, Any]:
+    """The `actdiag/profile` JSON of one recorded step: its layers in forward (depth) order."""
+    return {"schema": BLOB_SCHEMA, "step": record.step, "layers": [layer_profile(ly) for ly in record.layers]}
+
+
+def report_blob(report: Report) -> dict[str, Any]:
+    """The `actdiag/report` JSON: the findings most severe first (a stable sort keeps the rules' order within a
+    severity), with their evidence and fixes as in the JSON report."""
+    from actdiag.reports.json import finding_to_dict
+
+    ranked = sorted(report.findings, key=lambda f: -SEVERITY_RANK.get(f.severity, 0))
+    return {
+        "schema": BLOB_SCHEMA,
+        "model": {"name": report.model.name, "parameters": report.model.parameters},
+        "run": {"steps": report.run.steps, "recorded_steps": report.run.recorded_steps, "every": report.run.every},
+        "findings": [finding_to_dict(f) for f in ranked],
+    }
+
+
+def json_summary(tag: str, blob: Mapping[str, Any]) -> Any:
+    """A `Summary` holding `blob` as a JSON string tensor under actdiag's plugin name.
+
+    The data class is set so that TensorBoard's Rust data server (`--load_fast`) ingests it as well as the Python
+    reader: it skips summaries of a plugin it does not know whose data class is unset.
+    """
+    from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_TENSOR, Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.types_pb2 import DT_STRING
+
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=BLOB_SCHEMA.encode()),
+        data_class=DATA_CLASS_TENSOR,
+    )
+    # allow_nan=False: the blob's numbers went through _finite, and strict JSON is what the browser parses.
+    text = json.dumps(blob, allow_nan=False, separators=(",", ":"))
+    tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode("utf-8")])
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
 
 
 def _md_cell(text: object) -> str:
@@ -266,6 +345,7 @@ class TensorBoardSink:
                     # The findings describe the latest recorded step, so they sit at its step on the text axis.
                     step = report.layers[0].step if report.layers else 0
                     self._add_text(FINDINGS_TAG, findings_markdown(report.findings), step)
+                    self._writer._get_file_writer().add_summary(json_summary(REPORT_TAG, report_blob(report)), step)
                     if self.dropped:
                         self._add_text(
                             "actdiag/notes",
@@ -307,4 +387,9 @@ class TensorBoardSink:
             for kind, stats in (("weights", p.weight), ("weight_grads", p.grad)):
                 if stats is not None and (args := histogram_args(stats)) is not None:
                     w.add_histogram_raw(f"{kind}/{p.name}", global_step=step, **args)
+            # The L2 norm over the finite elements: weight decay (or its absence) shows as this curve's slope.
+            if p.weight.count and math.isfinite(norm := p.weight.norm):
+                w.add_scalar(f"weight_norm/{p.name}", norm, global_step=step)
+        if record.layers:
+            w._get_file_writer().add_summary(json_summary(PROFILE_TAG, profile_blob(record)), step)
         self.written_steps += 1

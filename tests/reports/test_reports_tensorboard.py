@@ -3,6 +3,7 @@ against a float64 numpy reference of the tensors the model really produced, the 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import warnings
@@ -18,8 +19,12 @@ from torch import nn
 
 import actdiag
 from actdiag.reports.tensorboard import (
+    BLOB_SCHEMA,
     FINDINGS_TAG,
     LAYERS_PER_CHART,
+    PLUGIN_NAME,
+    PROFILE_TAG,
+    REPORT_TAG,
     TensorBoardSink,
     custom_scalars_layout,
     findings_markdown,
@@ -123,6 +128,70 @@ def test_reports_tensorboard_inspect_tags_and_values(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
     assert report.layers
+
+
+def test_reports_tensorboard_profile_and_weight_norms(tmp_path: Path) -> None:
+    """actdiag's own summaries: the depth profile of the step (values against numpy), under the plugin name
+    `actdiag`, and the weight norm of every parameter as a scalar."""
+    torch.manual_seed(2)
+    model = Probe()
+    x = torch.randn(64, 8)
+    weights = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
+    seen, handles = _capture(model)
+    grads: dict[str, np.ndarray] = {}
+
+    def keep_grad(name: str) -> object:
+        def hook(mod: nn.Module, inputs: object, out: torch.Tensor) -> None:
+            out.register_hook(lambda g: grads.__setitem__(name, g.double().numpy()))
+
+        return hook
+
+    handles += [m.register_forward_hook(keep_grad(n)) for n, m in model.named_children()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    actdiag.inspect(model, x, logdir=str(tmp_path), optimizer=opt)
+    for h in handles:
+        h.remove()
+    ea = _load(tmp_path)
+
+    for name, w in weights.items():  # measured before the optimizer step, as the weight histograms are
+        (event,) = ea.Scalars(f"weight_norm/{name}")
+        assert event.step == 0 and event.value == pytest.approx(np.linalg.norm(w), rel=1e-5)
+
+    (prof,) = ea.Tensors(PROFILE_TAG)
+    assert prof.step == 0
+    meta = ea.SummaryMetadata(PROFILE_TAG)
+    assert meta.plugin_data.plugin_name == PLUGIN_NAME
+    blob = json.loads(prof.tensor_proto.string_val[0].decode())
+    assert blob["schema"] == BLOB_SCHEMA and blob["step"] == 0
+    rows = {row["layer"]: row for row in blob["layers"]}
+    assert list(rows) == ["fc1", "relu", "fc2", "tanh"]  # depth order
+    for n, row in rows.items():
+        out, g = seen[n], grads[n]
+        assert row["act_std"] == pytest.approx(np.std(out), rel=1e-5)
+        assert row["act_mean"] == pytest.approx(np.mean(out), rel=1e-4, abs=1e-6)
+        assert row["act_abs_max"] == pytest.approx(np.abs(out).max(), rel=1e-6)
+        assert row["grad_rms"] == pytest.approx(np.sqrt(np.mean(g * g)), rel=1e-4)
+        assert row["act_nonfinite"] == 0 and row["grad_nonfinite"] == 0
+    assert rows["relu"]["dead_fraction"] == pytest.approx(np.mean((seen["relu"] > 0).sum(axis=0) == 0))
+    assert rows["relu"]["dead_fraction"] >= 5 / 16 and rows["relu"]["saturation"] is None
+    assert rows["tanh"]["saturation"] == pytest.approx(np.mean(np.abs(seen["tanh"]) >= 0.99))
+    assert rows["tanh"]["dead_fraction"] is None
+
+
+def test_reports_tensorboard_report_blob_ranks_findings(tmp_path: Path) -> None:
+    report = replace(actdiag.inspect(DeepNet(depth=2), torch.randn(8, 16)), findings=hand_findings())
+    sink = TensorBoardSink(tmp_path)
+    sink.on_close(report)
+    ea = _load(tmp_path)
+    (event,) = ea.Tensors(REPORT_TAG)
+    assert ea.SummaryMetadata(REPORT_TAG).plugin_data.plugin_name == PLUGIN_NAME
+    blob = json.loads(event.tensor_proto.string_val[0].decode())
+    # Most severe first; the markup in names and snippets is kept as it is (the dashboard shows it as text).
+    assert [f["code"] for f in blob["findings"]] == ["vanishing_gradient", "dead_relu", "fp16_underflow"]
+    assert blob["findings"][0]["layer"] == XSS_NAME
+    assert blob["findings"][1]["fixes"][0]["snippet"].endswith("<script>alert(2)</script>")
+    assert blob["findings"][1]["fixes"][0]["verified"] is True
+    assert blob["model"]["name"] == "DeepNet" and blob["run"]["recorded_steps"] == report.run.recorded_steps
 
 
 def test_reports_tensorboard_layout_and_findings(tmp_path: Path) -> None:
