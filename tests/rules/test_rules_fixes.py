@@ -11,6 +11,7 @@ from torch import nn
 import actdiag
 from actdiag.fixes import CATALOGUE, FIX_CODES, attach_fixes, module_expr, verify_fixes
 from actdiag.records import Finding, Fix, Report
+from actdiag.rules import diagnose
 from tests.zoo import CollapsingTanhNet, DeadReluNet, DeepXavierReluNet, SaturatedTanhNet, example
 
 CONTRACT_FIX_CODES = {
@@ -59,6 +60,15 @@ def test_catalogue_entries_have_text_and_a_snippet_and_say_whether_they_are_veri
         "leaky_relu",
         "relu_activation",
     }
+
+
+def test_the_rules_suggest_nothing_and_fixes_are_attached_after() -> None:
+    model = CollapsingTanhNet()
+    report = findings_of(model)
+    bare = diagnose(report.layers, report.params)
+    assert [f.code for f in bare] == [f.code for f in report.findings]
+    assert all(f.fixes == () for f in bare)
+    assert attach_fixes(bare, report.layers) == report.findings
 
 
 def test_attach_fixes_keeps_the_order_and_the_findings() -> None:
