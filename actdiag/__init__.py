@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from actdiag._version import __version__
 
 if TYPE_CHECKING:
-    from actdiag.engine import inspect
     from actdiag.errors import ActdiagError, TargetError
+    from actdiag.inspection import inspect
     from actdiag.monitor import Monitor, watch
     from actdiag.records import (
         ExponentHistogram,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # Public names are resolved on first use (PEP 562) rather than at import: importing torch takes seconds, and the
 # command line must answer `actdiag --help` / `--version` without it.
 _LAZY = {
-    "inspect": "actdiag.engine",
+    "inspect": "actdiag.inspection",
     "ActdiagError": "actdiag.errors",
     "TargetError": "actdiag.errors",
     "Monitor": "actdiag.monitor",

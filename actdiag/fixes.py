@@ -1,14 +1,16 @@
 """What to try for each finding, with code that names the user's own layers, and checking it on a copy of the model.
 
-`attach_fixes(finding, layers)` picks the remedies for a finding by what surrounds the layers it names: He
-initialisation where a ReLU-family activation follows a weight layer, Xavier where tanh/sigmoid (or nothing) does,
-BatchNorm for conv and MLP layers, LayerNorm for sequences and single-sample batches, and so on. Each snippet can be
-pasted after the model is built (`model` being the user's model).
+`CATALOGUE` holds one entry per fix code: its text and snippet templates and whether `--try-fixes` can verify it by
+re-running. `attach_fixes(findings, layers)` picks the remedies for each finding by what surrounds the layers it
+names: He initialisation where a ReLU-family activation follows a weight layer, Xavier where tanh/sigmoid (or
+nothing) does, BatchNorm for conv and MLP layers, LayerNorm for sequences and single-sample batches, and so on. Each
+snippet can be pasted after the model is built (`model` being the user's model). The rules never see fixes: they
+are attached after diagnosis, where the report is assembled.
 
-`verify_fixes(model, example_input, report)` applies every fix that changes the model itself (re-initialisation,
-inserting a normalisation layer, swapping an activation) to a deep copy, runs `actdiag.inspect` on the copy and marks
-the fix verified when the finding went away without a new warning taking its place, with the numbers before and
-after.
+`verify_fixes(model, report, rerun)` applies every verifiable fix (re-initialisation, inserting a normalisation
+layer, swapping an activation) to a deep copy, re-runs the check through `rerun` (the caller's `actdiag.inspect`,
+passed in so that this module never reaches up to the engine) and marks the fix verified when the finding went away
+without a new warning taking its place, with the numbers before and after.
 """
 
 from __future__ import annotations
@@ -18,44 +20,131 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from actdiag.formatting import format_number
 from actdiag.records import Finding, Fix, LayerStats, Report
 from actdiag.rules._common import (
     REINIT_TYPES,
     RELU_LIKE,
     SIGMOID_LIKE,
     TANH_LIKE,
-    fmt,
     geo_mean,
     nonlinearity_after,
     usable,
     weight_layer_before,
 )
+from actdiag.rules.gradients import gradient_chain
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MAX_LINES = 6  # beyond this many layers a snippet loops over their names instead of one line each
 
-FIX_CODES = (
-    "xavier_init",
-    "he_init",
-    "batchnorm",
-    "layernorm",
-    "leaky_relu",
-    "relu_activation",
-    "lower_learning_rate",
-    "gradient_clipping",
-    "residual_connections",
-    "bf16_autocast",
-    "loss_scaling",
-    "check_inputs",
-    "raise_learning_rate",
-    "switch_optimizer",
+
+# ------------------------------------------------------------------------------------------------------ catalogue
+@dataclass(frozen=True, slots=True)
+class FixEntry:
+    """One fix code. `text` and `snippet` are `str.format` templates. In a snippet, `{layer}` is the expression of
+    one layer (`model.features[3]`) and the snippet is repeated for each layer a fix names; `loop` takes its place
+    for more than a few layers. `then` is repeated for each weight layer re-initialised along with the fix.
+    `verifiable`: `--try-fixes` can apply the fix to a copy of the model and re-run it."""
+
+    text: str
+    snippet: str
+    verifiable: bool = False
+    loop: str = ""
+    then: str = ""
+
+
+_EACH_LAYER = "for layer in (\n{layers}\n):\n    {body}"
+_NORM_TEXT = (
+    "Normalise the output of {n} layer(s) with {label}, which resets the spread of every layer whatever the "
+    "initialisation (Ioffe & Szegedy 2015; Ba et al. 2016){why}."
 )
-VERIFIABLE = frozenset({"xavier_init", "he_init", "batchnorm", "layernorm", "leaky_relu", "relu_activation"})
+_NORM_SNIPPET = "{layer} = nn.Sequential({layer}, nn.{norm}({features}))"
+_NORM_LOOP = (
+    "for name in (\n{names}\n):\n    layer = model.get_submodule(name)\n"
+    "    model.set_submodule(name, nn.Sequential(layer, nn.{norm}({features})))"
+)
+_LOWER_LR = 'for group in optimizer.param_groups:\n    group["lr"] *= 0.1'
+
+CATALOGUE: Mapping[str, FixEntry] = {
+    "xavier_init": FixEntry(
+        "Re-initialise {n} layer(s) with Xavier (Glorot) initialisation, which keeps the variance of {kind} layers "
+        "constant with depth (Glorot & Bengio 2010){why}.",
+        "nn.init.xavier_normal_({layer}.weight{gain})\nif {layer}.bias is not None:\n    nn.init.zeros_({layer}.bias)",
+        verifiable=True,
+        loop=_EACH_LAYER,
+    ),
+    "he_init": FixEntry(
+        "Re-initialise {n} layer(s) with He (Kaiming) initialisation, which keeps the variance of ReLU-family "
+        "activations constant with depth (He et al. 2015){why}.",
+        'nn.init.kaiming_normal_({layer}.weight, nonlinearity="{nl}")\n'
+        "if {layer}.bias is not None:\n    nn.init.zeros_({layer}.bias)",
+        verifiable=True,
+        loop=_EACH_LAYER,
+    ),
+    "batchnorm": FixEntry(_NORM_TEXT, _NORM_SNIPPET, verifiable=True, loop=_NORM_LOOP),
+    "layernorm": FixEntry(_NORM_TEXT, _NORM_SNIPPET, verifiable=True, loop=_NORM_LOOP),
+    "leaky_relu": FixEntry(
+        "Use LeakyReLU: a small negative slope keeps a gradient flowing through units that are off, so they can "
+        "come back (Maas et al. 2013).",
+        "{layer} = nn.LeakyReLU(0.01)",
+        verifiable=True,
+    ),
+    "relu_activation": FixEntry(
+        # ReLU in place of a bounded activation needs He-scaled weights before it, or the signal explodes.
+        "Use ReLU instead of the bounded activation, with He initialisation of the layers before it: ReLU does not "
+        "saturate for positive inputs, so the gradient passes through at full strength (Glorot et al. 2011).",
+        "{layer} = nn.ReLU()",
+        verifiable=True,
+        then='nn.init.kaiming_normal_({layer}.weight, nonlinearity="relu")',
+    ),
+    "lower_learning_rate": FixEntry(
+        "Lower the learning rate (try 10x smaller), or warm it up over the first steps.", _LOWER_LR
+    ),
+    "gradient_clipping": FixEntry(
+        "Clip the gradient norm before each optimizer step so one bad batch cannot blow the weights up.",
+        "loss.backward()\ntorch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)\noptimizer.step()",
+    ),
+    "residual_connections": FixEntry(
+        "Add residual (skip) connections around blocks of layers: the identity path carries signal and gradient "
+        "past the layers that shrink it (He et al. 2016).",
+        "class Residual(nn.Module):\n    def __init__(self, block: nn.Module) -> None:\n        super().__init__()\n"
+        "        self.block = block\n\n    def forward(self, x):\n        return x + self.block(x)\n\n"
+        "# wrap shape-preserving blocks, e.g. {layer} = Residual({layer})",
+    ),
+    "bf16_autocast": FixEntry(
+        "Compute in bfloat16 instead of float16: it keeps float32's exponent range, so nothing overflows or "
+        "flushes to zero, and needs no loss scaling.",
+        'with torch.autocast(device_type="cuda", dtype=torch.bfloat16):\n'
+        "    loss = criterion(model(x), y)\nloss.backward()",
+    ),
+    "loss_scaling": FixEntry(
+        "Scale the loss before backward so small float16 gradients stay representable (dynamic loss scaling, "
+        "Micikevicius et al. 2018).",
+        'scaler = torch.amp.GradScaler("cuda")\nwith torch.autocast(device_type="cuda", dtype=torch.float16):\n'
+        "    loss = criterion(model(x), y)\nscaler.scale(loss).backward()\nscaler.step(optimizer)\nscaler.update()",
+    ),
+    "check_inputs": FixEntry(
+        "Check the data that reaches {layer}: NaN/Inf in the inputs (or a log/division of zero just before it) "
+        "spreads to every later layer. Anomaly detection names the operation that produced it.",
+        'assert torch.isfinite(x).all(), "input batch holds NaN/Inf"\n'
+        "torch.autograd.set_detect_anomaly(True)  # while debugging: raises at the op that made the NaN",
+    ),
+    "raise_learning_rate": FixEntry(
+        "Raise the learning rate (try 10x), or use a schedule that does not decay it this far.",
+        'for group in optimizer.param_groups:\n    group["lr"] *= 10',
+    ),
+    "switch_optimizer": FixEntry(
+        "Use an optimizer whose step size does not decay with the sum of all past gradients: Adam or RMSProp keep "
+        "a moving average instead of AdaGrad's running sum (Zeiler 2012; Kingma & Ba 2015).",
+        "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)",
+    ),
+}
+FIX_CODES = tuple(CATALOGUE)
+VERIFIABLE = frozenset(code for code, entry in CATALOGUE.items() if entry.verifiable)
 
 
 def module_expr(name: str, root: str = "model") -> str:
@@ -130,10 +219,10 @@ def _feeding(ctx: _Context, names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-# --------------------------------------------------------------------------------------------- fix descriptions
+# ------------------------------------------------------------------------------------------------------- plans
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """A fix and, for the ones that change the model, how to apply it to a copy."""
+    """A fix and, for the verifiable ones, how to apply it to a copy."""
 
     fix: Fix
     targets: tuple[str, ...] = ()
@@ -158,11 +247,16 @@ def _wrapped(items: list[str], indent: str = "    ", width: int = 100) -> str:
     return "\n".join(indent + ln for ln in lines)
 
 
-def _lines_or_loop(exprs: list[str], one: Callable[[str], str]) -> str:
-    if len(exprs) <= _MAX_LINES:
-        return "\n".join(one(e) for e in exprs)
-    body = one("layer").replace("\n", "\n    ")
-    return f"for layer in (\n{_wrapped(exprs)}\n):\n    {body}"
+def _snippet(entry: FixEntry, names: Sequence[str], **words: str) -> str:
+    """The entry's snippet for layers `names`: one block per layer, or its loop over them when there are many."""
+    exprs = [module_expr(n) for n in names]
+    if entry.loop and len(exprs) > _MAX_LINES:
+        body = entry.snippet.format(layer="layer", **words).replace("\n", "\n    ")
+        names_listed = _wrapped([repr(n) for n in names])
+        code = entry.loop.format(layers=_wrapped(exprs), names=names_listed, body=body, **words)
+    else:
+        code = "\n".join(entry.snippet.format(layer=e, **words) for e in exprs)
+    return "from torch import nn\n\n" + code
 
 
 def _init_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
@@ -170,36 +264,19 @@ def _init_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
         return None
     nls = tuple(_nonlinearity(ctx, n) for n in targets)
     relu = sum(nl in ("relu", "leaky_relu") for nl in nls)
-    he = relu * 2 >= len(nls) and relu > 0
-    exprs = [module_expr(n) for n in targets]
-    if he:
+    if relu * 2 >= len(nls) and relu > 0:
         nl = "leaky_relu" if "leaky_relu" in nls and "relu" not in nls else "relu"
-
-        def one(e: str) -> str:
-            return (
-                f'nn.init.kaiming_normal_({e}.weight, nonlinearity="{nl}")\n'
-                f"if {e}.bias is not None:\n    nn.init.zeros_({e}.bias)"
-            )
-
-        text = (
-            f"Re-initialise {len(targets)} layer(s) with He (Kaiming) initialisation, which keeps the variance of "
-            f"ReLU-family activations constant with depth (He et al. 2015){why}."
-        )
-        snippet = "from torch import nn\n\n" + _lines_or_loop(exprs, one)
-        return _Plan(Fix("he_init", text, snippet), tuple(targets), tuple(nl for _ in targets))
+        he = CATALOGUE["he_init"]
+        fix = Fix("he_init", he.text.format(n=len(targets), why=why), _snippet(he, targets, nl=nl))
+        return _Plan(fix, tuple(targets), tuple(nl for _ in targets))
     non_linear = [nl for nl in nls if nl in ("tanh", "sigmoid")]
     nl = max(set(non_linear), key=non_linear.count) if non_linear else "linear"
     gain = f', gain=nn.init.calculate_gain("{nl}")' if nl == "tanh" else ""
-
-    def one_x(e: str) -> str:
-        return f"nn.init.xavier_normal_({e}.weight{gain})\nif {e}.bias is not None:\n    nn.init.zeros_({e}.bias)"
-
-    text = (
-        f"Re-initialise {len(targets)} layer(s) with Xavier (Glorot) initialisation, which keeps the variance of "
-        f"{'tanh/sigmoid' if nl != 'linear' else 'linear'} layers constant with depth (Glorot & Bengio 2010){why}."
-    )
-    snippet = "from torch import nn\n\n" + _lines_or_loop(exprs, one_x)
-    return _Plan(Fix("xavier_init", text, snippet), tuple(targets), tuple(nl for _ in targets))
+    kind = "tanh/sigmoid" if nl != "linear" else "linear"
+    xavier = CATALOGUE["xavier_init"]
+    text = xavier.text.format(n=len(targets), kind=kind, why=why)
+    fix = Fix("xavier_init", text, _snippet(xavier, targets, gain=gain))
+    return _Plan(fix, tuple(targets), tuple(nl for _ in targets))
 
 
 def _norm_kind(layer: LayerStats) -> tuple[str, int] | None:
@@ -232,195 +309,139 @@ def _norm_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
         return None
     batch = sum(k[0].startswith("BatchNorm") for k in kinds) * 2 >= len(kinds)
     code = "batchnorm" if batch else "layernorm"
-    label = "BatchNorm" if batch else "LayerNorm"
-    lines = [f"{module_expr(n)} = nn.Sequential({module_expr(n)}, nn.{k}({f}))" for n, (k, f) in zip(names, kinds)]
-    if len(lines) > _MAX_LINES:
-        k0, f0 = kinds[0]
-        listed = _wrapped([repr(n) for n in names])
+    entry = CATALOGUE[code]
+    if len(names) > _MAX_LINES:
+        # The loop builds each norm from the layer itself, so it names the layer's width, not a number.
+        k0 = kinds[0][0]
         feat = "layer.out_channels" if k0.startswith("BatchNorm") and k0 != "BatchNorm1d" else "layer.out_features"
         if k0 == "BatchNorm1d" and ctx.layers[ctx.index[names[0]]].type.startswith("Conv"):
             feat = "layer.out_channels"
-        snippet = (
-            f"from torch import nn\n\nfor name in (\n{listed}\n):\n    layer = model.get_submodule(name)\n"
-            f"    model.set_submodule(name, nn.Sequential(layer, nn.{k0}({feat})))"
-        )
+        snippet = _snippet(entry, names, norm=k0, features=feat)
     else:
+        lines = [entry.snippet.format(layer=module_expr(n), norm=k, features=f) for n, (k, f) in zip(names, kinds)]
         snippet = "from torch import nn\n\n" + "\n".join(lines)
-    text = (
-        f"Normalise the output of {len(names)} layer(s) with {label}, which resets the spread of every layer "
-        f"whatever the initialisation (Ioffe & Szegedy 2015; Ba et al. 2016){why}."
-    )
-    return _Plan(Fix(code, text, snippet), tuple(names), norm=tuple(kinds))
+    label = "BatchNorm" if batch else "LayerNorm"
+    fix = Fix(code, entry.text.format(n=len(names), label=label, why=why), snippet)
+    return _Plan(fix, tuple(names), norm=tuple(kinds))
 
 
 def _swap_plan(ctx: _Context, targets: list[str], code: str) -> _Plan | None:
     if not targets:
         return None
-    if code == "leaky_relu":
-        snippet = "from torch import nn\n\n" + "\n".join(f"{module_expr(n)} = nn.LeakyReLU(0.01)" for n in targets)
-        text = (
-            "Use LeakyReLU: a small negative slope keeps a gradient flowing through units that are off, so they can "
-            "come back (Maas et al. 2013)."
-        )
-        return _Plan(Fix(code, text, snippet), tuple(targets))
-    # ReLU in place of a bounded activation needs He-scaled weights before it, or the signal explodes.
-    feeding = _feeding(ctx, targets)
-    lines = [f"{module_expr(n)} = nn.ReLU()" for n in targets]
-    lines += [f'nn.init.kaiming_normal_({module_expr(n)}.weight, nonlinearity="relu")' for n in feeding]
-    text = (
-        "Use ReLU instead of the bounded activation, with He initialisation of the layers before it: ReLU does not "
-        "saturate for positive inputs, so the gradient passes through at full strength (Glorot et al. 2011)."
-    )
-    return _Plan(Fix(code, text, "from torch import nn\n\n" + "\n".join(lines)), tuple(targets), reinit=tuple(feeding))
+    entry = CATALOGUE[code]
+    feeding = _feeding(ctx, targets) if entry.then else []
+    lines = [entry.snippet.format(layer=module_expr(n)) for n in targets]
+    lines += [entry.then.format(layer=module_expr(n)) for n in feeding]
+    fix = Fix(code, entry.text, "from torch import nn\n\n" + "\n".join(lines))
+    return _Plan(fix, tuple(targets), reinit=tuple(feeding))
 
 
-def _plain(code: str, ctx: _Context, f: Finding) -> _Plan:
+def _plain(code: str, f: Finding) -> _Plan:
+    """A fix that changes the training setup, not the model: its text and snippet name at most the finding's layer."""
+    entry = CATALOGUE[code]
     layer = module_expr(f.layer) if f.layer else "model"
-    if code == "lower_learning_rate":
-        return _Plan(
-            Fix(
-                code,
-                "Lower the learning rate (try 10x smaller), or warm it up over the first steps.",
-                'for group in optimizer.param_groups:\n    group["lr"] *= 0.1',
-            )
-        )
-    if code == "gradient_clipping":
-        return _Plan(
-            Fix(
-                code,
-                "Clip the gradient norm before each optimizer step so one bad batch cannot blow the weights up.",
-                "loss.backward()\ntorch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)\noptimizer.step()",
-            )
-        )
-    if code == "residual_connections":
-        return _Plan(
-            Fix(
-                code,
-                "Add residual (skip) connections around blocks of layers: the identity path carries signal and "
-                "gradient past the layers that shrink it (He et al. 2016).",
-                "class Residual(nn.Module):\n    def __init__(self, block: nn.Module) -> None:\n"
-                "        super().__init__()\n"
-                "        self.block = block\n\n    def forward(self, x):\n        return x + self.block(x)\n\n"
-                f"# wrap shape-preserving blocks, e.g. {layer} = Residual({layer})",
-            )
-        )
-    if code == "bf16_autocast":
-        return _Plan(
-            Fix(
-                code,
-                "Compute in bfloat16 instead of float16: it keeps float32's exponent range, so nothing overflows or "
-                "flushes to zero, and needs no loss scaling.",
-                'with torch.autocast(device_type="cuda", dtype=torch.bfloat16):\n'
-                "    loss = criterion(model(x), y)\nloss.backward()",
-            )
-        )
-    if code == "loss_scaling":
-        return _Plan(
-            Fix(
-                code,
-                "Scale the loss before backward so small float16 gradients stay representable (dynamic loss "
-                "scaling, Micikevicius et al. 2018).",
-                'scaler = torch.amp.GradScaler("cuda")\nwith torch.autocast(device_type="cuda", dtype=torch.float16):\n'
-                "    loss = criterion(model(x), y)\nscaler.scale(loss).backward()\nscaler.step(optimizer)\n"
-                "scaler.update()",
-            )
-        )
-    if code == "check_inputs":
-        return _Plan(
-            Fix(
-                code,
-                f"Check the data that reaches {layer}: NaN/Inf in the inputs (or a log/division of zero just before "
-                "it) spreads to every later layer. Anomaly detection names the operation that produced it.",
-                'assert torch.isfinite(x).all(), "input batch holds NaN/Inf"\n'
-                "torch.autograd.set_detect_anomaly(True)  # while debugging: raises at the op that made the NaN",
-            )
-        )
-    if code == "raise_learning_rate":
-        return _Plan(
-            Fix(
-                code,
-                "Raise the learning rate (try 10x), or use a schedule that does not decay it this far.",
-                'for group in optimizer.param_groups:\n    group["lr"] *= 10',
-            )
-        )
-    if code == "switch_optimizer":
-        return _Plan(
-            Fix(
-                code,
-                "Use an optimizer whose step size does not decay with the sum of all past gradients: Adam or "
-                "RMSProp keep a moving average instead of AdaGrad's running sum (Zeiler 2012; Kingma & Ba 2015).",
-                "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)",
-            )
-        )
-    raise ValueError(f"unknown fix code {code!r}")
+    return _Plan(Fix(code, entry.text.format(layer=layer), entry.snippet.format(layer=layer)))
+
+
+# What to try for each finding code, most promising first: each function reads the finding and the layers around it.
+def _for_spread(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    targets = _reinit_targets(ctx, _finding_layers(f))
+    return [_init_plan(ctx, targets, ""), _norm_plan(ctx, targets, "")]
+
+
+def _for_saturation(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    names = _finding_layers(f)
+    feeding = _feeding(ctx, names)
+    return [
+        _init_plan(ctx, feeding, ", so that pre-activations stay in the bounded activation's linear range"),
+        _norm_plan(ctx, feeding, ", keeping pre-activations near zero"),
+        _swap_plan(ctx, ctx.ordered(names), "relu_activation"),
+    ]
+
+
+def _for_gradient(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    start = ctx.index.get(f.layer or "", 0)
+    span = [lay.name for lay in ctx.layers[start:]]
+    targets = _reinit_targets(ctx, span)[:-1] or _reinit_targets(ctx, span)
+    bounded = [lay.name for lay in ctx.layers[start:] if lay.type in TANH_LIKE | SIGMOID_LIKE]
+    plans: list[_Plan | None] = []
+    if f.code == "vanishing_gradient" and bounded:
+        plans.append(_swap_plan(ctx, ctx.ordered(bounded), "relu_activation"))
+    plans += [_init_plan(ctx, targets, ""), _norm_plan(ctx, targets, "")]
+    if f.code == "vanishing_gradient":
+        return [*plans, _plain("residual_connections", f)]
+    return [*plans, _plain("gradient_clipping", f), _plain("lower_learning_rate", f)]
+
+
+def _for_dead_relu(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    dead = ctx.ordered(_finding_layers(f))
+    plans = [
+        _swap_plan(ctx, dead, "leaky_relu"),
+        _init_plan(ctx, _feeding(ctx, dead), " and zeroes the biases that keep the units off"),
+        _norm_plan(ctx, _feeding(ctx, dead), ", centring the pre-activations so about half the units fire"),
+    ]
+    if f.evidence.get("steps", 1.0) > 1:
+        plans.append(_plain("lower_learning_rate", f))
+    return plans
+
+
+def _for_nonfinite(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    plans: list[_Plan | None] = []
+    if f.evidence.get("float16"):
+        plans += [_plain("bf16_autocast", f), _plain("loss_scaling", f)]
+    weights_bad = f.evidence.get("weight_nonfinite", 0.0) > 0 or "parameters" in f.evidence
+    if f.evidence.get("gradient") or weights_bad:
+        plans += [_plain("lower_learning_rate", f), _plain("gradient_clipping", f)]
+    if not weights_bad:
+        plans.append(_plain("check_inputs", f))
+    return plans
+
+
+def _for_fp16_overflow(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    # Normalising after the layer would not help: the value overflows in the layer's own output.
+    extra = [_plain("gradient_clipping", f)] if f.evidence.get("gradient") else []
+    return [_plain("bf16_autocast", f), *extra]
+
+
+def _for_fp16_underflow(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    if f.evidence.get("gradient"):
+        return [_plain("loss_scaling", f), _plain("bf16_autocast", f)]
+    return [_plain("bf16_autocast", f)]
+
+
+def _for_large_updates(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    return [_plain("lower_learning_rate", f), _plain("gradient_clipping", f)]
+
+
+def _for_stalled_updates(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    first = [_plain("switch_optimizer", f)] if "effective_step_decay" in f.evidence else []
+    return [*first, _plain("raise_learning_rate", f)]
+
+
+REMEDIES: Mapping[str, Callable[[Finding, _Context], list[_Plan | None]]] = {
+    "activation_collapse": _for_spread,
+    "activation_explosion": _for_spread,
+    "saturation": _for_saturation,
+    "vanishing_gradient": _for_gradient,
+    "exploding_gradient": _for_gradient,
+    "dead_relu": _for_dead_relu,
+    "nonfinite": _for_nonfinite,
+    "fp16_overflow": _for_fp16_overflow,
+    "fp16_underflow": _for_fp16_underflow,
+    "large_updates": _for_large_updates,
+    "stalled_updates": _for_stalled_updates,
+}
 
 
 def _plans(f: Finding, ctx: _Context) -> list[_Plan]:
-    names = _finding_layers(f)
-    plans: list[_Plan | None] = []
-    code = f.code
-    if code in ("activation_collapse", "activation_explosion"):
-        targets = _reinit_targets(ctx, names)
-        plans += [_init_plan(ctx, targets, ""), _norm_plan(ctx, targets, "")]
-    elif code == "saturation":
-        feeding = _feeding(ctx, names)
-        plans += [
-            _init_plan(ctx, feeding, ", so that pre-activations stay in the bounded activation's linear range"),
-            _norm_plan(ctx, feeding, ", keeping pre-activations near zero"),
-            _swap_plan(ctx, ctx.ordered(names), "relu_activation"),
-        ]
-    elif code in ("vanishing_gradient", "exploding_gradient"):
-        start = ctx.index.get(f.layer or "", 0)
-        span = [lay.name for lay in ctx.layers[start:]]
-        targets = _reinit_targets(ctx, span)[:-1] or _reinit_targets(ctx, span)
-        bounded = [lay.name for lay in ctx.layers[start:] if lay.type in TANH_LIKE | SIGMOID_LIKE]
-        if code == "vanishing_gradient" and bounded:
-            plans.append(_swap_plan(ctx, ctx.ordered(bounded), "relu_activation"))
-        plans += [_init_plan(ctx, targets, ""), _norm_plan(ctx, targets, "")]
-        if code == "vanishing_gradient":
-            plans.append(_plain("residual_connections", ctx, f))
-        else:
-            plans += [_plain("gradient_clipping", ctx, f), _plain("lower_learning_rate", ctx, f)]
-    elif code == "dead_relu":
-        dead = ctx.ordered(names)
-        plans += [
-            _swap_plan(ctx, dead, "leaky_relu"),
-            _init_plan(ctx, _feeding(ctx, dead), " and zeroes the biases that keep the units off"),
-            _norm_plan(ctx, _feeding(ctx, dead), ", centring the pre-activations so about half the units fire"),
-        ]
-        if f.evidence.get("steps", 1.0) > 1:
-            plans.append(_plain("lower_learning_rate", ctx, f))
-    elif code == "nonfinite":
-        if f.evidence.get("float16"):
-            plans += [_plain("bf16_autocast", ctx, f), _plain("loss_scaling", ctx, f)]
-        weights_bad = f.evidence.get("weight_nonfinite", 0.0) > 0 or "parameters" in f.evidence
-        if f.evidence.get("gradient") or weights_bad:
-            plans += [_plain("lower_learning_rate", ctx, f), _plain("gradient_clipping", ctx, f)]
-        if not weights_bad:
-            plans.append(_plain("check_inputs", ctx, f))
-    elif code == "fp16_overflow":
-        # Normalising after the layer would not help: the value overflows in the layer's own output.
-        plans += [_plain("bf16_autocast", ctx, f)]
-        if f.evidence.get("gradient"):
-            plans.append(_plain("gradient_clipping", ctx, f))
-    elif code == "fp16_underflow":
-        if f.evidence.get("gradient"):
-            plans += [_plain("loss_scaling", ctx, f), _plain("bf16_autocast", ctx, f)]
-        else:
-            plans += [_plain("bf16_autocast", ctx, f)]
-    elif code == "large_updates":
-        plans += [_plain("lower_learning_rate", ctx, f), _plain("gradient_clipping", ctx, f)]
-    elif code == "stalled_updates":
-        if "effective_step_decay" in f.evidence:
-            plans.append(_plain("switch_optimizer", ctx, f))
-        plans.append(_plain("raise_learning_rate", ctx, f))
-    return [p for p in plans if p is not None]
+    remedies = REMEDIES.get(f.code)
+    return [] if remedies is None else [p for p in remedies(f, ctx) if p is not None]
 
 
-def attach_fixes(finding: Finding, layers: Sequence[LayerStats]) -> Finding:
-    """The finding with its suggested fixes, most promising first."""
-    plans = _plans(finding, _Context.of(layers))
-    return dataclasses.replace(finding, fixes=tuple(p.fix for p in plans))
+def attach_fixes(findings: Sequence[Finding], layers: Sequence[LayerStats]) -> tuple[Finding, ...]:
+    """The findings, in the same order, each with its suggested fixes (most promising first) for these layers."""
+    ctx = _Context.of(layers)
+    return tuple(dataclasses.replace(f, fixes=tuple(p.fix for p in _plans(f, ctx))) for f in findings)
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -503,8 +524,6 @@ def _measure(f: Finding, layers: Sequence[LayerStats], plan: _Plan | None) -> di
         if dead:
             out["dead_fraction"] = max(dead)
     elif f.code in ("vanishing_gradient", "exploding_gradient"):
-        from actdiag.rules.gradients import gradient_chain
-
         chain2 = gradient_chain(layers)
         if len(chain2) >= 2 and chain2[-1].gradient is not None and chain2[0].gradient is not None:
             g0, g1 = chain2[0].gradient, chain2[-1].gradient
@@ -526,26 +545,18 @@ def _headline(f: Finding, before: Mapping[str, float], after: Mapping[str, float
     if key is None or key[0] not in before or key[0] not in after:
         return ""
     what = key[1].format(layer=f"layer {f.layer}")
-    return f"{what} goes {fmt(before[key[0]])} -> {fmt(after[key[0]])}"
+    return f"{what} goes {format_number(before[key[0]])} -> {format_number(after[key[0]])}"
 
 
-def verify_fixes(
-    model: nn.Module,
-    example_input: Any,
-    report: Report,
-    *,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-    seed: int = 0,
-) -> Report:
-    """A copy of `report` whose model-changing fixes were each tried on a deep copy of `model`.
+def verify_fixes(model: nn.Module, report: Report, rerun: Callable[[nn.Module], Report], *, seed: int = 0) -> Report:
+    """A copy of `report` whose verifiable fixes were each tried on a deep copy of `model`, checked by
+    `rerun(patched_copy)` (the same check that produced `report`, e.g. `actdiag.inspect` on the same inputs).
 
     A fix is `verified=True` when, on the patched copy, its finding's code no longer fires and no warning or error
     of a code absent before appeared (a cure that causes a new problem is not a cure); `False` otherwise. Fixes
     that cannot be applied automatically (learning rate, clipping, precision) stay `None`, as does a fix whose
     patched copy could not be built or run. The user's model, its weights and the global RNG state are untouched.
     """
-    from actdiag.engine import inspect
-
     ctx = _Context.of(report.layers)
     before_codes = {f.code for f in report.findings}
     cache: dict[tuple[str, str], tuple[bool | None, tuple[LayerStats, ...], tuple[Finding, ...]]] = {}
@@ -560,7 +571,7 @@ def verify_fixes(
                 continue
             key = (fix.code, fix.snippet)
             if key not in cache:
-                cache[key] = _rerun(model, example_input, plan, loss_fn, seed, inspect)
+                cache[key] = _rerun(model, plan, rerun, seed)
             ok, new_layers, new_findings = cache[key]
             if ok is None:
                 fixes.append(fix)
@@ -591,14 +602,9 @@ def verify_fixes(
 
 
 def _rerun(
-    model: nn.Module,
-    example_input: Any,
-    plan: _Plan,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-    seed: int,
-    inspect: Callable[..., Report],
+    model: nn.Module, plan: _Plan, rerun: Callable[[nn.Module], Report], seed: int
 ) -> tuple[bool | None, tuple[LayerStats, ...], tuple[Finding, ...]]:
-    """Patch a deep copy and inspect it; (None, (), ()) when the copy cannot be made or run."""
+    """Patch a deep copy and check it again; (None, (), ()) when the copy cannot be made or run."""
     try:
         patched = copy.deepcopy(model)
     except Exception:  # noqa: BLE001 - a model that cannot be copied cannot be tried; the fix stays unverified
@@ -608,7 +614,7 @@ def _rerun(
     with torch.random.fork_rng():
         try:
             _apply(patched, plan, seed)
-            rerun = inspect(patched, example_input, loss_fn=loss_fn, seed=seed)
+            again = rerun(patched)
         except Exception:  # noqa: BLE001 - e.g. the patched layer no longer fits the model's own forward code
             return None, (), ()
-    return True, rerun.layers, rerun.findings
+    return True, again.layers, again.findings

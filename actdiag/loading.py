@@ -1,8 +1,9 @@
 """TARGET -> (model, inputs, loss_fn): load the user's file the way `python model.py` sees it, then run it.
 
-This is the one place that runs the user's code (import, build, forward, backward). Every failure of that code
-becomes a `TargetError` whose message is one sentence naming the cause, so the command line can print it without
-a traceback. Anything else that escapes is a bug in actdiag.
+Every call into the user's code (import, build, example_input(), and through `actdiag.inspect` the forward and
+backward passes) goes through `actdiag.usercode.run_user`, so that each failure becomes a `TargetError` whose message
+is one sentence naming the cause, which the command line prints without a traceback. Anything else that escapes is
+a bug in actdiag.
 
 A file TARGET is executed like `python path/model.py`: its folder goes first on `sys.path` (sibling imports work),
 `sys.argv` is `[path]`, and it is registered in `sys.modules` under a unique name before it runs (dataclasses with
@@ -23,9 +24,7 @@ import pickle
 import random
 import re
 import sys
-import sysconfig
-import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -37,10 +36,19 @@ from torch.nn.modules.loss import _Loss
 
 from actdiag.errors import TargetError
 from actdiag.hooks.recorder import first_tensor
+from actdiag.inspection import Inputs, LossFn, inspect
 from actdiag.records import Report
-
-Inputs = Any  # a tensor, a tuple/list of positional inputs, or a dict of keyword inputs
-LossFn = Callable[[Any, Any], torch.Tensor]
+from actdiag.usercode import (
+    Stage,
+    at_user,
+    describe_inputs,
+    describe_value,
+    display_path,
+    exc_text,
+    exit_text,
+    run_user,
+    user_location,
+)
 
 FACTORIES = ("build_model", "get_model", "create_model")
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
@@ -68,8 +76,6 @@ DTYPES: Mapping[str, torch.dtype] = {
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"{_IDENT}(\.{_IDENT})*")
-_ACTDIAG_DIR = Path(__file__).resolve().parent
-_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 _counter = itertools.count()
 
 
@@ -126,63 +132,6 @@ def _check_file(path: Path) -> None:
         raise TargetError(f"{path} is not a Python file (.py)")
 
 
-# --------------------------------------------------------------------------------------------------- where
-def _display(filename: str) -> str:
-    try:
-        rel = os.path.relpath(filename)
-    except ValueError:  # another drive on Windows
-        return filename
-    return filename if rel.startswith("..") else rel
-
-
-def _is_user_file(filename: str, folder: Path | None) -> bool:
-    if not filename or filename.startswith("<"):
-        return False
-    f = Path(filename).resolve()
-    if _ACTDIAG_DIR in f.parents or "site-packages" in f.parts or "dist-packages" in f.parts:
-        return False
-    if _STDLIB in f.parents:
-        return False
-    return folder is None or folder in f.parents
-
-
-def _user_location(exc: BaseException, folder: Path | None) -> str:
-    """'model.py line 12' for the innermost frame of the traceback that is in the user's code, or ''."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        if _is_user_file(frame.filename, folder):
-            return f"{_display(frame.filename)} line {frame.lineno}"
-    return ""
-
-
-def _at(exc: BaseException, folder: Path | None) -> str:
-    loc = _user_location(exc, folder)
-    return f" (at {loc})" if loc else ""
-
-
-def _exc_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _call_user(fn: Any, call: str, folder: Path | None) -> Any:
-    """Call a no-argument function of the user's file; its exit or exception becomes one TargetError naming `call`."""
-    try:
-        return fn()
-    except SystemExit as exc:
-        raise TargetError(f"{call} called {_exit_text(exc)}{_at(exc, folder)}") from exc
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        raise TargetError(f"{call} raised {_exc_text(exc)}{_at(exc, folder)}") from exc
-
-
-def _exit_text(exc: SystemExit) -> str:
-    code = exc.code
-    return "sys.exit()" if code is None else f"sys.exit({code!r})"
-
-
 # --------------------------------------------------------------------------------------------------- import
 class _UserCode:
     """sys.path / sys.argv / sys.modules as `python model.py` would have them, restored on exit."""
@@ -236,47 +185,46 @@ def _import_file(path: Path, env: _UserCode) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     env.names.append(name)
-    _run_import(lambda: spec.loader.exec_module(module), str(path), env.folder)  # type: ignore[union-attr]
+    run_user(_import_stage(str(path)), spec.loader.exec_module, module)
     return module
 
 
 def _import_module(dotted: str) -> ModuleType:
-    box: list[ModuleType] = []
-    _run_import(lambda: box.append(importlib.import_module(dotted)), dotted, None, module_target=dotted)
-    return box[0]
+    return run_user(_import_stage(dotted, module_target=dotted), importlib.import_module, dotted)
 
 
-def _run_import(run: Callable[[], Any], what: str, folder: Path | None, module_target: str | None = None) -> None:
-    try:
-        run()
-    except SyntaxError as exc:
-        where = _display(exc.filename) if exc.filename else what
-        line = f" line {exc.lineno}" if exc.lineno else ""
-        code = f": {exc.text.strip()}" if exc.text and exc.text.strip() else ""
-        raise TargetError(f"syntax error in {where}{line}: {exc.msg}{code}") from exc
-    except ModuleNotFoundError as exc:
-        missing = exc.name or str(exc)
-        if module_target is not None and (module_target == missing or module_target.startswith(missing + ".")):
-            raise TargetError(
-                f"no module named {missing!r}: {module_target!r} was read as package.module[:NAME]; "
-                "to load a file, give its path ending in .py"
-            ) from exc
-        loc = _user_location(exc, folder) or what
-        raise TargetError(
-            f"importing {what} failed: {loc} imports {missing!r}, which is not installed in this Python environment "
-            "(nor a file next to the target)"
-        ) from exc
-    except ImportError as exc:
-        raise TargetError(f"importing {what} failed{_at(exc, folder)}: {_exc_text(exc)}") from exc
-    except SystemExit as exc:
-        raise TargetError(
-            f"{what} called {_exit_text(exc)} while being imported{_at(exc, folder)}; "
-            'move that code under `if __name__ == "__main__":`'
-        ) from exc
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        raise TargetError(f"importing {what} raised {_exc_text(exc)}{_at(exc, folder)}") from exc
+def _import_stage(what: str, module_target: str | None = None) -> Stage:
+    """Importing the target: syntax errors, missing modules and a `sys.exit` at import time each get their own
+    sentence (and a hint); anything else is "importing model.py raised ..."."""
+
+    def explain(exc: BaseException) -> str | None:
+        if isinstance(exc, SyntaxError):
+            where = display_path(exc.filename) if exc.filename else what
+            line = f" line {exc.lineno}" if exc.lineno else ""
+            code = f": {exc.text.strip()}" if exc.text and exc.text.strip() else ""
+            return f"syntax error in {where}{line}: {exc.msg}{code}"
+        if isinstance(exc, ModuleNotFoundError):
+            missing = exc.name or str(exc)
+            if module_target is not None and (module_target == missing or module_target.startswith(missing + ".")):
+                return (
+                    f"no module named {missing!r}: {module_target!r} was read as package.module[:NAME]; "
+                    "to load a file, give its path ending in .py"
+                )
+            loc = user_location(exc) or what
+            return (
+                f"importing {what} failed: {loc} imports {missing!r}, which is not installed in this Python "
+                "environment (nor a file next to the target)"
+            )
+        if isinstance(exc, ImportError):
+            return f"importing {what} failed{at_user(exc)}: {exc_text(exc)}"
+        if isinstance(exc, SystemExit):
+            return (
+                f"{what} called {exit_text(exc)} while being imported{at_user(exc)}; "
+                'move that code under `if __name__ == "__main__":`'
+            )
+        return None
+
+    return Stage("import", f"importing {what}", explain=explain)
 
 
 # --------------------------------------------------------------------------------------------------- discovery
@@ -302,7 +250,7 @@ def _is_model_instance(v: Any) -> bool:
     return isinstance(v, nn.Module) and not isinstance(v, _Loss)
 
 
-def _materialize(obj: Any, label: str, folder: Path | None, spec: TargetSpec) -> nn.Module:
+def _materialize(obj: Any, label: str, spec: TargetSpec) -> nn.Module:
     """An nn.Module from an instance, a class (instantiated without arguments) or a factory (called)."""
     if isinstance(obj, nn.Module):
         return obj
@@ -316,18 +264,10 @@ def _materialize(obj: Any, label: str, folder: Path | None, spec: TargetSpec) ->
         else:
             hint = f"add a build_model() function to {spec.where} that returns the model built as you want it"
         raise TargetError(f"{call} needs arguments ({', '.join(needed)}); {hint}")
-    model = _call_user(obj, call, folder)
+    model = run_user(Stage("build", call), obj)
     if not isinstance(model, nn.Module):
-        raise TargetError(f"{call} returned {_describe(model)}, not a torch.nn.Module")
+        raise TargetError(f"{call} returned {describe_value(model)}, not a torch.nn.Module")
     return model
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "None"
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__module__}.{type(value).__qualname__}".replace("a builtins.", "a ")
 
 
 def _resolve_attr(module: ModuleType, attr: str, spec: TargetSpec) -> Any:
@@ -351,18 +291,18 @@ def _defined_here(module: ModuleType, value: Any) -> bool:
     return getattr(value, "__module__", None) == module.__name__
 
 
-def discover_model(module: ModuleType, spec: TargetSpec, folder: Path | None) -> tuple[nn.Module, str]:
+def discover_model(module: ModuleType, spec: TargetSpec) -> tuple[nn.Module, str]:
     """The model, and how it was found ("build_model()", "model", "Net()", ...). Order: `spec.attr`; a factory
     build_model/get_model/create_model; a module-level nn.Module named `model`; the only nn.Module instance, else
     the only nn.Module subclass constructible without arguments, defined in the file."""
     if spec.attr is not None:
         obj = _resolve_attr(module, spec.attr, spec)
-        model = _materialize(obj, spec.attr, folder, spec)
+        model = _materialize(obj, spec.attr, spec)
         return model, spec.attr if isinstance(obj, nn.Module) else f"{spec.attr}()"
     for factory in FACTORIES:
         fn = getattr(module, factory, None)
         if callable(fn):
-            return _materialize(fn, factory, folder, spec), f"{factory}()"
+            return _materialize(fn, factory, spec), f"{factory}()"
     candidate = getattr(module, "model", None)
     if isinstance(candidate, nn.Module):
         return candidate, "model"
@@ -379,7 +319,7 @@ def discover_model(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
     for group, kind in ((instances, "instances"), (buildable, "classes")):
         if len(group) == 1:
             obj = getattr(module, group[0])
-            return _materialize(obj, group[0], folder, spec), group[0] if kind == "instances" else f"{group[0]}()"
+            return _materialize(obj, group[0], spec), group[0] if kind == "instances" else f"{group[0]}()"
         if len(group) > 1:
             listed = ", ".join(group)
             raise TargetError(
@@ -454,7 +394,7 @@ def synthetic_inputs(
     return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def example_inputs(module: ModuleType, spec: TargetSpec, folder: Path | None) -> Inputs | None:
+def example_inputs(module: ModuleType, spec: TargetSpec) -> Inputs | None:
     """What `example_input()` in the file returns (also accepted: a module-level value of that name), checked."""
     if not hasattr(module, "example_input"):
         return None
@@ -464,7 +404,7 @@ def example_inputs(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
         needed = _needs_args(obj)
         if needed:
             raise TargetError(f"example_input() in {spec.where} must take no arguments, it needs {', '.join(needed)}")
-        value = _call_user(obj, "example_input()", folder)
+        value = run_user(Stage("inputs", "example_input()"), obj)
     else:
         value = obj
     ok = isinstance(value, torch.Tensor)
@@ -475,7 +415,8 @@ def example_inputs(module: ModuleType, spec: TargetSpec, folder: Path | None) ->
         ok = len(value) > 0 and all(isinstance(k, str) for k in value) and first_tensor(value) is not None
         value = dict(value)
     if not ok:
-        got = f"a {type(value).__name__} with no tensor in it" if isinstance(value, (tuple, dict)) else _describe(value)
+        empty = isinstance(value, (tuple, dict))
+        got = f"a {type(value).__name__} with no tensor in it" if empty else describe_value(value)
         raise TargetError(
             f"{label} returned {got}; it must return a tensor, a tuple of tensors (positional inputs) "
             "or a dict of tensors (keyword inputs)"
@@ -495,23 +436,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def describe_inputs(value: Any) -> str:
-    """'a tensor of shape (4, 10) float32', '2 inputs: (4, 10) float32, (4,) int64', 'inputs x=(4, 10) float32'."""
-
-    def one(t: Any) -> str:
-        if isinstance(t, torch.Tensor):
-            return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-        return type(t).__name__
-
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {one(value)}"
-    if isinstance(value, (tuple, list)):
-        return f"{len(value)} positional inputs: " + ", ".join(one(v) for v in value)
-    if isinstance(value, Mapping):
-        return "keyword inputs " + ", ".join(f"{k}={one(v)}" for k, v in value.items())
-    return type(value).__name__
-
-
 # --------------------------------------------------------------------------------------------------- checkpoints
 def _read_checkpoint(path: Path) -> Any:
     if not path.exists():
@@ -526,7 +450,7 @@ def _read_checkpoint(path: Path) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
-            raise TargetError(f"cannot read checkpoint {path}: {_exc_text(exc)}") from exc
+            raise TargetError(f"cannot read checkpoint {path}: {exc_text(exc)}") from exc
     try:
         # weights_only=True: tensors and plain containers only. A checkpoint is a pickle, and unpickling an
         # arbitrary object can run arbitrary code; actdiag never does that behind the user's back.
@@ -536,7 +460,7 @@ def _read_checkpoint(path: Path) -> Any:
         if found is None:
             _, _, tail = str(exc).partition("WeightsUnpickler error:")
             chunks = [c.strip() for c in tail.split("\n\n") if c.strip()]
-            why = chunks[0] if chunks else _exc_text(exc)
+            why = chunks[0] if chunks else exc_text(exc)
             raise TargetError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint ({why})") from exc
         raise TargetError(
             f"checkpoint {path} holds a pickled Python object ({found.group(1)}), and actdiag loads only tensors and "
@@ -544,7 +468,7 @@ def _read_checkpoint(path: Path) -> Any:
             "instead of the whole model"
         ) from exc
     except Exception as exc:
-        raise TargetError(f"cannot read checkpoint {path}: {_exc_text(exc)}") from exc
+        raise TargetError(f"cannot read checkpoint {path}: {exc_text(exc)}") from exc
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -561,7 +485,7 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} has no tensors at its top level nor under {'/'.join(CHECKPOINT_KEYS)} "
             f"(its keys: {keys})"
         )
-    raise TargetError(f"checkpoint {path} holds {_describe(obj)}, not a state dict")
+    raise TargetError(f"checkpoint {path} holds {describe_value(obj)}, not a state dict")
 
 
 def _strip_variants(keys: Sequence[str]) -> Iterator[tuple[tuple[str, ...], dict[str, str]]]:
@@ -603,7 +527,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> tuple[str
         result = model.load_state_dict(renamed, strict=False)
     except RuntimeError as exc:
         details = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if "size mismatch" in ln]
-        detail = "; ".join(details[:3]) if details else _exc_text(exc)
+        detail = "; ".join(details[:3]) if details else exc_text(exc)
         raise TargetError(f"checkpoint {p} does not fit the model: {detail}") from exc
     notes = []
     if best_seq:
@@ -690,27 +614,25 @@ def open_target(
     with _UserCode(folder, str(spec.path) if spec.path is not None else target) as env:
         _seed_everything(seed)
         module = _import_file(spec.path.resolve(), env) if spec.path is not None else _import_module(str(spec.module))
-        model, found_as = discover_model(module, spec, folder)
+        model, found_as = discover_model(module, spec)
         notes: tuple[str, ...] = ()
         if checkpoint is not None:
             notes = load_checkpoint(model, checkpoint)
-        try:
-            model.to(dev)
-        except Exception as exc:
-            raise TargetError(f"moving the model to {dev} raised {_exc_text(exc)}{_at(exc, folder)}") from exc
+        run_user(Stage("move", f"moving the model to {dev}"), model.to, dev)
         if input_shapes:
             inputs = synthetic_inputs(model, input_shapes, input_dtypes, input_range, seed)
         else:
-            inputs = example_inputs(module, spec, folder)
-            if inputs is None:
+            found = example_inputs(module, spec)
+            if found is None:
                 raise TargetError(
                     f"no input for the model: {spec.where} has no example_input() function and no --input-shape "
                     "was given; add `def example_input(): return torch.randn(16, 3, 32, 32)` to the file or pass "
                     "--input-shape 16,3,32,32"
                 )
+            inputs = found
         loss_fn = getattr(module, "loss_fn", None)
         if loss_fn is not None and not callable(loss_fn):
-            raise TargetError(f"loss_fn in {spec.where} is {_describe(loss_fn)}, not a function")
+            raise TargetError(f"loss_fn in {spec.where} is {describe_value(loss_fn)}, not a function")
         yield Target(
             spec=spec,
             module=module,
@@ -724,79 +646,6 @@ def open_target(
 
 
 # --------------------------------------------------------------------------------------------------- running
-class _Trail:
-    """Which modules are inside their forward() right now. When the forward pass raises, the modules that entered
-    and never left are the trail to the failure; the innermost one is the layer to name.
-
-    Global module hooks (not per-module ones) so that nothing is attached to the user's model: copies of it made
-    by --try-fixes do not inherit them, and modules outside `model` are ignored.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.names = {id(m): n for n, m in model.named_modules()}
-        self.stack: list[tuple[str, nn.Module, tuple[Any, ...]]] = []
-        self.last_done: str | None = None
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _Trail:
-        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
-        self._handles = [
-            register_module_forward_pre_hook(self._pre),
-            register_module_forward_hook(self._post),
-        ]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        name = self.names.get(id(module))
-        if name is not None:
-            if name == "":
-                self.stack.clear()
-            self.stack.append((name, module, args))
-
-    def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        name = self.names.get(id(module))
-        if name is None:
-            return
-        for i in range(len(self.stack) - 1, -1, -1):
-            if self.stack[i][1] is module:
-                del self.stack[i:]
-                break
-        self.last_done = name
-
-    def where(self) -> str | None:
-        """'layer 'fc2' (Linear(in_features=20, out_features=5, bias=True)), which got (4, 10) float32', or None."""
-        if not self.stack:
-            return None
-        name, module, args = self.stack[-1]
-        label = "the model's own forward()" if name == "" else f"layer {name!r}"
-        if next(module.children(), None) is not None:
-            # A container's own code raised between its children: say which child ran last.
-            after = f", after layer {self.last_done!r} had run" if self.last_done else ""
-            return f"{label} ({type(module).__name__}){after}"
-        if not args:  # called with keyword arguments only, which module-wide pre-hooks do not see
-            return f"{label} ({module!r})"
-        got = describe_inputs(args[0]) if len(args) == 1 else describe_inputs(args)
-        return f"{label} ({module!r}), which got {got.replace('a tensor of shape ', '')}"
-
-
-def _raised_inside_actdiag(exc: BaseException | None) -> bool:
-    """True when the traceback goes through actdiag's own recording code (hooks, monitor, rules): a bug of ours,
-    not the user's, even though it surfaced during their forward or backward pass."""
-    if exc is None:
-        return False
-    for frame in traceback.extract_tb(exc.__traceback__)[1:]:
-        f = Path(frame.filename).resolve()
-        if _ACTDIAG_DIR in f.parents and f.name not in {"engine.py"}:
-            return True
-    return False
-
-
 def make_optimizer(model: nn.Module, name: str, lr: float | None) -> torch.optim.Optimizer | None:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "none" or not params:
@@ -809,32 +658,8 @@ def make_optimizer(model: nn.Module, name: str, lr: float | None) -> torch.optim
 
 
 def run_inspect(target: Target, **kwargs: Any) -> Report:
-    """`actdiag.inspect` on a loaded target; errors of the user's code become TargetError naming where."""
-    from actdiag.engine import inspect
-
-    folder = target.spec.path.resolve().parent if target.spec.path is not None else None
-    trail = _Trail(target.model)
-    try:
-        with trail:
-            return inspect(target.model, target.inputs, loss_fn=target.loss_fn, **kwargs)
-    except TargetError as exc:
-        cause = exc.__cause__
-        if _raised_inside_actdiag(cause):
-            raise RuntimeError(f"actdiag failed while recording the run: {_exc_text(cause)}") from cause  # type: ignore[arg-type]
-        where = trail.where()
-        if where is not None and cause is not None:
-            raise TargetError(f"the forward pass failed in {where}: {_exc_text(cause)}{_at(cause, folder)}") from cause
-        if cause is not None and str(exc).startswith(("loss_fn()", "the backward pass")):
-            raise TargetError(f"{exc}{_at(cause, folder)}") from cause
-        raise
-    except SystemExit as exc:
-        raise TargetError(f"the model's code called {_exit_text(exc)} while running{_at(exc, folder)}") from exc
-
-
-def inspect_target(target: str, *, load: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[Report, Target]:
-    """Load TARGET (options of `open_target` in `load`) and run `actdiag.inspect` on it (options in kwargs)."""
-    with open_target(target, **(load or {})) as t:
-        return run_inspect(t, **kwargs), t
+    """`actdiag.inspect` on a loaded target (options in kwargs); the user's code raising is a TargetError."""
+    return inspect(target.model, target.inputs, loss_fn=target.loss_fn, **kwargs)
 
 
 __all__ = [
@@ -842,7 +667,6 @@ __all__ = [
     "TargetSpec",
     "describe_inputs",
     "discover_model",
-    "inspect_target",
     "load_checkpoint",
     "make_optimizer",
     "open_target",

@@ -16,17 +16,19 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 from torch import nn
 
+from actdiag import rules
 from actdiag._version import __version__
 from actdiag.errors import ReportPathError
+from actdiag.fixes import attach_fixes
 from actdiag.hooks import merge as _dist
 from actdiag.hooks.recorder import Recorder, Selector, unwrap_model
 from actdiag.hooks.stats import DEFAULT_BINS, DEFAULT_SAMPLE_CAP
+from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, layer_metrics, param_metrics
 from actdiag.records import (
     ExponentHistogram,
     Finding,
     Histogram,
     History,
-    LayerStats,
     ModelInfo,
     Report,
     RunInfo,
@@ -51,48 +53,6 @@ class Sink(Protocol):
     def on_record(self, record: StepRecord) -> None: ...
 
     def on_close(self, report: Report) -> None: ...
-
-
-LAYER_METRICS = (
-    "act_mean",
-    "act_std",
-    "act_abs_max",
-    "act_zero_fraction",
-    "act_nonfinite",
-    "grad_norm",
-    "grad_std",
-    "grad_abs_max",
-    "grad_nonfinite",
-    "saturation",
-    "dead_fraction",
-    "never_active_fraction",
-    "update_ratio",
-)
-PARAM_METRICS = ("weight_norm", "weight_std", "grad_norm", "update_ratio")
-
-
-def _opt(v: float | None) -> float:
-    return math.nan if v is None else float(v)
-
-
-def layer_scalars(layer: LayerStats) -> dict[str, float]:
-    """The per-step scalars of one layer (NaN where not applicable), as kept in History and TensorBoard."""
-    a, g = layer.activation, layer.gradient
-    return {
-        "act_mean": a.mean if a else math.nan,
-        "act_std": a.std if a else math.nan,
-        "act_abs_max": a.abs_max if a else math.nan,
-        "act_zero_fraction": a.zero_fraction if a else math.nan,
-        "act_nonfinite": float(a.nonfinite_count) if a else math.nan,
-        "grad_norm": g.norm if g else math.nan,
-        "grad_std": g.std if g else math.nan,
-        "grad_abs_max": g.abs_max if g else math.nan,
-        "grad_nonfinite": float(g.nonfinite_count) if g else math.nan,
-        "saturation": _opt(layer.saturation),
-        "dead_fraction": _opt(layer.dead_fraction),
-        "never_active_fraction": _opt(layer.never_active_fraction),
-        "update_ratio": _opt(layer.update_ratio),
-    }
 
 
 class _Series:
@@ -124,16 +84,10 @@ class _Series:
 
 
 def _scalar_row(record: StepRecord) -> dict[str, Any]:
-    params = {
-        p.name: {
-            "weight_norm": p.weight.norm,
-            "weight_std": p.weight.std,
-            "grad_norm": p.grad.norm if p.grad else math.nan,
-            "update_ratio": _opt(p.update_ratio),
-        }
-        for p in record.params
+    return {
+        "layers": {layer.label: layer_metrics(layer) for layer in record.layers},
+        "params": {p.name: param_metrics(p) for p in record.params},
     }
-    return {"layers": {layer.label: layer_scalars(layer) for layer in record.layers}, "params": params}
 
 
 def _hist_row(record: StepRecord) -> dict[str, Any]:
@@ -488,13 +442,13 @@ class Monitor:
         """The findings for what was recorded so far, ranked most severe first."""
         if self._findings_cache is not None and self._findings_cache[0] == self.recorded_steps:
             return self._findings_cache[1]
-        from actdiag.rules import diagnose
-
         found: tuple[Finding, ...] = ()
         if self.latest is not None:
             try:
-                found = tuple(
-                    diagnose(self.latest.layers, self.latest.params, self.history, thresholds=self.thresholds)
+                # The rules diagnose; what to try for each finding is attached after, from the same layers.
+                layers = self.latest.layers
+                found = attach_fixes(
+                    rules.diagnose(layers, self.latest.params, self.history, thresholds=self.thresholds), layers
                 )
             except Exception as exc:  # noqa: BLE001
                 if self.strict:

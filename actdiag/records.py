@@ -420,13 +420,3 @@ class Report:
         from actdiag.reports.html import save_html
 
         return save_html(self, path)
-
-    def to_dict(self) -> dict[str, object]:
-        from actdiag.reports.json import report_to_dict
-
-        return report_to_dict(self)
-
-    def worst_severity(self) -> Severity | None:
-        if not self.findings:
-            return None
-        return max(self.findings, key=lambda f: f.rank).severity

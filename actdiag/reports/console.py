@@ -8,13 +8,13 @@ text table is drawn, so logs and CI output stay readable and free of escape code
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import textwrap
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
+from actdiag.formatting import format_number
 from actdiag.records import Finding, Fix, Report
 
 SEVERITY_COLOR = {"error": "red", "warning": "yellow", "info": "cyan"}
@@ -45,20 +45,6 @@ def _paint(text: str, style: str, color: bool) -> str:
     if not color or style not in _ANSI:
         return text
     return f"\x1b[{_ANSI[style]}m{text}\x1b[0m"
-
-
-def format_number(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}"
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-        return f"{v:.2e}"
-    return f"{v:.3g}"
 
 
 def format_evidence(evidence: Mapping[str, Any], limit: int = 4, sep: str = ", ") -> str:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from actdiag.formatting import format_number
+from actdiag.metrics import GRAD_NORM, UPDATE_RATIO
 from actdiag.records import (
     E_LOW,
     FP16_MIN_NORMAL_EXP,
@@ -360,10 +362,15 @@ def _histogram_cell(ax: Axes, ly: LayerStats, depth: int, x0: float, y0: float, 
     ax.text(left, y0 + 0.92, _short(ly.label, 22), fontsize=7, va="top", color=color)
     ax.text(right, y0 + 0.92, f"#{depth}", fontsize=6, va="top", ha="right", color="#777777")
     ax.text(
-        left, y0 + 0.8, f"{ly.type}  std {a.std:.3g}  zero {a.zero_fraction:.0%}", fontsize=6, va="top", color="#555555"
+        left,
+        y0 + 0.8,
+        f"{ly.type}  std {format_number(a.std)}  zero {a.zero_fraction:.0%}",
+        fontsize=6,
+        va="top",
+        color="#555555",
     )
-    ax.text(left, base - 0.03, f"{edges[0]:.3g}", fontsize=6, va="top", color="#555555")
-    ax.text(right, base - 0.03, f"{edges[-1]:.3g}", fontsize=6, va="top", ha="right", color="#555555")
+    ax.text(left, base - 0.03, format_number(edges[0]), fontsize=6, va="top", color="#555555")
+    ax.text(right, base - 0.03, format_number(edges[-1]), fontsize=6, va="top", ha="right", color="#555555")
 
 
 def gradient_flow(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) -> Rendered | None:
@@ -551,7 +558,7 @@ def series_over_time(history: History, labels: Sequence[str], flagged: Sequence[
     steps = np.asarray(history.steps, dtype=np.float64)
     if len(steps) < 2:
         return None
-    panels = (("update_ratio", "update ratio |\u0394W| / |W|"), ("grad_norm", "gradient norm"))
+    panels = ((UPDATE_RATIO, "update ratio |\u0394W| / |W|"), (GRAD_NORM, "gradient norm"))
     present = [lb for lb in labels if lb in history.layers]
     if not present:
         return None

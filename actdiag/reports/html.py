@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actdiag.formatting import format_number
 from actdiag.records import SEVERITY_RANK, Finding, LayerStats, Report, measured_stats
 from actdiag.reports._atomic import atomic_write
 
@@ -29,22 +30,12 @@ MAX_RELATED = 12
 
 
 def fmt(value: Any) -> str:
-    """Numbers as a person reads them: 4 significant digits, ints as ints, missing as a dash."""
+    """Numbers as a person reads them, to 4 significant digits (`format_number`); missing as a dash, flags as yes/no."""
     if value is None:
         return "\u2013"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    return str(value)
+    return format_number(value, digits=4)
 
 
 def pct(value: float | None) -> str:

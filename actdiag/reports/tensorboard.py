@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from actdiag.metrics import ACT_STD, DEAD_FRACTION, GRAD_NORM, SATURATION, UPDATE_RATIO
 from actdiag.records import SEVERITY_RANK, Finding, LayerStats, Report, StepRecord, TensorStats
 
 if TYPE_CHECKING:
@@ -43,11 +44,11 @@ if TYPE_CHECKING:
 
 # Scalars per layer, in the order of the custom-scalars layout: (tag prefix, chart category title).
 SCALAR_TAGS: tuple[tuple[str, str], ...] = (
-    ("act_std", "activation std"),
-    ("grad_norm", "gradient norm"),
-    ("dead_fraction", "dead ReLU fraction"),
-    ("saturation", "saturated fraction"),
-    ("update_ratio", "update ratio |dW|/|W|"),
+    (ACT_STD, "activation std"),
+    (GRAD_NORM, "gradient norm"),
+    (DEAD_FRACTION, "dead ReLU fraction"),
+    (SATURATION, "saturated fraction"),
+    (UPDATE_RATIO, "update ratio |dW|/|W|"),
 )
 FINDINGS_TAG = "actdiag/findings"
 # actdiag's own summaries, read by its TensorBoard plugin (the plugin name is in shared/CONTRACT.md section 6).
@@ -81,18 +82,19 @@ def layer_tag(label: str) -> str:
 
 
 def layer_scalars(layer: LayerStats) -> dict[str, float]:
-    """The section-5 scalars of one layer that apply to it and are finite."""
+    """The section-5 scalars of one layer that apply to it and are finite: a subset of the history's
+    `metrics.layer_metrics`, without the NaNs (and without a norm for a gradient with no finite value)."""
     out: dict[str, float] = {}
     if layer.activation is not None and layer.activation.count:
-        out["act_std"] = layer.activation.std
+        out[ACT_STD] = layer.activation.std
     if layer.gradient is not None and layer.gradient.count:
-        out["grad_norm"] = layer.gradient.norm
+        out[GRAD_NORM] = layer.gradient.norm
     if layer.dead_fraction is not None:
-        out["dead_fraction"] = layer.dead_fraction
+        out[DEAD_FRACTION] = layer.dead_fraction
     if layer.saturation is not None:
-        out["saturation"] = layer.saturation
+        out[SATURATION] = layer.saturation
     if layer.update_ratio is not None:
-        out["update_ratio"] = layer.update_ratio
+        out[UPDATE_RATIO] = layer.update_ratio
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 

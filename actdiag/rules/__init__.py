@@ -6,7 +6,8 @@
     updates      large_updates, stalled_updates
 
 `diagnose` runs them all on one recorded step (and the history, for the training-time rules), groups what one root
-cause produced, attaches fix suggestions (`actdiag.fixes`) and ranks the result. Every threshold lives in
+cause produced and ranks the result. It is a pure function of records: what to try for each finding is attached
+afterwards (`actdiag.fixes.attach_fixes`), where the report is assembled. Every threshold lives in
 `actdiag.rules.thresholds.Thresholds`.
 """
 
@@ -61,10 +62,7 @@ def diagnose(
     found += dead_relu_findings(clean, history, t)
     found += fp16_findings(clean, history, t)
     found += update_findings(layers, history, t)
-    found = _group(found)
-    from actdiag.fixes import attach_fixes
-
-    return rank([attach_fixes(f, layers) for f in found], layers)
+    return rank(_group(found), layers)
 
 
 _SIGNAL = frozenset(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from actdiag.formatting import format_number
 from actdiag.records import LayerStats, TensorStats
 
 # Layers whose output is a fresh linear map of their input: the spread of their outputs is what Xavier/He theory
@@ -91,12 +92,5 @@ def geo_mean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def fmt(x: float) -> str:
-    """Numbers in messages: 3 significant digits, scientific when tiny or huge."""
-    if not math.isfinite(x):
-        return str(x)
-    if x == 0:
-        return "0"
-    if 1e-3 <= abs(x) < 1e4:
-        return f"{x:.3g}"
-    return f"{x:.2e}"
+# The rules' short name for the one number formatter: messages read like every other number actdiag shows.
+fmt = format_number

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from actdiag.metrics import DEAD_FRACTION
 from actdiag.records import Finding, History, LayerStats
 from actdiag.rules._common import DEAD_CAPABLE, REINIT_TYPES, finite, fmt, geo_mean, usable
 from actdiag.rules.thresholds import Thresholds
@@ -181,7 +182,7 @@ def dead_relu_findings(layers: Sequence[LayerStats], history: History | None, t:
             continue
         if _samples_per_unit(layer) < t.dead_min_samples:
             continue
-        window = _window(history, layer.label, "dead_fraction", t.dead_window)
+        window = _window(history, layer.label, DEAD_FRACTION, t.dead_window)
         if window is not None:
             held = min(window)
             never = layer.never_active_fraction

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from actdiag.metrics import GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM
 from actdiag.records import Finding, History, LayerStats
 from actdiag.rules._common import finite, fmt
 from actdiag.rules.thresholds import Thresholds
@@ -26,7 +27,7 @@ def _effective_step_decay(history: History | None, pname: str, t: Thresholds) ->
     series = history.params.get(pname)
     if not series:
         return None
-    ratio, wnorm, gnorm = series.get("update_ratio", ()), series.get("weight_norm", ()), series.get("grad_norm", ())
+    ratio, wnorm, gnorm = series.get(UPDATE_RATIO, ()), series.get(WEIGHT_NORM, ()), series.get(GRAD_NORM, ())
     eff = [
         r * w / g
         for r, w, g in zip(ratio, wnorm, gnorm)

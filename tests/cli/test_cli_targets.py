@@ -30,14 +30,15 @@ def test_file_target_with_build_model_runs_and_writes_json(write, run, tmp_path:
 def test_inspect_target_from_python(write) -> None:
     """The library entry the command uses: no click, no exit, a Report back (and TargetError on bad files)."""
     from actdiag.errors import TargetError
-    from actdiag.loading import inspect_target
+    from actdiag.loading import open_target, run_inspect
 
     target = write("model.py", NET + INPUT)
-    report, loaded = inspect_target(str(target), steps=2)
+    with open_target(str(target)) as loaded:
+        report = run_inspect(loaded, steps=2)
     assert loaded.found_as == "Net()" and report.run.steps == 2
     assert [layer.name for layer in report.layers] == ["fc1", "act", "fc2"]
-    with pytest.raises(TargetError, match="does not exist"):
-        inspect_target(str(target) + "x")
+    with pytest.raises(TargetError, match="does not exist"), open_target(str(target) + "x"):
+        pass
 
 
 @pytest.mark.parametrize(

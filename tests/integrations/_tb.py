@@ -4,15 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-
-def require_tensorboard_sink() -> None:
-    """Skip when the TensorBoard sink is not in this checkout: the callbacks write event files through it."""
-    pytest.importorskip(
-        "actdiag.reports.tensorboard", reason="actdiag.reports.tensorboard (the TensorBoard sink) is not present"
-    )
-
 
 def actdiag_tags(logdir: Path) -> set[str]:
     """Every histogram and scalar tag in the event files directly inside `logdir` (one TensorBoard run)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.integrations._tb import actdiag_tags, require_tensorboard_sink
+from tests.integrations._tb import actdiag_tags
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -25,7 +25,6 @@ def _is_png(path: Path) -> bool:
 
 
 def test_integ_example_plain_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    require_tensorboard_sink()
     monitor = _run(
         "plain_loop.py",
         *("--steps", "6", "--every", "2", "--logdir", str(tmp_path / "tb")),
@@ -84,7 +83,6 @@ def test_integ_example_mixed_precision_overflow_is_nonfinite() -> None:
 
 def test_integ_example_lightning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
-    require_tensorboard_sink()
     callback = _run(
         "lightning_example.py",
         "--steps",
@@ -105,7 +103,6 @@ def test_integ_example_lightning(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_integ_example_hf_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("transformers", reason="transformers is not installed")
-    require_tensorboard_sink()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     callback = _run(
         "hf_trainer.py", "--steps", "2", "--every", "2", "--out", str(tmp_path), "--plot", str(tmp_path / "h.png")

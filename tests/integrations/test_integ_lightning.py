@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed (pip install 'actdiag[lightning]')")
 
 from actdiag.integrations.lightning import ActdiagCallback  # noqa: E402
-from tests.integrations._tb import actdiag_tags, require_tensorboard_sink  # noqa: E402
+from tests.integrations._tb import actdiag_tags  # noqa: E402
 
 TRAIN_BATCH, VAL_BATCH = 16, 6
 
@@ -120,7 +120,6 @@ def test_integ_lightning_reads_gradients_before_optimizer_step(tmp_path: Path) -
 
 
 def test_integ_lightning_writes_into_tensorboard_logger_run(tmp_path: Path) -> None:
-    require_tensorboard_sink()
     from lightning.pytorch.loggers import TensorBoardLogger
 
     logger = TensorBoardLogger(str(tmp_path), name="exp")
@@ -133,7 +132,6 @@ def test_integ_lightning_writes_into_tensorboard_logger_run(tmp_path: Path) -> N
 
 
 def test_integ_lightning_own_logdir_without_tensorboard_logger(tmp_path: Path) -> None:
-    require_tensorboard_sink()
     callback = ActdiagCallback(every=4, logdir=tmp_path / "mine", verbose=False)
     _fit(Tiny(), callback, tmp_path, max_epochs=1)
     assert callback.logdir is not None and callback.logdir.resolve() == (tmp_path / "mine").resolve()

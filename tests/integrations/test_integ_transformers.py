@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing below may reach the Hub
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 from actdiag.integrations.transformers import ActdiagCallback  # noqa: E402
-from tests.integrations._tb import actdiag_tags, require_tensorboard_sink  # noqa: E402
+from tests.integrations._tb import actdiag_tags  # noqa: E402
 
 TRAIN_BATCH, EVAL_BATCH = 4, 3
 
@@ -88,7 +88,6 @@ def test_integ_hf_reads_clipped_gradients_before_optimizer_step(tmp_path: Path) 
 
 
 def test_integ_hf_writes_into_trainer_tensorboard_run(tmp_path: Path) -> None:
-    require_tensorboard_sink()
     callback = ActdiagCallback(every=2, verbose=False)
     _train(tmp_path, callback, report_to=["tensorboard"])
     assert callback.logdir is not None
@@ -100,7 +99,6 @@ def test_integ_hf_writes_into_trainer_tensorboard_run(tmp_path: Path) -> None:
 
 
 def test_integ_hf_own_logdir_without_tensorboard_reporting(tmp_path: Path) -> None:
-    require_tensorboard_sink()
     callback = ActdiagCallback(every=2, verbose=False)
     _train(tmp_path, callback, max_steps=2)
     assert callback.logdir is not None and callback.logdir.resolve() == (tmp_path / "out" / "actdiag").resolve()

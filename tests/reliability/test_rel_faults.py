@@ -197,7 +197,6 @@ def test_rel_unwritable_report_path_fails_at_start_naming_it(tmp_path: Path, whi
 
 
 def test_rel_report_json_written_on_exception(tmp_path: Path) -> None:
-    pytest.importorskip("actdiag.reports.json")
     import json
 
     target = tmp_path / "deep" / "report.json"

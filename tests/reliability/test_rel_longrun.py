@@ -7,7 +7,6 @@ import json
 import weakref
 from dataclasses import replace
 
-import pytest
 import torch
 from torch import nn
 
@@ -61,7 +60,6 @@ def test_rel_history_buffer_stays_within_its_caps() -> None:
 
 
 def test_rel_report_size_is_bounded_by_a_full_history() -> None:
-    pytest.importorskip("actdiag.reports.json")
     from actdiag.reports.json import dumps
 
     record = _one_record()

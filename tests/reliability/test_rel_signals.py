@@ -14,8 +14,6 @@ import pytest
 
 from . import rel_signal_worker as worker
 
-pytest.importorskip("actdiag.reports.json")
-
 WORKER = Path(worker.__file__)
 ROOT = WORKER.parents[2]  # the repository root, so that the workers import this checkout of actdiag
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import actdiag
-from actdiag.fixes import FIX_CODES, attach_fixes, module_expr, verify_fixes
+from actdiag.fixes import CATALOGUE, FIX_CODES, attach_fixes, module_expr, verify_fixes
 from actdiag.records import Finding, Fix, Report
+from actdiag.rules import diagnose
 from tests.zoo import CollapsingTanhNet, DeadReluNet, DeepXavierReluNet, SaturatedTanhNet, example
 
 CONTRACT_FIX_CODES = {
@@ -45,6 +46,51 @@ def test_module_expr(name: str, expr: str) -> None:
 
 def test_every_contract_fix_code_is_known() -> None:
     assert set(FIX_CODES) >= CONTRACT_FIX_CODES
+
+
+def test_catalogue_entries_have_text_and_a_snippet_and_say_whether_they_are_verifiable() -> None:
+    assert set(CATALOGUE) == set(FIX_CODES)
+    assert all(entry.text and entry.snippet for entry in CATALOGUE.values())
+    # What --try-fixes can apply to a copy of the model: the fixes that change the model itself.
+    assert {code for code, entry in CATALOGUE.items() if entry.verifiable} == {
+        "xavier_init",
+        "he_init",
+        "batchnorm",
+        "layernorm",
+        "leaky_relu",
+        "relu_activation",
+    }
+
+
+def test_the_rules_suggest_nothing_and_fixes_are_attached_after() -> None:
+    model = CollapsingTanhNet()
+    report = findings_of(model)
+    bare = diagnose(report.layers, report.params)
+    assert [f.code for f in bare] == [f.code for f in report.findings]
+    assert all(f.fixes == () for f in bare)
+    assert attach_fixes(bare, report.layers) == report.findings
+
+
+def test_attach_fixes_keeps_the_order_and_the_findings() -> None:
+    a = Finding(code="large_updates", severity="warning", layer=None, message="a", evidence={"update_ratio": 0.5})
+    b = Finding(code="unknown_code", severity="info", layer="fc", message="b")
+    got = attach_fixes([b, a], ())
+    assert [f.message for f in got] == ["b", "a"]
+    assert got[0].fixes == () and got[1].fixes
+
+
+def test_verify_fixes_re_runs_through_the_function_it_is_given() -> None:
+    model = CollapsingTanhNet()
+    x = example(model)
+    report = findings_of(model)
+    patched: list[nn.Module] = []
+
+    def rerun(copy_of_model: nn.Module) -> Report:
+        patched.append(copy_of_model)
+        return actdiag.inspect(copy_of_model, x)
+
+    verify_fixes(model, report, rerun)
+    assert patched and all(p is not model for p in patched)
 
 
 def findings_of(model: nn.Module, **kw: object) -> Report:
@@ -169,7 +215,7 @@ def test_verify_fixes_keeps_a_fix_unverified_when_the_copy_cannot_run() -> None:
 
 def test_attach_fixes_for_codes_without_layers() -> None:
     f = Finding(code="large_updates", severity="warning", layer=None, message="m", evidence={"update_ratio": 0.5})
-    got = attach_fixes(f, ())
+    (got,) = attach_fixes([f], ())
     assert [x.code for x in got.fixes] == ["lower_learning_rate", "gradient_clipping"]
     assert all(x.verified is None for x in got.fixes)
 
@@ -178,7 +224,8 @@ def test_verify_fixes_returns_a_new_report() -> None:
     model = CollapsingTanhNet()
     report = findings_of(model)
     assert all(x.verified is None for f in report.findings for x in f.fixes)
-    verified = verify_fixes(model, example(model), report)
+    x = example(model)
+    verified = verify_fixes(model, report, lambda patched: actdiag.inspect(patched, x), seed=0)
     assert verified is not report
     assert verified.layers == report.layers
     assert [f.code for f in verified.findings] == [f.code for f in report.findings]

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from actdiag.records import LayerStats, ParamStats
+from actdiag.fixes import attach_fixes
+from actdiag.records import Finding, LayerStats, ParamStats
 from actdiag.rules import DEFAULT_THRESHOLDS, Thresholds, diagnose
 from tests.rules.factory import bounded, chain, exps, history, linear, relu, ts
 
@@ -16,6 +17,11 @@ T = DEFAULT_THRESHOLDS
 
 def codes(layers: list[LayerStats], **kw: object) -> list[str]:
     return [f.code for f in diagnose(layers, **kw)]  # type: ignore[arg-type]
+
+
+def with_fixes(layers: list[LayerStats], **kw: object) -> tuple[Finding, ...]:
+    """The findings as a report shows them: diagnosed, then the fixes attached."""
+    return attach_fixes(diagnose(layers, **kw), layers)  # type: ignore[arg-type]
 
 
 def geometric(start: float, gain: float, n: int) -> list[float]:
@@ -59,7 +65,7 @@ def test_collapse_broken_by_a_normalisation_layer() -> None:
 
 
 def test_collapse_finding_names_run_and_evidence() -> None:
-    (f,) = [f for f in diagnose(chain(geometric(2.0, 0.5, 6))) if f.code == "activation_collapse"]
+    (f,) = [f for f in with_fixes(chain(geometric(2.0, 0.5, 6))) if f.code == "activation_collapse"]
     assert f.layer == "fc5"
     assert f.related == ("fc0", "fc1", "fc2", "fc3", "fc4")
     assert f.evidence["gain_per_layer"] == pytest.approx(0.5)
@@ -106,7 +112,7 @@ def test_saturation_groups_layers_into_one_finding() -> None:
     for i, sat in enumerate([0.3, 0.6, 0.4]):
         layers += [linear(f"fc{i}", 1.0), bounded(f"act{i}", sat)]
     layers.append(linear("head", 1.0))
-    (f,) = diagnose(layers)
+    (f,) = with_fixes(layers)
     assert f.code == "saturation"
     assert f.layer == "act1"
     assert set(f.related) == {"act0", "act2"}
@@ -206,7 +212,7 @@ def test_nonfinite_names_the_first_layer_in_execution_order() -> None:
     bad = ts(1.0, count=900, numel=1000)
     layers = [linear("a", 1.0), dataclasses.replace(linear("b", 1.0), activation=bad)]
     layers.append(dataclasses.replace(linear("c", 1.0), activation=bad))
-    (f,) = diagnose(layers)
+    (f,) = with_fixes(layers)
     assert (f.code, f.layer, f.severity) == ("nonfinite", "b", "error")
     assert f.related == ("c",)
     assert f.evidence["nonfinite_count"] == 100
@@ -216,14 +222,14 @@ def test_nonfinite_names_the_first_layer_in_execution_order() -> None:
 def test_nonfinite_in_gradient_only() -> None:
     bad = ts(1.0, count=900, numel=1000)
     layers = [linear("a", 1.0, 1.0), dataclasses.replace(linear("b", 1.0, 1.0), gradient=bad), linear("c", 1.0, 1.0)]
-    (f,) = diagnose(layers)
+    (f,) = with_fixes(layers)
     assert (f.code, f.layer, f.evidence["gradient"]) == ("nonfinite", "b", 1.0)
     assert "gradient_clipping" in [x.code for x in f.fixes]
 
 
 def test_nonfinite_in_weights() -> None:
     p = ParamStats(name="fc.weight", shape=(10, 10), requires_grad=True, weight=ts(1.0, count=90, numel=100))
-    (f,) = diagnose([linear("fc", 1.0)], params=[p])
+    (f,) = with_fixes([linear("fc", 1.0)], params=[p])
     assert (f.code, f.layer) == ("nonfinite", "fc")
     assert "lower_learning_rate" in [x.code for x in f.fixes]
 
@@ -255,7 +261,7 @@ def test_fp16_underflow_fraction_threshold_half(tiny: int, fires: bool) -> None:
     assert T.fp16_underflow_fraction_above == 0.05
     # exponent -14: 2**-15 <= |g| < 2**-14, float16's subnormal range (precision lost, next to flushing)
     layer = fp(linear("fc", 1.0, 1.0), "float16", {-14: tiny, 0: 100 - tiny}, gradient=True)
-    found = [f for f in diagnose([layer, linear("head", 1.0, 1.0)]) if f.code == "fp16_underflow"]
+    found = [f for f in with_fixes([layer, linear("head", 1.0, 1.0)]) if f.code == "fp16_underflow"]
     assert bool(found) is fires
     if fires:
         assert found[0].severity == "warning"
@@ -267,7 +273,7 @@ def test_fp16_underflow_fraction_threshold_float32(tiny: int, fires: bool) -> No
     assert T.fp16_underflow_info_fraction_above == 0.25
     # exponent -24: 2**-25 <= |g| < 2**-24, flushed to zero in float16
     layer = fp(linear("fc", 1.0, 1.0), "float32", {-24: tiny, 0: 100 - tiny}, gradient=True)
-    found = [f for f in diagnose([layer, linear("head", 1.0, 1.0)]) if f.code == "fp16_underflow"]
+    found = [f for f in with_fixes([layer, linear("head", 1.0, 1.0)]) if f.code == "fp16_underflow"]
     assert bool(found) is fires
     if fires:
         assert found[0].severity == "info"
@@ -333,7 +339,7 @@ def adagrad_history(steps: int, final_decay: float, ratio_end: float) -> dict[st
 def test_stall_trend_decay_threshold(decay: float, fires: bool) -> None:
     layers = with_update(5e-5)
     h = history(params=adagrad_history(T.min_history, decay, 5e-5))
-    found = [f for f in diagnose(layers, history=h) if f.code == "stalled_updates"]
+    found = [f for f in with_fixes(layers, history=h) if f.code == "stalled_updates"]
     assert bool(found) is fires
     if fires:
         assert found[0].evidence["effective_step_decay"] == pytest.approx(decay)

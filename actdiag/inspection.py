@@ -1,4 +1,9 @@
-"""`actdiag.inspect`: a one-shot check of a model on example inputs; the command line's engine."""
+"""`actdiag.inspect`: a one-shot check of a model on example inputs, the command line's engine.
+
+It runs the forward and backward passes under a `Monitor` (the user's model, loss and backward each through
+`actdiag.usercode.run_user`), and with `try_fixes` hands `actdiag.fixes.verify_fixes` a way to run the same check
+on a patched copy.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,23 @@ import torch
 from torch import nn
 
 from actdiag.errors import TargetError
+from actdiag.fixes import verify_fixes
 from actdiag.hooks.recorder import Selector, first_tensor
 from actdiag.monitor import Monitor, Sink
 from actdiag.records import Report
+from actdiag.usercode import BACKWARD, FORWARD, LOSS, describe_value, run_user
 
 Inputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
-def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """A tensor is one positional input, a tuple/list several, a dict keyword inputs."""
+def call_args(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """How the model is called: a tensor is one positional input, a tuple/list several, a dict keyword inputs."""
     if isinstance(inputs, Mapping):
-        return model(**inputs)
+        return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -45,18 +52,26 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return found
 
 
+def forward_pass(model: nn.Module, inputs: Inputs) -> Any:
+    """The model's output on `inputs`; it must hold a tensor."""
+    args, kwargs = call_args(inputs)
+    output = run_user(FORWARD, model, *args, **kwargs)
+    if first_tensor(output) is None:
+        raise TargetError(f"the model returned {describe_value(output)}, not a tensor", stage=FORWARD.name)
+    return output
+
+
 def backward_pass(output: Any, inputs: Inputs, loss_fn: LossFn | None, generator: torch.Generator) -> None:
     """Backward from `loss_fn(output, inputs)`, or, without one, from a random unit-variance gradient at every
     output tensor: gradient statistics then measure how the network itself propagates signal."""
     if loss_fn is not None:
-        try:
-            loss = loss_fn(output, inputs)
-        except Exception as exc:
-            raise TargetError(f"loss_fn() raised {type(exc).__name__}: {exc}") from exc
+        loss = run_user(LOSS, loss_fn, output, inputs)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TargetError(f"loss_fn() must return a scalar tensor, got {_describe(loss)}")
+            raise TargetError(f"loss_fn() must return a scalar tensor, got {describe_value(loss)}", stage=LOSS.name)
         if not loss.requires_grad:
-            raise TargetError("loss_fn() returned a tensor that does not require grad (no parameter reaches it)")
+            raise TargetError(
+                "loss_fn() returned a tensor that does not require grad (no parameter reaches it)", stage=LOSS.name
+            )
         tensors, grads = [loss], [torch.ones_like(loss)]
     else:
         tensors = output_tensors(output)
@@ -66,16 +81,7 @@ def backward_pass(output: Any, inputs: Inputs, loss_fn: LossFn | None, generator
             torch.randn(t.shape, generator=generator, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
             for t in tensors
         ]
-    try:
-        torch.autograd.backward(tensors, grads)
-    except Exception as exc:
-        raise TargetError(f"the backward pass raised {type(exc).__name__}: {exc}") from exc
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return "None" if value is None else f"a {type(value).__name__}"
+    run_user(BACKWARD, torch.autograd.backward, tensors, grads)
 
 
 def inspect(
@@ -122,14 +128,7 @@ def inspect(
         with monitor:
             for i in range(steps):
                 model.zero_grad(set_to_none=True)
-                try:
-                    output = call_model(model, example_input)
-                except TargetError:
-                    raise
-                except Exception as exc:
-                    raise TargetError(f"the model's forward pass raised {type(exc).__name__}: {exc}") from exc
-                if first_tensor(output) is None:
-                    raise TargetError(f"the model returned {_describe(output)}, not a tensor")
+                output = forward_pass(model, example_input)
                 backward_pass(output, example_input, loss_fn, generator)
                 if optimizer is not None:
                     optimizer.step()
@@ -145,7 +144,9 @@ def inspect(
         model.train(was_training)
     report = monitor.report()
     if try_fixes and report.findings:
-        from actdiag.fixes import verify_fixes
 
-        report = verify_fixes(model, example_input, report, loss_fn=loss_fn, seed=seed)
+        def rerun(patched: nn.Module) -> Report:
+            return inspect(patched, example_input, loss_fn=loss_fn, seed=seed)
+
+        report = verify_fixes(model, report, rerun, seed=seed)
     return report

@@ -1,0 +1,81 @@
+"""The per-step series a `History` keeps, by name: one vocabulary for the history, the rules and the sinks.
+
+`History.layers[label][ACT_STD]` is the series of a layer's activation spread; `History.params[name][UPDATE_RATIO]`
+a parameter's update ratios. A rule that reads a series and the TensorBoard sink that plots it use these names, so
+renaming or adding a series is one edit here.
+"""
+
+from __future__ import annotations
+
+import math
+
+from actdiag.records import LayerStats, ParamStats
+
+# Per layer (module call).
+ACT_MEAN = "act_mean"
+ACT_STD = "act_std"
+ACT_ABS_MAX = "act_abs_max"
+ACT_ZERO_FRACTION = "act_zero_fraction"
+ACT_NONFINITE = "act_nonfinite"
+GRAD_NORM = "grad_norm"  # also per parameter
+GRAD_STD = "grad_std"
+GRAD_ABS_MAX = "grad_abs_max"
+GRAD_NONFINITE = "grad_nonfinite"
+SATURATION = "saturation"
+DEAD_FRACTION = "dead_fraction"
+NEVER_ACTIVE_FRACTION = "never_active_fraction"
+UPDATE_RATIO = "update_ratio"  # also per parameter
+# Per parameter.
+WEIGHT_NORM = "weight_norm"
+WEIGHT_STD = "weight_std"
+
+LAYER_METRICS = (
+    ACT_MEAN,
+    ACT_STD,
+    ACT_ABS_MAX,
+    ACT_ZERO_FRACTION,
+    ACT_NONFINITE,
+    GRAD_NORM,
+    GRAD_STD,
+    GRAD_ABS_MAX,
+    GRAD_NONFINITE,
+    SATURATION,
+    DEAD_FRACTION,
+    NEVER_ACTIVE_FRACTION,
+    UPDATE_RATIO,
+)
+PARAM_METRICS = (WEIGHT_NORM, WEIGHT_STD, GRAD_NORM, UPDATE_RATIO)
+
+
+def _opt(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def layer_metrics(layer: LayerStats) -> dict[str, float]:
+    """Every LAYER_METRICS value of one layer at one step, NaN where it does not apply."""
+    a, g = layer.activation, layer.gradient
+    return {
+        ACT_MEAN: a.mean if a else math.nan,
+        ACT_STD: a.std if a else math.nan,
+        ACT_ABS_MAX: a.abs_max if a else math.nan,
+        ACT_ZERO_FRACTION: a.zero_fraction if a else math.nan,
+        ACT_NONFINITE: float(a.nonfinite_count) if a else math.nan,
+        GRAD_NORM: g.norm if g else math.nan,
+        GRAD_STD: g.std if g else math.nan,
+        GRAD_ABS_MAX: g.abs_max if g else math.nan,
+        GRAD_NONFINITE: float(g.nonfinite_count) if g else math.nan,
+        SATURATION: _opt(layer.saturation),
+        DEAD_FRACTION: _opt(layer.dead_fraction),
+        NEVER_ACTIVE_FRACTION: _opt(layer.never_active_fraction),
+        UPDATE_RATIO: _opt(layer.update_ratio),
+    }
+
+
+def param_metrics(param: ParamStats) -> dict[str, float]:
+    """Every PARAM_METRICS value of one parameter at one step, NaN where it does not apply."""
+    return {
+        WEIGHT_NORM: param.weight.norm,
+        WEIGHT_STD: param.weight.std,
+        GRAD_NORM: param.grad.norm if param.grad else math.nan,
+        UPDATE_RATIO: _opt(param.update_ratio),
+    }
