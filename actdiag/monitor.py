@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +32,7 @@ from actdiag.records import (
     RunInfo,
     StepRecord,
 )
+from actdiag.rules.thresholds import Thresholds, make_thresholds
 
 # Record every 50th step by default: unrecorded steps run no hook, so a recorded step's extra time is spread over
 # the interval, and at 50 the average stays well within the 1.03x budget of a tool meant to stay on (measured in
@@ -291,8 +292,10 @@ class Monitor:
         distributed: bool | None = None,
         process_group: Any = None,
         handle_sigterm: bool = True,
+        thresholds: Thresholds | Mapping[str, float] | None = None,
     ) -> None:
         self.model = unwrap_model(model)
+        self.thresholds = make_thresholds(thresholds)
         self.every = check_every(every)
         self.strict = strict
         self.name = name or type(self.model).__name__
@@ -481,7 +484,7 @@ class Monitor:
         found: tuple[Finding, ...] = ()
         if self.latest is not None:
             try:
-                found = tuple(diagnose(self.latest.layers, self.latest.params, self.history))
+                found = tuple(diagnose(self.latest.layers, self.latest.params, self.history, self.thresholds))
             except Exception as exc:  # noqa: BLE001
                 if self.strict:
                     raise
