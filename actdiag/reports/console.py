@@ -225,18 +225,28 @@ def _rich_table(findings: Sequence[Finding], width: int, types: Mapping[str, str
 
     layers = [_layer(f, types) for f in findings]
     evidence = [format_evidence(f.evidence, sep="\n") for f in findings]
-    # rich wraps at spaces and cuts (never folds) a longer word; the layer and evidence columns are as wide as
-    # their longest name or "name=value" item (capped), an item longer than that breaking after its "=".
-    w_layer = min(max(longest_chunk(t) for t in layers), MAX_NAME_WIDTH)
+    # rich wraps at spaces and would crop (or fold) a longer word; so the layer and evidence columns get widths
+    # that hold their longest name or "name=value" item (capped), names beyond that cut here with an ellipsis at
+    # their start and items broken after their "=". Should even that not fit, the table is drawn wider than the
+    # terminal (the terminal wraps it) rather than cropped.
+    borders = 6 * 3 + 1  # a border and one space of padding on each side of six columns
+    # The least the "what" and "fix" columns can live with: their longest word, within reason.
+    w_what = max(16, min(max(longest_chunk(_what(f)) for f in findings), 24))
+    w_fix = max(12, min(max(longest_chunk(format_fix(f.fixes)) for f in findings), 24))
+    fixed = 1 + 8 + w_what + w_fix + borders
     w_evid = min(max(max(len(ln) for ln in t.split("\n")) for t in evidence), 32)
+    w_layer = min(max(longest_chunk(t) for t in layers), MAX_NAME_WIDTH)
+    w_layer = max(min(w_layer, width - fixed - w_evid), min(w_layer, 16))
+    if fixed + w_layer + w_evid > width:
+        w_evid = max(width - fixed - w_layer, min(max(longest_chunk(t) for t in evidence), 32))
     table = Table(show_header=True, header_style="bold", expand=False, show_lines=False)
     for col, kw in (
         ("#", {"justify": "right", "no_wrap": True}),
         ("severity", {"no_wrap": True}),
-        ("layer", {"style": "bold", "min_width": min(w_layer, 24), "max_width": max(w_layer, 8)}),
-        ("what", {"ratio": 4, "overflow": "ellipsis"}),
+        ("layer", {"style": "bold", "min_width": w_layer, "max_width": w_layer}),
+        ("what", {"min_width": w_what, "overflow": "ellipsis"}),
         ("evidence", {"min_width": w_evid, "max_width": w_evid}),
-        ("fix", {"ratio": 3, "overflow": "ellipsis"}),
+        ("fix", {"min_width": w_fix, "overflow": "ellipsis"}),
     ):
         table.add_column(col, **kw)
     for i, f in enumerate(findings, 1):
@@ -248,9 +258,25 @@ def _rich_table(findings: Sequence[Finding], width: int, types: Mapping[str, str
             Text("\n".join(_wrap(evidence[i - 1], w_evid))),
             Text(format_fix(f.fixes), overflow="ellipsis"),
         )
-    buf = io.StringIO()
-    Console(file=buf, width=width, force_terminal=True, color_system="standard", no_color=False).print(table)
-    return buf.getvalue().rstrip("\n")
+    # Never cropped: when the columns' least widths add up to more than the terminal, the table is drawn wider
+    # (the terminal wraps it). rich crops a table that does not fit, and the least widths it settles on are not
+    # exactly the ones asked for, so a cropped drawing (a row whose last character is not a border) is redrawn
+    # a little wider.
+    least = len(str(len(findings))) + 8 + w_layer + w_what + w_evid + w_fix + borders
+    drawn = ""
+    for extra in range(0, 64, 4):
+        buf = io.StringIO()
+        Console(
+            file=buf, width=max(width, least + extra), force_terminal=True, color_system="standard", no_color=False
+        ).print(table)
+        drawn = buf.getvalue().rstrip("\n")
+        if all(_ANSI_CODE.sub("", ln).rstrip()[-1:] in _BORDERS for ln in drawn.splitlines()):
+            break
+    return drawn
+
+
+_ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+_BORDERS = set("\u2513\u2503\u2529\u2502\u2518\u2510\u2524\u252b\u251b\u2537\u2534\u2502\u2503")
 
 
 def findings_table(
