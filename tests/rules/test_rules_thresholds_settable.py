@@ -161,9 +161,17 @@ def test_every_documented_example_runs() -> None:
 
 
 def _documented_options() -> list[tuple[str, str]]:
-    """Every `--threshold NAME=VALUE` and `NAME = value` line of a [tool.actdiag.thresholds] block in the README."""
+    """Every `--threshold NAME=VALUE` in the README and the command's help, and every `NAME = value` line of a
+    [tool.actdiag.thresholds] block in the README."""
+    from actdiag.cli import INSPECT_HELP
+
     readme = (ROOT / "README.md").read_text()
-    found = [("README.md", m.group(1)) for m in re.finditer(r"--threshold[ =](\w+=[^\s`]+)", readme)]
+    option = r"--threshold[ =]([a-z_][a-z0-9_]*=[^\s`]+)"
+    found = [
+        (where, m.group(1))
+        for where, text in (("README.md", readme), ("--help", INSPECT_HELP))
+        for m in re.finditer(option, text)
+    ]
     for block in re.findall(r"\[tool\.actdiag\.thresholds\]\n(.*?)```", readme, re.S):
         for line in block.splitlines():
             if "=" in line and not line.lstrip().startswith("#"):
