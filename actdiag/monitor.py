@@ -484,7 +484,9 @@ class Monitor:
         found: tuple[Finding, ...] = ()
         if self.latest is not None:
             try:
-                found = tuple(diagnose(self.latest.layers, self.latest.params, self.history, self.thresholds))
+                found = tuple(
+                    diagnose(self.latest.layers, self.latest.params, self.history, thresholds=self.thresholds)
+                )
             except Exception as exc:  # noqa: BLE001
                 if self.strict:
                     raise

@@ -41,7 +41,9 @@ def one_finding(monkeypatch):
     """Rules that report one hand-built finding of the given severity (the real rules live on another branch)."""
 
     def install(severity: str = "warning") -> None:
-        monkeypatch.setattr(actdiag.rules, "diagnose", lambda layers, params=(), history=None: (_finding(severity),))
+        monkeypatch.setattr(
+            actdiag.rules, "diagnose", lambda layers, params=(), history=None, thresholds=None: (_finding(severity),)
+        )
 
     return install
 
@@ -240,7 +242,7 @@ def test_bad_logdir_fails_before_running(write, run, tmp_path) -> None:
 
 
 def test_internal_error_exits_3_and_asks_for_a_report(write, run, monkeypatch) -> None:
-    def broken(layers, params=(), history=None):
+    def broken(layers, params=(), history=None, thresholds=None):
         raise ZeroDivisionError("bug in a rule")
 
     monkeypatch.setattr(actdiag.rules, "diagnose", broken)

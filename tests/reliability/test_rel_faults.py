@@ -120,7 +120,7 @@ def test_rel_read_back_fault_stops_recording_and_removes_hooks(monkeypatch: pyte
 
 
 def test_rel_rule_fault_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*args: Any) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
         raise Boom("rule bug")
 
     monkeypatch.setattr(rules_mod, "diagnose", broken)
