@@ -488,7 +488,8 @@ def format_diff(
                 c = layer.change(m.name)
                 text = _arrow(c.before, c.after, m.share)
                 ratio = c.ratio
-                if not m.share and m.name != "nonfinite" and ratio is not None and c.notable:
+                # A ratio says something only between two non-zero values ("0.13 -> 0" says it all).
+                if not m.share and m.name != "nonfinite" and ratio and math.isfinite(ratio) and c.notable:
                     text += f" (x{format_number(ratio)})"
                 cells.append(text)
             rows.append(("*" if layer.notable else "", layer.label, layer.type, *cells))
