@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         StepRecord,
         TensorStats,
     )
+    from actdiag.rules.thresholds import Thresholds
 
 # Public names are resolved on first use (PEP 562) rather than at import: importing torch takes seconds, and the
 # command line must answer `actdiag --help` / `--version` without it.
@@ -49,6 +50,7 @@ _LAZY = {
     "Report": "actdiag.records",
     "StepRecord": "actdiag.records",
     "TensorStats": "actdiag.records",
+    "Thresholds": "actdiag.rules.thresholds",
 }
 
 
@@ -79,6 +81,7 @@ __all__ = [
     "StepRecord",
     "TargetError",
     "TensorStats",
+    "Thresholds",
     "__version__",
     "inspect",
     "watch",

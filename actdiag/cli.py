@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import click
 from actdiag._version import __version__
 
 if TYPE_CHECKING:
-    from actdiag.records import Report
+    from actdiag.records import Finding, Report
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -173,8 +174,12 @@ does not run. Only inspect files you trust.
 The model is, in order: NAME if given; build_model(), get_model() or create_model(); an nn.Module named `model`; the
 only nn.Module instance, else the only nn.Module class that needs no arguments. Its input is what example_input()
 returns (a tensor, a tuple of tensors, or a dict of keyword tensors), or random data from --input-shape, which wins
-when both exist. loss_fn(output, inputs) is used when the file has one; without it, the backward pass starts from a
-random unit-variance gradient at the output.
+when both exist. loss_fn(output, inputs) is used when the file has one (loss_fn(output, inputs, target) with what
+example_target() returns, when the file has that too); without it, the backward pass starts from a random
+unit-variance gradient at the output.
+
+Thresholds of the rules come from actdiag's defaults, then [tool.actdiag.thresholds] in the pyproject.toml nearest
+to the model file (its folder or the first folder above it that has one), then --threshold NAME=VALUE.
 
 \b
 Exit status:
@@ -189,6 +194,7 @@ Examples:
   actdiag inspect model.py:Net --input-shape 16,3,32,32 --html report.html --fail-on error
   actdiag inspect lm.py --input-shape 8,128 --input-dtype long --input-range 0,32000
   actdiag inspect model.py --checkpoint last.ckpt --steps 20 --optimizer adam --json report.json
+  actdiag inspect model.py --layers --threshold saturation_fraction_at_least=0.3
 """
 
 
@@ -246,6 +252,15 @@ Examples:
     help="Exit with status 1 when a finding is at least this severe.",
 )
 @click.option("--try-fixes", is_flag=True, help="Re-run a copy of the model with each suggested fix and verify it.")
+@click.option(
+    "--threshold",
+    "threshold_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Change one threshold of the rules (repeatable), e.g. saturation_fraction_at_least=0.3; the names are the "
+    "fields of actdiag.Thresholds. Wins over [tool.actdiag.thresholds] in pyproject.toml.",
+)
+@click.option("--layers", is_flag=True, help="Also print the per-layer depth profile, with bars.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def inspect_command(
@@ -264,11 +279,17 @@ def inspect_command(
     seed: int,
     fail_on: str,
     try_fixes: bool,
+    threshold_options: tuple[str, ...],
+    layers: bool,
     quiet: bool,
     debug: bool,
 ) -> None:
     if input_dtypes and not input_shapes:
         raise click.BadParameter("--input-dtype applies to --input-shape inputs; give --input-shape too")
+    try:
+        thresholds, threshold_notes = _thresholds(target, threshold_options)
+    except ValueError as exc:
+        _fail(_OptionError(str(exc)), debug)
     outputs = _Outputs(json_path, html_path, logdir)
     outputs.check()
     # With `--json -` the JSON document owns standard output; the summary moves to standard error.
@@ -295,9 +316,11 @@ def inspect_command(
                 try_fixes=try_fixes,
                 logdir=logdir,
                 progress_stream=None if quiet else err,
+                thresholds=thresholds,
             )
         outputs.write(report)
-        _show(report, notes, source, summary=summary, json_stdout=json_path == "-", quiet=quiet)
+        notes = (*threshold_notes, *notes)
+        _show(report, notes, source, summary=summary, json_stdout=json_path == "-", quiet=quiet, layers=layers)
     except KeyboardInterrupt:
         outputs.cleanup()
         click.echo("actdiag: interrupted", err=True)
@@ -313,14 +336,31 @@ def inspect_command(
     sys.exit(exit_status(report, fail_on))
 
 
-def _show(report: Report, notes: Sequence[str], source: str, *, summary: Any, json_stdout: bool, quiet: bool) -> None:
+def _show(
+    report: Report,
+    notes: Sequence[str],
+    source: str,
+    *,
+    summary: Any,
+    json_stdout: bool = False,
+    quiet: bool = False,
+    layers: bool = False,
+) -> None:
     from actdiag.reports.console import format_summary, terminal_width, use_color
 
     if not quiet:
         for note in notes:
             click.echo(f"actdiag: note: {note}", err=True)
     color = use_color(summary)
-    text = format_summary(report, width=terminal_width(summary), color=color, quiet=quiet, source=source)
+    text = format_summary(
+        report,
+        width=terminal_width(summary),
+        color=color,
+        quiet=quiet,
+        source=source,
+        layers=layers,
+        unicode=_unicode(summary),
+    )
     click.echo(text, file=summary, color=color)
     if json_stdout:
         from actdiag.reports.json import dumps
@@ -328,12 +368,65 @@ def _show(report: Report, notes: Sequence[str], source: str, *, summary: Any, js
         click.echo(dumps(report), nl=False)
 
 
+def _unicode(stream: Any) -> bool:
+    """Block characters for bars only where the stream's encoding can write them."""
+    encoding = getattr(stream, "encoding", None) or ""
+    return encoding.lower().replace("-", "").startswith("utf")
+
+
 def exit_status(report: Report, fail_on: str) -> int:
     """1 when a finding is at least as severe as `fail_on` ("never" never fails), else 0."""
+    return findings_status(report.findings, fail_on)
+
+
+def findings_status(findings: Sequence[Finding], fail_on: str) -> int:
+    """1 when one of `findings` is at least as severe as `fail_on` ("never" never fails), else 0."""
     if fail_on == "never":
         return EXIT_OK
     threshold = FAIL_ON.index(fail_on) - 1  # info=0, warning=1, error=2, as records.SEVERITY_RANK
-    return EXIT_FINDINGS if any(f.rank >= threshold for f in report.findings) else EXIT_OK
+    return EXIT_FINDINGS if any(f.rank >= threshold for f in findings) else EXIT_OK
+
+
+class _OptionError(Exception):
+    """A bad --threshold or pyproject.toml setting: exit 2, as a target that cannot be run (see `_fail`)."""
+
+
+def _thresholds(target: str, options: Sequence[str]) -> tuple[Any, tuple[str, ...]]:
+    """The thresholds for this run, and a note saying where non-default values came from. Defaults, then the
+    `[tool.actdiag.thresholds]` table of the pyproject.toml nearest to the target (a file's folder and the folders
+    above it; for a package.module target, the current directory and above), then --threshold options."""
+    from actdiag.rules.thresholds import (
+        find_pyproject,
+        make_thresholds,
+        parse_threshold_option,
+        pyproject_thresholds,
+    )
+
+    spec = target.strip().rpartition(":")[0] if _has_name(target) else target.strip()
+    looks_like_file = spec.endswith(".py") or "/" in spec or os.sep in spec or Path(spec).is_file()
+    start = Path(spec).parent if looks_like_file else Path.cwd()
+    notes: list[str] = []
+    thresholds = None
+    pyproject = find_pyproject(start)
+    if pyproject is not None:
+        table = pyproject_thresholds(pyproject)
+        if table:
+            thresholds = make_thresholds(table, origin=str(pyproject))
+            listed = ", ".join(f"{k}={v}" for k, v in table.items())
+            notes.append(f"thresholds from {pyproject}: {listed}")
+    given = dict(parse_threshold_option(text) for text in options)
+    if given:
+        thresholds = make_thresholds(given, base=thresholds, origin="--threshold")
+    return thresholds, tuple(notes)
+
+
+_DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _has_name(target: str) -> bool:
+    """Whether TARGET ends in :NAME (as actdiag.loading.parse_target reads it; that module imports torch)."""
+    head, sep, tail = target.strip().rpartition(":")
+    return bool(sep and head and _DOTTED_NAME.fullmatch(tail))
 
 
 def _run(
@@ -347,6 +440,7 @@ def _run(
     try_fixes: bool,
     logdir: str | None,
     progress_stream: Any,
+    thresholds: Any = None,
 ) -> tuple[Report, tuple[str, ...], str]:
     from actdiag.loading import make_optimizer, open_target, run_inspect
     from actdiag.reports.console import ProgressBar
@@ -362,6 +456,7 @@ def _run(
                 seed=seed,
                 logdir=logdir,
                 progress=bar,
+                thresholds=thresholds,
             )
             return report, t.notes, f"{t.spec.where}: {t.found_as}"
     finally:
@@ -374,12 +469,104 @@ def _fail(exc: Exception, debug: bool) -> NoReturn:
 
     if debug:
         click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
-    if isinstance(exc, ActdiagError):
+    if isinstance(exc, (ActdiagError, _OptionError)):
         click.echo(f"actdiag: error: {exc}", err=True)
         sys.exit(EXIT_TARGET)
     click.echo(f"actdiag: internal error: {type(exc).__name__}: {exc}", err=True)
     click.echo(REPORT_BUG, err=True)
     sys.exit(EXIT_INTERNAL)
+
+
+# ----------------------------------------------------------------------------------------------- report
+REPORT_HELP = """Show a saved run again: its summary on the terminal, and with --html its HTML report.
+
+RUN.json is a report written by `actdiag inspect --json`, `report.save_json()` or `monitor.save_json()`. The HTML
+shows what the JSON holds (a watch's per-step histograms are not in it).
+
+\b
+Exit status: 0 shown; 2 RUN.json cannot be read, is not an actdiag report or is of another schema version, or the
+HTML cannot be written.
+
+\b
+Examples:
+  actdiag report run.json --html run.html
+  actdiag report run.json --layers
+"""
+
+
+@cli.command("report", help=REPORT_HELP, no_args_is_help=True)
+@click.argument("run_json", metavar="RUN.json")
+@click.option("--html", "html_path", metavar="PATH", help="Write the HTML report here.")
+@click.option("--layers", is_flag=True, help="Also print the per-layer depth profile, with bars.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def report_command(run_json: str, html_path: str | None, layers: bool, quiet: bool, debug: bool) -> None:
+    _check_output_path(html_path, "--html")
+    try:
+        from actdiag.reports.json import load_json
+
+        report = load_json(run_json)
+        if html_path is not None:
+            report.save_html(html_path)
+        _show(report, (), run_json, summary=sys.stdout, quiet=quiet, layers=layers)
+    except Exception as exc:
+        _fail(exc, debug)
+    if html_path is not None and not quiet:
+        click.echo(f"actdiag: wrote {html_path}", err=True)
+    sys.exit(EXIT_OK)
+
+
+# ----------------------------------------------------------------------------------------------- diff
+DIFF_HELP = """Compare two saved runs of one model: per-layer changes and the findings that appeared or went away.
+
+BEFORE.json and AFTER.json are reports written by `actdiag inspect --json` or `save_json()`. Layers are matched by
+name; a layer only one run has is listed. A finding appeared when AFTER has it and BEFORE does not, or has it less
+severe; it went away when only BEFORE has it. A '*' marks a layer whose numbers moved notably (a magnitude by 2x or
+more, a share by 10 points or more).
+
+\b
+Exit status:
+  0  compared; no finding at or above --fail-on appeared
+  1  a finding at or above --fail-on appeared (findings already in BEFORE do not count)
+  2  a file cannot be read, is not an actdiag report or is of another schema version, or the two are runs of
+     different models (the message names what differs)
+
+\b
+Examples:
+  actdiag diff before.json after.json
+  actdiag diff main.json branch.json --fail-on warning
+"""
+
+
+@cli.command("diff", help=DIFF_HELP, no_args_is_help=True)
+@click.argument("before_json", metavar="BEFORE.json")
+@click.argument("after_json", metavar="AFTER.json")
+@click.option(
+    "--fail-on",
+    type=click.Choice(FAIL_ON),
+    default="never",
+    show_default=True,
+    help="Exit with status 1 when a finding at least this severe appeared.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def diff_command(before_json: str, after_json: str, fail_on: str, quiet: bool, debug: bool) -> None:
+    try:
+        from actdiag.reports.console import diff_verdict, format_diff, terminal_width, use_color
+        from actdiag.reports.diff import compare
+        from actdiag.reports.json import load_json
+
+        names = (before_json, after_json)
+        diff = compare(load_json(before_json), load_json(after_json), names=names)
+        color = use_color(sys.stdout)
+        if quiet:
+            text = diff_verdict(diff, names=names, color=color)
+        else:
+            text = format_diff(diff, names=names, width=terminal_width(sys.stdout), color=color)
+        click.echo(text, color=color)
+    except Exception as exc:
+        _fail(exc, debug)
+    sys.exit(findings_status(diff.appeared, fail_on))
 
 
 def main() -> None:

@@ -24,3 +24,7 @@ class TargetError(ActdiagError):
 
 class ReportPathError(ActdiagError, ValueError):
     """A report or log path cannot be written."""
+
+
+class ReportReadError(ActdiagError, ValueError):
+    """A saved report cannot be read back: unreadable, not JSON, not an actdiag report, or another schema version."""

@@ -18,6 +18,7 @@ from actdiag.fixes import verify_fixes
 from actdiag.hooks.recorder import Selector, first_tensor
 from actdiag.monitor import Monitor, Sink
 from actdiag.records import Report
+from actdiag.rules.thresholds import Thresholds, make_thresholds
 from actdiag.usercode import BACKWARD, FORWARD, LOSS, describe_value, run_user
 
 Inputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
@@ -99,16 +100,20 @@ def inspect(
     sinks: Iterable[Sink] = (),
     progress: Callable[[int, int], None] | None = None,
     name: str | None = None,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
 ) -> Report:
     """Run `steps` forward/backward passes of `model` in training mode on `example_input`, recording every step,
     and return the Report with its findings. With `optimizer`, it steps after each backward pass (on the loss, or
     on the synthetic gradient). With `try_fixes`, each suggested fix is applied to a copy of the model and checked.
     The model's training mode is restored afterwards; its gradients are left as the last pass made them.
+    `thresholds` (an `actdiag.Thresholds`, or a dict of its field names to numbers) changes the rules' thresholds;
+    an unknown name raises ValueError listing the valid ones.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inspect() takes an nn.Module, got {type(model).__name__}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    thresholds = make_thresholds(thresholds)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.train()
@@ -123,6 +128,7 @@ def inspect(
         strict=True,
         sinks=list(sinks),
         name=name,
+        thresholds=thresholds,
     )
     try:
         with monitor:

@@ -633,6 +633,7 @@ def open_target(
         loss_fn = getattr(module, "loss_fn", None)
         if loss_fn is not None and not callable(loss_fn):
             raise TargetError(f"loss_fn in {spec.where} is {describe_value(loss_fn)}, not a function")
+        loss_fn = _with_target(module, spec, folder, loss_fn, dev)
         yield Target(
             spec=spec,
             module=module,
@@ -643,6 +644,59 @@ def open_target(
             device=dev,
             notes=notes,
         )
+
+
+def _positional_arity(fn: Any) -> tuple[int, float]:
+    """(required, accepted) positional parameters of `fn`; accepted is inf with *args, (0, inf) when unknown."""
+    try:
+        params = pyinspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 0, float("inf")
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(1 for p in positional if p.default is p.empty)
+    star = any(p.kind == p.VAR_POSITIONAL for p in params)
+    return required, float("inf") if star else float(len(positional))
+
+
+def _with_target(
+    module: ModuleType, spec: TargetSpec, folder: Path | None, loss_fn: LossFn | None, device: torch.device
+) -> LossFn | None:
+    """With `example_target()` in the file, `loss_fn(output, inputs, target)` bound to what it returns (on the
+    model's device), so the rest of actdiag calls a two-argument loss; without it, `loss_fn` as it is."""
+    has_target = hasattr(module, "example_target")
+    if loss_fn is None:
+        if has_target:
+            raise TargetError(
+                f"{spec.where} defines example_target() but no loss_fn(output, inputs, target) to give it to"
+            )
+        return None
+    required, accepted = _positional_arity(loss_fn)
+    if not has_target:
+        if required >= 3:
+            raise TargetError(
+                f"loss_fn in {spec.where} takes a target, but the file has no example_target(); add "
+                "`def example_target(): return ...` returning the labels for example_input()"
+            )
+        return loss_fn
+    if accepted < 3:
+        raise TargetError(
+            f"{spec.where} defines example_target(), but its loss_fn takes no target; write it as "
+            "loss_fn(output, inputs, target)"
+        )
+    obj = module.example_target
+    if callable(obj):
+        if _needs_args(obj):
+            raise TargetError(f"example_target() in {spec.where} must take no arguments")
+        target = run_user(Stage("inputs", "example_target()"), obj)
+    else:
+        target = obj
+    target = _to_device(target, device)
+    user_loss = loss_fn
+
+    def loss_with_target(output: Any, inputs: Any) -> torch.Tensor:
+        return user_loss(output, inputs, target)  # type: ignore[call-arg]
+
+    return loss_with_target
 
 
 # --------------------------------------------------------------------------------------------------- running

@@ -8,10 +8,10 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -34,9 +34,7 @@ from actdiag.records import (
     RunInfo,
     StepRecord,
 )
-
-if TYPE_CHECKING:
-    from actdiag.rules.thresholds import Thresholds
+from actdiag.rules.thresholds import Thresholds, make_thresholds
 
 # Record every 50th step by default: unrecorded steps run no hook, so a recorded step's extra time is spread over
 # the interval, and at 50 the average stays well within the 1.03x budget of a tool meant to stay on (measured in
@@ -246,7 +244,7 @@ class Monitor:
         track_weights: bool = True,
         track_updates: bool = True,
         accuracy: Accuracy = "auto",
-        thresholds: Thresholds | None = None,
+        thresholds: Thresholds | Mapping[str, float] | None = None,
         max_history: int = DEFAULT_MAX_HISTORY,
         strict: bool = False,
         sinks: Sequence[Sink] = (),
@@ -258,9 +256,9 @@ class Monitor:
         handle_sigterm: bool = True,
     ) -> None:
         self.model = unwrap_model(model)
+        self.thresholds = make_thresholds(thresholds)
         self.every = check_every(every)
         self.strict = strict
-        self.thresholds = thresholds  # None: actdiag.rules.thresholds.DEFAULT_THRESHOLDS
         self.name = name or type(self.model).__name__
         self._warned: set[str] = set()
         self.recorder = Recorder(
@@ -589,7 +587,7 @@ def watch(
     track_weights: bool = True,
     track_updates: bool = True,
     accuracy: Accuracy = "auto",
-    thresholds: Thresholds | None = None,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
     max_history: int = DEFAULT_MAX_HISTORY,
     strict: bool = False,
     sinks: Sequence[Sink] = (),

@@ -1,13 +1,24 @@
 """Every number the rules compare against, in one place, each with where it comes from.
 
-Change them per run with `diagnose(..., thresholds=Thresholds(saturation_fraction=0.3))` (or
-`dataclasses.replace(DEFAULT_THRESHOLDS, ...)`). A comparison named `*_above` fires strictly above the value,
-`*_below` strictly below it, `*_at_least` at or above it; the tests check each one just below, at and above.
+Change them per run with `actdiag.inspect(..., thresholds=Thresholds(saturation_fraction_at_least=0.3))`,
+`actdiag.watch(..., thresholds=...)` or `diagnose(..., thresholds=...)` (a plain dict of names to numbers works too,
+and `dataclasses.replace(DEFAULT_THRESHOLDS, ...)`); on the command line with `--threshold NAME=VALUE`, or in a
+project's pyproject.toml under `[tool.actdiag.thresholds]`. A comparison named `*_above` fires strictly above the
+value, `*_below` strictly below it, `*_at_least` at or above it; the tests check each one just below, at and above.
+
+The helpers at the end of this file (`make_thresholds`, `parse_threshold_option`, `find_pyproject`,
+`pyproject_thresholds`) read the fields of `Thresholds` and nothing else, so a field added to the dataclass is
+settable everywhere at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +137,132 @@ class Thresholds:
 
 
 DEFAULT_THRESHOLDS = Thresholds()
+
+
+# ------------------------------------------------------------------------------------------------ setting them
+PYPROJECT_TABLE = ("tool", "actdiag", "thresholds")
+
+
+def threshold_names() -> tuple[str, ...]:
+    """The names `Thresholds` accepts, in the order they are declared."""
+    return tuple(f.name for f in dataclasses.fields(Thresholds))
+
+
+def _field_kinds() -> dict[str, str]:
+    # With `from __future__ import annotations` a field's type is its annotation's text ("float", "int", "bool").
+    return {f.name: str(f.type) for f in dataclasses.fields(Thresholds)}
+
+
+def _convert(name: str, value: object, kind: str, origin: str) -> float | int | bool:
+    """`value` (a number, or text from the command line / a TOML file) as the field's type; ValueError naming it."""
+    where = f" ({origin})" if origin else ""
+    bad = f"threshold {name}={value!r}{where} is not "
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        raise ValueError(bad + "true or false")
+    if isinstance(value, bool):  # bool is an int to Python, never a threshold to a person
+        raise ValueError(bad + ("an integer" if kind == "int" else "a number"))
+    if kind == "int":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(bad + "an integer")
+    number: float
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(bad + "a number") from None
+    else:
+        raise ValueError(bad + "a number")
+    if math.isnan(number):
+        raise ValueError(bad + "a number (NaN compares false with everything)")
+    return number
+
+
+def make_thresholds(
+    values: Thresholds | Mapping[str, object] | None = None,
+    *,
+    base: Thresholds | None = None,
+    origin: str = "",
+) -> Thresholds:
+    """`Thresholds` from a `Thresholds` (returned as is), a mapping of names to values (numbers, or numbers as text)
+    laid over `base` (default: DEFAULT_THRESHOLDS), or None (`base`). An unknown name or a value that is not a
+    number raises one ValueError that names it (and lists the valid names); `origin` says where the values came
+    from, e.g. "--threshold" or "pyproject.toml"."""
+    start = DEFAULT_THRESHOLDS if base is None else base
+    if values is None:
+        return start
+    if isinstance(values, Thresholds):
+        return values
+    if not isinstance(values, Mapping):
+        got = type(values).__name__
+        raise TypeError(f"thresholds must be a Thresholds or a mapping of names to numbers, got {got}")
+    kinds = _field_kinds()
+    unknown = [str(k) for k in values if k not in kinds]
+    if unknown:
+        where = f" ({origin})" if origin else ""
+        plural = "s" if len(unknown) > 1 else ""
+        raise ValueError(
+            f"unknown threshold{plural} {', '.join(unknown)}{where}; valid names: {', '.join(threshold_names())}"
+        )
+    changes = {str(k): _convert(str(k), v, kinds[str(k)], origin) for k, v in values.items()}
+    return dataclasses.replace(start, **changes)  # type: ignore[arg-type]
+
+
+def parse_threshold_option(text: str) -> tuple[str, str]:
+    """'NAME=VALUE' -> (NAME, VALUE), both stripped; ValueError when the text is not of that form."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise ValueError(f"{text!r} is not NAME=VALUE, e.g. saturation_fraction_at_least=0.3")
+    return name.strip(), value.strip()
+
+
+def find_pyproject(start: str | os.PathLike[str]) -> Path | None:
+    """The nearest pyproject.toml in `start` (a folder, or a file's folder) or a folder above it, or None.
+
+    The first one found is the project's, whether or not it has a `[tool.actdiag.thresholds]` table: the search
+    stops at the project root as ruff and black do, so a parent project's settings never leak into a sub-project.
+    """
+    here = Path(start).resolve()
+    if not here.is_dir():
+        here = here.parent
+    for folder in (here, *here.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def pyproject_thresholds(path: str | os.PathLike[str]) -> dict[str, object]:
+    """The `[tool.actdiag.thresholds]` table of a pyproject.toml ({} when it has none), not yet validated (pass it
+    to `make_thresholds`). ValueError, naming the file, when it cannot be read or parsed."""
+    import tomllib
+
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ValueError(f"cannot read {p}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{p} is not valid TOML: {exc}") from None
+    table: object = doc
+    for key in PYPROJECT_TABLE:
+        if not isinstance(table, Mapping) or key not in table:
+            return {}
+        table = table[key]
+    if not isinstance(table, Mapping):
+        raise ValueError(f"[{'.'.join(PYPROJECT_TABLE)}] in {p} must be a table of NAME = number")
+    return dict(table)

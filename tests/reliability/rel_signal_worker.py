@@ -43,7 +43,8 @@ class SlowSink:
         if record.step < 5:
             return
         (self.out / f"began_{record.step}").write_text("")
-        time.sleep(0.5)
+        # Step 6 is where the test signals: a long write there leaves a loaded machine time to notice and send.
+        time.sleep(5.0 if record.step == 6 else 0.5)
         (self.out / f"finished_{record.step}").write_text("")
 
     def on_close(self, report: Report) -> None:
