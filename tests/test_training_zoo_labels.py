@@ -44,6 +44,14 @@ def test_dies_mid_run() -> None:
     assert m["first_step_over_80"] == label.step == zoo.DiesMidRun.SPIKE_STEP + 1
 
 
+def test_dead_since_init() -> None:
+    """act2 is entirely dead at every step from step 0 on (act1 before it is alive): no learning rate made it so."""
+    m = BY_NAME["dead_since_init"].measure()
+    assert m["dead_each_step"][0] == 1.0
+    assert all(d == 1.0 for d in m["dead_each_step"])
+    assert m["act1_dead"] == 0.0
+
+
 @pytest.mark.parametrize("name", ["nan_forward_mid_run", "nan_backward_mid_run"])
 def test_nan_mid_run(name: str) -> None:
     """The first non-finite value appears at the labelled step, in the labelled module and pass; in the backward
@@ -80,6 +88,16 @@ def test_adagrad_stall() -> None:
         assert m["effective_step_decay"][name] < 0.1, m
         assert m["grad_norm_change"][name] > 0.4, m
     assert m["effective_step_decay"]["2.weight"] < 0.5
+
+
+def test_adam_lr_too_small_stalls() -> None:
+    """Adam at lr 1e-8 changes no weight by more than 1e-6 of its norm in any step, although gradients are large
+    (norm > 0.1), and its effective step does not decay by 10x: the learning rate is too small, the optimizer is
+    fine (switching it would not help)."""
+    m = BY_NAME["adam_lr_too_small"].measure()
+    assert m["max_ratio"] < 1e-6
+    assert m["min_grad_norm"] > 0.1
+    assert all(d > 0.1 for d in m["effective_step_decay"].values())
 
 
 def test_linear_decay_to_zero_is_healthy() -> None:
@@ -161,3 +179,12 @@ def test_controls_are_healthy(name: str) -> None:
     assert m["nonfinite"] is None
     assert all(d < 0.1 for d in m["dead"].values())
     assert m["max_weight_ratio_after_5"] < 0.05
+
+
+def test_converged_sigmoid_classifier() -> None:
+    """The classifier is right on every sample of its last batch and over a third of its sigmoid outputs are within
+    0.01 of 0 or 1: confidence earned by training, at the output, which is no saturation to report."""
+    m = BY_NAME["converged_sigmoid_classifier"].measure()
+    assert m["accuracy"] == 1.0
+    assert m["at_bounds_end"] > 0.3
+    assert m["losses"][-1] < 0.1 < m["losses"][0]

@@ -466,6 +466,49 @@ class Fp16UnderflowRun(Run):
         return (self.model(x) - y).pow(2).mean() * self.SCALE
 
 
+# ---------------------------------------------------------------- more contrasts: dead at init, tiny Adam, sigmoid out
+class DeadSinceInit(Run):
+    """DeadMidRunNet with `fc2`'s biases at -10 from the start and no spike: `act2` is dead at step 0 already, the
+    case that `he_init` and the biases fix (not the learning rate)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = DeadMidRunNet()
+        with torch.no_grad():
+            self.model.fc2.bias.fill_(-10.0)
+        self.data = _regression_batches(20, 64, 16, 4, seed=0, offset=-5.0, scale=0.5)
+        self.optimizers = [torch.optim.SGD(self.model.parameters(), lr=0.01)]
+        self.schedulers = []
+        self.steps = 20
+
+    def loss(self, i: int) -> torch.Tensor:
+        x, y = self.data[i]
+        return F.mse_loss(self.model(x), y)
+
+
+class SigmoidClassifierRun(Run):
+    """A binary classifier with an `nn.Sigmoid` output module and BCELoss on separable data, trained with Adam until
+    it is confident: most outputs end within 0.01 of 0 or 1, which is what a converged classifier does, not
+    saturation."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
+        g = _gen(9)
+        direction = torch.randn(8, generator=g)
+        self.data = []
+        for _ in range(60):
+            x = torch.randn(64, 8, generator=g)
+            self.data.append((x, (x @ direction > 0).float()[:, None]))
+        self.optimizers = [torch.optim.Adam(self.model.parameters(), lr=3e-2)]
+        self.schedulers = []
+        self.steps = 60
+
+    def loss(self, i: int) -> torch.Tensor:
+        x, y = self.data[i]
+        return F.binary_cross_entropy(self.model(x), y)
+
+
 # ------------------------------------------------------------------------------------------- 12. healthy controls
 def _he_mlp() -> nn.Module:
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
@@ -922,6 +965,42 @@ def _healthy(make: Callable[[], Run], units: Sequence[str] = ()) -> Callable[[],
     return measure
 
 
+def _m_dead_since_init() -> dict[str, Any]:
+    p, losses = measure_run(DeadSinceInit(), units=["act1", "act2"], backward=False)
+    n = len(p.trace)
+    return {
+        "dead_each_step": [p.dead_share("act2", i, i + 1) for i in range(n)],
+        "act1_dead": p.dead_share("act1", 0, n),
+        "losses": losses,
+    }
+
+
+def _tiny_adam() -> Run:
+    return MlpRun(lambda ps: torch.optim.Adam(ps, lr=1e-8), steps=30)
+
+
+def _m_tiny_adam() -> dict[str, Any]:
+    p, losses = measure_run(_tiny_adam(), backward=False)
+    names = ("0.weight", "2.weight", "4.weight")
+    return {
+        "max_ratio": max(max(p.series(n, "ratio")) for n in names),
+        "min_grad_norm": min(min(p.series(n, "grad_norm")) for n in names),
+        "effective_step_decay": {
+            n: p.series(n, "effective_step")[-1] / p.series(n, "effective_step")[0] for n in names
+        },
+        "losses": losses,
+    }
+
+
+def _m_sigmoid_classifier() -> dict[str, Any]:
+    run = SigmoidClassifierRun()
+    p, losses = measure_run(run, bounded=["3"], backward=False)
+    with torch.no_grad():
+        x, y = run.data[-1]
+        accuracy = float(((run.model(x) > 0.5).float() == y).float().mean())
+    return {"at_bounds_end": p.trace[-1].saturated["3"], "accuracy": accuracy, "losses": losses}
+
+
 def _mlp_control() -> Run:
     return ClassifierRun(_he_mlp, (32, 16))
 
@@ -1030,6 +1109,40 @@ CASES: tuple[Case, ...] = (
         Fp16UnderflowRun,
         Label(6, "fp16_underflow", (), fixes=("loss_scaling",), note="loss scale 2**-20 in float16"),
         _m_fp16,
+    ),
+    Case(
+        "dead_since_init",
+        DeadSinceInit,
+        Label(
+            1,
+            "dead_relu",
+            ("act2",),
+            fixes=("he_init", "leaky_relu", "batchnorm"),
+            forbidden_fixes=("lower_learning_rate", "gradient_clipping"),
+            step=0,
+            step_slack=0,
+            note="fc2 biases at -10 from the start: dead since initialisation, not from training",
+        ),
+        _m_dead_since_init,
+    ),
+    Case(
+        "adam_lr_too_small",
+        _tiny_adam,
+        Label(
+            5,
+            "stalled_updates",
+            ("0", "2", "4"),
+            fixes=("raise_learning_rate",),
+            forbidden_fixes=("switch_optimizer",),
+            note="Adam at lr 1e-8: the advice is a larger learning rate, not another optimizer",
+        ),
+        _m_tiny_adam,
+    ),
+    Case(
+        "converged_sigmoid_classifier",
+        SigmoidClassifierRun,
+        Label(8, None, absent=("saturation",), note="confident outputs of a trained classifier"),
+        _m_sigmoid_classifier,
     ),
     Case("healthy_mlp", _mlp_control, Label(0, None), _healthy(_mlp_control, units=["1", "3"])),
     Case("healthy_cnn", _cnn_control, Label(0, None), _healthy(_cnn_control, units=["2", "5"])),
