@@ -80,7 +80,10 @@ def tensorboard_client(logdir: Path) -> Any:
 
     from actdiag.reports.tbplugin import ActdiagLoader
 
-    tb = program.TensorBoard(plugins=[*default.get_plugins(), ActdiagLoader])
+    plugins = default.get_plugins()  # with actdiag installed, its entry point already brings the plugin
+    if not any(p is ActdiagLoader or getattr(p, "__name__", "") == ActdiagLoader.__name__ for p in plugins):
+        plugins = [*plugins, ActdiagLoader]
+    tb = program.TensorBoard(plugins=plugins)
     tb.configure(argv=[None, "--logdir", str(logdir), "--load_fast", "false", "--reload_interval", "0"])
     tb.flags.reload_task = "blocking"
     ingester = data_ingester.LocalDataIngester(tb.flags)
