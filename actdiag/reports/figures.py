@@ -8,9 +8,13 @@ Text is kept as SVG `<text>` (`svg.fonttype: none`): the browser draws it with i
 the file small and needs no font file. Layer names are user data; matplotlib escapes them in SVG text, and mathtext
 parsing is off so a `$` in a name is shown, not interpreted.
 
-Scale: a panel per layer stops being readable long before 500 layers, so the per-layer grid is paginated and capped
-(layers with findings first, the rest evenly spaced by depth), while the magnitude map shows every layer as one row
-of one image.
+Scale: a row per layer stops being readable long before 500 layers, so the histograms by depth are paginated and
+capped (layers with findings first, the rest evenly spaced by depth), while the magnitude map shows every layer as one
+row of one image.
+
+Each figure has a `draw_*` function returning the matplotlib `Figure` (what the tests read: axes limits, tick labels,
+artists) and a wrapper returning it as `Rendered` SVG. Artists a reader must find in the page (the marks of exact
+zeros, the bars, the rows) carry a `gid`, which becomes the SVG element's id.
 """
 
 from __future__ import annotations
@@ -41,9 +45,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-PANELS_PER_PAGE = 36  # 6 x 6 panels: still legible at the report's width
-GRID_COLUMNS = 6
-MAX_GRID_PANELS = 72  # two pages; beyond this layers are selected, and the magnitude map shows them all
+RIDGE_ROWS_PER_PAGE = 36  # rows of the histograms-by-depth figure per page: still legible at the report's width
+MAX_RIDGE_LAYERS = 72  # two pages; beyond this layers are selected, and the magnitude map shows them all
 MAX_TIME_LAYERS = 12  # heatmaps over time / lines per chart
 TIME_BINS = 48  # common value grid for a layer's distribution over time
 
@@ -51,6 +54,8 @@ ERROR_COLOR = "#c0392b"
 ACT_COLOR = "#4c72b0"  # seaborn "deep" blue
 GRAD_COLOR = "#dd8452"  # seaborn "deep" orange
 OTHER_COLOR = "#55a868"  # seaborn "deep" green
+RANGE_CAP = 10.0  # the shared value axis reaches at most this many times the median layer's reach (see below)
+ZERO_ROW = 0.04  # height, as a fraction of the axes, of the row where exact zeros are marked on a log axis
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,10 @@ _SVG_SIZE = re.compile(r'\s(width|height)="[^"]*"')
 _GEOMETRY = re.compile(r'(\s(?:d|points|x|y|transform)=")([^"]*)"')
 # Each text element repeats the whole font list; the report's stylesheet sets it once for all figures instead.
 _FONT_FAMILY = re.compile(r"\s*font-family:[^;\"]*;?")
+# matplotlib numbers every group ("axes_1", "line2d_3", ...) afresh in each figure: nothing refers to these ids (clip
+# paths and markers use hashed ones), and several figures in one page would repeat them. Ids set here as `gid` have
+# no "_<number>" tail and stay.
+_AUTO_ID = re.compile(r'\sid="[A-Za-z][\w.]*_\d+"')
 _NO_ROTATE = re.compile(r'\stransform="rotate\(-?0 [^"]*\)"')
 _DECIMALS = re.compile(r"(\d\.\d)\d+")
 _SPACES = re.compile(r"\s*([MLCQZz])\s*|\s+")
@@ -181,37 +190,36 @@ _PATH_TOKEN = re.compile(r"([MLz])([^MLz]*)")
 
 def _axis_moves(d: str) -> str:
     """Rewrite the line-tos of a move/line-only path as horizontal/vertical moves where they are (step outlines
-    are nothing else), dropping line-tos to the current point. Paths with curves are returned unchanged."""
+    are nothing else), dropping line-tos to the current point and merging consecutive moves that continue in the
+    same direction (a spike, up then down, stays two moves). Paths with curves are returned unchanged."""
     tokens = _PATH_TOKEN.findall(d)
     if "".join(c + a for c, a in tokens) != d:
         return d
     out: list[str] = []
     cur: tuple[str, str] | None = None
+    run: tuple[str, float] | None = None  # the axis of the H/V move at out[-1], and where that move started
     for cmd, args in tokens:
         xy = args.split()
         if cmd == "L" and cur is not None and len(xy) == 2:
             x, y = xy
             if (x, y) == cur:
                 continue
-            if x == cur[0]:
-                _push(out, "V", y)
-            elif y == cur[1]:
-                _push(out, "H", x)
+            if x == cur[0] or y == cur[1]:
+                axis, frm, to = ("V", cur[1], y) if x == cur[0] else ("H", cur[0], x)
+                if run is not None and run[0] == axis and (float(to) - float(frm)) * (float(frm) - run[1]) > 0:
+                    out[-1] = axis + to
+                else:
+                    out.append(axis + to)
+                    run = (axis, float(frm))
             else:
                 out.append(f"L{x} {y}")
+                run = None
             cur = (x, y)
             continue
         out.append(cmd + args)
+        run = None
         cur = (xy[0], xy[1]) if len(xy) == 2 else None
     return "".join(out)
-
-
-def _push(out: list[str], axis: str, value: str) -> None:
-    """Append an H/V move, merging it into a preceding move along the same axis."""
-    if out and out[-1][0] == axis:
-        out[-1] = axis + value
-    else:
-        out.append(axis + value)
 
 
 def to_svg(fig: Figure, salt: str) -> str:
@@ -220,12 +228,14 @@ def to_svg(fig: Figure, salt: str) -> str:
     import matplotlib
 
     buf = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": salt}):
+    # The style again at save time: svg.fonttype is read when the figure is written, not when it is drawn.
+    with _style(), matplotlib.rc_context({"svg.hashsalt": salt}):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
     svg = _SVG_HEADER.sub("", buf.getvalue(), count=1)
     # The RDF metadata block only names namespaces by URL; without it the page holds no URL but xmlns.
     svg = _SVG_METADATA.sub("", svg, count=1)
     svg = _NO_ROTATE.sub("", svg)
+    svg = _AUTO_ID.sub("", svg)
     svg = _GEOMETRY.sub(_compact_geometry, svg)
     svg = _FONT_FAMILY.sub("", svg)
     head, sep, rest = svg.partition(">")
@@ -254,17 +264,21 @@ def _log_label(value: float, _pos: object = None) -> str:
     return f"{value:.2g}"
 
 
-def _log_axis(ax: Axes, which: str = "y") -> None:
+def _log_axis(ax: Axes, which: str = "y", floor: float = 0.0) -> None:
+    """A log axis with plain-text tick labels; ticks below `floor` stay unlabelled (the row of exact zeros)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def label(value: float, pos: object = None) -> str:
+        return _log_label(value) if value >= floor else ""
 
     axis = ax.yaxis if which == "y" else ax.xaxis
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
-    axis.set_major_formatter(FuncFormatter(_log_label))
+    axis.set_major_formatter(FuncFormatter(label))
     lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
     # Within two decades there may be one labelled power of ten or none, so 2x and 5x ticks carry numbers too.
     if lo > 0 and hi / lo < 100:
         axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-        axis.set_minor_formatter(FuncFormatter(_log_label))
+        axis.set_minor_formatter(FuncFormatter(label))
     else:
         axis.set_minor_formatter(NullFormatter())
 
@@ -292,152 +306,330 @@ def _depth_ticks(ax: Axes, labels: Sequence[str], axis: str = "x", depths: Seque
 
 
 # ---------------------------------------------------------------------------------------------------- figures
-def activation_grid(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) -> list[Rendered]:
-    """The classic figure: one activation histogram per layer in depth order, paginated and capped.
+def histogram_quantiles(h: Histogram, qs: Sequence[float]) -> np.ndarray:
+    """Quantiles of a histogram's values, reading values as spread uniformly within each bin."""
+    counts = np.asarray(h.counts, dtype=np.float64)
+    edges = np.asarray(h.edges, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return np.full(len(qs), np.nan)
+    cum = np.concatenate([[0.0], np.cumsum(counts)]) / total
+    return np.interp(np.asarray(qs, dtype=np.float64), cum, edges)
 
-    A page is one axes holding a grid of cells rather than one axes per panel: 36 axes with their own ticks cost
-    seconds of layout and hundreds of kilobytes of SVG, while a cell needs only its outline, its name and the value
-    range at either end.
+
+def shared_value_range(hists: Sequence[Histogram]) -> tuple[float, float]:
+    """One value axis for every layer: the union of each layer's central 99.8%, and 0, within ten times the
+    median layer's reach.
+
+    The union, not a pooled quantile: a layer whose values are wider than the rest must show as such. The bound keeps
+    one far-off layer (a pre-activation shifted to -100, a logit layer) from squashing every other row to a spike at
+    0; its row is then marked with the share of its values beyond the axis, and the magnitude panel still places it.
     """
+    lows, highs = [], []
+    for h in hists:
+        q = histogram_quantiles(h, (0.001, 0.999))
+        if np.isfinite(q).all():
+            lows.append(min(0.0, float(q[0])))
+            highs.append(max(0.0, float(q[1])))
+    if not lows:
+        return -1.0, 1.0
+    reach = np.maximum(-np.asarray(lows), np.asarray(highs))
+    cap = RANGE_CAP * float(np.median(reach))
+    lo, hi = max(min(lows), -cap), min(max(highs), cap)
+    if hi - lo <= 0:
+        return -1.0, 1.0
+    pad = 0.03 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def depth_histograms(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) -> list[Rendered]:
+    """Activation histograms by depth, one row per layer, on ONE value axis (left) and one log2-magnitude axis
+    (right): the figure of Glorot & Bengio (2010) and He et al. (2015), where a collapse toward 0 or a pile-up at
+    +-1 is visible at a glance. Paginated and capped like every per-layer figure (flagged layers first)."""
+    return [
+        Rendered(to_svg(fig, f"ridge{k}"), title=title, note=note)
+        for k, (fig, title, note) in enumerate(draw_depth_histograms(layers, flagged))
+    ]
+
+
+def draw_depth_histograms(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) -> list[tuple[Figure, str, str]]:
+    """The pages of `depth_histograms` as matplotlib figures, with their titles and notes."""
     with_act = [ly for ly in layers if ly.activation is not None and ly.activation.count]
     if not with_act:
         return []
-    labels = [ly.label for ly in with_act]
-    chosen = select_layers(labels, flagged, MAX_GRID_PANELS)
+    chosen = [with_act[i] for i in select_layers([ly.label for ly in with_act], flagged, MAX_RIDGE_LAYERS)]
     depth = {ly.label: i + 1 for i, ly in enumerate(layers)}
-    flagged_set = set(flagged)
-    pages: list[Rendered] = []
-    for p0 in range(0, len(chosen), PANELS_PER_PAGE):
-        page = [with_act[i] for i in chosen[p0 : p0 + PANELS_PER_PAGE]]
-        cols = min(GRID_COLUMNS, len(page))
-        rows = int(math.ceil(len(page) / cols))
-        with _style():
-            fig = _figure(1.85 * cols, 1.25 * rows, constrained=False)
-            ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-            ax.set_xlim(0, cols)
-            ax.set_ylim(0, rows)
-            ax.set_axis_off()
-            for k, ly in enumerate(page):
-                x0, y0 = k % cols, rows - 1 - k // cols
-                _histogram_cell(ax, ly, depth.get(ly.label, 0), x0, y0, ly.label in flagged_set)
-            first, last = page[0].label, page[-1].label
-            title = f"layers {depth[first]}\u2013{depth[last]}"
-            pages.append(Rendered(to_svg(fig, f"grid{p0}"), title=title, note=f"{len(page)} panels"))
+    stats = [ly.activation for ly in chosen]
+    lo, hi = shared_value_range([s.histogram for s in stats if s is not None])
+    exps = exponent_matrix([s.exponents if s is not None else None for s in stats])
+    pages: list[tuple[Figure, str, str]] = []
+    for p0 in range(0, len(chosen), RIDGE_ROWS_PER_PAGE):
+        page = chosen[p0 : p0 + RIDGE_ROWS_PER_PAGE]
+        rows_exp = None if exps is None else (exps[0][p0 : p0 + len(page)], exps[1], exps[2])
+        fig = _ridge_page(page, (lo, hi), rows_exp, set(flagged), first=p0)
+        first, last = page[0].label, page[-1].label
+        title = f"layers {depth[first]}\u2013{depth[last]}"
+        pages.append((fig, title, f"{len(page)} layers"))
     return pages
 
 
-def _histogram_cell(ax: Axes, ly: LayerStats, depth: int, x0: float, y0: float, flagged: bool) -> None:
-    from matplotlib.patches import Rectangle
-
-    a = ly.activation
-    assert a is not None
-    h: Histogram = a.histogram
-    counts = np.asarray(h.counts, dtype=np.float64)
-    edges = np.asarray(h.edges, dtype=np.float64)
-    peak = counts.max() if counts.size and counts.max() > 0 else 1.0
-    left, right, base, top = x0 + 0.05, x0 + 0.95, y0 + 0.2, y0 + 0.74
-    color = ERROR_COLOR if flagged else ACT_COLOR
-    ax.add_patch(
-        Rectangle(
-            (x0 + 0.02, y0 + 0.03),
-            0.96,
-            0.94,
-            facecolor="#fdecea" if flagged else "#f6f7f9",
-            edgecolor="none",
-            clip_on=False,
+def _ridge_page(
+    page: Sequence[LayerStats],
+    xlim: tuple[float, float],
+    exps: tuple[np.ndarray, int, int] | None,
+    flagged: set[str],
+    first: int = 0,
+) -> Figure:
+    """One page of rows; `first` is the index of its first row among all pages (element ids stay unique)."""
+    n = len(page)
+    with _style():
+        fig = _figure(11.0, 0.24 * n + 1.0)
+        left, right = fig.subplots(1, 2, sharey=True, width_ratios=(3, 2))
+        for k, ly in enumerate(page):
+            a = ly.activation
+            assert a is not None
+            color = ERROR_COLOR if ly.label in flagged else ACT_COLOR
+            if a.min == a.max:
+                # A constant output (a dead ReLU's zeros): the recorder widens its bins around the value, which would
+                # draw a block; the truth is a spike.
+                _ridge_row(left, -k, (a.min, a.min), (1.0,), color, gid=f"row{first + k}")
+            else:
+                _ridge_row(left, -k, a.histogram.edges, a.histogram.counts, color, gid=f"row{first + k}")
+            below, above = _shares_outside(a.histogram, xlim)
+            for share, x_at, text, ha, side in (
+                (below, xlim[0], f"\u25c2 {below:.1%} beyond", "left", "lo"),
+                (above, xlim[1], f"{above:.1%} beyond \u25b8", "right", "hi"),
+            ):
+                if share >= 0.0005:
+                    left.text(
+                        x_at, -k + 0.35, text, ha=ha, fontsize=6, color="#555555", gid=f"beyond-{side}{first + k}"
+                    )
+            if exps is not None and np.isfinite(exps[0][k]).any():
+                m, elo, ehi = exps
+                e_edges = np.arange(elo - 1, ehi + 1, dtype=np.float64)  # bin e holds 2**(e-1) <= |x| < 2**e
+                _ridge_row(right, -k, e_edges, np.nan_to_num(m[k]), color, gid=f"log{first + k}")
+            right.text(
+                1.01,
+                -k + 0.3,
+                f"std {format_number(a.std, 2)}  zero {a.zero_fraction:.0%}",
+                transform=right.get_yaxis_transform(),
+                fontsize=6,
+                color="#555555",
+                va="center",
+            )
+        left.set_xlim(*xlim)
+        left.set_ylim(-n + 0.7, 1.1)
+        left.set_yticks(
+            [-k + 0.3 for k in range(n)], [_short(ly.label, 28) for ly in page], fontsize=7 if n <= 24 else 6
         )
-    )
-    span = edges[-1] - edges[0]
-    xs = left + (edges - edges[0]) / (span if span > 0 else 1.0) * (right - left)
-    ys = base + counts / peak * (top - base)
-    # A filled step outline: (x_i, base) (x_i, y_i) (x_i+1, y_i) ... (x_n, base).
-    px = np.repeat(xs, 2)
+        for tick, ly in zip(left.get_yticklabels(), page):
+            tick.set_color(ERROR_COLOR if ly.label in flagged else "black")
+        left.axvline(0.0, color="#444444", linewidth=0.6, linestyle=":")
+        left.set_xlabel("activation value (one axis for every layer)")
+        left.set_title("activation histograms by depth", loc="left")
+        if exps is not None:
+            elo, ehi = exps[1], exps[2]
+            right.set_xlim(elo - 1.5, ehi + 0.5)
+            # float16 limits: above 2**16 overflows, below 2**-14 is subnormal, below 2**-24 flushes to zero.
+            for x, style in ((16, "-"), (FP16_MIN_NORMAL_EXP, ":"), (FP16_MIN_SUBNORMAL_EXP, "-")):
+                if elo - 1.5 <= x <= ehi + 0.5:
+                    right.axvline(x, color="#2a9d8f", linestyle=style, linewidth=1)
+            right.set_xlabel("log2 |activation|  (teal: float16 limits)")
+        else:
+            right.text(0.5, 0.5, "not recorded", transform=right.transAxes, ha="center", color="#777777")
+        right.set_title("magnitudes: share per power of two", loc="left")
+        for ax in (left, right):
+            ax.tick_params(axis="y", length=0)
+            for side in ("left", "right", "top"):
+                ax.spines[side].set_visible(False)
+        return fig
+
+
+def _ridge_row(
+    ax: Axes,
+    base: float,
+    edges: Sequence[float] | np.ndarray,
+    counts: Sequence[float] | np.ndarray,
+    color: str,
+    gid: str,
+) -> None:
+    """One histogram as a filled step outline on the row at `base`, scaled to its own peak (a shape, not an area:
+    a collapsed layer is a tall spike, not an invisible sliver). The outline is drawn too, so a spike narrower
+    than a pixel still shows as a line."""
+    e = np.asarray(edges, dtype=np.float64)
+    c = np.asarray(counts, dtype=np.float64)
+    peak = c.max() if c.size and c.max() > 0 else 1.0
+    ys = base + c / peak * 0.9
+    px = np.repeat(e, 2)
     py = np.concatenate([[base], np.repeat(ys, 2), [base]])
-    # clip_on=False: the cells lie inside the axes anyway, and an unclipped path needs no clip-path reference.
-    ax.fill(px, py, color=color, alpha=0.85, linewidth=0, clip_on=False)
-    ax.plot([left, right], [base, base], color="#888888", linewidth=0.6, clip_on=False)
-    if edges[0] < 0 < edges[-1]:
-        zx = left + (0 - edges[0]) / span * (right - left)
-        ax.plot([zx, zx], [base - 0.04, base], color="#444444", linewidth=0.8, clip_on=False)
-    ax.text(left, y0 + 0.92, _short(ly.label, 22), fontsize=7, va="top", color=color)
-    ax.text(right, y0 + 0.92, f"#{depth}", fontsize=6, va="top", ha="right", color="#777777")
-    ax.text(
-        left,
-        y0 + 0.8,
-        f"{ly.type}  std {format_number(a.std)}  zero {a.zero_fraction:.0%}",
-        fontsize=6,
-        va="top",
-        color="#555555",
+    ax.fill(px, py, color=color, alpha=0.55, linewidth=0, gid=gid)
+    ax.plot(px, py, color=color, linewidth=0.7)
+    ax.axhline(base, color="#cccccc", linewidth=0.4, zorder=0)
+
+
+def _shares_outside(h: Histogram, xlim: tuple[float, float]) -> tuple[float, float]:
+    """Shares of a histogram's values below and above the axis range."""
+    counts = np.asarray(h.counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return 0.0, 0.0
+    cum = np.concatenate([[0.0], np.cumsum(counts)]) / total
+    at = np.interp(np.asarray(xlim, dtype=np.float64), np.asarray(h.edges, dtype=np.float64), cum, left=0.0, right=1.0)
+    return float(at[0]), float(1.0 - at[1])
+
+
+def _zero_marks(ax: Axes, x: np.ndarray, raw: Sequence[float], color: str, name: str, slot: float, gid: str) -> bool:
+    """Mark the layers whose value is exactly 0, which a log axis cannot show: a triangle on a row of its own at the
+    axis floor, labelled "0" like a tick. Returns whether any was drawn."""
+    a = np.asarray(raw, dtype=np.float64)
+    zero = np.isfinite(a) & (a == 0)
+    if not zero.any():
+        return False
+    from matplotlib.transforms import blended_transform_factory
+
+    floor = blended_transform_factory(ax.transData, ax.transAxes)
+    ax.plot(
+        x[zero] + 0.12 * slot,
+        np.full(int(zero.sum()), ZERO_ROW),
+        transform=floor,
+        linestyle="none",
+        marker="v",
+        markersize=5,
+        color=color,
+        clip_on=False,
+        label=f"{name} = 0",
+        gid=gid,
     )
-    ax.text(left, base - 0.03, format_number(edges[0]), fontsize=6, va="top", color="#555555")
-    ax.text(right, base - 0.03, format_number(edges[-1]), fontsize=6, va="top", ha="right", color="#555555")
+    return True
 
 
 def gradient_flow(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) -> Rendered | None:
     """Gradient norm and std against depth (log axis) beside activation std against depth."""
+    fig = draw_gradient_flow(layers, flagged)
+    return None if fig is None else Rendered(to_svg(fig, "flow"), title="gradient flow and activation spread")
+
+
+def draw_gradient_flow(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) -> Figure | None:
+    """The figure of `gradient_flow`. A value of exactly 0 (a gradient stopped by a dead layer, a constant output)
+    has no place on a log axis; it gets a marker on a row of its own at the floor, labelled 0."""
     if not layers:
         return None
     labels = [ly.label for ly in layers]
-    x = np.arange(len(layers))
-    gnorm = _log_or_nan([ly.gradient.norm if ly.gradient and ly.gradient.count else math.nan for ly in layers])
-    gstd = _log_or_nan([ly.gradient.std if ly.gradient and ly.gradient.count else math.nan for ly in layers])
-    astd = _log_or_nan([ly.activation.std if ly.activation and ly.activation.count else math.nan for ly in layers])
+    x = np.arange(len(layers), dtype=np.float64)
+    nan = math.nan
+    raw_gnorm = [ly.gradient.norm if ly.gradient and ly.gradient.count else nan for ly in layers]
+    raw_gstd = [ly.gradient.std if ly.gradient and ly.gradient.count else nan for ly in layers]
+    raw_astd = [ly.activation.std if ly.activation and ly.activation.count else nan for ly in layers]
     n = len(layers)
     width = min(13.0, max(8.0, 0.16 * n + 4))
     with _style():
         fig = _figure(width, 3.4 if n <= 40 else 3.0)
         left, right = fig.subplots(1, 2)
-        for ax, series, title in (
-            (left, ((gnorm, "gradient norm", GRAD_COLOR), (gstd, "gradient std", OTHER_COLOR)), "gradient flow"),
-            (right, ((astd, "activation std", ACT_COLOR),), "activation spread"),
+        for ax, series, title, key in (
+            (
+                left,
+                ((raw_gnorm, "gradient norm", GRAD_COLOR), (raw_gstd, "gradient std", OTHER_COLOR)),
+                "gradient flow",
+                "grad",
+            ),
+            (right, ((raw_astd, "activation std", ACT_COLOR),), "activation spread", "act"),
         ):
-            plotted = False
+            positive = [v for raw, _, _ in series for v in _log_or_nan(raw) if np.isfinite(v)]
             for values, name, color in series:
-                if np.isfinite(values).any():
+                logv = _log_or_nan(values)
+                if np.isfinite(logv).any():
                     marker = "o" if n <= 60 else None  # hundreds of markers only blur the line and bloat the SVG
-                    ax.plot(x, values, marker=marker, markersize=2.5, linewidth=1.2, color=color, label=name)
-                    plotted = True
-            if plotted:
-                _log_axis(ax)
-                ax.legend(loc="best", frameon=False)
+                    ax.plot(x, logv, marker=marker, markersize=2.5, linewidth=1.2, color=color, label=name)
+            zeros = False
+            for slot, (values, name, color) in enumerate(series):
+                zeros |= _zero_marks(ax, x, values, color, name, slot - (len(series) - 1) / 2, f"zero-{key}-{slot}")
+            if positive:
+                lo, hi = min(positive), max(positive)
+                span = max(hi / lo, 10.0)
+                ax.set_yscale("log")
+                # Room at the bottom for the row of zeros, clear of the lowest positive value, and no tick label
+                # there to be read as the zeros' value.
+                ax.set_ylim(lo / span**0.25 if zeros else lo / span**0.05, hi * span**0.08)
+                _log_axis(ax, floor=lo / span**0.1 if zeros else 0.0)
             else:
-                ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="#777777")
+                ax.set_yticks([])
+                ax.text(
+                    0.5,
+                    0.5,
+                    "every value is exactly 0" if zeros else "not recorded",
+                    transform=ax.transAxes,
+                    ha="center",
+                    color="#777777",
+                )
+            if zeros:
+                ax.text(-0.012, ZERO_ROW, "0", transform=ax.transAxes, ha="right", va="center", fontsize=7)
+            if positive or zeros:
+                ax.legend(loc="best", frameon=False, fontsize=6)
             for i, lb in enumerate(labels):
                 if lb in flagged:
                     ax.axvline(i, color=ERROR_COLOR, alpha=0.25, linewidth=3)
             ax.set_title(title, loc="left")
             ax.grid(True, which="major", axis="y", alpha=0.3)
             _depth_ticks(ax, labels)
-        return Rendered(to_svg(fig, "flow"), title="gradient flow and activation spread")
+        return fig
 
 
 def unit_fractions(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) -> Rendered | None:
     """Dead-unit fraction of ReLU-family layers and saturated fraction of bounded activations, by depth."""
-    rows = [(i, ly) for i, ly in enumerate(layers) if ly.dead_fraction is not None or ly.saturation is not None]
+    fig = draw_unit_fractions(layers, flagged)
+    return None if fig is None else Rendered(to_svg(fig, "units"), title="dead and saturated fractions")
+
+
+def draw_unit_fractions(layers: Sequence[LayerStats], flagged: Sequence[str] = ()) -> Figure | None:
+    """The figure of `unit_fractions`: one slot per layer, its tick the layer's name, a bar per measured share
+    side by side (never on top of one another), with the share written above it when there is room."""
+    rows = [ly for ly in layers if ly.dead_fraction is not None or ly.saturation is not None]
     if not rows:
         return None
-    labels = [f"{i + 1}. {ly.label}" for i, ly in rows]
-    dead = np.array([ly.dead_fraction if ly.dead_fraction is not None else np.nan for _, ly in rows])
-    sat = np.array([ly.saturation if ly.saturation is not None else np.nan for _, ly in rows])
     n = len(rows)
+    flagged_set = set(flagged)
     with _style():
-        fig = _figure(min(13.0, max(6.0, 0.22 * n + 3)), 3.0)
+        fig = _figure(min(13.0, max(6.0, 0.3 * n + 3)), 3.2)
         ax = fig.subplots()
-        # Two step outlines instead of 2n bar patches: the same picture at a fraction of the SVG size.
-        cells = np.arange(n + 1) - 0.5
-        ax.stairs(np.nan_to_num(dead), cells, fill=True, color=ACT_COLOR, alpha=0.8, label="dead units (ReLU family)")
-        ax.stairs(
-            np.nan_to_num(sat), cells, fill=True, color=GRAD_COLOR, alpha=0.8, label="saturated outputs (bounded)"
-        )
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("fraction")
-        ax.legend(loc="upper left", frameon=False, ncols=2)
+        for i, ly in enumerate(rows):
+            if ly.label in flagged_set:
+                ax.axvspan(i - 0.5, i + 0.5, color=ERROR_COLOR, alpha=0.10, linewidth=0)
+        both = [ly.dead_fraction is not None and ly.saturation is not None for ly in rows]
+        for attr, name, color, side in (
+            ("dead_fraction", "dead units (ReLU family)", ACT_COLOR, -1),
+            ("saturation", "saturated outputs (bounded)", GRAD_COLOR, 1),
+        ):
+            idx = [i for i, ly in enumerate(rows) if getattr(ly, attr) is not None]
+            if not idx:
+                continue
+            vals = np.array([getattr(rows[i], attr) for i in idx], dtype=np.float64)
+            xs = np.array([i + (0.2 * side if both[i] else 0.0) for i in idx], dtype=np.float64)
+            widths = np.array([0.36 if both[i] else 0.7 for i in idx])  # a gap between a slot's two bars
+            bars = ax.bar(xs, vals, width=widths, color=color, alpha=0.9, label=name)
+            for patch, i in zip(bars, idx):
+                patch.set_gid(f"{attr}-{i}")
+            if n <= 40:
+                ax.bar_label(bars, labels=[f"{v:.0%}" for v in vals], fontsize=6, padding=1, color="#333333")
+        ax.set_xlim(-0.6, n - 0.4)
+        ax.set_ylim(0, 1.12)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0], ["0%", "25%", "50%", "75%", "100%"])
+        ax.set_ylabel("share")
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, ncols=2)
         ax.grid(True, axis="y", alpha=0.3)
-        _depth_ticks(ax, [ly.label for _, ly in rows] if n > 40 else labels, depths=[i + 1 for i, _ in rows])
-        for i, (_, ly) in enumerate(rows):
-            if ly.label in flagged:
-                ax.axvspan(i - 0.5, i + 0.5, color=ERROR_COLOR, alpha=0.12, linewidth=0)
-        return Rendered(to_svg(fig, "units"), title="dead and saturated fractions")
+        step = 1 if n <= 40 else int(math.ceil(n / 30))
+        ticks = list(range(0, n, step))
+        ax.set_xticks(
+            ticks,
+            [_short(rows[t].label, 24) for t in ticks],
+            rotation=45 if n > 8 or max(len(ly.label) for ly in rows) > 8 else 0,
+            ha="right" if n > 8 or max(len(ly.label) for ly in rows) > 8 else "center",
+            rotation_mode="anchor",
+            fontsize=6 if n > 20 else 7,
+        )
+        for tick, t in zip(ax.get_xticklabels(), ticks):
+            tick.set_color(ERROR_COLOR if rows[t].label in flagged_set else "black")
+        ax.set_xlabel("layer (ReLU-family and bounded activations, forward order)")
+        return fig
 
 
 def magnitude_map(layers: Sequence[LayerStats]) -> Rendered | None:
@@ -591,18 +783,72 @@ def series_over_time(history: History, labels: Sequence[str], flagged: Sequence[
         return Rendered(to_svg(fig, "series"), title="update ratios and gradient norms over time")
 
 
+def weight_norms(history: History, flagged: Sequence[str] = ()) -> Rendered | None:
+    """Each parameter's norm over training, absolute and relative to its first recorded step."""
+    fig = draw_weight_norms(history, flagged)
+    return None if fig is None else Rendered(to_svg(fig, "wnorm"), title="weight norms over training")
+
+
+def draw_weight_norms(history: History, flagged: Sequence[str] = ()) -> Figure | None:
+    """The figure of `weight_norms`: the norm of every parameter across recorded steps (log axis; the selected
+    parameters as lines, the spread over all as a band) and the same divided by its first recorded value, where
+    weight decay shows as a common downward drift and a runaway layer as a line leaving the band."""
+    steps = np.asarray(history.steps, dtype=np.float64)
+    if len(steps) < 2:
+        return None
+    series: dict[str, np.ndarray] = {}
+    for name, metrics in history.params.items():
+        v = _log_or_nan(metrics.get("weight_norm", ()))
+        if len(v) == len(steps) and np.isfinite(v).any():
+            series[name] = v
+    if not series:
+        return None
+    names = list(series)
+    owners = set(flagged)
+    # Lines for weights (the matrices weight decay acts on); biases and norms' scales stay in the band.
+    lined = [nm for nm in names if not nm.endswith("bias")] or names
+    hot = [nm for nm in lined if nm.rpartition(".")[0] in owners]
+    chosen = [lined[i] for i in select_layers(lined, hot, 8)]
+    relative = {nm: v / v[np.isfinite(v)][0] for nm, v in series.items()}
+    import seaborn as sns
+
+    colors = dict(zip(chosen, sns.color_palette("deep", len(chosen))))
+    with _style():
+        fig = _figure(11.0, 3.4)
+        axes = fig.subplots(1, 2)
+        for ax, data, title, key in (
+            (axes[0], series, "weight norm \u2016W\u2016", "abs"),
+            (axes[1], relative, "\u2016W\u2016 / \u2016W\u2016 at the first recorded step", "rel"),
+        ):
+            stack = np.vstack(list(data.values()))
+            if len(data) > 1:
+                with np.errstate(all="ignore"):
+                    low, high = np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
+                ax.fill_between(steps, low, high, color="#999999", alpha=0.2, linewidth=0, label="all parameters")
+            for j, nm in enumerate(chosen):
+                ax.plot(steps, data[nm], linewidth=1.1, color=colors[nm], label=_short(nm, 28), gid=f"wn-{key}-{j}")
+            _log_axis(ax)
+            ax.set_title(title, loc="left")
+            ax.set_xlabel("step")
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(loc="best", frameon=False, fontsize=6, ncols=2)
+        return fig
+
+
 def all_figures(layers: Sequence[LayerStats], history: History | None, flagged: Sequence[str]) -> dict[str, Any]:
     """Every figure the report shows, by section name; a section is absent (None/empty) when it does not apply."""
     labels = [ly.label for ly in layers]
     out: dict[str, Any] = {
-        "grid": activation_grid(layers, flagged),
+        "depth": depth_histograms(layers, flagged),
         "flow": gradient_flow(layers, flagged),
         "units": unit_fractions(layers, flagged),
         "magnitudes": magnitude_map(layers),
         "time": None,
         "series": None,
+        "weights": None,
     }
     if history is not None and len(history.steps) > 1:
         out["time"] = distribution_over_time(history, labels, flagged)
         out["series"] = series_over_time(history, labels, flagged)
+        out["weights"] = weight_norms(history, flagged)
     return out

@@ -19,8 +19,8 @@ from actdiag.formatting import format_number
 from actdiag.records import SEVERITY_RANK, Finding, LayerStats, Report, measured_stats
 from actdiag.reports._atomic import atomic_write
 
-# Mirrors figures.MAX_GRID_PANELS without importing the figures module (and matplotlib) for figure-less renders.
-MAX_GRID_PANELS = 72
+# Mirrors figures.MAX_RIDGE_LAYERS without importing the figures module (and matplotlib) for figure-less renders.
+MAX_RIDGE_LAYERS = 72
 
 TEMPLATE = "report.html.j2"
 # The layer table is collapsed above this many rows so the findings and figures stay at the top of the page.
@@ -103,7 +103,7 @@ def render_html(report: Report, *, figures: bool = True) -> str:
         LayerRow(i + 1, ly, ly.label in flagged_set or ly.name in flagged_set) for i, ly in enumerate(report.layers)
     ]
     history = report.history
-    n_grid = sum(1 for ly in report.layers if ly.activation is not None and ly.activation.count)
+    n_depth = sum(1 for ly in report.layers if ly.activation is not None and ly.activation.count)
     context = {
         "report": report,
         "findings": findings,
@@ -113,15 +113,16 @@ def render_html(report: Report, *, figures: bool = True) -> str:
         "open_table": len(rows) <= OPEN_TABLE_ROWS,
         "is_watch": history is not None and len(history.steps) > 1,
         "history_steps": len(history.steps) if history is not None else 0,
-        "grid": [(p.title, p.note, _markup(p.svg)) for p in figs.get("grid", [])],
-        "n_grid_layers": n_grid,
-        "grid_shown": min(n_grid, MAX_GRID_PANELS),
+        "depth": [(p.title, p.note, _markup(p.svg)) for p in figs.get("depth", [])],
+        "n_depth_layers": n_depth,
+        "depth_shown": min(n_depth, MAX_RIDGE_LAYERS),
         "flow": safe_svg(figs.get("flow")),
         "units": safe_svg(figs.get("units")),
         "magnitudes": safe_svg(figs.get("magnitudes")),
         "time": safe_svg(figs.get("time")),
         "time_note": figs["time"].note if figs.get("time") is not None else "",
         "series": safe_svg(figs.get("series")),
+        "weights": safe_svg(figs.get("weights")),
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "figures": figures,
         "measured": len(measured),

@@ -275,3 +275,45 @@ def chromium_page(tmp_path: Path) -> Iterator[Callable[..., PageResult]]:
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
+
+
+class PathologyNet(nn.Module):
+    """Every unit-health pathology the report draws, in one small model:
+
+    - `fc0`'s weights are scaled up, so `act0` (Tanh) piles up at -1 and +1 (saturated);
+    - `fc1` is shifted to -100, so `act1` (ReLU) is 100% dead and every layer before it (`fc0`, `act0`, `fc1`)
+      receives a gradient of exactly zero;
+    - `fc2`, `act2` (ReLU) and the `head` are healthy.
+    """
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc0, self.act0 = nn.Linear(width, width), nn.Tanh()
+        self.fc1, self.act1 = nn.Linear(width, width), nn.ReLU()
+        self.fc2, self.act2 = nn.Linear(width, width), nn.ReLU()
+        self.head = nn.Linear(width, 4)
+        with torch.no_grad():
+            self.fc0.weight.mul_(30.0)
+            self.fc1.bias.fill_(-100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act0(self.fc0(x))
+        x = self.act1(self.fc1(x))
+        x = self.act2(self.fc2(x))
+        return self.head(x)
+
+
+def pathology_run() -> tuple[PathologyNet, Report]:
+    """PathologyNet trained for a few recorded steps under watch (so the report has history and weight norms)."""
+    torch.manual_seed(0)
+    model = PathologyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=0.1)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    with actdiag.watch(model, every=1) as monitor:
+        for _ in range(6):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step()
+    return model, monitor.report()

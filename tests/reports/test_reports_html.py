@@ -19,10 +19,10 @@ from torch import nn
 import actdiag
 from actdiag.errors import ReportPathError
 from actdiag.records import Report
-from actdiag.reports.figures import MAX_GRID_PANELS, PANELS_PER_PAGE
+from actdiag.reports.figures import MAX_RIDGE_LAYERS, RIDGE_ROWS_PER_PAGE
 from actdiag.reports.html import fmt, render_html, save_html
 
-from .conftest import XSS_NAME, DeepNet, hand_findings
+from .conftest import XSS_NAME, DeepNet, hand_findings, pathology_run
 
 
 class _Fetches(HTMLParser):
@@ -124,13 +124,14 @@ def test_reports_html_watch_has_time_section(watch_report: Report) -> None:
     html = render_html(watch_report)
     part = html[html.index('<section id="time"') :]
     part = part[: part.index("</section>")]
-    assert part.count("<svg") == 2  # distribution heatmaps, update ratios and gradient norms
+    assert part.count("<svg") == 3  # distribution heatmaps, update ratios and gradient norms, weight norms
+    assert '<figure id="weights">' in part
     assert f"({len(watch_report.history.steps)} recorded steps)" in part
     _no_urls(html)
 
 
 def test_reports_html_many_layers_stays_small(tmp_path: Path) -> None:
-    """200 layers: a bounded number of histogram panels in at most two pages, every layer in the table, and a file
+    """200 layers: a bounded number of histogram rows in at most two pages, every layer in the table, and a file
     measured in hundreds of kilobytes."""
     model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(100)])
     report = actdiag.inspect(model, torch.randn(8, 8))
@@ -140,10 +141,10 @@ def test_reports_html_many_layers_stays_small(tmp_path: Path) -> None:
     size = os.path.getsize(path)
     assert size < 500_000, size
     grid = html[html.index('<section id="histograms"') : html.index('<section id="flow"')]
-    assert grid.count("<svg") == MAX_GRID_PANELS // PANELS_PER_PAGE
+    assert grid.count("<svg") == MAX_RIDGE_LAYERS // RIDGE_ROWS_PER_PAGE
     assert "Showing 72 of 200 layers" in grid
-    # Panel titles carry the depth as "#N": exactly the shown panels, no more.
-    assert len(re.findall(r">#\d+<", grid)) == MAX_GRID_PANELS
+    # Each shown layer is one row, with an element id of its own: exactly the shown rows, no more.
+    assert len(re.findall(r'id="row\d+"', grid)) == MAX_RIDGE_LAYERS
     assert html.count("<tr>") + html.count('<tr class="flagged">') >= 200
     _no_urls(html)
 
@@ -219,3 +220,21 @@ def test_reports_html_nonfinite_and_empty_reports(tmp_path: Path) -> None:
     empty = replace(report, layers=(), params=(), history=None)
     html = render_html(empty)
     assert "0 layers" in html and "Not recorded." in html
+
+
+def test_reports_html_pathology_figures_in_the_page() -> None:
+    """The marks the figures carry reach the page: the zero-gradient marks, one bar per share, one row per layer,
+    and every element id in the document is unique (several inline SVGs share one id space)."""
+    _, report = pathology_run()
+    html = render_html(report)
+    _no_urls(html)
+    ids = re.findall(r'\sid="([^"]+)"', html)
+    assert len(ids) == len(set(ids))
+    flow = html[html.index('<section id="flow"') : html.index('<section id="units"')]
+    assert 'id="zero-grad-0"' in flow and 'id="zero-act-0"' in flow
+    units = html[html.index('<section id="units"') : html.index('<section id="magnitudes"')]
+    assert {"dead_fraction-1", "dead_fraction-2", "saturation-0"} <= set(re.findall(r'id="([^"]+)"', units))
+    for name in ("act0", "act1", "act2"):
+        assert f">{name}</text>" in units
+    depth = html[html.index('<section id="histograms"') : html.index('<section id="flow"')]
+    assert len(re.findall(r'id="row\d+"', depth)) == len(report.layers)
