@@ -487,6 +487,16 @@ class Monitor:
             return Path(path)
         return self.report().save_html(Path(path))
 
+    def __repr__(self) -> str:
+        from actdiag.reports.notebook import monitor_repr
+
+        return monitor_repr(self)
+
+    def _repr_html_(self) -> str:
+        from actdiag.reports.notebook import monitor_html
+
+        return monitor_html(self)
+
     # ------------------------------------------------------------------ internals
     def _begin_if_due(self) -> None:
         if self._broken or self.steps % self.every != 0:

@@ -382,6 +382,16 @@ class Finding:
     def rank(self) -> int:
         return SEVERITY_RANK[self.severity]
 
+    def __repr__(self) -> str:
+        from actdiag.reports.notebook import finding_repr
+
+        return finding_repr(self)
+
+    def _repr_html_(self) -> str:
+        from actdiag.reports.notebook import finding_html
+
+        return finding_html(self)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
@@ -420,3 +430,13 @@ class Report:
         from actdiag.reports.html import save_html
 
         return save_html(self, path)
+
+    def __repr__(self) -> str:  # a one-liner: the records are one attribute away, and a notebook gets _repr_html_
+        from actdiag.reports.notebook import report_repr
+
+        return report_repr(self)
+
+    def _repr_html_(self) -> str:
+        from actdiag.reports.notebook import report_html
+
+        return report_html(self)
