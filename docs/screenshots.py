@@ -1,12 +1,13 @@
-"""Regenerate the README's screenshots from a real run (docs/images/report.png, docs/images/tensorboard*.png).
+"""Regenerate the README's screenshots from real runs (docs/images/report*.png, docs/images/tensorboard*.png).
 
     python docs/screenshots.py            # needs chromium; writes into docs/images/
     python docs/screenshots.py tensorboard_actdiag.png      # only the images named
 
-It inspects examples/tanh_mlp.py (the HTML report, with --try-fixes), trains the same model for a few dozen steps
-under actdiag.watch with a logdir, serves that logdir with a real `tensorboard` on 127.0.0.1 and photographs both
-pages with headless Chromium (TensorBoard's own tabs and actdiag's dashboard). Everything runs locally; nothing is
-fetched.
+It inspects examples/tanh_mlp.py (the HTML report, with --try-fixes: its findings and histograms by depth), trains a
+7-layer ReLU network two of whose layers are dead under actdiag.watch (the report's gradient flow, dead units and weight
+norms), trains tanh_mlp for a few dozen steps under actdiag.watch with a logdir, serves that logdir with a real
+`tensorboard` on 127.0.0.1 and photographs the pages with headless Chromium (TensorBoard's own tabs and actdiag's
+dashboard). Everything runs locally; nothing is fetched.
 """
 
 from __future__ import annotations
@@ -30,6 +31,42 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "images"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MAX_BYTES = 300_000
+
+
+def dead_relu_run(path: Path) -> Path:
+    """Seven Linear+ReLU blocks whose 3rd and 5th are shifted to -100 (their units never fire), trained for 40 steps
+    under watch: the run the report's unit-health and gradient figures were checked on. Returns the HTML report."""
+    import actdiag
+
+    torch.manual_seed(0)
+    blocks: list[nn.Module] = []
+    for i in range(7):
+        linear = nn.Linear(64, 64)
+        if i in (2, 4):
+            nn.init.constant_(linear.bias, -100.0)
+        blocks += [linear, nn.ReLU()]
+    model = nn.Sequential(*blocks, nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-2)
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    with actdiag.watch(model, every=4) as monitor:
+        for _ in range(40):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step()
+    return monitor.save_html(path)
+
+
+def section_png(html: Path, sections: tuple[str, ...], width: int, height: int, profile: Path, hide: str = "") -> bytes:
+    """Some sections of a report (by id) with the rest hidden (and `hide`, a CSS selector, within them): the figures
+    as a reader scrolling to them sees them. (Headless Chromium paints a blank page when asked to screenshot a URL
+    with a #fragment.)"""
+    keep = "".join(f":not(#{s})" for s in sections)
+    hidden = f"main > header, main > footer, main > section{keep}" + (f", {hide}" if hide else "")
+    css = f"<style>{hidden} {{ display: none; }}</style>"
+    page = profile / f"{html.stem}-{'-'.join(sections)}.html"
+    page.write_text(html.read_text().replace("</head>", css + "</head>", 1))
+    return chromium_png(page.as_uri(), width, height, profile)
 
 
 def chromium_png(url: str, width: int, height: int, profile: Path, wait_ms: int = 0) -> bytes:
@@ -122,6 +159,11 @@ def main() -> None:
         report = actdiag.inspect(tanh_mlp.build_model(), tanh_mlp.example_input(), try_fixes=True)
         html = report.save_html(work / "report.html")
         save_small(chromium_png(html.as_uri(), 1200, 1500, work), OUT / "report.png")
+        save_small(section_png(html, ("histograms",), 1200, 700, work), OUT / "report_depth.png")
+        dead = dead_relu_run(work / "dead_relu.html")
+        save_small(section_png(dead, ("flow", "units"), 1200, 1000, work), OUT / "report_units.png")
+        weights_only = "#time > figure:not(#weights)"
+        save_small(section_png(dead, ("time",), 1200, 520, work, hide=weights_only), OUT / "report_weights.png")
 
         logdir = work / "runs" / "tanh_mlp"
         train_under_watch(logdir)

@@ -54,7 +54,7 @@ ERROR_COLOR = "#c0392b"
 ACT_COLOR = "#4c72b0"  # seaborn "deep" blue
 GRAD_COLOR = "#dd8452"  # seaborn "deep" orange
 OTHER_COLOR = "#55a868"  # seaborn "deep" green
-RANGE_CAP = 10.0  # the shared value axis reaches at most this many times the median layer's reach (see below)
+RANGE_GAP = 20.0  # a layer this many times wider than all but a few others is left off the shared axis (see below)
 ZERO_ROW = 0.04  # height, as a fraction of the axes, of the row where exact zeros are marked on a log axis
 
 
@@ -318,12 +318,15 @@ def histogram_quantiles(h: Histogram, qs: Sequence[float]) -> np.ndarray:
 
 
 def shared_value_range(hists: Sequence[Histogram]) -> tuple[float, float]:
-    """One value axis for every layer: the union of each layer's central 99.8%, and 0, within ten times the
-    median layer's reach.
+    """One value axis for every layer: the union of each layer's central 99.8%, and 0, leaving out a few far-off
+    layers.
 
-    The union, not a pooled quantile: a layer whose values are wider than the rest must show as such. The bound keeps
-    one far-off layer (a pre-activation shifted to -100, a logit layer) from squashing every other row to a spike at
-    0; its row is then marked with the share of its values beyond the axis, and the magnitude panel still places it.
+    The union, not a pooled quantile: a layer whose values are wider than the rest must show as such, and in a
+    collapse every layer's spread is a tenth of the one before, which is the picture. But a few layers standing apart
+    from all others (a pre-activation shifted to -100, a logit layer) would squash every other row to a spike at 0:
+    the largest reaches are left out when at most a fifth of the layers lie more than RANGE_GAP times beyond all the
+    rest. Their rows are then marked with the share of their values beyond the axis, and the magnitude panel still
+    places them.
     """
     lows, highs = [], []
     for h in hists:
@@ -334,7 +337,11 @@ def shared_value_range(hists: Sequence[Histogram]) -> tuple[float, float]:
     if not lows:
         return -1.0, 1.0
     reach = np.maximum(-np.asarray(lows), np.asarray(highs))
-    cap = RANGE_CAP * float(np.median(reach))
+    ranked = np.sort(reach)[::-1]
+    cap = math.inf
+    for k in range(1, len(ranked) // 5 + 1):
+        if k < len(ranked) and ranked[k - 1] > RANGE_GAP * ranked[k] > 0:
+            cap = float(ranked[k])  # the top k stand apart: the axis reaches the next layer
     lo, hi = max(min(lows), -cap), min(max(highs), cap)
     if hi - lo <= 0:
         return -1.0, 1.0
