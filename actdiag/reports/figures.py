@@ -469,8 +469,10 @@ def _ridge_row(
     ys = base + c / peak * 0.9
     px = np.repeat(e, 2)
     py = np.concatenate([[base], np.repeat(ys, 2), [base]])
-    ax.fill(px, py, color=color, alpha=0.55, linewidth=0, gid=gid)
-    ax.plot(px, py, color=color, linewidth=0.7)
+    from matplotlib.colors import to_rgba
+
+    # One path, filled and outlined: a separate outline would repeat every vertex in the SVG.
+    ax.fill(px, py, facecolor=to_rgba(color, 0.55), edgecolor=color, linewidth=0.7, gid=gid)
     ax.axhline(base, color="#cccccc", linewidth=0.4, zorder=0)
 
 
