@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,7 +122,7 @@ def select_layers(labels: Sequence[str], flagged: Sequence[str], limit: int) -> 
     return sorted(keep)
 
 
-def _log_or_nan(values: Sequence[float]) -> np.ndarray:
+def _log_or_nan(values: Sequence[float] | np.ndarray) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(a) & (a > 0), a, np.nan)
 
@@ -643,6 +643,12 @@ def draw_unit_fractions(layers: Sequence[LayerStats], flagged: Sequence[str] = (
 
 def magnitude_map(layers: Sequence[LayerStats]) -> Rendered | None:
     """Every layer as one row: the share of its activations (left) and gradients (right) at each power of two."""
+    fig = draw_magnitude_map(layers)
+    return None if fig is None else Rendered(to_svg(fig, "magnitudes"), title="magnitudes of every layer")
+
+
+def draw_magnitude_map(layers: Sequence[LayerStats]) -> Figure | None:
+    """The figure of `magnitude_map`; each panel's image holds the square root of the shares (rows: layers)."""
     if not layers:
         return None
     labels = [ly.label for ly in layers]
@@ -681,7 +687,7 @@ def magnitude_map(layers: Sequence[LayerStats]) -> Rendered | None:
             _depth_ticks(ax, labels, axis="y")
         cb = fig.colorbar(im, ax=axes, shrink=0.6, pad=0.01)
         cb.set_ticks([0, 0.1**0.5, 0.5**0.5, 1], labels=["0", "10%", "50%", "100%"])
-        return Rendered(to_svg(fig, "magnitudes"), title="magnitudes of every layer")
+        return fig
 
 
 def _time_edges(hists: Sequence[Histogram | None]) -> np.ndarray | None:
@@ -699,6 +705,17 @@ def _time_edges(hists: Sequence[Histogram | None]) -> np.ndarray | None:
 def distribution_over_time(history: History, labels: Sequence[str], flagged: Sequence[str] = ()) -> Rendered | None:
     """Each selected layer's activation distribution across recorded steps, re-binned onto one value grid per layer
     (the recorder's linear bins follow each step's own min and max) and drawn as a heatmap."""
+    got = draw_distribution_over_time(history, labels, flagged)
+    if got is None:
+        return None
+    fig, note = got
+    return Rendered(to_svg(fig, "time"), title="activation distribution over time", note=note)
+
+
+def draw_distribution_over_time(
+    history: History, labels: Sequence[str], flagged: Sequence[str] = ()
+) -> tuple[Figure, str] | None:
+    """The figure of `distribution_over_time` and its note (how many layers it shows, when not all)."""
     steps = history.hist_steps
     if len(steps) < 2:
         return None
@@ -738,11 +755,7 @@ def distribution_over_time(history: History, labels: Sequence[str], flagged: Seq
                 ax.set_xlabel("step")
             if k % cols == 0:
                 ax.set_ylabel("activation")
-        return Rendered(
-            to_svg(fig, "time"),
-            title="activation distribution over time",
-            note=f"{len(chosen)} of {len(present)} layers" if len(chosen) < len(present) else "",
-        )
+        return fig, (f"{len(chosen)} of {len(present)} layers" if len(chosen) < len(present) else "")
 
 
 def _step_edges(steps: Sequence[int]) -> np.ndarray:
@@ -756,6 +769,13 @@ def _step_edges(steps: Sequence[int]) -> np.ndarray:
 def series_over_time(history: History, labels: Sequence[str], flagged: Sequence[str] = ()) -> Rendered | None:
     """Update ratio and gradient norm per layer across recorded steps (log axes): the selected layers as lines, the
     spread over all layers (min to max) as a band behind them."""
+    fig = draw_series_over_time(history, labels, flagged)
+    return None if fig is None else Rendered(to_svg(fig, "series"), title="update ratios and gradient norms over time")
+
+
+def draw_series_over_time(history: History, labels: Sequence[str], flagged: Sequence[str] = ()) -> Figure | None:
+    """The figure of `series_over_time`. Layers whose value is exactly 0 at every recorded step (the gradient
+    behind a dead layer) have no line on a log axis; they are named on the panel instead."""
     steps = np.asarray(history.steps, dtype=np.float64)
     if len(steps) < 2:
         return None
@@ -767,11 +787,27 @@ def series_over_time(history: History, labels: Sequence[str], flagged: Sequence[
         fig = _figure(11.0, 3.4)
         axes = fig.subplots(1, 2)
         for ax, (metric, title) in zip(axes, panels):
-            series: Mapping[str, np.ndarray] = {lb: _log_or_nan(history.layers[lb].get(metric, ())) for lb in present}
-            series = {lb: v for lb, v in series.items() if len(v) == len(steps) and np.isfinite(v).any()}
+            raw = {lb: np.asarray(history.layers[lb].get(metric, ()), dtype=np.float64) for lb in present}
+            raw = {lb: v for lb, v in raw.items() if len(v) == len(steps) and np.isfinite(v).any()}
+            always_zero = [lb for lb, v in raw.items() if (v[np.isfinite(v)] == 0).all()]
+            series = {lb: _log_or_nan(v) for lb, v in raw.items() if lb not in always_zero}
+            series = {lb: v for lb, v in series.items() if np.isfinite(v).any()}
             ax.set_title(title, loc="left")
+            if always_zero:
+                more = f" and {len(always_zero) - 6} more" if len(always_zero) > 6 else ""
+                ax.text(
+                    0.01,
+                    0.02,
+                    "exactly 0 at every step: " + ", ".join(_short(lb, 20) for lb in always_zero[:6]) + more,
+                    transform=ax.transAxes,
+                    fontsize=6,
+                    color=ERROR_COLOR,
+                    gid=f"zeros-{metric}",
+                )
             if not series:
-                ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="#777777")
+                if not always_zero:
+                    ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="#777777")
+                ax.set_yticks([])
                 continue
             stack = np.vstack(list(series.values()))
             with np.errstate(all="ignore"):
@@ -789,7 +825,7 @@ def series_over_time(history: History, labels: Sequence[str], flagged: Sequence[
             ax.set_xlabel("step")
             ax.grid(True, axis="y", alpha=0.3)
             ax.legend(loc="best", frameon=False, fontsize=6, ncols=2)
-        return Rendered(to_svg(fig, "series"), title="update ratios and gradient norms over time")
+        return fig
 
 
 def weight_norms(history: History, flagged: Sequence[str] = ()) -> Rendered | None:

@@ -22,7 +22,10 @@ from actdiag.reports.figures import (
     _log_label,
     distribution_over_time,
     draw_depth_histograms,
+    draw_distribution_over_time,
     draw_gradient_flow,
+    draw_magnitude_map,
+    draw_series_over_time,
     draw_unit_fractions,
     draw_weight_norms,
     exponent_matrix,
@@ -321,3 +324,52 @@ def test_reports_figures_weight_norms(pathology: tuple[PathologyNet, Report]) ->
         )
     assert rel["fc0.weight"][-1] < 1.0  # decay only: the norm shrinks
     assert draw_weight_norms(History(steps=(0,), params={"w": {"weight_norm": (1.0,)}})) is None
+
+
+def test_reports_figures_magnitude_map(pathology: tuple[PathologyNet, Report]) -> None:
+    """One image row per layer; the dead layer's activations and the zero-gradient layers' gradients have no
+    non-zero value, so their rows are empty; every other row holds its shares (sqrt-scaled) summing to 1."""
+    _, report = pathology
+    layers = report.layers
+    fig = draw_magnitude_map(layers)
+    assert fig is not None
+    act_img, grad_img = (ax.get_images()[0].get_array() for ax in fig.axes[:2])
+    assert act_img.shape[0] == grad_img.shape[0] == len(layers)
+    for k, ly in enumerate(layers):
+        assert ly.activation is not None and ly.gradient is not None
+        np.testing.assert_allclose(
+            (np.asarray(act_img[k]) ** 2).sum(), 0.0 if ly.activation.zero_fraction == 1.0 else 1.0, atol=1e-9
+        )
+        np.testing.assert_allclose(
+            (np.asarray(grad_img[k]) ** 2).sum(), 0.0 if ly.gradient.norm == 0.0 else 1.0, atol=1e-9
+        )
+
+
+def test_reports_figures_over_time(pathology: tuple[PathologyNet, Report]) -> None:
+    """Distributions over time: one heatmap per layer, the dead layer's on its own (widened) grid; series over time:
+    the layers whose gradient is 0 at every step are named on the panel, as a log axis has no line for them."""
+    _, report = pathology
+    history = report.history
+    assert history is not None
+    labels = [ly.label for ly in report.layers]
+    got = draw_distribution_over_time(history, labels, flagged=["act1"])
+    assert got is not None
+    fig, note = got
+    assert note == ""  # seven layers: all shown
+    titled = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left") for ax in titled] == labels
+    mesh = titled[labels.index("act0")].collections[0].get_array()
+    # Each step's column holds the sqrt of its shares: they sum to 1 (mass conserved by the re-binning).
+    cols = np.asarray(mesh).reshape(-1, len(history.hist_steps)) ** 2
+    np.testing.assert_allclose(np.nansum(cols, axis=0), 1.0, rtol=1e-9)
+
+    series = draw_series_over_time(history, labels)
+    assert series is not None
+    grad_ax = series.axes[1]
+    zero = [lb for lb in labels if np.all(np.asarray(history.layers[lb]["grad_norm"]) == 0.0)]
+    assert zero == ["fc0", "act0", "fc1"]
+    assert _by_gid(grad_ax, "zeros-grad_norm").get_text() == "exactly 0 at every step: fc0, act0, fc1"
+    drawn = {ln.get_label() for ln in grad_ax.get_lines()}
+    assert drawn == set(labels) - set(zero)
+    for ln in grad_ax.get_lines():
+        np.testing.assert_allclose(ln.get_ydata(), history.layers[ln.get_label()]["grad_norm"])
