@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from actdiag.formatting import format_number
-from actdiag.metrics import GRAD_NORM, UPDATE_RATIO
+from actdiag.metrics import GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM
 from actdiag.records import (
     E_LOW,
     FP16_MIN_NORMAL_EXP,
@@ -843,7 +843,7 @@ def draw_weight_norms(history: History, flagged: Sequence[str] = ()) -> Figure |
         return None
     series: dict[str, np.ndarray] = {}
     for name, metrics in history.params.items():
-        v = _log_or_nan(metrics.get("weight_norm", ()))
+        v = _log_or_nan(metrics.get(WEIGHT_NORM, ()))
         if len(v) == len(steps) and np.isfinite(v).any():
             series[name] = v
     if not series:
