@@ -11,10 +11,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "actdiag"
 
 # `Report.save_json` / `Report.save_html` are the public API's doors to the sinks (shared/CONTRACT.md section 1): a
-# record that writes itself calls up into reports/ by design. Only those two arrows are let through.
+# record that writes itself calls up into reports/ by design, and so does one that shows itself in a notebook
+# (`__repr__` / `_repr_html_`). Only those arrows are let through.
 ALLOWED = {
     ("actdiag.records", "actdiag.reports.json"),
     ("actdiag.records", "actdiag.reports.html"),
+    ("actdiag.records", "actdiag.reports.notebook"),
 }
 
 
