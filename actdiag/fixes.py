@@ -36,6 +36,7 @@ from actdiag.rules._common import (
     usable,
     weight_layer_before,
 )
+from actdiag.rules.activations import already_initialised
 from actdiag.rules.gradients import gradient_chain
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -118,13 +119,14 @@ CATALOGUE: Mapping[str, FixEntry] = {
     "bf16_autocast": FixEntry(
         "Compute in bfloat16 instead of float16: it keeps float32's exponent range, so nothing overflows or "
         "flushes to zero, and needs no loss scaling.",
-        'with torch.autocast(device_type="cuda", dtype=torch.bfloat16):\n'
+        "with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):\n"
         "    loss = criterion(model(x), y)\nloss.backward()",
     ),
     "loss_scaling": FixEntry(
         "Scale the loss before backward so small float16 gradients stay representable (dynamic loss scaling, "
         "Micikevicius et al. 2018).",
-        'scaler = torch.amp.GradScaler("cuda")\nwith torch.autocast(device_type="cuda", dtype=torch.float16):\n'
+        "scaler = torch.amp.GradScaler(x.device.type)\n"
+        "with torch.autocast(device_type=x.device.type, dtype=torch.float16):\n"
         "    loss = criterion(model(x), y)\nscaler.scale(loss).backward()\nscaler.step(optimizer)\nscaler.update()",
     ),
     "check_inputs": FixEntry(
@@ -264,7 +266,10 @@ def _init_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
         return None
     nls = tuple(_nonlinearity(ctx, n) for n in targets)
     relu = sum(nl in ("relu", "leaky_relu") for nl in nls)
-    if relu * 2 >= len(nls) and relu > 0:
+    he_fix = relu * 2 >= len(nls) and relu > 0
+    if already_initialised([ctx.layers[ctx.index[n]] for n in targets], "he_init" if he_fix else "xavier_init", nls):
+        return None  # never suggest the initialisation the model already has
+    if he_fix:
         nl = "leaky_relu" if "leaky_relu" in nls and "relu" not in nls else "relu"
         he = CATALOGUE["he_init"]
         fix = Fix("he_init", he.text.format(n=len(targets), why=why), _snippet(he, targets, nl=nl))
@@ -365,7 +370,9 @@ def _for_gradient(f: Finding, ctx: _Context) -> list[_Plan | None]:
     targets = _reinit_targets(ctx, span)[:-1] or _reinit_targets(ctx, span)
     bounded = [lay.name for lay in ctx.layers[start:] if lay.type in TANH_LIKE | SIGMOID_LIKE]
     plans: list[_Plan | None] = []
-    if f.code == "vanishing_gradient" and bounded:
+    # A gradient that mirrors a collapse of the activations is cured by the collapse's cure (the init), not by
+    # another activation (tanh near zero is already linear).
+    if f.code == "vanishing_gradient" and bounded and "activation_collapse" not in f.related:
         plans.append(_swap_plan(ctx, ctx.ordered(bounded), "relu_activation"))
     plans += [_init_plan(ctx, targets, ""), _norm_plan(ctx, targets, "")]
     if f.code == "vanishing_gradient":
@@ -404,7 +411,8 @@ def _for_fp16_overflow(f: Finding, ctx: _Context) -> list[_Plan | None]:
 
 
 def _for_fp16_underflow(f: Finding, ctx: _Context) -> list[_Plan | None]:
-    if f.evidence.get("gradient"):
+    # A float32 gradient is reported only when loss scaling could not save it (it spans more than float16 can).
+    if f.evidence.get("gradient") and f.evidence.get("float16", 1.0):
         return [_plain("loss_scaling", f), _plain("bf16_autocast", f)]
     return [_plain("bf16_autocast", f)]
 

@@ -28,6 +28,7 @@ UPDATE_RATIO = "update_ratio"  # also per parameter
 # Per parameter.
 WEIGHT_NORM = "weight_norm"
 WEIGHT_STD = "weight_std"
+LR = "lr"  # the learning rate the optimizer stepped the parameter with (NaN when none was seen)
 
 LAYER_METRICS = (
     ACT_MEAN,
@@ -44,7 +45,7 @@ LAYER_METRICS = (
     NEVER_ACTIVE_FRACTION,
     UPDATE_RATIO,
 )
-PARAM_METRICS = (WEIGHT_NORM, WEIGHT_STD, GRAD_NORM, UPDATE_RATIO)
+PARAM_METRICS = (WEIGHT_NORM, WEIGHT_STD, GRAD_NORM, UPDATE_RATIO, LR)
 
 
 def _opt(v: float | None) -> float:
@@ -78,4 +79,5 @@ def param_metrics(param: ParamStats) -> dict[str, float]:
         WEIGHT_STD: param.weight.std,
         GRAD_NORM: param.grad.norm if param.grad else math.nan,
         UPDATE_RATIO: _opt(param.update_ratio),
+        LR: _opt(param.lr),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import os
 import signal
@@ -21,6 +22,7 @@ from actdiag._version import __version__
 from actdiag.errors import ReportPathError
 from actdiag.fixes import attach_fixes
 from actdiag.hooks import merge as _dist
+from actdiag.hooks.optimizer import OptimizerWatch
 from actdiag.hooks.recorder import Recorder, Selector, unwrap_model
 from actdiag.hooks.stats import DEFAULT_BINS, DEFAULT_SAMPLE_CAP
 from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, layer_metrics, param_metrics
@@ -98,6 +100,17 @@ def _hist_row(record: StepRecord) -> dict[str, Any]:
                 h.counts  # noqa: B018 - read now, so the kept copy does not hold the whole step's arrays
         row[layer.label] = kept
     return row
+
+
+def with_optimizer(record: StepRecord | None, seen: Mapping[str, tuple[float, str]]) -> StepRecord | None:
+    """The record with each parameter's learning rate and optimizer class, as the optimizer step saw them."""
+    if record is None or not seen:
+        return record
+    params = tuple(
+        dataclasses.replace(p, lr=seen[p.name][0], optimizer=seen[p.name][1]) if p.name in seen else p
+        for p in record.params
+    )
+    return dataclasses.replace(record, params=params)
 
 
 class HistoryBuffer:
@@ -254,6 +267,7 @@ class Monitor:
         distributed: bool | None = None,
         process_group: Any = None,
         handle_sigterm: bool = True,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     ) -> None:
         self.model = unwrap_model(model)
         self.thresholds = make_thresholds(thresholds)
@@ -294,6 +308,7 @@ class Monitor:
 
             self.sinks.append(TensorBoardSink(self.logdir))
         self.history_buffer = HistoryBuffer(max_points=max_history)
+        self.optimizers = OptimizerWatch(self.model, optimizer, self.recorder.step_grads)
         self.latest: StepRecord | None = None
         self.steps = 0
         self.recorded_steps = 0
@@ -317,6 +332,7 @@ class Monitor:
         if self._closed:
             raise RuntimeError("this monitor was closed; call actdiag.watch(...) again")
         self._active = True
+        self.optimizers.start()
         self._install_signal_handlers()
         # Without a `with` block nothing else would flush at interpreter exit.
         atexit.register(self._close_at_exit)
@@ -376,6 +392,7 @@ class Monitor:
                         self.recorder.abort()
             finally:
                 self.recorder.abort()
+                self.optimizers.stop()
                 self._active = False
                 self._closed = True
                 atexit.unregister(self._close_at_exit)
@@ -503,12 +520,13 @@ class Monitor:
             return
         try:
             self.recorder.begin(self.steps)
+            self.optimizers.begin()
         except Exception as exc:  # noqa: BLE001
             self._give_up(exc)
 
     def _finish_recorded(self) -> None:
         try:
-            record = self.recorder.end()
+            record = with_optimizer(self.recorder.end(), self.optimizers.end())
             if record is None:
                 return
             self.history_buffer.add(record)
@@ -607,6 +625,7 @@ def watch(
     distributed: bool | None = None,
     process_group: Any = None,
     handle_sigterm: bool = True,
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
 ) -> Monitor:
     """Watch `model` while it trains: `with actdiag.watch(model, every=10, logdir="runs/x") as monitor: ...`.
 
@@ -635,6 +654,8 @@ def watch(
         process_group: the group to merge over (default: the world).
         handle_sigterm: SIGTERM unwinds the `with` block as SystemExit(143) so that what was recorded is flushed,
             and SIGTERM or Ctrl-C arriving while actdiag writes takes effect right after the write.
+        optimizer: the optimizer(s) whose learning rate, kind and stepped gradient the update rules read; None:
+            any optimizer that steps the model's parameters, seen through torch's global optimizer step hooks.
     """
     return Monitor(
         model,
@@ -657,4 +678,5 @@ def watch(
         distributed=distributed,
         process_group=process_group,
         handle_sigterm=handle_sigterm,
+        optimizer=optimizer,
     )

@@ -300,7 +300,9 @@ class LayerStats:
 class ParamStats:
     """One parameter at one recorded step. `update_ratio` is ||w_after - w_before|| / ||w_before|| over the
     optimizer step of the recorded training step (None when updates are not tracked or the weight is zero),
-    over every element, or over a fixed sample of a large weight when `update_ratio_estimated`."""
+    over every element, or over a fixed sample of a large weight when `update_ratio_estimated`. `lr` and
+    `optimizer` are the learning rate and the optimizer class (e.g. "AdamW") of that step, None when no optimizer
+    stepped the parameter while the step was recorded."""
 
     name: str
     shape: tuple[int, ...]
@@ -309,6 +311,8 @@ class ParamStats:
     grad: TensorStats | None = None
     update_ratio: float | None = None
     update_ratio_estimated: bool = False
+    lr: float | None = None
+    optimizer: str | None = None
 
 
 def measured_stats(layers: Iterable[LayerStats], params: Iterable[ParamStats]) -> list[TensorStats]:
@@ -333,7 +337,7 @@ class History:
     `layers[label][metric]` and `params[name][metric]` are aligned with `steps`; NaN marks a step where the value
     was not recorded. Layer metrics: act_mean, act_std, act_abs_max, act_zero_fraction, act_nonfinite, grad_norm,
     grad_std, grad_abs_max, grad_nonfinite, saturation, dead_fraction, never_active_fraction, update_ratio.
-    Param metrics: weight_norm, weight_std, grad_norm, update_ratio.
+    Param metrics: weight_norm, weight_std, grad_norm, update_ratio, lr.
     `activation_histograms[label]` is aligned with `hist_steps` (None where the layer was not recorded).
     """
 

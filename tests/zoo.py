@@ -134,6 +134,41 @@ class ChaoticTanhNet(nn.Sequential):
         return torch.randn(16, self.width, generator=_gen())
 
 
+class DeepVanishingReluNet(nn.Sequential):
+    """20 Linear+ReLU layers with weights N(0, (0.226 / sqrt(width))^2), the CS231n N(0, 0.01^2) experiment at width
+    500: every layer shrinks the forward spread and the backward gradient ~6x, so the first layer's gradient is
+    ~1e-16 of the last's (vanishing_gradient, caused by the activation_collapse it mirrors)."""
+
+    def __init__(self, width: int = 64, depth: int = 20) -> None:
+        super().__init__(*_mlp(width, depth, nn.ReLU, 0.226 / math.sqrt(width)))
+        self.width = width
+
+    def example_input(self) -> torch.Tensor:
+        return torch.randn(16, self.width, generator=_gen())
+
+
+class ExplodingRNN(nn.Module):
+    """Embedding -> ReLU RNN -> linear head over 40 time steps, the recurrent weight orthogonal with gain 2: the
+    gradient reaching the embedding of the early tokens grows ~1.4x per time step, ~1e5-1e6 over the sequence
+    (exploding_gradient on a three-layer network)."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.rnn = nn.RNN(d, hidden, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(hidden, 5)
+        with torch.no_grad():
+            nn.init.orthogonal_(self.rnn.weight_hh_l0, gain=2.0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out[:, -1])
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randint(0, 50, (8, 40), generator=_gen())
+
+
 class Sqrt(nn.Module):
     """Elementwise square root: NaN for negative inputs."""
 
@@ -469,6 +504,8 @@ PATHOLOGIES: dict[type[nn.Module], str] = {
     ExplodingReluNet: "activation_explosion",
     VanishingSigmoidNet: "vanishing_gradient",
     ChaoticTanhNet: "exploding_gradient",
+    DeepVanishingReluNet: "vanishing_gradient",
+    ExplodingRNN: "exploding_gradient",
     NaNNet: "nonfinite",
     HugeActivationNet: "fp16_overflow",
 }

@@ -168,6 +168,10 @@ class Recorder:
         self._kinds: dict[Key, str] = {}
         self._late_params: dict[str, torch.Tensor] = {}
         self._late_queued = False
+        # The gradient an optimizer stepped with is the one kept (see step_grads): which .grad object and version
+        # each parameter's statistics were taken from, and the parameters an optimizer has stepped this step.
+        self._grad_seen: dict[str, tuple[int, int]] = {}
+        self._frozen: set[str] = set()
         self._nograd_calls: dict[str, list[int]] = {}
         self._recomputed: dict[str, int] = {}
         self._stance = False
@@ -276,6 +280,8 @@ class Recorder:
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
+        self._grad_seen = {}
+        self._frozen = set()
         self._nograd_calls = {}
         self._recomputed = {}
         self._calls = {}
@@ -416,7 +422,27 @@ class Recorder:
                 self._late_queued = True
                 self._guard("weight gradients", _queue_callback, self._late_first)
             return
-        self._guard("weight gradients", self._put_stats, Key.param(pname, "grad"), p.grad)
+        if pname not in self._frozen:  # a later backward (a GAN's other loss) did not feed the step taken
+            self._guard("weight gradients", self._put_grad, pname, p.grad)
+
+    def _put_grad(self, pname: str, grad: torch.Tensor) -> None:
+        self._put_stats(Key.param(pname, "grad"), grad)
+        self._grad_seen[pname] = (id(grad), grad._version)
+
+    def step_grads(self, names: Iterable[str]) -> None:
+        """An optimizer is about to step these parameters: keep their gradient as it is now (re-measured if it
+        changed since it was measured: clipped, unscaled, accumulated) and ignore later backward passes of this
+        step, which feed another optimizer's step (a GAN's generator loss reaching the discriminator)."""
+        if not self._recording:
+            return
+        with torch.no_grad():
+            for pname in names:
+                p = self._param_map.get(pname)
+                if p is None or pname in self._frozen or p.grad is None:
+                    continue
+                if self._grad_seen.get(pname) != (id(p.grad), p.grad._version):
+                    self._guard("weight gradients", self._put_grad, pname, p.grad)
+                self._frozen.add(pname)
 
     def _late_first(self) -> None:
         # Runs at the end of backward, but possibly before DDP's callback (queued when its last bucket was ready,
@@ -429,8 +455,8 @@ class Recorder:
         if not self._recording:
             return
         for pname, p in params.items():
-            if p.grad is not None:
-                self._guard("weight gradients", self._put_stats, Key.param(pname, "grad"), p.grad)
+            if p.grad is not None and pname not in self._frozen:
+                self._guard("weight gradients", self._put_grad, pname, p.grad)
 
     def _record_weight(self, pname: str, p: torch.Tensor, before_update: bool) -> None:
         self._put_stats(Key.param(pname, "weight"), p)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from actdiag.records import Finding, History, LayerStats, ParamStats
 from actdiag.rules.activations import dead_relu_findings, saturation_findings, spread_findings
-from actdiag.rules.gradients import gradient_findings
+from actdiag.rules.gradients import gradient_findings, link_causes
 from actdiag.rules.precision import first_nonfinite_index, fp16_findings, nonfinite_findings
 from actdiag.rules.thresholds import DEFAULT_THRESHOLDS, Thresholds
 from actdiag.rules.updates import update_findings
@@ -55,13 +55,14 @@ def diagnose(
     # other rules only look at the layers before it (the NaN is the root cause of whatever comes after).
     cut = first_nonfinite_index(layers)
     clean = layers if cut is None else layers[:cut]
-    found += spread_findings(clean, t)
-    if not found:  # a NaN anywhere (forward or backward) leaves the gradient statistics meaningless
-        found += gradient_findings(clean, t)
+    spread = spread_findings(clean, t)
+    found += spread
+    if not found or found == spread:  # a NaN anywhere (forward or backward) leaves the gradient statistics meaningless
+        found += link_causes(gradient_findings(clean, t), spread)
     found += saturation_findings(clean, t)
     found += dead_relu_findings(clean, history, t)
     found += fp16_findings(clean, history, t)
-    found += update_findings(layers, history, t)
+    found += update_findings(layers, history, t, params)
     return rank(_group(found), layers)
 
 

@@ -8,8 +8,17 @@ from dataclasses import dataclass
 
 from actdiag.metrics import DEAD_FRACTION
 from actdiag.records import Finding, History, LayerStats
-from actdiag.rules._common import DEAD_CAPABLE, REINIT_TYPES, finite, fmt, geo_mean, usable
-from actdiag.rules.thresholds import Thresholds
+from actdiag.rules._common import (
+    ACTIVATION_TYPES,
+    DEAD_CAPABLE,
+    NORM_TYPES,
+    REINIT_TYPES,
+    finite,
+    fmt,
+    geo_mean,
+    usable,
+)
+from actdiag.rules.thresholds import DEFAULT_THRESHOLDS, Thresholds
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +36,23 @@ def spread_chain(layers: Sequence[LayerStats]) -> list[_Point]:
     `nn.ReLU` or `F.relu` must not change the verdict. Layers with no spread (a dead layer, a constant) break the
     chain rather than count as a collapse: dead units are their own finding.
     """
-    return [
+    chain = [
         _Point(i, layer, layer.activation.std)  # type: ignore[union-attr]
         for i, layer in enumerate(layers)
         if layer.weight_name is not None and usable(layer.activation)
     ]
+    if chain and is_head(layers, chain[-1].index):
+        chain.pop()
+    return chain
+
+
+def is_head(layers: Sequence[LayerStats], index: int) -> bool:
+    """Whether the weight layer at `index` is the model's output head: a linear map (Linear, Conv) after which no
+    activation and no other weight layer runs. Its output is sized by the task (ten logits, one score), not by the
+    layers before it, so its spread is no step of a collapse or an explosion."""
+    if layers[index].type not in REINIT_TYPES:
+        return False
+    return all(lay.weight_name is None and lay.type not in ACTIVATION_TYPES for lay in layers[index + 1 :])
 
 
 def _runs(chain: list[_Point], shrinking: bool) -> list[list[_Point]]:
@@ -51,9 +72,8 @@ def _runs(chain: list[_Point], shrinking: bool) -> list[list[_Point]]:
     return runs
 
 
-def weight_gain(layer: LayerStats) -> float | None:
-    """The std gain the layer's weights give a unit-variance input: sqrt(fan_in * E[w^2]). Xavier init makes it
-    about 1, He init sqrt(2); None where the layer is not a plain linear map."""
+def _fans(layer: LayerStats) -> tuple[int, int] | None:
+    """(fan_in, output units) of a plain linear map's weight, from its output shape and weight size."""
     w = layer.weight
     if layer.type not in REINIT_TYPES or w is None or w.count == 0 or not layer.shape:
         return None
@@ -61,24 +81,109 @@ def weight_gain(layer: LayerStats) -> float | None:
     out_units = layer.shape[out_dim] if len(layer.shape) > out_dim else 0
     if out_units <= 0 or w.numel % out_units:
         return None
-    fan_in = w.numel // out_units
-    return math.sqrt(fan_in) * w.rms
+    return w.numel // out_units, out_units
+
+
+def weight_gain(layer: LayerStats) -> float | None:
+    """The std gain the layer's weights give a unit-variance input: sqrt(fan_in * E[w^2]). Xavier init makes it
+    about 1, He init sqrt(2); None where the layer is not a plain linear map."""
+    fans = _fans(layer)
+    if fans is None or layer.weight is None:
+        return None
+    return math.sqrt(fans[0]) * layer.weight.rms
+
+
+def init_gain(layer: LayerStats, code: str, nonlinearity: str) -> float | None:
+    """The gain `weight_gain` would measure after the fix `code` ("he_init" or "xavier_init", as actdiag's snippets
+    apply them: kaiming_normal_ in fan_in mode, xavier_normal_ with tanh's gain 5/3 before tanh)."""
+    fans = _fans(layer)
+    if fans is None:
+        return None
+    fan_in, out_units = fans
+    if code == "he_init":
+        return math.sqrt(2.0)
+    if code == "xavier_init":
+        # A convolution's fan_out also counts its kernel: taken as its fan_in, which it is for square layers.
+        fan_out = out_units if not layer.type.startswith(("Conv", "LazyConv")) else fan_in
+        gain = 5.0 / 3.0 if nonlinearity == "tanh" else 1.0
+        return gain * math.sqrt(2.0 * fan_in / (fan_in + fan_out))
+    return None
+
+
+def already_initialised(
+    layers: Sequence[LayerStats], code: str, nonlinearities: Sequence[str], t: Thresholds = DEFAULT_THRESHOLDS
+) -> bool:
+    """Whether every one of `layers` already has the weight gain that the init fix `code` would give it (within
+    `t.init_match_ratio`): suggesting it would suggest what the model already does."""
+    pairs = [(weight_gain(lay), init_gain(lay, code, nl)) for lay, nl in zip(layers, nonlinearities)]
+    if not pairs or any(m is None or e is None or m <= 0 or e <= 0 for m, e in pairs):
+        return False
+    return all(max(m / e, e / m) <= t.init_match_ratio for m, e in pairs)  # type: ignore[operator]
+
+
+# What may run between two linear maps of a plain feed-forward stack: its activation, dropout, a reshape.
+_PLAIN_BETWEEN = ACTIVATION_TYPES | {"Dropout", "Dropout1d", "Dropout2d", "Identity", "Flatten", "Unflatten"}
+
+
+def _plain_link(layers: Sequence[LayerStats], a: _Point, b: _Point) -> bool:
+    """Whether `b` is the next linear map after `a` in a plain feed-forward stack (Linear/Conv, then only an
+    activation, dropout or a reshape): the setting where a layer's gain alone sets the next layer's spread. Inside
+    residual and normalised blocks the execution order crosses the block's structure (a branch's last layer, then
+    the sum with the skip), so one step there says nothing about the signal."""
+    if a.layer.type not in REINIT_TYPES or b.layer.type not in REINIT_TYPES:
+        return False
+    return all(lay.type in _PLAIN_BETWEEN for lay in layers[a.index + 1 : b.index])
+
+
+def _steep(layers: Sequence[LayerStats], run: list[_Point], shrinking: bool, t: Thresholds) -> list[_Point] | None:
+    """The longest stretch of `run` in which every layer of a plain stack alone shrinks (grows) the spread by more
+    than the steep per-layer factor, if it spans enough layers; else None."""
+    best: list[_Point] = []
+    current: list[_Point] = run[:1]
+    for prev, point in zip(run, run[1:]):
+        step = point.std / prev.std
+        steep = step < t.collapse_steep_gain_below if shrinking else step > 1.0 / t.collapse_steep_gain_below
+        current = [*current, point] if steep and _plain_link(layers, prev, point) else [point]
+        if len(current) > len(best):
+            best = current
+    return best if len(best) - 1 >= t.spread_steep_min_transitions else None
+
+
+def _trend(
+    layers: Sequence[LayerStats], chain: list[_Point], run: list[_Point], shrinking: bool, t: Thresholds
+) -> list[_Point] | None:
+    """The stretch of `run` that is a collapse (explosion), or None: a sustained drift over many layers, or a steep
+    one over a few that no normalisation layer absorbs right after it."""
+    steps = len(run) - 1
+    if steps >= t.spread_min_transitions:
+        total = run[-1].std / run[0].std
+        gain = total ** (1.0 / steps)  # the geometric mean of the step-by-step ratios (they telescope)
+        if shrinking and gain < t.collapse_gain_below and total < t.collapse_total_below:
+            return run
+        if not shrinking and gain > t.explosion_gain_above and total > t.explosion_total_above:
+            return run
+    steep = _steep(layers, run, shrinking, t)
+    if steep is None:
+        return None
+    # A residual branch initialised small (BERT/ViT's N(0, 0.02^2) in a pre-norm block) shrinks the spread steeply
+    # inside the branch, and the next normalisation rescales whatever reaches it: the signal is not lost.
+    after = next((p for p in chain if p.index > steep[-1].index), None)
+    if after is not None and after.layer.type in NORM_TYPES:
+        return None
+    return steep
 
 
 def spread_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding]:
     chain = spread_chain(layers)
     found: list[Finding] = []
     for shrinking in (True, False):
-        for run in _runs(chain, shrinking):
+        for whole in _runs(chain, shrinking):
+            run = _trend(layers, chain, whole, shrinking, t)
+            if run is None:
+                continue
             steps = len(run) - 1
-            if steps < t.spread_min_transitions:
-                continue
             total = run[-1].std / run[0].std
-            gain = total ** (1.0 / steps)  # the geometric mean of the step-by-step ratios (they telescope)
-            if shrinking and not (gain < t.collapse_gain_below and total < t.collapse_total_below):
-                continue
-            if not shrinking and not (gain > t.explosion_gain_above and total > t.explosion_total_above):
-                continue
+            gain = total ** (1.0 / steps)
             first, last = run[0].layer, run[-1].layer
             evidence: dict[str, float] = {
                 "gain_per_layer": gain,
@@ -93,7 +198,8 @@ def spread_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding
             code = "activation_collapse" if shrinking else "activation_explosion"
             verb = "shrinks" if shrinking else "grows"
             # The backward pass mirrors the forward one through the same weights: the gradient shrinks (grows)
-            # towards the input as the activations shrink (grow) towards the output. Same root cause, one finding.
+            # towards the input as the activations shrink (grow) towards the output (reported on its own too, as
+            # vanishing/exploding_gradient linked to this finding).
             echo = ""
             g_first, g_last = first.gradient, last.gradient
             if g_first is not None and g_last is not None and g_first.count and g_last.count and g_last.rms > 0:

@@ -17,6 +17,7 @@ Two ratios are compared, first layer over last layer:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from actdiag.records import Finding, LayerStats
@@ -81,7 +82,7 @@ def gradient_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Findi
     if behind_zero:
         return []
     negligible = g_first.rms < t.vanishing_abs_below <= g_last.rms * t.vanishing_ratio_below
-    if (norm_ratio < t.vanishing_ratio_below and carried < 1.0 / t.unexplained_ratio) or negligible:
+    if norm_ratio < t.vanishing_ratio_below or negligible:
         related = [
             lay.name
             for lay in span
@@ -109,7 +110,7 @@ def gradient_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Findi
                 related=tuple(dict.fromkeys(n for n in related if n != first.name)),
             )
         )
-    if rms_ratio > t.exploding_ratio_above and carried > t.unexplained_ratio:
+    if rms_ratio > t.exploding_ratio_above:
         related = [
             lay.name
             for lay in span
@@ -130,3 +131,21 @@ def gradient_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Findi
             )
         )
     return found
+
+
+# The forward pass a gradient mirrors: a collapse of the activations makes the gradient vanish through the same
+# weights, an explosion makes it explode.
+_CAUSES = {"vanishing_gradient": "activation_collapse", "exploding_gradient": "activation_explosion"}
+
+
+def link_causes(gradient: Sequence[Finding], spread: Sequence[Finding]) -> list[Finding]:
+    """The gradient findings, each naming the spread finding that causes it (its code, in `related`) when there is
+    one: the gradient finding still stands, measured on its own, and the reader sees which problem to fix first."""
+    codes = {f.code for f in spread}
+    out = []
+    for f in gradient:
+        cause = _CAUSES.get(f.code)
+        if cause in codes:
+            f = dataclasses.replace(f, related=(*f.related, cause))
+        out.append(f)
+    return out

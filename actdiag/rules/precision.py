@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from actdiag.records import ExponentHistogram, Finding, History, LayerStats, ParamStats, TensorStats
-from actdiag.rules._common import fmt
+from actdiag.rules._common import REINIT_TYPES, fmt
 from actdiag.rules.thresholds import Thresholds
 
 HALF = "float16"
 # bfloat16 has float32's exponent range: nothing about float16's range applies to it.
 WIDE = frozenset({"float32", "float64"})
+# Layers whose output float16 autocast computes in float16 (matrix products and convolutions: torch's autocast
+# "lower precision" op list). Elementwise layers (activations, normalisation, scaling, dropout) run in the widest
+# input dtype, so a float32 model's tiny outputs of those would stay float32 under autocast.
+AUTOCAST_HALF_TYPES = REINIT_TYPES | {"MultiheadAttention", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"}
 
 
 def _nonfinite(stats: TensorStats | None) -> int:
@@ -116,10 +120,20 @@ def _recent(history: History | None, table: str, label: str, n: int) -> list[Exp
     return [h for h in series[-n:] if h is not None]
 
 
+def _beyond_scaling(h: ExponentHistogram, span: int) -> float:
+    """Share of a histogram's values more than 2**span below its largest binade: no single loss scale brings them
+    into float16's range while keeping the largest value finite. Counted by whole binades, erring towards silence
+    (values in the binade at the limit are not counted)."""
+    top = h.nonzero_range()
+    return 0.0 if top is None else h.fraction_below(top[1] - span)
+
+
 def fp16_findings(layers: Sequence[LayerStats], history: History | None, t: Thresholds) -> list[Finding]:
     """Values that overflow or flush to zero in float16. Tensors computed in float16 (autocast, .half()) are a
-    warning; float32 tensors an info, telling what switching to float16 would do. The latest recorded step and a
-    few before it (watch) are read, so a spike between two reads is not missed."""
+    warning. For float32 tensors the finding is an info, and only where it changes a decision about float16: values
+    that would overflow it, activations that would flush to zero, and gradients that would flush to zero even with
+    loss scaling (the standard float16 recipe rescues every gradient that spans no more than float16 does). The
+    latest recorded step and a few before it (watch) are read, so a spike between two reads is not missed."""
     over: list[tuple[LayerStats, str, float, float]] = []  # layer, which tensor, share at risk, abs max
     under: list[tuple[LayerStats, str, float, float]] = []
     for layer in layers:
@@ -140,7 +154,12 @@ def fp16_findings(layers: Sequence[LayerStats], history: History | None, t: Thre
             o = max(h.fraction_at_least(over_exp) for h in hists)
             if o > t.fp16_overflow_fraction_above:
                 over.append((layer, which, o, stats.abs_max))
-            u = max(h.fraction_below(under_exp) for h in hists)
+            if not half and which == "gradient":
+                u = max(_beyond_scaling(h, t.fp16_scalable_span) for h in hists)
+            elif not half and layer.type not in AUTOCAST_HALF_TYPES:
+                u = 0.0  # computed in float32 under float16 autocast anyway: nothing would flush
+            else:
+                u = max(h.fraction_below(under_exp) for h in hists)
             if u > (t.fp16_underflow_fraction_above if half else t.fp16_underflow_info_fraction_above):
                 under.append((layer, which, u, stats.abs_max))
     found: list[Finding] = []
@@ -155,7 +174,15 @@ def fp16_findings(layers: Sequence[LayerStats], history: History | None, t: Thre
             tail = "overflow float16's maximum 65504 within one doubling" if half else "would overflow in float16"
         else:
             what = f"{share:.1%} of the non-zero {which} values of layer {layer.label}"
-            tail = "are below float16's normal range" if half else "would flush to zero in float16"
+            if half:
+                tail = "are below float16's normal range"
+            elif which == "gradient":
+                tail = (
+                    f"lie more than 2^{t.fp16_scalable_span} below its largest one (max |x| {fmt(amax)}): float16 "
+                    "would flush them to zero even with loss scaling"
+                )
+            else:
+                tail = "would flush to zero in float16"
         others = f" ({len(hits) - 1} more tensor(s) too)" if len(hits) > 1 else ""
         message = f"{what} {tail}{others}."
         found.append(

@@ -34,13 +34,6 @@ class Thresholds:
     """First-layer / last-layer gradient ratio above which gradients explode: AUTOTRAINER's exploding-gradient
     threshold (first-layer gradient norm more than 70 times the last layer's)."""
 
-    unexplained_ratio: float = 10.0
-    """How far the gradient ratio must also stay from 1 once the activation scale is factored out
-    (||g||*||y|| per layer; for ReLU/linear layers this product is what a healthy backward pass conserves).
-    If the forward signal itself shrank or grew by the same factor, the root cause is activation collapse or
-    explosion and it is reported as that, not twice. One order of magnitude: measured here, the products of
-    healthy controls stay within 3x of each other."""
-
     vanishing_abs_below: float = 1e-7
     """Per-element RMS gradient under which a layer's gradient is negligible outright. SageMaker Debugger's
     VanishingGradient rule uses a mean absolute gradient of 1e-7 as its default threshold."""
@@ -51,6 +44,23 @@ class Thresholds:
     layers (6 layers, 5 steps between them): one small or large layer is not a trend. PyTorch's default
     initialisation shrinks the spread by about 0.6x per ReLU layer; measured here, LeNet-5 (five weight layers)
     loses 7-10x that way and trains fine, while the classic six-layer N(0, 0.01^2) tanh MLP must be reported."""
+
+    init_match_ratio: float = 1.1
+    """How close (as a ratio) a layer's measured weight gain sqrt(fan_in) * RMS(w) must be to the gain an
+    initialisation fix would give it for the model to count as already initialised that way, and the fix is not
+    suggested. Xavier (gain 1), He (sqrt 2) and Xavier with tanh's gain (5/3) are at least 18% apart, and PyTorch's
+    default (1/sqrt 3) further still; a sampled RMS is within a few percent."""
+
+    collapse_steep_gain_below: float = 0.25
+    """A collapse over only a few layers of a plain feed-forward stack (linear maps with only an activation between
+    them): every layer alone shrinks the spread by more than 4x (an explosion: grows it by more than 4x). The
+    lecture's 5 x 100 ReLU MLP with N(0, 0.01^2) weights shrinks it ~14x a layer; PyTorch's default initialisation
+    keeps 0.4-0.6 of it a layer before ReLU, and sigmoid's slope of at most 1/4 is the textbook limit of a layer
+    that merely attenuates, so a steeper fall is neither a default nor a side effect."""
+
+    spread_steep_min_transitions: int = 2
+    """Layer-to-layer steps (three weight layers) a steep collapse or explosion must span: one steep step is a
+    change of scale (unnormalised inputs, an embedding), two in a row are the initialisation."""
 
     collapse_gain_below: float = 0.8
     """Geometric-mean per-layer std gain under which the spread collapses. Xavier/He theory keeps the gain at 1;
@@ -109,8 +119,14 @@ class Thresholds:
 
     fp16_underflow_info_fraction_above: float = 0.25
     """The same share for float32 tensors, where the finding is only a note (info) on what float16 would do: chosen
-    here so that a quarter of a layer's gradient must be at stake. Measured here, a small ResNet trained with SGD
-    has ~6% of its logits' gradient below 2**-24 once it grows confident; that is no reason to speak."""
+    here so that a quarter of a layer's activations (or gradient, see `fp16_scalable_span`) must be at stake."""
+
+    fp16_scalable_span: int = 40
+    """Binades between float16's smallest subnormal (2**-24) and its largest value (65504, just under 2**16): a
+    float32 gradient whose values span less than this is brought into float16's range by loss scaling, the standard
+    float16 recipe (Micikevicius et al. 2018; torch.amp.GradScaler), however small it is. Only the share beyond this
+    span below the gradient's largest value is lost in float16 whatever the scale, and only that is reported for
+    float32 gradients."""
 
     # --- updates (rules/updates.py) -----------------------------------------------------------------------------
     update_ratio_above: float = 0.1
@@ -118,22 +134,46 @@ class Thresholds:
     1e-3; 100 times that rewrites a tenth of a layer's weights every step."""
 
     update_ratio_below: float = 1e-6
-    """||dW||/||W|| per step under which a layer has stalled outright (a thousandth of CS231n's healthy 1e-3)."""
+    """||dW||/||W|| per step under which a layer has stalled outright (a thousandth of CS231n's healthy 1e-3). Under
+    a learning-rate schedule the ratio is scaled to the schedule's peak rate first: a rate decayed on purpose is
+    not a stall."""
 
-    stall_decay_below: float = 0.05
-    """Training-time rule: the optimizer's effective step (update ratio divided by gradient/weight ratio) has fallen
-    under this share of its value at the first recorded step while updates are also below `stall_ratio_below`.
-    AdaGrad's effective learning rate lr/sqrt(sum of squared gradients) decays like this by construction
-    (Duchi et al. 2011; Zeiler 2012 introduced Adadelta to stop it)."""
+    update_abs_above: float = 0.1
+    """Per-element RMS of one step above which a parameter that started near zero (see `near_zero_rms_below`) has
+    too large updates: measured against the unit scale that normalisation gains start at (BatchNorm and LayerNorm
+    initialise gamma to 1), this is `update_ratio_above` of that scale."""
+
+    near_zero_rms_below: float = 1e-3
+    """Per-element RMS at the first recorded step under which a parameter counts as initialised near zero and is
+    judged by the absolute size of its steps, not their ratio to its norm (after k steps that ratio is about 1/k at
+    any learning rate). Zero-initialised BatchNorm gains of residual branches (Goyal et al. 2017, torchvision's
+    `zero_init_residual`), ConvNeXt's layer scale of 1e-6 (Liu et al. 2022) and zero biases are under it; Xavier/He
+    initialisation stays above it for any fan-in under a million, and so do the 0.02 of BERT/GPT-style inits."""
+
+    stall_decay_below: float = 0.1
+    """Training-time rule: the optimizer's step per unit of learning rate has fallen under this share of its value
+    at the first recorded step at each of the last two recorded steps, both measured against the gradient (the
+    effective step ||dW|| / (lr ||grad W||)) and on its own (||dW|| / lr), when the optimizer is not known (then
+    the updates must also be under `stall_ratio_below`). AdaGrad's effective learning rate lr/sqrt(sum of squared
+    gradients) falls like this by construction (Duchi et al. 2011; Zeiler 2012 introduced Adadelta to stop it).
+    Known moving averages (RMSProp, Adam) and SGD are never judged by this fall: their first step differs from
+    later ones for other reasons (RMSProp's unwarmed average makes it ~10x larger)."""
+
+    accumulating_decay_below: float = 0.2
+    """The same fall, under an optimizer known to shrink its own step (AdaGrad): a fivefold fall at each of the last
+    two recorded steps is reported with no condition on the ratio itself, because the running sum of squared
+    gradients never shrinks and the fall only continues (like 1/sqrt(steps) with steady gradients: fivefold by
+    ~25 steps, tenfold by ~100, a hundredfold by ~10000); only another optimizer or a higher rate restores it."""
 
     stall_ratio_below: float = 1e-3
-    """Update ratio under which a decaying effective step counts as stalled: CS231n's healthy 1e-3 ("lower than
-    this, the learning rate might be too low"). Measured here (examples/optimizers.py, 3000 steps, first layer):
-    AdaGrad ends with its effective step at ~1% of its first value, while SGD, momentum, Nesterov, RMSProp, Adam
-    and Adadelta keep theirs above 9%."""
+    """Update ratio (at the schedule's peak learning rate) under which a decaying step counts as stalled when the
+    optimizer is not known (a hand-written update, a foreign optimizer class): CS231n's healthy 1e-3 ("lower than
+    this, the learning rate might be too low"). Under AdaGrad the fall alone suffices: its step only keeps
+    falling."""
 
-    min_history: int = 5
-    """Recorded steps needed before trend-based update rules speak."""
+    min_history: int = 4
+    """Recorded steps needed before trend-based update rules speak: the first step and three after it, so that a
+    fall is seen to hold over the last two (a watch recording every 50 steps has them after 150 steps)."""
 
 
 DEFAULT_THRESHOLDS = Thresholds()

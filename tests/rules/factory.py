@@ -62,7 +62,16 @@ def linear(
 
 
 def chain(stds: Sequence[float], grads: Sequence[float] | None = None) -> list[LayerStats]:
-    return [linear(f"fc{i}", s, None if grads is None else grads[i]) for i, s in enumerate(stds)]
+    """Linear layers fc0, fc1, ... with the given output stds, and a GELU after the last (so it is no output head)."""
+    layers = [linear(f"fc{i}", s, None if grads is None else grads[i]) for i, s in enumerate(stds)]
+    return [*layers, activation("out", "GELU", 0.5, count=1000)]
+
+
+def activation(name: str, kind: str, std: float, count: int = 1000) -> LayerStats:
+    """A weightless activation module's output."""
+    return LayerStats(
+        name=name, type=kind, step=0, shape=(10, count // 10), dtype="float32", activation=ts(std, count=count)
+    )
 
 
 def bounded(name: str, saturation: float, kind: str = "Tanh", width: int = 100, batch: int = 10) -> LayerStats:

@@ -22,12 +22,16 @@ def load(name: str) -> ModuleType:
 
 
 def test_weight_init_classic_settings_with_try_fixes() -> None:
-    """The classic settings at a small width (gains matched to 4096 wide): each gives exactly the expected codes,
-    and the first fix of each finding is the expected init, verified on a copy."""
+    """The classic settings at a small width (gains matched to 4096 wide): each gives exactly the expected codes
+    (and, beside a collapse, the vanishing gradient it causes, linked to it), and the first fix of each finding is
+    the expected init, verified on a copy."""
     weight_init = load("weight_init")
     reports = weight_init.run(width=64, try_fixes=True)
     for setting, report in zip(weight_init.SETTINGS, reports, strict=True):
-        assert tuple(f.code for f in report.findings) == setting.expect, setting.name
+        mirrored = [f for f in report.findings if f.code == "vanishing_gradient" and "activation_collapse" in f.related]
+        rest = tuple(f.code for f in report.findings if f not in mirrored)
+        assert rest == setting.expect, setting.name
+        assert not mirrored or setting.expect == ("activation_collapse",), setting.name
         for f in report.findings:
             assert f.fixes[0].code == setting.expect_fix, setting.name
             assert f.fixes[0].verified is True, (setting.name, f.fixes[0].text)
