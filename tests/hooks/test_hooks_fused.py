@@ -99,6 +99,10 @@ def check_random_batch_of_mixed_sizes(device: str) -> None:
     got = fused.fused_stats(xs)
     for k, x in enumerate(xs):
         assert_matches(got, k, x)
+    ten = fused.fused_stats(xs[2:5], bins=10)  # another bin count moves the exponent bins and the last column
+    assert ten.vectors.shape == (3, 6 + 10 + fused.N_EXP)
+    for k, x in enumerate(xs[2:5]):
+        assert_matches(ten, k, x, bins=10)
 
 
 def check_tensors_beyond_max_programs(device: str) -> None:
