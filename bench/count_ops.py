@@ -72,16 +72,17 @@ class _Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _gpt2_layout(smoke: bool) -> bench_step.Workload:
+def _gpt2_layout(smoke: bool, device: str = "cpu") -> bench_step.Workload:
     vocab, ctx, d, layers, heads = (64, 8, 16, 1, 2) if smoke else (50257, 128, 768, 12, 12)
-    idx = torch.randint(0, vocab, (1, ctx + 1), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, vocab, (1, ctx + 1), generator=torch.Generator().manual_seed(1)).to(device)
     inp, tgt = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     return bench_step.Workload(
         "gpt",
         f"GPT-2 small's layout ({layers} layers, d={d}, {heads} heads, vocab {vocab}) at batch 1 x {ctx} tokens",
-        lambda: bench_step.GPT(vocab, ctx, d, layers, heads),
+        lambda: bench_step.GPT(vocab, ctx, d, layers, heads).to(device),
         inp,
         lambda out: F.cross_entropy(out.reshape(-1, vocab), tgt.reshape(-1)),
+        torch.device(device),
     )
 
 
@@ -196,8 +197,7 @@ def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
         sample_cap = rec.sample_cap
     measuring = counter.part_ops
     rest = counter.ops - plain[0] - measuring
-    # Run on CUDA, the kernels read copies of the tensors there (made before counting; strides are kept).
-    supported = [t.to("cuda") if run else t for t in captured if fused.fused_supported(t)]
+    supported = [t for t in captured if fused.fused_supported(t)]
     others = [t for t in captured if not fused.fused_supported(t)]
     other_ops = launched(lambda: [tensor_stats(t, sync_free=True) for t in others]) if others else 0
 
@@ -254,7 +254,9 @@ def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str
     for name in [m for m in args.models.split(",") if m]:
         if name not in ("mlp", "cnn", "gpt"):
             raise ValueError(f"unknown model {name!r}; choose from mlp, cnn, gpt")
-        load = _gpt2_layout(args.smoke) if name == "gpt" else bench_step.workload(name, args.smoke)
+        # Run on CUDA, the models train there too (the plain step's ops are then the GPU's: AdamW's foreach path).
+        dev = "cuda" if run else "cpu"
+        load = _gpt2_layout(args.smoke, dev) if name == "gpt" else bench_step.workload(name, args.smoke, dev)
         got = count_fused(load, run)
         n, plain, rest = got["tensors"], got["plain"], got["rest"]
         cells = [f"{name}: {load.description}", str(plain), str(n), str(rest + got["measuring"]),

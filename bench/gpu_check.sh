@@ -46,9 +46,9 @@ stage() {  # stage NAME SECONDS COMMAND...
 }
 
 # bench_step.py writes its table after each model: a run cut short by its limit keeps what it measured.
-stage "kernel correctness" 75 python -m pytest -q -p no:cacheprovider -m gpu tests/hooks
+stage "kernel correctness" 90 python -m pytest -q -p no:cacheprovider -m gpu tests/hooks
 stage "steps" 270 python bench/bench_step.py --device cuda --rounds 4 --warmup 5 --peer-block 2 --write "$out"
-stage "launches" 75 python bench/count_ops.py --fused --device cuda --write "$out"
+stage "launches" 60 python bench/count_ops.py --fused --device cuda --write "$out"
 stage "fused kernel time" 40 python bench/bench_fused.py --write "$out"
 
 echo "gpu_check.sh: ${SECONDS}s in all; tables written to ${out}"
