@@ -22,12 +22,14 @@ Three kernel launches per call, whatever the number of tensors:
    `stats._masked_counts`: min and max scaled by a power of two, `floor((x * inv - lo) * bins / span)`.
 
 Bytes read per element: two reads of the tensor (2 x its element size: 8 for float32, 4 for float16/bfloat16),
-plus the partials (`PARTIAL_BYTES` per program of at least `CHUNK` elements: under 0.07 byte per element). A batch
+plus the partials (`PARTIAL_BYTES` per program; a tensor of n >= CHUNK elements has at most n / CHUNK programs,
+so under 0.07 byte per element). Whole blocks are read without a mask, so that the loads are vectorised. A batch
 needs one small table (where each tensor starts, its size, its programs): it is built on the host, copied to the
-device once and cached, keyed by the tensors' sizes and their offsets from the first one's memory (a batch of rows
-of one buffer, the same from step to step, hits the cache; so does any single contiguous tensor of a known size).
-Non-contiguous tensors are made contiguous first (a copy), float64 and integer tensors are not taken (the torch
-path measures them: `fused_supported`).
+device in one asynchronous copy from pinned memory and cached, keyed by the tensors' sizes and their offsets from
+the first one's memory (a batch of rows of one buffer, the same from step to step, hits the cache; so does any
+single contiguous tensor of a known size). Non-contiguous tensors are made contiguous first (a copy); a batch of
+several dtypes makes one set of launches per dtype; float64 and integer tensors are not taken (the torch path
+measures them: `fused_supported`).
 
 Selection: `fused_available(device)` is true on CUDA when triton imports; `ACTDIAG_FUSED=1` forces it on any device,
 `ACTDIAG_FUSED=0` turns it off. On CPU tensors the kernels run only in Triton's interpreter (TRITON_INTERPRET=1, set
@@ -53,12 +55,12 @@ DEFAULT_BINS = 64
 # A program reads at least CHUNK elements in blocks of BLOCK. BLOCK is a few registers per thread of a 4-warp
 # program; CHUNK keeps each program's partials (PARTIAL_BYTES) small beside the bytes it reads, and a large tensor's
 # programs many enough to fill a GPU (a 2**20-element tensor gets 64). Beyond MAX_PROGRAMS x CHUNK elements a tensor
-# keeps MAX_PROGRAMS programs, each reading more: one program of _combine_kernel merges them all.
+# keeps MAX_PROGRAMS programs, each reading more: one program of combine_kernel merges them all.
 BLOCK = 1024
 CHUNK = 16 * BLOCK
 MAX_PROGRAMS = 1024
-PARTIAL_BYTES = 7 * 8 + 256 * 4  # what each program writes for _combine_kernel to read
-_PARTIAL_BLOCK = 16  # partials merged per step of _combine_kernel ([16, 256] histogram counts in registers)
+PARTIAL_BYTES = 7 * 8 + 256 * 4  # what each program writes for combine_kernel to read
+_PARTIAL_BLOCK = 16  # partials merged per step of combine_kernel ([16, 256] histogram counts in registers)
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 ENV_SWITCH = "ACTDIAG_FUSED"
 
@@ -234,7 +236,12 @@ def _plan(offsets: Sequence[int], numels: Sequence[int], rows: Sequence[int], de
     # Vector loads need every tensor to start on a 16-element boundary of the first (true of rows of one buffer
     # whose width is a multiple of 16, and of any single tensor).
     aligned = bool((table[0] % 16 == 0).all())
-    plan = _Plan(_to_device(table, device), _to_device(progs, device), len(tensor_of), aligned)
+    # One copy for both; the programs' part starts 16-byte aligned, like any tensor (one compiled variant).
+    skip = table.size + table.size % 2
+    both = _to_device(
+        np.concatenate([table.reshape(-1), np.zeros(skip - table.size, np.int64), progs.reshape(-1)]), device
+    )
+    plan = _Plan(both[: table.size], both[skip:], len(tensor_of), aligned)
     _PLANS[key] = plan
     if len(_PLANS) > _MAX_PLANS:
         _PLANS.popitem(last=False)
