@@ -8,7 +8,7 @@ elements, and batches of many small tensors (a deep narrow model's activations).
 over repeated calls between two `torch.cuda.synchronize()`, so it includes the host's launch cost, which is what
 small tensors pay. Beside it: the bytes the kernel reads (two reads of every element, see the module docstring of
 `actdiag.hooks.fused`) over that time, the floor (every element read once at the device's read bandwidth, measured
-as in bench/bench_step.py) and the torch path (`stats.tensor_stats(x, sync_free=True)` per tensor, exact, the
+as in bench/bench_step.py) and the torch path (`stats.tensor_stats(x, path="device")` per tensor, exact, the
 device path's code for a large tensor in its hook).
 """
 
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         elems = sum(n for n, _ in spec)
         nbytes = sum(x.numel() * x.element_size() for x in xs)
         t_fused = per_call(lambda xs=xs: fused.fused_stats(xs), device, budget)
-        t_torch = per_call(lambda xs=xs: [tensor_stats(x, sync_free=True) for x in xs], device, budget)
+        t_torch = per_call(lambda xs=xs: [tensor_stats(x, path="device") for x in xs], device, budget)
         floor = nbytes / bandwidth
         rows.append([label, f"{elems:,}", f"{t_fused * 1e6:.1f}", f"{2 * nbytes / t_fused / 1e9:.1f}",
                      f"{floor / t_fused:.2f}", f"{t_torch * 1e6:.1f}", f"{t_torch / t_fused:.1f}x"])  # fmt: skip

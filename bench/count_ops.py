@@ -13,14 +13,14 @@ Op counts do not depend on batch or sequence sizes, so the GPT row uses GPT-2 sm
 too but launch nothing; the table counts them apart.
 
 `--fused` counts what the fused kernel (`actdiag.hooks.fused`) would launch for the same tensors, on the exact path
-(`exact=True`): the tensors a recorded step measures are captured where the recorder measures them, and the ops the
-recorder spends measuring them (its `_put_stats` and the end-of-step batch) are counted apart, to be replaced by the
-fused path's. A Triton launch is not an ATen op: `fused._launch` is wrapped to count them, and on the CPU the
-kernels are counted, not run (launches are decided on the host before any kernel runs, so the count is the GPU's).
-Two ways to use the kernel are counted: each tensor measured alone in its hook, and the device batch's way (a small
-tensor copied into a row in its hook, all rows measured by one call when the step ends; large tensors alone).
-Bytes read per element follow from the kernel's design: two reads of each element (moments and exponent histogram,
-then the linear histogram), the programs' partials (`fused.PARTIAL_BYTES` for each of a tensor's
+(`accuracy="exact"`): the tensors a recorded step measures are captured where the recorder measures them, and the
+ops the recorder spends measuring them (its `_put_stats` and the end-of-step batch) are counted apart, to be
+replaced by the fused path's. A Triton launch is not an ATen op: `fused._launch` is wrapped to count them, and on
+the CPU the kernels are counted, not run (launches are decided on the host before any kernel runs, so the count is
+the GPU's). Two ways to use the kernel are counted: each tensor measured alone in its hook, and the device batch's
+way (a small tensor copied into a row in its hook, all rows measured by one call when the step ends; large tensors
+alone). Bytes read per element follow from the kernel's design: two reads of each element (moments and exponent
+histogram, then the linear histogram), the programs' partials (`fused.PARTIAL_BYTES` for each of a tensor's
 `fused.programs(n)` programs, written once and read once), and one more read of a non-contiguous tensor made
 contiguous (its copy is then read twice).
 """
@@ -165,7 +165,7 @@ def _counted_part(counter: _Counter, fn: Callable[..., Any]) -> Callable[..., An
 
 
 def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
-    """One recorded step on the exact path (every=1, exact=True): its ops apart from measuring the tensors, the
+    """One recorded step on the exact path (every=1, accuracy="exact"): its ops apart from measuring the tensors, the
     tensors it measures, and the fused path's ops and launches for them, both ways (module docstring)."""
     from actdiag.hooks import fused
 
@@ -175,14 +175,14 @@ def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
     bench_step.train_step(model, opt, load)
     plain = counted(lambda: bench_step.train_step(model, opt, load))
     captured: list[torch.Tensor] = []
-    with actdiag.watch(model, every=1, exact=True) as monitor:
+    with actdiag.watch(model, every=1, accuracy="exact") as monitor:
         rec = monitor.recorder
-        rec.sync_free = True
+        rec.path = "device"
         for _ in range(2):
             bench_step.train_step(model, opt, load)
             monitor.step()
         counter = _Counter()
-        put, finish = rec._put_stats, rec._dbatch.finish
+        put, finish = rec._put_stats, rec._device_batch.finish
 
         def put_stats(key: Any, t: torch.Tensor, *args: Any, **kwargs: Any) -> None:
             put(key, t, *args, **kwargs)
@@ -190,7 +190,7 @@ def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
                 captured.append(t.detach())
 
         rec._put_stats = _counted_part(counter, put_stats)
-        rec._dbatch.finish = _counted_part(counter, finish)
+        rec._device_batch.finish = _counted_part(counter, finish)
         with counter:
             bench_step.train_step(model, opt, load)
             monitor.step()
@@ -199,7 +199,7 @@ def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
     rest = counter.ops - plain[0] - measuring
     supported = [t for t in captured if fused.fused_supported(t)]
     others = [t for t in captured if not fused.fused_supported(t)]
-    other_ops = launched(lambda: [tensor_stats(t, sync_free=True) for t in others]) if others else 0
+    other_ops = launched(lambda: [tensor_stats(t, path="device") for t in others]) if others else 0
 
     def alone() -> None:
         for t in supported:

@@ -4,8 +4,8 @@
 its finite values: count, mean, m2 (sum of squared deviations from the mean), min, max, the zero count, the
 non-finite count, the exponent histogram (float32 biased exponents 0..254 of the non-zero finite values; see
 `actdiag.records.E_LOW`) and a linear histogram of `bins` bins between min and max. It returns one float64 row per
-tensor in the vector layout of `actdiag.hooks.stats.tensor_stats` (`FusedStats.vectors`), so that the recorder can
-use the rows where it uses `tensor_stats`' vectors; nothing is read back to the host.
+tensor in the vector layout of `actdiag.hooks.stats.tensor_stats` (`layout.STATS`; `FusedStats.vectors`), so that
+the recorder can use the rows where it uses `tensor_stats`' vectors; nothing is read back to the host.
 
 Three kernel launches per call, whatever the number of tensors:
 
@@ -48,9 +48,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from actdiag.records import E_HIGH, E_LOW
+from actdiag.hooks.layout import N_EXP, STATS
 
-N_EXP = E_HIGH - E_LOW + 1  # 255 float32 binades: biased exponents 0 (subnormal) .. 254
 DEFAULT_BINS = 64
 # A program reads at least CHUNK elements in blocks of BLOCK. BLOCK is a few registers per thread of a 4-warp
 # program; CHUNK keeps each program's partials (PARTIAL_BYTES) small beside the bytes it reads, and a large tensor's
@@ -83,21 +82,21 @@ class Columns:
 
 
 def columns(bins: int) -> Columns:
-    """The row layout: the vector of `stats.tensor_stats` ([count, mean, m2, min, max, zero_count, lin_0..lin_{B-1},
-    exp_0..exp_254]) followed by the non-finite count. The one place that knows the vector layout: to follow a named
-    layout, map its slot indices here (e.g. `count=STATS.COUNT`, `lin=STATS.head`)."""
-    head = 6
+    """The row layout: the statistics vector of `layout.STATS` (its named slots, `bins` linear bins, the exponent
+    bins), then the non-finite count, which the vector leaves to `numel - count`. The kernels take every column
+    from here; a layout with slots of its own kernels (`Layout.with_slot`) is filled by `with_extra_slots`."""
+    head = STATS.head
     return Columns(
-        count=0,
-        mean=1,
-        m2=2,
-        min=3,
-        max=4,
-        zero_count=5,
+        count=STATS.index("count"),
+        mean=STATS.index("mean"),
+        m2=STATS.index("m2"),
+        min=STATS.index("min"),
+        max=STATS.index("max"),
+        zero_count=STATS.index("zero_count"),
         lin=head,
         exp=head + bins,
-        nonfinite=head + bins + N_EXP,
-        width=head + bins + N_EXP + 1,
+        nonfinite=STATS.length(bins),
+        width=STATS.length(bins) + 1,
     )
 
 
@@ -114,7 +113,7 @@ class FusedStats:
     nonfinite: torch.Tensor  # [K] NaN and +-Inf
     lin: torch.Tensor  # [K, bins] linear histogram between min and max (a constant tensor: all in bin 0)
     exp: torch.Tensor  # [K, N_EXP] exponent histogram of the finite non-zero values
-    vectors: torch.Tensor  # [K, 6 + bins + N_EXP] the layout of stats.tensor_stats (views of the same memory)
+    vectors: torch.Tensor  # [K, STATS.length(bins)] the vectors of stats.tensor_stats (views of the same memory)
 
 
 def split_rows(rows: torch.Tensor, bins: int) -> FusedStats:
@@ -282,7 +281,7 @@ def fused_stats(tensors: Sequence[torch.Tensor], *, bins: int = DEFAULT_BINS) ->
 
 
 def fused_vectors(tensors: Sequence[torch.Tensor], *, bins: int = DEFAULT_BINS) -> torch.Tensor:
-    """[K, 6 + bins + N_EXP] float64: each tensor's vector in the layout of `stats.tensor_stats`, computed by the
+    """[K, STATS.length(bins)] float64: each tensor's vector as `stats.tensor_stats` lays it out, computed by the
     fused kernels (row k is what `tensor_stats(tensors[k], bins=bins, sample_cap=numel)` gives, up to rounding)."""
     return fused_stats(tensors, bins=bins).vectors
 

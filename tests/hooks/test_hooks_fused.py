@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from actdiag.hooks import fused
+from actdiag.hooks.layout import STATS
 
 ROOT = Path(__file__).resolve().parents[2]
 BINS = fused.DEFAULT_BINS
@@ -100,7 +101,7 @@ def check_random_batch_of_mixed_sizes(device: str) -> None:
     for k, x in enumerate(xs):
         assert_matches(got, k, x)
     ten = fused.fused_stats(xs[2:5], bins=10)  # another bin count moves the exponent bins and the last column
-    assert ten.vectors.shape == (3, 6 + 10 + fused.N_EXP)
+    assert ten.vectors.shape == (3, STATS.length(10))
     for k, x in enumerate(xs[2:5]):
         assert_matches(ten, k, x, bins=10)
 
@@ -214,7 +215,7 @@ def check_vectors_follow_the_stats_layout(device: str) -> None:
     xs = [torch.randn(3000, generator=g) * 0.1 + 0.3, torch.tensor([0.0, -1.0, 2.0, math.nan, 0.0, 5.0])]
     vecs = fused.fused_vectors([x.to(device) for x in xs]).cpu()
     for k, x in enumerate(xs):
-        want, meta = tensor_stats(x, sync_free=True, sample_cap=x.numel())
+        want, meta = tensor_stats(x, path="device", sample_cap=x.numel())
         assert vecs[k].shape == (meta.length,)
         torch.testing.assert_close(vecs[k, :6], want[:6], rtol=1e-5, atol=1e-6)
         assert torch.equal(vecs[k, 6:], want[6:])  # both histograms, bin for bin
