@@ -6,17 +6,31 @@ arithmetic, can set what a recorded step costs. This is the one GPU figure that 
     python bench/count_ops.py                      # mlp, cnn and GPT-2 small's layout
     python bench/count_ops.py --models gpt --write BENCHMARKS.md
     python bench/count_ops.py --smoke              # seconds; what tests/bench/test_bench_smoke.py runs
+    python bench/count_ops.py --fused --write BENCHMARKS.md   # the fused Triton kernel's launches (needs triton)
 
 Op counts do not depend on batch or sequence sizes, so the GPT row uses GPT-2 small's layout (12 layers, d=768,
 12 heads, vocab 50257, untied head) at batch 1 and 128 tokens. Views (reshape, select, slice, detach) are ATen ops
 too but launch nothing; the table counts them apart.
+
+`--fused` counts what the fused kernel (`actdiag.hooks.fused`) would launch for the same tensors, on the exact path
+(`accuracy="exact"`): the tensors a recorded step measures are captured where the recorder measures them, and the
+ops the recorder spends measuring them (its `_put_stats` and the end-of-step batch) are counted apart, to be
+replaced by the fused path's. A Triton launch is not an ATen op: `fused._launch` is wrapped to count them, and on
+the CPU the kernels are counted, not run (launches are decided on the host before any kernel runs, so the count is
+the GPU's). Two ways to use the kernel are counted: each tensor measured alone in its hook, and the device batch's
+way (a small tensor copied into a row in its hook, all rows measured by one call when the step ends; large tensors
+alone). Bytes read per element follow from the kernel's design: two reads of each element (moments and exponent
+histogram, then the linear histogram), the programs' partials (`fused.PARTIAL_BYTES` for each of a tensor's
+`fused.programs(n)` programs, written once and read once), and one more read of a non-contiguous tensor made
+contiguous (its copy is then read twice).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +41,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import actdiag
+from actdiag.hooks.stats import tensor_stats
 from actdiag.monitor import DEFAULT_EVERY
 from actdiag.records import measured_stats
 
+# Ops that allocate without writing (no kernel on a GPU); the --fused counts leave them out.
+_ALLOCS = {"empty", "empty_strided", "new_empty", "new_empty_strided"}
 # Ops that return a view of their input (no kernel, no allocation).
 _VIEWS = {"detach", "view", "_unsafe_view", "reshape", "select", "slice", "alias", "as_strided", "expand", "t",
           "unsqueeze", "squeeze", "permute", "transpose", "unbind", "split", "lift_fresh"}  # fmt: skip
@@ -40,6 +57,9 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.ops = 0
         self.views = 0
+        self.inside = 0  # > 0 while a wrapped part of the recorder runs (see _counted_part)
+        self.part_ops = 0  # ops made inside it
+        self.allocs = 0  # ops that are allocations (counted in `ops` too)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
@@ -47,19 +67,22 @@ class _Counter(TorchDispatchMode):
             self.views += 1
         else:
             self.ops += 1
+            self.part_ops += self.inside > 0
+            self.allocs += name in _ALLOCS
         return func(*args, **(kwargs or {}))
 
 
-def _gpt2_layout(smoke: bool) -> bench_step.Workload:
+def _gpt2_layout(smoke: bool, device: str = "cpu") -> bench_step.Workload:
     vocab, ctx, d, layers, heads = (64, 8, 16, 1, 2) if smoke else (50257, 128, 768, 12, 12)
-    idx = torch.randint(0, vocab, (1, ctx + 1), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, vocab, (1, ctx + 1), generator=torch.Generator().manual_seed(1)).to(device)
     inp, tgt = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     return bench_step.Workload(
         "gpt",
         f"GPT-2 small's layout ({layers} layers, d={d}, {heads} heads, vocab {vocab}) at batch 1 x {ctx} tokens",
-        lambda: bench_step.GPT(vocab, ctx, d, layers, heads),
+        lambda: bench_step.GPT(vocab, ctx, d, layers, heads).to(device),
         inp,
         lambda out: F.cross_entropy(out.reshape(-1, vocab), tgt.reshape(-1)),
+        torch.device(device),
     )
 
 
@@ -69,6 +92,13 @@ def counted(fn: Callable[[], Any]) -> tuple[int, int]:
     with _Counter() as c:
         fn()
     return c.ops, c.views
+
+
+def launched(fn: Callable[[], Any]) -> int:
+    """ATen ops of one call of `fn` that launch a kernel on a GPU: neither views nor allocations."""
+    with _Counter() as c:
+        fn()
+    return c.ops - c.allocs
 
 
 def count(load: bench_step.Workload, every: int) -> dict[str, Any]:
@@ -98,12 +128,168 @@ def count(load: bench_step.Workload, every: int) -> dict[str, Any]:
     return {"plain": plain, "extra": (watched[0] - plain[0], watched[1] - plain[1]), "tensors": tensors}
 
 
+# ---------------------------------------------------------------------------------------------------- --fused
+@contextlib.contextmanager
+def _fused_launches(run: bool) -> Iterator[list[str]]:
+    """Count the fused kernel's launches (the kernels' names, in order); `run=False` counts without running them
+    (no GPU: the kernels would need Triton's interpreter, far too slow for a whole model's tensors)."""
+    from unittest import mock
+
+    from actdiag.hooks import fused
+
+    launches: list[str] = []
+    real = fused._launch
+
+    def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        launches.append(getattr(kernel, "__name__", str(kernel)))
+        if run:
+            real(kernel, grid, *args, **kwargs)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(fused, "_launch", launch))
+        if not run:
+            names = ("moments_kernel", "combine_kernel", "linear_kernel")
+            stack.enter_context(mock.patch.object(fused, "_kernels", lambda device: names))
+        yield launches
+
+
+def _counted_part(counter: _Counter, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        counter.inside += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counter.inside -= 1
+
+    return wrapped
+
+
+def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
+    """One recorded step on the exact path (every=1, accuracy="exact"): its ops apart from measuring the tensors, the
+    tensors it measures, and the fused path's ops and launches for them, both ways (module docstring)."""
+    from actdiag.hooks import fused
+
+    torch.manual_seed(0)
+    model = load.build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bench_step.train_step(model, opt, load)
+    plain = counted(lambda: bench_step.train_step(model, opt, load))
+    captured: list[torch.Tensor] = []
+    with actdiag.watch(model, every=1, accuracy="exact") as monitor:
+        rec = monitor.recorder
+        rec.path = "device"
+        for _ in range(2):
+            bench_step.train_step(model, opt, load)
+            monitor.step()
+        counter = _Counter()
+        put, finish = rec._put_stats, rec._device_batch.finish
+
+        def put_stats(key: Any, t: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            put(key, t, *args, **kwargs)
+            if key not in rec._aliases:  # an alias is a tensor measured already: nothing to compute
+                captured.append(t.detach())
+
+        rec._put_stats = _counted_part(counter, put_stats)
+        rec._device_batch.finish = _counted_part(counter, finish)
+        with counter:
+            bench_step.train_step(model, opt, load)
+            monitor.step()
+        sample_cap = rec.sample_cap
+    measuring = counter.part_ops
+    rest = counter.ops - plain[0] - measuring
+    supported = [t for t in captured if fused.fused_supported(t)]
+    others = [t for t in captured if not fused.fused_supported(t)]
+    other_ops = launched(lambda: [tensor_stats(t, path="device") for t in others]) if others else 0
+
+    def alone() -> None:
+        for t in supported:
+            fused.fused_stats([t])
+
+    def batched() -> None:
+        small = [t.reshape(-1) for t in supported if t.numel() <= sample_cap]
+        if small:  # the hook's copy into a row, then one call for every row when the step ends
+            buf = torch.empty((len(small), sample_cap), dtype=torch.float32, device=small[0].device)
+            views = []
+            for k, t in enumerate(small):
+                buf[k, : t.numel()].copy_(t)
+                views.append(buf[k, : t.numel()])
+            fused.fused_stats(views)
+        for t in supported:
+            if t.numel() > sample_cap:
+                fused.fused_stats([t])
+
+    ways = {}
+    with _fused_launches(run) as launches:
+        for name, fn in (("alone", alone), ("batched", batched)):
+            fn()  # the tables planned and cached, as from the second recorded step on
+            launches.clear()
+            ops = launched(fn)
+            ways[name] = (ops, len(launches))
+    elems = sum(t.numel() for t in supported)
+    copied = sum(t.numel() for t in supported if not t.is_contiguous())
+    programs = sum(fused.programs(t.numel()) for t in supported)
+    read = 2 * elems * 4 + copied * 4 + programs * fused.PARTIAL_BYTES
+    return {
+        "plain": plain[0],
+        "rest": rest,
+        "measuring": measuring,
+        "tensors": len(captured),
+        "unsupported": (len(others), other_ops),
+        "ways": ways,
+        "bytes_per_element": read / max(elems, 1),
+    }
+
+
+def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
+    from actdiag.hooks import fused
+
+    if fused._triton() is None:
+        raise SystemExit("--fused needs triton: pip install 'actdiag[gpu]'")
+    run = torch.cuda.is_available() and args.device == "cuda"
+    header = ["model", "plain step: ops", "tensors measured", "actdiag's ops today", "of which measuring",
+              "fused, each tensor alone: ATen ops + Triton launches", "per tensor", "actdiag's ops with it",
+              "fused, batched: ATen ops + Triton launches", "per tensor", "actdiag's ops with it",
+              "bytes read per float32 element"]  # fmt: skip
+    rows = []
+    for name in [m for m in args.models.split(",") if m]:
+        if name not in ("mlp", "cnn", "gpt"):
+            raise ValueError(f"unknown model {name!r}; choose from mlp, cnn, gpt")
+        # Run on CUDA, the models train there too (the plain step's ops are then the GPU's: AdamW's foreach path).
+        dev = "cuda" if run else "cpu"
+        load = _gpt2_layout(args.smoke, dev) if name == "gpt" else bench_step.workload(name, args.smoke, dev)
+        got = count_fused(load, run)
+        n, plain, rest = got["tensors"], got["plain"], got["rest"]
+        cells = [f"{name}: {load.description}", str(plain), str(n), str(rest + got["measuring"]),
+                 str(got["measuring"])]  # fmt: skip
+        for way in ("alone", "batched"):
+            ops, launches = got["ways"][way]
+            total = ops + launches + got["unsupported"][1]
+            cells += [
+                f"{ops} + {launches}",
+                f"{total / max(n, 1):.2f}",
+                f"{rest + total} ({(rest + total) / plain:.2f}x)",
+            ]
+        cells.append(f"{got['bytes_per_element']:.2f}")
+        rows.append(cells)
+        print(" | ".join(cells), file=sys.stderr, flush=True)
+    how = "run on CUDA" if run else "counted on the host, not run"
+    lines = [f"Command: `{_common.command(__file__, argv)}` (kernels {how})", ""]
+    lines += _common.machine_lines()[3:4]
+    lines += ["", *_common.markdown_table(header, rows)]
+    return _common.publish(lines, args.write, "bench:ops-fused")
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="mlp,cnn,gpt", help="comma-separated: mlp, cnn, gpt (GPT-2 small's layout)")
     p.add_argument("--smoke", action="store_true", help="tiny models")
     p.add_argument("--write", type=Path, default=None, help="replace the op-count table in this Markdown file")
+    p.add_argument("--fused", action="store_true", help="count the fused Triton kernel's launches (needs triton)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="with --fused: cuda runs the kernels while counting (the counts are the same)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.fused:
+        return fused_main(args, argv)
     header = ["model", "plain step: ops (+ views)", "tensors measured", "interval", "actdiag's ops (+ views)",
               "ops per tensor", "ops vs the plain step"]  # fmt: skip
     rows = []

@@ -13,7 +13,8 @@ WRITTEN = {
     "bench_step.py": ("bench:steps", "bench:targets", "bench:gpu-steps", "bench:gpu-targets"),
     "bench_reports.py": ("bench:reports",),
     "bench_kernel.py": ("bench:kernel",),
-    "count_ops.py": ("bench:ops",),
+    "count_ops.py": ("bench:ops", "bench:ops-fused"),
+    "bench_fused.py": ("bench:gpu-fused",),
 }
 
 
