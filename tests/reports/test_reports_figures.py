@@ -18,8 +18,6 @@ from actdiag.records import E_LOW, ExponentHistogram, Histogram, History, Report
 from actdiag.reports.figures import (
     RIDGE_ROWS_PER_PAGE,
     ZERO_ROW,
-    _axis_moves,
-    _log_label,
     distribution_over_time,
     draw_depth_histograms,
     draw_distribution_over_time,
@@ -34,6 +32,8 @@ from actdiag.reports.figures import (
     select_layers,
     shared_value_range,
 )
+from actdiag.reports.figures._axes import _log_label
+from actdiag.reports.figures._svg import _axis_moves
 
 from .conftest import PathologyNet, pathology_run
 
