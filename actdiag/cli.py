@@ -32,7 +32,7 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 FAIL_ON = ("never", "info", "warning", "error")
-# Kept in step with actdiag.loading.DTYPES (a test checks): importing that module here would import torch.
+# Kept in step with actdiag.inputs.DTYPES (a test checks): importing that module here would import torch.
 INPUT_DTYPES = (
     "float32",
     "float",

@@ -10,6 +10,8 @@ A file TARGET is executed like `python path/model.py`: its folder goes first on 
 `from __future__ import annotations` look their module up there) -- but that name is not `"__main__"`, so the
 file's `if __name__ == "__main__":` block does not run. Everything is restored when the run ends, and the modules
 the file imported from its own folder are forgotten, so loading another file with a sibling of the same name works.
+
+The model's inputs come from `actdiag.inputs`, a --checkpoint is read by `actdiag.checkpoint`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import importlib.util
 import inspect as pyinspect
 import itertools
 import os
-import pickle
 import random
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -34,8 +35,9 @@ import torch
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
+from actdiag.checkpoint import load_checkpoint
 from actdiag.errors import TargetError
-from actdiag.hooks.recorder import first_tensor
+from actdiag.inputs import example_inputs, synthetic_inputs, to_device, with_target
 from actdiag.inspection import Inputs, LossFn, inspect
 from actdiag.records import Report
 from actdiag.usercode import (
@@ -46,33 +48,12 @@ from actdiag.usercode import (
     display_path,
     exc_text,
     exit_text,
+    needs_args,
     run_user,
     user_location,
 )
 
 FACTORIES = ("build_model", "get_model", "create_model")
-CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
-# Prefixes that wrappers add to every key: DistributedDataParallel/DataParallel ("module."), a LightningModule
-# holding the network as `self.model` ("model."), torch.compile's OptimizedModule ("_orig_mod.").
-CHECKPOINT_PREFIXES = ("module.", "model.", "_orig_mod.")
-
-DTYPES: Mapping[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float64": torch.float64,
-    "double": torch.float64,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "long": torch.int64,
-    "int32": torch.int32,
-    "int": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"{_IDENT}(\.{_IDENT})*")
@@ -228,19 +209,6 @@ def _import_stage(what: str, module_target: str | None = None) -> Stage:
 
 
 # --------------------------------------------------------------------------------------------------- discovery
-def _needs_args(obj: Any) -> list[str] | None:
-    """The required parameters of calling `obj()` with no arguments ([] when none), None when unknown."""
-    try:
-        sig = pyinspect.signature(obj)
-    except (TypeError, ValueError):
-        return None
-    return [
-        p.name
-        for p in sig.parameters.values()
-        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
-
-
 def _is_module_class(v: Any) -> bool:
     return isinstance(v, type) and issubclass(v, nn.Module) and not issubclass(v, _Loss)
 
@@ -257,7 +225,7 @@ def _materialize(obj: Any, label: str, spec: TargetSpec) -> nn.Module:
     if not callable(obj):
         raise TargetError(f"{label} is a {type(obj).__name__}, not an nn.Module, an nn.Module class or a function")
     call = f"{label}()"
-    needed = _needs_args(obj)
+    needed = needs_args(obj)
     if needed:
         if label in FACTORIES:
             hint = f"give them default values, or choose another model with {spec.with_attr('NAME')}"
@@ -315,7 +283,7 @@ def discover_model(module: ModuleType, spec: TargetSpec) -> tuple[nn.Module, str
         and _defined_here(module, getattr(module, n))
         and not pyinspect.isabstract(getattr(module, n))
     ]
-    buildable = [n for n in classes if _needs_args(getattr(module, n)) == []]
+    buildable = [n for n in classes if needs_args(getattr(module, n)) == []]
     for group, kind in ((instances, "instances"), (buildable, "classes")):
         if len(group) == 1:
             obj = getattr(module, group[0])
@@ -328,7 +296,7 @@ def discover_model(module: ModuleType, spec: TargetSpec) -> tuple[nn.Module, str
             )
     found = []
     for n in classes:
-        found.append(f"class {n}({', '.join(_needs_args(getattr(module, n)) or ['...'])})")
+        found.append(f"class {n}({', '.join(needs_args(getattr(module, n)) or ['...'])})")
     for n in names:
         v = getattr(module, n)
         if pyinspect.isfunction(v) and _defined_here(module, v):
@@ -341,213 +309,7 @@ def discover_model(module: ModuleType, spec: TargetSpec) -> tuple[nn.Module, str
     )
 
 
-# --------------------------------------------------------------------------------------------------- inputs
-def _vocab_size(model: nn.Module) -> int | None:
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            return int(m.num_embeddings)
-    return None
-
-
-def synthetic_inputs(
-    model: nn.Module,
-    shapes: Sequence[tuple[int, ...]],
-    dtypes: Sequence[str] = (),
-    value_range: tuple[float, float] | None = None,
-    seed: int = 0,
-) -> Inputs:
-    """Random inputs for --input-shape: standard normal floats (uniform in `value_range` if given), integers
-    uniform in [LOW, HIGH) from `value_range`, else in [0, vocabulary size) of the model's first nn.Embedding."""
-    if len(dtypes) not in (0, 1, len(shapes)):
-        raise TargetError(
-            f"got {len(shapes)} --input-shape and {len(dtypes)} --input-dtype; give one dtype for all inputs "
-            "or one per input"
-        )
-    names = list(dtypes) if len(dtypes) == len(shapes) else list(dtypes or ["float32"]) * len(shapes)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = []
-    for shape, name in zip(shapes, names):
-        dtype = DTYPES[name]
-        if dtype == torch.bool:
-            t = torch.randint(0, 2, shape, generator=gen).bool()
-        elif dtype.is_floating_point:
-            t = torch.randn(shape, generator=gen)
-            if value_range is not None:
-                low, high = value_range
-                t = torch.rand(shape, generator=gen) * (high - low) + low
-            t = t.to(dtype)
-        else:
-            if value_range is not None:
-                low, high = int(value_range[0]), int(value_range[1])
-            else:
-                vocab = _vocab_size(model)
-                if vocab is None:
-                    raise TargetError(
-                        f"--input-dtype {name} needs --input-range LOW,HIGH (e.g. 0,30000 for token ids): "
-                        "the model has no nn.Embedding to take the vocabulary size from"
-                    )
-                low, high = 0, vocab
-            if not low < high:
-                raise TargetError(f"--input-range {low},{high} holds no integer for --input-dtype {name}")
-            t = torch.randint(low, high, shape, generator=gen).to(dtype)
-        tensors.append(t)
-    return tensors[0] if len(tensors) == 1 else tuple(tensors)
-
-
-def example_inputs(module: ModuleType, spec: TargetSpec) -> Inputs | None:
-    """What `example_input()` in the file returns (also accepted: a module-level value of that name), checked."""
-    if not hasattr(module, "example_input"):
-        return None
-    obj = module.example_input
-    label = "example_input()" if callable(obj) else "example_input"
-    if callable(obj):
-        needed = _needs_args(obj)
-        if needed:
-            raise TargetError(f"example_input() in {spec.where} must take no arguments, it needs {', '.join(needed)}")
-        value = run_user(Stage("inputs", "example_input()"), obj)
-    else:
-        value = obj
-    ok = isinstance(value, torch.Tensor)
-    if isinstance(value, (tuple, list)):
-        ok = len(value) > 0 and first_tensor(value) is not None
-        value = tuple(value)
-    elif isinstance(value, Mapping):
-        ok = len(value) > 0 and all(isinstance(k, str) for k in value) and first_tensor(value) is not None
-        value = dict(value)
-    if not ok:
-        empty = isinstance(value, (tuple, dict))
-        got = f"a {type(value).__name__} with no tensor in it" if empty else describe_value(value)
-        raise TargetError(
-            f"{label} returned {got}; it must return a tensor, a tuple of tensors (positional inputs) "
-            "or a dict of tensors (keyword inputs)"
-        )
-    return value
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
 # --------------------------------------------------------------------------------------------------- checkpoints
-def _read_checkpoint(path: Path) -> Any:
-    if not path.exists():
-        raise TargetError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise TargetError(f"checkpoint {path} is a directory, not a file")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise TargetError(f"reading {path} needs the safetensors package: pip install safetensors") from None
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise TargetError(f"cannot read checkpoint {path}: {exc_text(exc)}") from exc
-    try:
-        # weights_only=True: tensors and plain containers only. A checkpoint is a pickle, and unpickling an
-        # arbitrary object can run arbitrary code; actdiag never does that behind the user's back.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found is None:
-            _, _, tail = str(exc).partition("WeightsUnpickler error:")
-            chunks = [c.strip() for c in tail.split("\n\n") if c.strip()]
-            why = chunks[0] if chunks else exc_text(exc)
-            raise TargetError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint ({why})") from exc
-        raise TargetError(
-            f"checkpoint {path} holds a pickled Python object ({found.group(1)}), and actdiag loads only tensors and "
-            "plain containers (torch.load with weights_only=True), never arbitrary objects; save model.state_dict() "
-            "instead of the whole model"
-        ) from exc
-    except Exception as exc:
-        raise TargetError(f"cannot read checkpoint {path}: {exc_text(exc)}") from exc
-
-
-def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for key in CHECKPOINT_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-        keys = ", ".join(str(k) for k in list(obj)[:8]) or "none"
-        raise TargetError(
-            f"checkpoint {path} has no tensors at its top level nor under {'/'.join(CHECKPOINT_KEYS)} "
-            f"(its keys: {keys})"
-        )
-    raise TargetError(f"checkpoint {path} holds {describe_value(obj)}, not a state dict")
-
-
-def _strip_variants(keys: Sequence[str]) -> Iterator[tuple[tuple[str, ...], dict[str, str]]]:
-    """(prefixes stripped, new key -> old key) for no stripping, one prefix, and two prefixes in either order."""
-    seqs: list[tuple[str, ...]] = [()]
-    seqs += [(p,) for p in CHECKPOINT_PREFIXES]
-    seqs += [(a, b) for a in CHECKPOINT_PREFIXES for b in CHECKPOINT_PREFIXES if a != b]
-    for seq in seqs:
-        mapping: dict[str, str] = {}
-        for key in keys:
-            new = key
-            for prefix in seq:
-                if new.startswith(prefix):
-                    new = new[len(prefix) :]
-            mapping[new] = key
-        yield seq, mapping
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """Load a state dict into `model`; returns notes for the user (prefixes stripped, missing/unexpected keys)."""
-    p = Path(path)
-    state = _state_dict_of(_read_checkpoint(p), p)
-    expected = set(model.state_dict())
-    best_seq: tuple[str, ...] = ()
-    best_map, best_hits = {k: k for k in state}, -1
-    for seq, mapping in _strip_variants(list(state)):
-        hits = len(expected & set(mapping))
-        if hits > best_hits:
-            best_seq, best_map, best_hits = seq, mapping, hits
-    if best_hits == 0:
-        got = ", ".join(list(state)[:3])
-        want = ", ".join(list(expected)[:3]) or "no tensors"
-        raise TargetError(
-            f"none of the {len(state)} tensors in checkpoint {p} match the model: the checkpoint has {got}, ..., "
-            f"the model expects {want}, ..."
-        )
-    renamed = {new: state[old] for new, old in best_map.items()}
-    try:
-        result = model.load_state_dict(renamed, strict=False)
-    except RuntimeError as exc:
-        details = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if "size mismatch" in ln]
-        detail = "; ".join(details[:3]) if details else exc_text(exc)
-        raise TargetError(f"checkpoint {p} does not fit the model: {detail}") from exc
-    notes = []
-    if best_seq:
-        notes.append(f"checkpoint: stripped the prefix {' then '.join(repr(s) for s in best_seq)} from its keys")
-    if result.missing_keys:
-        notes.append(
-            f"checkpoint: {len(result.missing_keys)} of the model's tensors are not in {p} and keep their initial "
-            f"values: {_few(result.missing_keys)}"
-        )
-    if result.unexpected_keys:
-        notes.append(
-            f"checkpoint: {len(result.unexpected_keys)} tensors in {p} match nothing in the model and were ignored: "
-            f"{_few(result.unexpected_keys)}"
-        )
-    return tuple(notes)
-
-
-def _few(names: Sequence[str], n: int = 5) -> str:
-    more = f", ... ({len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
 
 
 # --------------------------------------------------------------------------------------------------- device
@@ -622,7 +384,7 @@ def open_target(
         if input_shapes:
             inputs = synthetic_inputs(model, input_shapes, input_dtypes, input_range, seed)
         else:
-            found = example_inputs(module, spec)
+            found = example_inputs(module, spec.where)
             if found is None:
                 raise TargetError(
                     f"no input for the model: {spec.where} has no example_input() function and no --input-shape "
@@ -633,70 +395,17 @@ def open_target(
         loss_fn = getattr(module, "loss_fn", None)
         if loss_fn is not None and not callable(loss_fn):
             raise TargetError(f"loss_fn in {spec.where} is {describe_value(loss_fn)}, not a function")
-        loss_fn = _with_target(module, spec, folder, loss_fn, dev)
+        loss_fn = with_target(module, spec.where, loss_fn, dev)
         yield Target(
             spec=spec,
             module=module,
             model=model,
             found_as=found_as,
-            inputs=_to_device(inputs, dev),
+            inputs=to_device(inputs, dev),
             loss_fn=loss_fn,
             device=dev,
             notes=notes,
         )
-
-
-def _positional_arity(fn: Any) -> tuple[int, float]:
-    """(required, accepted) positional parameters of `fn`; accepted is inf with *args, (0, inf) when unknown."""
-    try:
-        params = pyinspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return 0, float("inf")
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = sum(1 for p in positional if p.default is p.empty)
-    star = any(p.kind == p.VAR_POSITIONAL for p in params)
-    return required, float("inf") if star else float(len(positional))
-
-
-def _with_target(
-    module: ModuleType, spec: TargetSpec, folder: Path | None, loss_fn: LossFn | None, device: torch.device
-) -> LossFn | None:
-    """With `example_target()` in the file, `loss_fn(output, inputs, target)` bound to what it returns (on the
-    model's device), so the rest of actdiag calls a two-argument loss; without it, `loss_fn` as it is."""
-    has_target = hasattr(module, "example_target")
-    if loss_fn is None:
-        if has_target:
-            raise TargetError(
-                f"{spec.where} defines example_target() but no loss_fn(output, inputs, target) to give it to"
-            )
-        return None
-    required, accepted = _positional_arity(loss_fn)
-    if not has_target:
-        if required >= 3:
-            raise TargetError(
-                f"loss_fn in {spec.where} takes a target, but the file has no example_target(); add "
-                "`def example_target(): return ...` returning the labels for example_input()"
-            )
-        return loss_fn
-    if accepted < 3:
-        raise TargetError(
-            f"{spec.where} defines example_target(), but its loss_fn takes no target; write it as "
-            "loss_fn(output, inputs, target)"
-        )
-    obj = module.example_target
-    if callable(obj):
-        if _needs_args(obj):
-            raise TargetError(f"example_target() in {spec.where} must take no arguments")
-        target = run_user(Stage("inputs", "example_target()"), obj)
-    else:
-        target = obj
-    target = _to_device(target, device)
-    user_loss = loss_fn
-
-    def loss_with_target(output: Any, inputs: Any) -> torch.Tensor:
-        return user_loss(output, inputs, target)  # type: ignore[call-arg]
-
-    return loss_with_target
 
 
 # --------------------------------------------------------------------------------------------------- running

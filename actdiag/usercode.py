@@ -10,6 +10,7 @@ user's code: an exception raised from actdiag's frames is a bug of actdiag, repo
 
 from __future__ import annotations
 
+import inspect as pyinspect
 import os
 import sysconfig
 import traceback
@@ -122,6 +123,19 @@ def describe_inputs(value: Any) -> str:
     if isinstance(value, Mapping):
         return "keyword inputs " + ", ".join(f"{k}={one(v)}" for k, v in value.items())
     return type(value).__name__
+
+
+def needs_args(obj: Any) -> list[str] | None:
+    """The required parameters of calling `obj()` with no arguments ([] when none), None when unknown."""
+    try:
+        sig = pyinspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------ where

@@ -338,7 +338,7 @@ def test_readme_example_runs(run, tmp_path, monkeypatch, capsys) -> None:
 
 
 def test_every_dtype_name_is_known_to_the_loader() -> None:
-    from actdiag.loading import DTYPES
+    from actdiag.inputs import DTYPES
 
     assert set(cli_module.INPUT_DTYPES) == set(DTYPES)
 
