@@ -14,9 +14,9 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -32,6 +32,7 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 FAIL_ON = ("never", "info", "warning", "error")
+F = TypeVar("F", bound=Callable[..., Any])
 # Kept in step with actdiag.inputs.DTYPES (a test checks): importing that module here would import torch.
 INPUT_DTYPES = (
     "float32",
@@ -68,6 +69,11 @@ def cli() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- option parsing
+def _fail_on_option(help_text: str) -> Callable[[F], F]:
+    """--fail-on, the same choices for `inspect` and `diff`; the help says what counts as a finding there."""
+    return click.option("--fail-on", type=click.Choice(FAIL_ON), default="never", show_default=True, help=help_text)
+
+
 def _shapes(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> tuple[tuple[int, ...], ...]:
     out = []
     for text in values:
@@ -244,13 +250,7 @@ Examples:
 )
 @click.option("--checkpoint", metavar="PATH", help="Load these weights (a state dict; never arbitrary pickles).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights, inputs and gradients.")
-@click.option(
-    "--fail-on",
-    type=click.Choice(FAIL_ON),
-    default="never",
-    show_default=True,
-    help="Exit with status 1 when a finding is at least this severe.",
-)
+@_fail_on_option("Exit with status 1 when a finding is at least this severe.")
 @click.option("--try-fixes", is_flag=True, help="Re-run a copy of the model with each suggested fix and verify it.")
 @click.option(
     "--threshold",
@@ -541,13 +541,7 @@ Examples:
 @cli.command("diff", help=DIFF_HELP, no_args_is_help=True)
 @click.argument("before_json", metavar="BEFORE.json")
 @click.argument("after_json", metavar="AFTER.json")
-@click.option(
-    "--fail-on",
-    type=click.Choice(FAIL_ON),
-    default="never",
-    show_default=True,
-    help="Exit with status 1 when a finding at least this severe appeared.",
-)
+@_fail_on_option("Exit with status 1 when a finding at least this severe appeared.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def diff_command(before_json: str, after_json: str, fail_on: str, quiet: bool, debug: bool) -> None:

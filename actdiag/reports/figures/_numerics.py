@@ -8,10 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actdiag.records import (
-    E_LOW,
-    ExponentHistogram,
-)
+from actdiag.records import E_LOW, ExponentHistogram
 
 if TYPE_CHECKING:
     pass

@@ -10,22 +10,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from actdiag.formatting import format_number
-from actdiag.records import (
-    FP16_MIN_NORMAL_EXP,
-    FP16_MIN_SUBNORMAL_EXP,
-    Histogram,
-    LayerStats,
-)
+from actdiag.records import FP16_MIN_NORMAL_EXP, FP16_MIN_SUBNORMAL_EXP, Histogram, LayerStats
 from actdiag.reports.figures._axes import _depth_ticks, _short
 from actdiag.reports.figures._numerics import exponent_matrix, select_layers
-from actdiag.reports.figures._svg import (
-    ACT_COLOR,
-    ERROR_COLOR,
-    Rendered,
-    _figure,
-    _style,
-    to_svg,
-)
+from actdiag.reports.figures._svg import ACT_COLOR, ERROR_COLOR, Rendered, _figure, _style, to_svg
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -8,9 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actdiag.records import (
-    LayerStats,
-)
+from actdiag.records import LayerStats
 from actdiag.reports.figures._axes import _depth_ticks, _log_axis
 from actdiag.reports.figures._numerics import _log_or_nan
 from actdiag.reports.figures._svg import (

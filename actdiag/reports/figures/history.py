@@ -9,19 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from actdiag.metrics import GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM
-from actdiag.records import (
-    Histogram,
-    History,
-)
+from actdiag.records import Histogram, History
 from actdiag.reports.figures._axes import _log_axis, _short
 from actdiag.reports.figures._numerics import _log_or_nan, rebin, select_layers
-from actdiag.reports.figures._svg import (
-    ERROR_COLOR,
-    Rendered,
-    _figure,
-    _style,
-    to_svg,
-)
+from actdiag.reports.figures._svg import ERROR_COLOR, Rendered, _figure, _style, to_svg
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

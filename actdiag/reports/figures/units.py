@@ -8,19 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actdiag.records import (
-    LayerStats,
-)
+from actdiag.records import LayerStats
 from actdiag.reports.figures._axes import _short
-from actdiag.reports.figures._svg import (
-    ACT_COLOR,
-    ERROR_COLOR,
-    GRAD_COLOR,
-    Rendered,
-    _figure,
-    _style,
-    to_svg,
-)
+from actdiag.reports.figures._svg import ACT_COLOR, ERROR_COLOR, GRAD_COLOR, Rendered, _figure, _style, to_svg
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
