@@ -2,7 +2,7 @@
 
 The page works offline and from any folder: styles and the few lines of script are inline, figures are inline SVG,
 and no URL of any kind is referenced. Jinja2 autoescapes everything (layer names, messages and snippets are user
-data); the only markup inserted unescaped is the SVG that `figures.py` produced, whose text matplotlib escapes.
+data); the only markup inserted unescaped is the SVG that `figures` produced, whose text matplotlib escapes.
 """
 
 from __future__ import annotations
