@@ -195,7 +195,8 @@ class _Plain:
 
 
 class _Every3:
-    """A stand-in watch: every third step recorded; its own call sleeps 2 ms on unrecorded steps, 20 on recorded."""
+    """A stand-in watch: every third step recorded; its own call sleeps 2 ms on unrecorded steps, 200 on recorded (far
+    apart, so that a loaded machine's late wake-ups cannot blur which steps were timed)."""
 
     name = "actdiag-default"
     every = 3
@@ -207,7 +208,7 @@ class _Every3:
         return self.n % 3 == 0
 
     def after_step(self, loss: torch.Tensor) -> None:
-        time.sleep(0.02 if self.recording() else 0.002)
+        time.sleep(0.2 if self.recording() else 0.002)
         self.n += 1
 
     tensors = _Plain.tensors
@@ -226,13 +227,13 @@ def test_unrecorded_steps_are_paired_by_round_and_their_own_code_timed(bench_ste
         base.block(6)
         watched.block(6)
     assert len(watched.unrecorded_blocks) == 3 and len(watched.own_unrecorded) == 12  # 4 unrecorded of 6, 3 rounds
-    assert all(0.002 <= t < 0.015 for t in watched.own_unrecorded)  # the recorded steps' 20 ms are not in it
+    assert all(0.002 <= t < 0.1 for t in watched.own_unrecorded)  # the recorded steps' 200 ms are not in it
     rows = {r["variant"]: r for r in bench_step.summarise([base, watched])}
     row = rows["actdiag-default"]
     # Paired: the median over rounds of (mean unrecorded step of the round) / (plain block of the same round).
     expected = statistics.median(u / b for u, b in zip(watched.unrecorded_blocks, base.blocks, strict=True))
     assert row["unrecorded_ratio"] == pytest.approx(expected)
-    assert 2000 <= row["unrecorded_own_us"] < 15000
+    assert 2000 <= row["unrecorded_own_us"] < 100_000
     plain = statistics.median(base.times)
     assert row["unrecorded_own_ratio"] == pytest.approx(1 + row["unrecorded_own_us"] / 1e6 / plain)
     assert math.isnan(rows["none"]["unrecorded_ratio"]) and math.isnan(rows["none"]["unrecorded_own_ratio"])
@@ -240,6 +241,6 @@ def test_unrecorded_steps_are_paired_by_round_and_their_own_code_timed(bench_ste
     extra = statistics.median(t for t, f in zip(watched.times, watched.recorded, strict=True) if f) - plain
     own = statistics.fmean(watched.own_unrecorded)
     assert row["parts_ratio"] == pytest.approx(1 + (extra + 2 * own) / (3 * plain))
-    assert row["parts_ratio"] > 1 + 0.018 / (3 * plain)  # the recorded steps' 20 ms are in it
+    assert row["parts_ratio"] > 1 + 0.18 / (3 * plain)  # the recorded steps' 200 ms are in it
     line = next(x for x in bench_step.table_lines("mlp", list(rows.values())) if "actdiag-default" in x)
     assert f"{row['unrecorded_ratio']:.3f} ({row['unrecorded_own_us']:.0f} us)" in line
