@@ -382,6 +382,16 @@ def _for_gradient(f: Finding, ctx: _Context) -> list[_Plan | None]:
 
 def _for_dead_relu(f: Finding, ctx: _Context) -> list[_Plan | None]:
     dead = ctx.ordered(_finding_layers(f))
+    if f.evidence.get("since_init") == 0.0:
+        # Died in training (rules/run.py): the units fired at first, so the init is not the cause; a too large
+        # step pushed them off. Gentler steps keep the others alive; a leaky slope lets the dead ones recover.
+        return [_plain("lower_learning_rate", f), _swap_plan(ctx, dead, "leaky_relu"), _plain("gradient_clipping", f)]
+    if f.evidence.get("since_init") == 1.0:
+        return [
+            _swap_plan(ctx, dead, "leaky_relu"),
+            _init_plan(ctx, _feeding(ctx, dead), " and zeroes the biases that keep the units off"),
+            _norm_plan(ctx, _feeding(ctx, dead), ", centring the pre-activations so about half the units fire"),
+        ]
     plans = [
         _swap_plan(ctx, dead, "leaky_relu"),
         _init_plan(ctx, _feeding(ctx, dead), " and zeroes the biases that keep the units off"),
@@ -392,7 +402,19 @@ def _for_dead_relu(f: Finding, ctx: _Context) -> list[_Plan | None]:
     return plans
 
 
+# What the run's first NaN/Inf points to (rules/run.py, evidence flag "cause_*") -> what to try.
+_NONFINITE_CAUSES: Mapping[str, tuple[str, ...]] = {
+    "cause_updates": ("gradient_clipping", "lower_learning_rate"),
+    "cause_inputs": ("check_inputs",),
+    "cause_overflow": ("bf16_autocast", "loss_scaling"),
+    "cause_operation": ("check_inputs",),
+}
+
+
 def _for_nonfinite(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    for cause, codes in _NONFINITE_CAUSES.items():
+        if f.evidence.get(cause):
+            return [_plain(code, f) for code in codes]
     plans: list[_Plan | None] = []
     if f.evidence.get("float16"):
         plans += [_plain("bf16_autocast", f), _plain("loss_scaling", f)]

@@ -36,6 +36,7 @@ from actdiag.records import (
     RunInfo,
     StepRecord,
 )
+from actdiag.rules.run import any_nonfinite, nonfinite_event
 from actdiag.rules.thresholds import Thresholds, make_thresholds
 
 # Record every 50th step by default: unrecorded steps run no hook, so a recorded step's extra time is spread over
@@ -310,6 +311,7 @@ class Monitor:
         self.history_buffer = HistoryBuffer(max_points=max_history)
         self.optimizers = OptimizerWatch(self.model, optimizer, self.recorder.step_grads)
         self.latest: StepRecord | None = None
+        self.first_nonfinite: Finding | None = None  # the run's first NaN/Inf, kept for the rest of the run
         self.steps = 0
         self.recorded_steps = 0
         self._active = False
@@ -463,7 +465,14 @@ class Monitor:
                 # The rules diagnose; what to try for each finding is attached after, from the same layers.
                 layers = self.latest.layers
                 found = attach_fixes(
-                    rules.diagnose(layers, self.latest.params, self.history, thresholds=self.thresholds), layers
+                    rules.diagnose(
+                        layers,
+                        self.latest.params,
+                        self.history,
+                        thresholds=self.thresholds,
+                        first_nonfinite=self.first_nonfinite,
+                    ),
+                    layers,
                 )
             except Exception as exc:  # noqa: BLE001
                 if self.strict:
@@ -533,8 +542,16 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001 - reading back or decoding failed: stop recording, keep training
             self._give_up(exc)
             return
-        self.latest = record
+        previous, self.latest = self.latest, record
         self.recorded_steps += 1
+        # A run that became finite again (a loss scaler skipped an overflowing step) starts a new episode.
+        if self.first_nonfinite is None or not any_nonfinite(record):
+            try:
+                self.first_nonfinite = nonfinite_event(record, previous, self.thresholds)
+            except Exception as exc:  # noqa: BLE001 - a rule must never kill training
+                if self.strict:
+                    raise
+                self._fault("rules", exc)
         for sink in self.sinks:
             self._guarded_sink("sink", sink.on_record, record)
 

@@ -255,6 +255,29 @@ class TensorStats:
 
 
 @dataclass(frozen=True, slots=True)
+class UnitActivity:
+    """How long the units of a ReLU-family layer call have been silent (no positive output for any sample), over
+    the recorded calls of the whole watch (`actdiag.hooks.tracking`).
+
+    `silent[s]` counts the units silent in their latest `s` recorded calls and active in the one before (s = 0:
+    active in the latest call); the last entry pools every longer streak. `since[s]` is the recorded step from which
+    the units of `silent[s]` have been silent. `never` counts units never active in any recorded call (silent since
+    initialisation), `calls` the layer call's recorded calls so far, `examples` (unit index, streak) of the
+    longest-silent units.
+    """
+
+    silent: tuple[int, ...]
+    since: tuple[int, ...]
+    never: int
+    calls: int
+    examples: tuple[tuple[int, int], ...] = ()
+
+    def silent_for_at_least(self, k: int) -> int:
+        """Units silent in each of their latest `k` recorded calls (k beyond the pooled bin reads as that bin)."""
+        return sum(self.silent[min(max(k, 0), len(self.silent) - 1) :])
+
+
+@dataclass(frozen=True, slots=True)
 class LayerStats:
     """What one module call produced at one recorded step.
 
@@ -267,7 +290,9 @@ class LayerStats:
     within the saturation tolerance of a bound. ReLU-family outputs carry `units` (features or channels) and
     `dead_fraction` (units with no positive output for any sample of this step), `rare_fraction` (units positive
     for under 1% of this step's samples) and `never_active_fraction` (units with no positive output in any
-    recorded step so far).
+    recorded step so far). `activity` says for how many recorded calls each unit has been silent (the rules' dead
+    units over a window); `input_nonfinite` is the NaN/Inf count of the input of the step's first module call (the
+    model's input), `input_grad_nonfinite` that of the gradient with respect to the module's input.
     """
 
     name: str
@@ -289,6 +314,9 @@ class LayerStats:
     never_active_fraction: float | None = None
     update_ratio: float | None = None
     update_ratio_estimated: bool = False
+    activity: UnitActivity | None = None
+    input_nonfinite: int | None = None
+    input_grad_nonfinite: int | None = None
 
     @property
     def label(self) -> str:

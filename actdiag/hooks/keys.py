@@ -8,8 +8,10 @@ from typing import Literal, NamedTuple
 Owner = Literal["layer", "param"]
 # A layer call's quantities: "act" (its output), "grad" (the gradient of the loss with respect to it), "sat"
 # (saturation count), "units" (dead/rare/never unit counts), "unitvec" (per-unit counts, merged across ranks into
-# "units"). A parameter's: "weight", "grad", "update" (the norms of its update ratio).
-Kind = Literal["act", "grad", "sat", "units", "unitvec", "weight", "update"]
+# "units"), "streak" (per-unit silence streaks, `tracking.UnitStreaks`), "input" (NaN/Inf count of the step's first
+# input), "ingrad" (NaN/Inf count of the gradient with respect to its input). A parameter's: "weight", "grad",
+# "update" (the norms of its update ratio).
+Kind = Literal["act", "grad", "sat", "units", "unitvec", "streak", "input", "ingrad", "weight", "update"]
 
 
 class Key(NamedTuple):

@@ -59,6 +59,7 @@ from actdiag.hooks.stats import (
     unit_activity,
     unit_dim_for,
 )
+from actdiag.hooks.tracking import UnitStreaks, input_grad_nonfinite, nonfinite_count
 from actdiag.hooks.updates import UpdateRatios
 from actdiag.records import LayerStats, ParamStats, StepRecord, TensorStats
 
@@ -163,6 +164,8 @@ class Recorder:
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
+        self._streaks = UnitStreaks()  # silence streaks per unit over the whole watch (dead units over a window)
+        self._input_from: dict[tuple[str, int], Key] = {}  # a call's input is this earlier call's output
         self._prev_channels_first = False
         self.failed: set[str] = set()
         self._kinds: dict[Key, str] = {}
@@ -240,6 +243,7 @@ class Recorder:
         kinds, self._kinds = self._kinds, {}
         order, self._order = self._order, []
         self._late_params = {}
+        input_from, self._input_from = self._input_from, {}
         if self.merger is not None:
             # Every rank reaches this collective for every recorded step, whatever it saw, so that the ranks stay
             # in lockstep (a rank skipping it would leave the others waiting).
@@ -248,7 +252,7 @@ class Recorder:
             return None
         if self.merger is None:
             host = _read_back(pending)
-        return self._decode(host, order, aliases)
+        return self._decode(host, order, aliases, input_from)
 
     def capture_param_grads(self) -> None:
         """Re-read every parameter's current `.grad` (e.g. right before the optimizer step, after AMP unscaling
@@ -284,6 +288,7 @@ class Recorder:
         self._frozen = set()
         self._nograd_calls = {}
         self._recomputed = {}
+        self._input_from = {}
         self._calls = {}
         self._order = []
         self._prev_channels_first = False
@@ -324,6 +329,7 @@ class Recorder:
             self._guard("gradients", self._recomputed_output, name, output)
             return
         self._guard("activations", self._record_output, name, module, output)
+        self._guard("nonfinite", self._watch_input, name, inputs, output)
 
     def _recomputed_output(self, name: str, output: Any) -> None:
         # Reentrant checkpointing ran the first forward under no_grad, so that call got no gradient hook; its
@@ -378,11 +384,13 @@ class Recorder:
                     self._ever_active[(name, call)] = ever
                 info.units = units
                 if self.merger is None:
+                    streak = self._streaks.streak_for(name, call, units, t.device, self._step)
                     self._put(
                         Key.layer(name, call, "units"),
-                        unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path),
+                        unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path, streak=streak),
                         None,
                     )
+                    self._put(Key.layer(name, call, "streak"), self._streaks.summary(name, call), None)
                 else:
                     # Dead/rare/never are decided after the ranks' per-unit counts are summed.
                     vec = _dist.unit_vector(t, udim, ever)
@@ -392,6 +400,31 @@ class Recorder:
             t.register_hook(partial(self._grad_hook, Key.layer(name, call, "grad"), self._token))
         elif floating and not torch.is_grad_enabled():
             self._nograd_calls.setdefault(name, []).append(call)
+
+    def _watch_input(self, name: str, inputs: Any, output: Any) -> None:
+        # Where a NaN/Inf starts (rules/run.py): the step's first input is checked for NaN/Inf (bad data), and the
+        # gradient with respect to each call's input, so that the module whose backward turns a finite gradient
+        # into NaN/Inf can be named. An input that is an earlier call's measured output has that call's gradient
+        # measured already; only other inputs get a hook of their own.
+        x, t = first_tensor(inputs), first_tensor(output)
+        call = self._calls.get(name, 0) - 1
+        if self.merger is not None or x is None or t is None or call < 0 or not x.is_floating_point():
+            return
+        if len(self._order) == 1 and self._order[0].name == name:
+            self._put(Key.layer(name, call, "input"), nonfinite_count(x), None)
+        if x is t or not x.requires_grad or not torch.is_grad_enabled():
+            return
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[0]() is x and seen[2].kind == "act" and x._version == seen[1]:
+            self._input_from[(name, call)] = seen[2]
+            return
+        key = Key.layer(name, call, "ingrad")
+        x.register_hook(partial(self._ingrad_hook, key, self._token))
+
+    def _ingrad_hook(self, key: Key, token: int, grad: torch.Tensor) -> None:
+        if token != self._token or not self._recording:
+            return
+        self._guard("nonfinite", self._put, key, input_grad_nonfinite(grad), None)
 
     def _grad_hook(self, key: Key, token: int, grad: torch.Tensor) -> None:
         # A hook can outlive its step (a graph kept alive and backpropagated later): ignore stale ones.
@@ -545,7 +578,11 @@ class Recorder:
         return None if p is None else self._param_name.get(id(p))
 
     def _decode(
-        self, host: Mapping[Key, tuple[np.ndarray, Any]], order: list[_LayerCall], aliases: Mapping[Key, Key]
+        self,
+        host: Mapping[Key, tuple[np.ndarray, Any]],
+        order: list[_LayerCall],
+        aliases: Mapping[Key, Key],
+        input_from: Mapping[tuple[str, int], Key] | None = None,
     ) -> StepRecord:
         keys = [k for k, (_, meta) in host.items() if isinstance(meta, StatsMeta)]
         decoded = dict(zip(keys, decode_many([host[k][0] for k in keys], [host[k][1] for k in keys]), strict=True))
@@ -583,8 +620,17 @@ class Recorder:
             if sat is not None and sat[1]:
                 saturation = float(sat[0][0]) / float(sat[1])  # meta: elements counted (all ranks' when merged)
             units = host.get(base._replace(kind="units"))
+            activity = None
             if units is not None and info.units:
                 dead, rare, never = (float(v) / info.units for v in units[0][:3])
+                streak = host.get(base._replace(kind="streak"))
+                if streak is not None:
+                    activity = self._streaks.decode(info.name, info.call, streak[0], int(units[0][2]))
+            inp = host.get(base._replace(kind="input"))
+            ingrad = host.get(base._replace(kind="ingrad"))
+            src = (input_from or {}).get((info.name, info.call))
+            src_grad = stats(src._replace(kind="grad")) if src is not None else None
+            in_grad = int(ingrad[0][0]) if ingrad is not None else (src_grad.nonfinite_count if src_grad else None)
             wp = by_name.get(info.weight_name) if info.weight_name else None
             layers.append(
                 LayerStats(
@@ -607,6 +653,9 @@ class Recorder:
                     never_active_fraction=never,
                     update_ratio=wp.update_ratio if wp else None,
                     update_ratio_estimated=wp.update_ratio_estimated if wp else False,
+                    activity=activity,
+                    input_nonfinite=int(inp[0][0]) if inp is not None else None,
+                    input_grad_nonfinite=in_grad,
                 )
             )
         return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))

@@ -137,9 +137,16 @@ def unit_dim_for(shape: tuple[int, ...], channels_first: bool) -> int | None:
 
 
 def unit_activity(
-    y: torch.Tensor, unit_dim: int, ever_active: torch.Tensor, rare_below: float, *, path: Path | None = None
+    y: torch.Tensor,
+    unit_dim: int,
+    ever_active: torch.Tensor,
+    rare_below: float,
+    *,
+    path: Path | None = None,
+    streak: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[dead, rare, never] unit counts for a ReLU-family output, on y's device; updates `ever_active` in place.
+    """[dead, rare, never] unit counts for a ReLU-family output, on y's device; updates `ever_active` in place,
+    and `streak` (int32 per unit, `actdiag.hooks.tracking`: recorded calls silent in a row) when given.
     `path` as in `tensor_stats`: "device" keeps to device ops even on the CPU.
 
     dead: units with no positive output for any sample of this call; rare: units positive for fewer than
@@ -162,6 +169,10 @@ def unit_activity(
         alive_np = active_np > 0
         ever_np = ever_active.numpy()  # the same memory: updated in place
         np.logical_or(ever_np, alive_np, out=ever_np)
+        if streak is not None:
+            streak_np = streak.numpy()  # the same memory: updated in place
+            streak_np += 1
+            streak_np[alive_np] = 0
         counts = (
             alive_np.size - np.count_nonzero(alive_np),
             np.count_nonzero(active_np < rare_below * samples),
@@ -178,6 +189,8 @@ def unit_activity(
             active = (yd > 0).sum(dim=dims)
         alive = active > 0
         ever_active.logical_or_(alive)
+        if streak is not None:
+            streak.add_(1).masked_fill_(alive, 0)
         dead = (~alive).sum()
         rare = (active < rare_below * samples).sum()
         never = (~ever_active).sum()

@@ -19,6 +19,7 @@ from actdiag.records import Finding, History, LayerStats, ParamStats
 from actdiag.rules.activations import dead_relu_findings, saturation_findings, spread_findings
 from actdiag.rules.gradients import gradient_findings, link_causes
 from actdiag.rules.precision import first_nonfinite_index, fp16_findings, nonfinite_findings
+from actdiag.rules.run import dead_unit_findings, has_unit_activity, link_consequences
 from actdiag.rules.thresholds import DEFAULT_THRESHOLDS, Thresholds
 from actdiag.rules.updates import update_findings
 
@@ -46,11 +47,16 @@ def diagnose(
     params: Sequence[ParamStats] = (),
     history: History | None = None,
     thresholds: Thresholds | None = None,
+    first_nonfinite: Finding | None = None,
 ) -> tuple[Finding, ...]:
-    """Findings for one recorded step (layers in forward order) and its history, ranked most severe first."""
+    """Findings for one recorded step (layers in forward order) and its history, ranked most severe first.
+    `first_nonfinite`: the run's first NaN/Inf (`rules.run.nonfinite_event`), named instead of where this step
+    first shows NaN/Inf (which, once NaN has spread, is the first layer whatever produced it)."""
     t = thresholds if thresholds is not None else DEFAULT_THRESHOLDS
     layers = tuple(layers)
     found = list(nonfinite_findings(layers, params))
+    if found and first_nonfinite is not None:
+        found = [first_nonfinite]
     # Statistics are taken over finite values only: downstream of the first NaN they describe leftovers, so the
     # other rules only look at the layers before it (the NaN is the root cause of whatever comes after).
     cut = first_nonfinite_index(layers)
@@ -60,10 +66,12 @@ def diagnose(
     if not found or found == spread:  # a NaN anywhere (forward or backward) leaves the gradient statistics meaningless
         found += link_causes(gradient_findings(clean, t), spread)
     found += saturation_findings(clean, t)
-    found += dead_relu_findings(clean, history, t)
+    # Silence streaks over the run when the recorder kept them; a step without them (merged across ranks) is
+    # judged by its own dead share and the history.
+    found += dead_unit_findings(clean, t) if has_unit_activity(clean) else dead_relu_findings(clean, history, t)
     found += fp16_findings(clean, history, t)
     found += update_findings(layers, history, t, params)
-    return rank(_group(found), layers)
+    return rank(_group(link_consequences(found, clean)), layers)
 
 
 _SIGNAL = frozenset(

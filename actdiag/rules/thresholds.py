@@ -92,11 +92,15 @@ class Thresholds:
     """Dead share at which the whole layer is dead (no gradient reaches anything before it): an error."""
 
     dead_min_samples: int = 8
-    """Samples per unit needed before a unit can be called dead: a healthy unit is silent on n samples with
-    probability 2**-n, so with 8 samples at most ~0.4% of healthy units look dead (a batch of 1 proves nothing)."""
+    """Samples per unit needed before a unit can be called dead, counted over the whole window (`dead_window`
+    recorded steps, each with its batch): a healthy unit is silent on n samples with probability 2**-n, so with 8
+    samples at most ~0.4% of healthy units look dead (a batch of 1 proves nothing)."""
 
     dead_window: int = 3
-    """Recorded steps over which units must stay dead for the training-time (watch) version of the rule."""
+    """K: a unit is dead when it produced no positive output for any sample in each of its last K recorded steps
+    (all of them while fewer are recorded; one for `inspect`). Three independent batches: a unit that a single
+    unlucky batch leaves silent is not reported, and a unit that died in training is reported K recorded steps
+    after its death, however long it was alive before (at most 63, the streaks actdiag.hooks.tracking counts)."""
 
     # --- precision (rules/precision.py) -------------------------------------------------------------------------
     fp16_overflow_exponent: int = 16

@@ -41,7 +41,9 @@ def test_pathology_fires_its_code(cls: type[nn.Module]) -> None:
     assert f.fixes, f"{f.code} carries no fix"
     assert all(fix.text and fix.snippet for fix in f.fixes)
     assert f.message.endswith(".")
-    assert all(isinstance(v, float) for v in f.evidence.values())
+    # Numbers, but for the pass a NaN/Inf first appeared in (CONTRACT.md, "Findings over a run").
+    passes = (("pass", "forward"), ("pass", "backward"))
+    assert all(isinstance(v, float) or (k, v) in passes for k, v in f.evidence.items())
 
 
 @pytest.mark.parametrize("cls", HEALTHY, ids=lambda c: c.__name__)
