@@ -133,7 +133,7 @@ def link_consequences(found: Sequence[Finding], layers: Sequence[LayerStats]) ->
     folded: list[str] = []
     for f in found:
         if f.code == "vanishing_gradient" and f.layer in position and position[f.layer] <= last_dead:
-            folded.append(f.layer)  # type: ignore[arg-type]
+            folded.append(f.layer)
             continue
         out.append(f)
     if not folded:
