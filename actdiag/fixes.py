@@ -405,6 +405,7 @@ def _for_dead_relu(f: Finding, ctx: _Context) -> list[_Plan | None]:
 # What the run's first NaN/Inf points to (rules/run.py, evidence flag "cause_*") -> what to try.
 _NONFINITE_CAUSES: Mapping[str, tuple[str, ...]] = {
     "cause_updates": ("gradient_clipping", "lower_learning_rate"),
+    "cause_unseen_update": ("check_inputs", "gradient_clipping", "lower_learning_rate"),
     "cause_inputs": ("check_inputs",),
     "cause_overflow": ("bf16_autocast", "loss_scaling"),
     "cause_operation": ("check_inputs",),

@@ -12,8 +12,8 @@ reached every weight by the end of the run, where the latest step would blame la
   the rest of the run (`diagnose(..., first_nonfinite=...)`).
 
 Evidence: `pass` is "forward" or "backward" (CONTRACT.md, "Findings over a run": the one text value); what the
-evidence points to is a flag `cause_updates`, `cause_inputs`, `cause_overflow` or `cause_operation` (1.0), and the
-fixes follow it (`actdiag.fixes`).
+evidence points to is a flag `cause_updates`, `cause_unseen_update`, `cause_inputs`, `cause_overflow` or
+`cause_operation` (1.0), and the fixes follow it (`actdiag.fixes`).
 """
 
 from __future__ import annotations
@@ -193,8 +193,13 @@ def _backward_culprit(layers: Sequence[LayerStats], params: Sequence[ParamStats]
 
 
 def _cause(layer: LayerStats, weights_bad: bool, ratio_before: float, t: Thresholds) -> str:
-    if weights_bad or (math.isfinite(ratio_before) and ratio_before > t.update_ratio_above):
+    """What the evidence points to: updates that blew up (the recorded update before was too large), weights made
+    NaN/Inf between recorded steps by an update we did not see (a NaN gradient or a blow-up: both stay possible),
+    float16 overflow, or an operation of the layer itself."""
+    if math.isfinite(ratio_before) and ratio_before > t.update_ratio_above:
         return "updates"
+    if weights_bad:
+        return "unseen_update"
     if layer.dtype == HALF:
         return "overflow"
     return "operation"
@@ -233,10 +238,10 @@ def nonfinite_event(record: StepRecord, previous: StepRecord | None, t: Threshol
         count = layer.input_nonfinite if first_input_bad else (a.nonfinite_count if a else 0)
         what = {
             "inputs": f"the model's input already holds {count} NaN/Inf values",
-            "updates": (
-                "its weights already hold NaN/Inf: an earlier update diverged"
-                if weights_bad
-                else f"the update before it was {fmt(ratio_before)} of the weights: the updates blew up"
+            "updates": f"the update before it was {fmt(ratio_before)} of the weights: the updates blew up",
+            "unseen_update": (
+                "its weights already hold NaN/Inf: an update since the previous recorded step put them there (a "
+                "NaN gradient, or updates that blew up)"
             ),
             "overflow": "its float16 output overflowed float16's range (65504)",
             "operation": "its input and weights are finite: an operation of this layer produced it",
@@ -277,6 +282,7 @@ def nonfinite_event(record: StepRecord, previous: StepRecord | None, t: Threshol
             where = f"the gradient reaching the output of layer {layer.label} ({layer.type}) from the loss is NaN/Inf"
         reason = {
             "updates": f" after an update of {fmt(ratio_before)} of the weights (the updates blew up)",
+            "unseen_update": "",
             "overflow": " (float16 overflow)",
             "operation": "",
         }[cause]
@@ -307,7 +313,7 @@ def nonfinite_event(record: StepRecord, previous: StepRecord | None, t: Threshol
     evidence.update(
         {
             "pass": "forward" if in_weight else "backward",
-            f"cause_{'updates' if in_weight else _cause_param(ratio_before, t)}": 1.0,
+            f"cause_{_cause_param(in_weight, ratio_before, t)}": 1.0,
             "parameters": float(len(bad)),
             "weight_nonfinite": float(_bad(p.weight)),
             "gradient": 0.0 if in_weight else 1.0,
@@ -318,5 +324,7 @@ def nonfinite_event(record: StepRecord, previous: StepRecord | None, t: Threshol
     return Finding(code="nonfinite", severity="error", layer=owner, message=message, evidence=evidence)
 
 
-def _cause_param(ratio_before: float, t: Thresholds) -> str:
-    return "updates" if math.isfinite(ratio_before) and ratio_before > t.update_ratio_above else "operation"
+def _cause_param(in_weight: bool, ratio_before: float, t: Thresholds) -> str:
+    if math.isfinite(ratio_before) and ratio_before > t.update_ratio_above:
+        return "updates"
+    return "unseen_update" if in_weight else "operation"
