@@ -42,7 +42,9 @@ def one_finding(monkeypatch):
 
     def install(severity: str = "warning") -> None:
         monkeypatch.setattr(
-            actdiag.rules, "diagnose", lambda layers, params=(), history=None, thresholds=None: (_finding(severity),)
+            actdiag.rules,
+            "diagnose",
+            lambda layers, params=(), history=None, thresholds=None, **_: (_finding(severity),),
         )
         monkeypatch.setattr(actdiag.monitor, "attach_fixes", lambda findings, layers: tuple(findings))
 
@@ -239,7 +241,7 @@ def test_bad_logdir_fails_before_running(write, run, tmp_path) -> None:
 
 
 def test_internal_error_exits_3_and_asks_for_a_report(write, run, monkeypatch) -> None:
-    def broken(layers, params=(), history=None, thresholds=None):
+    def broken(layers, params=(), history=None, thresholds=None, **_):
         raise ZeroDivisionError("bug in a rule")
 
     monkeypatch.setattr(actdiag.rules, "diagnose", broken)
