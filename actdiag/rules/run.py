@@ -82,7 +82,7 @@ def dead_unit_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Find
     span = f" for {window} recorded steps" if window > 1 else ""
     if since_init:
         origin = (
-            f"{never} of them never fired since the first recorded step {first_step}: they are dead from "
+            f"{never} of them have not fired in any recorded step since the first ({first_step}): they are dead from "
             "initialisation (weights or biases that keep their pre-activations negative)"
         )
     else:
@@ -96,12 +96,12 @@ def dead_unit_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Find
     )
     evidence: dict[str, Any] = {
         "dead_fraction": share,
+        "first_step": float(first_step),
+        "since_init": 1.0 if since_init else 0.0,
         "units": float(units),
         "dead_units": float(dead),
         "never_active": float(never),
         "died_in_training": float(dead - never),
-        "since_init": 1.0 if since_init else 0.0,
-        "first_step": float(first_step),
         "steps": float(window),
         "layers": float(len(hits)),
     }
@@ -215,7 +215,7 @@ def nonfinite_event(record: StepRecord, previous: StepRecord | None, t: Threshol
         return None
     layers, params = record.layers, record.params
     ratio_before = _max_update_ratio(previous)
-    evidence: dict[str, Any] = {"first_step": float(record.step)}
+    evidence: dict[str, Any] = {"pass": "forward", "first_step": float(record.step)}
     gap = ""
     if previous is not None:
         evidence["previous_recorded_step"] = float(previous.step)
@@ -244,7 +244,10 @@ def nonfinite_event(record: StepRecord, previous: StepRecord | None, t: Threshol
                 "NaN gradient, or updates that blew up)"
             ),
             "overflow": "its float16 output overflowed float16's range (65504)",
-            "operation": "its input and weights are finite: an operation of this layer produced it",
+            "operation": (
+                f"its input{' and weights are' if layer.weight is not None else ' is'} finite: an operation of this "
+                "layer produced it"
+            ),
         }[cause]
         message = (
             f"NaN/Inf first appears in the forward pass at layer {layer.label} ({layer.type}), recorded step "
