@@ -21,11 +21,6 @@ from tests.training_zoo import CASES, Case, describe, judge
 
 # Case name -> why current actdiag misses it (the issue 19 Deliver item that is to fix it).
 MISSED = {
-    "dies_mid_run": "issue 19 item 1: units that die in training are never reported",
-    "dead_since_init": "issue 19 item 1: dead since initialisation is not told apart (first_step, no lr fix)",
-    "nan_forward_mid_run": "issue 19 item 2: the first NaN (step, layer, forward) is not kept over the run",
-    "nan_backward_mid_run": "issue 19 item 2: a NaN made in a backward pass is not traced to its module",
-    "nan_from_updates": "issue 19 item 2: the first NaN over the run, named with its step and pass",
     "functional_tanh_saturated": "issue 19 item 7: functional activations are not recorded",
     "functional_relu_dead": "issue 19 item 7: functional activations are not recorded",
     "bf16_weights_adam": "issue 19 item 6: no lost_updates finding",
