@@ -5,7 +5,9 @@ Life of a recorded step (see the package docstring for the design):
     begin(step)  module forward hooks and parameter post-accumulate-grad hooks are registered; nothing is computed,
                  so the step before a recorded one costs only the registration
     forward      each selected module's forward hook computes its output's statistics on the output's device and,
-                 if the output takes part in autograd, registers a tensor hook on it for the gradient
+                 if the output takes part in autograd, registers a tensor hook on it for the gradient; ReLU-family
+                 outputs also advance per-unit silence streaks kept over the watch (tracking.py), and an input that
+                 is not an earlier call's measured output gets a hook counting NaN/Inf in its gradient
     backward     tensor hooks compute the statistics of d(loss)/d(output); a parameter's hook, when its gradient is
                  ready, computes the statistics of the weight (still as the forward pass used it: the optimizer has
                  not run) and of .grad, and keeps a small sample of the weight for the update ratio
