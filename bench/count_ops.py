@@ -294,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
               "ops per tensor", "ops vs the plain step"]  # fmt: skip
     rows = []
     for name in [m for m in args.models.split(",") if m]:
-        if name not in ("mlp", "cnn", "gpt"):
-            raise ValueError(f"unknown model {name!r}; choose from mlp, cnn, gpt")
+        if name not in ("mlp", "cnn", "gpt", "deep"):  # deep: bench_step's deep narrow MLP (~1600 small tensors)
+            raise ValueError(f"unknown model {name!r}; choose from mlp, cnn, gpt, deep")
         load = _gpt2_layout(args.smoke) if name == "gpt" else bench_step.workload(name, args.smoke)
         for every in (1, DEFAULT_EVERY):
             got = count(load, every)

@@ -241,11 +241,15 @@ class HostBatch:
     def __init__(self, bins: int, sample_cap: int) -> None:
         self.bins = bins
         self.sample_cap = sample_cap
-        self.items: dict[Any, np.ndarray] = {}  # small tensors: a float32 copy
+        # small tensors: key -> (numel, row of the buffer of that size)
+        self.items: dict[Any, tuple[int, int]] = {}
+        # One float32 buffer per tensor size, a row per tensor, kept across steps (no allocation, no page faults)
+        self._small: dict[int, _SizeRows] = {}
         # large tensors: (numel, exact mean, min, max, row of _rows)
         self.large: dict[Any, tuple[int, float, float, float, int]] = {}
         self._rows: np.ndarray | None = None  # the samples of the large ones, kept across steps (no page faults)
         self._used = 0
+        self._metas: dict[int, StatsMeta] = {}  # the meta of each small size: they are immutable
 
     def take(self, key: Any, x: torch.Tensor, estimate: bool = False) -> StatsMeta | None:
         """Keep what `finish()` needs of `x` if it qualifies (see the class docstring); None otherwise."""
@@ -257,13 +261,25 @@ class HostBatch:
         if n == 0 or x.dtype not in _BATCH_DTYPES:
             return None
         flat = x.detach().reshape(-1)
-        try:  # a copy: the tensor may change in place before the step ends
-            a = flat.numpy().copy() if flat.dtype == torch.float32 else flat.to(torch.float32).numpy()
+        rows = self._small.get(n)
+        if rows is None:
+            rows = self._small[n] = _SizeRows(n)
+        k, row = rows.next_row()
+        # A copy into the step's buffer of this size: the tensor may change in place before the step ends.
+        try:
+            if flat.dtype == torch.float32:
+                np.copyto(row, flat.numpy())
+            else:
+                torch.from_numpy(row).copy_(flat)
         except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit)
+            rows.used -= 1
             return None
         self.discard(key)
-        self.items[key] = a
-        return StatsMeta(numel=n, bins=self.bins, sample_n=n)
+        self.items[key] = (n, k)
+        meta = self._metas.get(n)
+        if meta is None:
+            meta = self._metas[n] = StatsMeta(numel=n, bins=self.bins, sample_n=n)
+        return meta
 
     def _take_large(self, key: Any, x: torch.Tensor, n: int) -> StatsMeta | None:
         flat = x.detach().reshape(-1)
@@ -295,15 +311,18 @@ class HostBatch:
         return [*self.items, *self.large]
 
     def clear(self) -> None:
-        """Forget the step's tensors (the buffer of samples is kept for the next step)."""
+        """Forget the step's tensors (the buffers are kept for the next step)."""
         self.items = {}
         self.large = {}
         self._used = 0
+        for rows in self._small.values():
+            rows.used = 0
 
     def release(self) -> None:
-        """`clear()`, and give the buffer of samples back (when recording stops)."""
+        """`clear()`, and give the buffers back (when recording stops)."""
         self.clear()
         self._rows = None
+        self._small = {}
 
     def __contains__(self, key: Any) -> bool:
         return key in self.items or key in self.large
@@ -330,7 +349,29 @@ class HostBatch:
             out.update(self._finish_small(items))
         return out
 
-    def _finish_small(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
+    def _finish_small(self, items: dict[Any, tuple[int, int]]) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
+        """The small tensors, size by size: the rows of a size's buffer ([K, n] float32) are reduced along their
+        length, a fixed number of numpy calls per size however many tensors share it, and the histograms of every
+        size are counted by one bincount each."""
+        by_size: dict[int, list[tuple[Any, int]]] = {}
+        for key, (n, k) in items.items():
+            by_size.setdefault(n, []).append((key, k))
+        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        for n, kept in by_size.items():
+            buf = self._small[n]
+            ks = [k for _, k in kept]
+            rows = buf.rows[: buf.used] if len(ks) == buf.used else buf.rows[ks]  # rows of discarded keys left out
+            vecs, odd = _rows_exact(rows, self.bins)
+            meta = self._metas[n]
+            for i, vec in enumerate(torch.from_numpy(vecs).unbind(0)):
+                out[kept[i][0]] = (vec, meta)
+            if odd.size:  # non-finite values, or magnitudes the float32 pass cannot square: in float64
+                out.update(self._finish_concatenated({kept[i][0]: rows[i].copy() for i in odd.tolist()}))
+        return out
+
+    def _finish_concatenated(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
+        """Small tensors by segment reductions over their concatenation, in float64: the rows the float32 pass of
+        `_finish_small` leaves out (a value not finite, or magnitudes outside 2**-30 .. 2**40)."""
         bins = self.bins
         arrays = list(items.values())
         lens, starts = segments(arrays)
@@ -348,7 +389,7 @@ class HostBatch:
                 if not ok
             }
             good = {key: a for (key, a), ok in zip(items.items(), finite, strict=True) if ok}
-            return {**alone, **self._finish_small(good)} if good else alone
+            return {**alone, **self._finish_concatenated(good)} if good else alone
         count = len(arrays)
         seg = np.repeat(np.arange(count, dtype=np.int32), lens)  # each value's tensor
         n = lens.astype(np.float64)
@@ -384,3 +425,63 @@ def _alone(a: np.ndarray, bins: int, sample_cap: int) -> tuple[torch.Tensor, Sta
     """A small float32 copy holding a non-finite value, measured by itself (the device path's kernel masks them)."""
     n = a.size
     return device.exact_stats(torch.from_numpy(a), bins, n, sample_cap), StatsMeta(numel=n, bins=bins, sample_n=n)
+
+
+class _SizeRows:
+    """The float32 rows that hold a recorded step's small tensors of one size (`HostBatch`), doubled when full and
+    kept across steps."""
+
+    def __init__(self, n: int) -> None:
+        self.rows = np.empty((8, n), dtype=np.float32)
+        self.used = 0
+
+    def next_row(self) -> tuple[int, np.ndarray]:
+        if self.used == self.rows.shape[0]:
+            grown = np.empty((2 * self.used, self.rows.shape[1]), dtype=np.float32)
+            grown[: self.used] = self.rows
+            self.rows = grown
+        self.used += 1
+        return self.used - 1, self.rows[self.used - 1]
+
+
+# Rows whose largest magnitude is within 2**-30 .. 2**40 are measured in float32 (`_rows_exact`): their deviations'
+# squares, `x - min` and `bins / span` stay far inside float32's normal range. The rest take the float64 way.
+_F32_LOW, _F32_HIGH = 2.0**-30, 2.0**40
+
+
+def _rows_exact(rows: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact statistics of each row of `rows` [K, n] (float32, every element of a small tensor), as [K, STATS.length]
+    vectors, and the indices of the rows left to the caller (their vectors are garbage): a non-finite value, or
+    magnitudes outside `_F32_LOW .. _F32_HIGH`.
+
+    Sums are float64 over the float32 values (pairwise along each row); the spread is the float64 sum of float32
+    squared deviations from the float32-rounded mean c, less n * (mean - c)**2 (an identity, no cancellation: c is
+    within one float32 rounding of the mean)."""
+    k, n = rows.shape
+    with np.errstate(invalid="ignore"):  # Inf + -Inf: numpy's warning would reach the user's training loop
+        sums = np.add.reduce(rows, axis=1, dtype=np.float64)
+        mn = rows.min(axis=1)
+        mx = rows.max(axis=1)
+        big = np.maximum(-mn, mx).astype(np.float64)
+        ok = np.isfinite(sums) & (big >= _F32_LOW) & (big <= _F32_HIGH)
+    odd = np.flatnonzero(~ok)
+    if odd.size:  # measured as zeros here (so that nothing overflows or warns), then by the caller
+        rows = rows.copy()
+        rows[odd] = 0
+        sums[odd] = 0
+        mn[odd] = mx[odd] = 0
+    mean = sums / n
+    c = mean.astype(np.float32)
+    d = rows - c[:, None]
+    zeros = np.add.reduce((rows == 0).view(np.uint8), axis=1, dtype=np.uint16 if n < 65536 else np.int64)
+    d *= d
+    dc = mean - c.astype(np.float64)
+    m2 = np.add.reduce(d, axis=1, dtype=np.float64) - n * dc * dc
+    vecs = np.empty((k, STATS.length(bins)))
+    STATS.put(
+        vecs, count=float(n), mean=mean, m2=np.maximum(m2, 0.0), min=mn, max=mx, zero_count=zeros.astype(np.float64)
+    )
+    mn64 = mn.astype(np.float64)
+    vecs[:, STATS.head :] = _bin_rows(rows, rows, mn64, mx.astype(np.float64) - mn64, bins, out=d)
+    vecs[:, STATS.exp(bins).start] -= zeros  # zeros share biased exponent 0 with subnormals; zero_count has them
+    return vecs, odd

@@ -280,42 +280,56 @@ def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[
     hundred vectors). The histograms keep their counts in the step's arrays until they are read."""
     if not vecs:
         return []
-    groups: dict[tuple[int, Layout], list[int]] = {}
+    # Grouped by (bins, the layout object): hashing a Layout (a dataclass of slots) per tensor costs more than
+    # decoding it.
+    groups: dict[tuple[int, int], list[int]] = {}
+    layouts: dict[int, Layout] = {}
     for i, meta in enumerate(metas):
-        groups.setdefault((meta.bins, meta.layout), []).append(i)
+        lid = id(meta.layout)
+        layouts[lid] = meta.layout
+        groups.setdefault((meta.bins, lid), []).append(i)
+    estimated: dict[int, tuple[str, ...]] = {}  # per meta object: most of a step's tensors share a few metas
     out: list[TensorStats | None] = [None] * len(vecs)
-    for (bins, layout), rows in groups.items():
-        block = np.stack([np.asarray(vecs[i], dtype=np.float64)[: layout.length(bins)] for i in rows])
-        counts_i = np.rint(block[:, layout.index("count")])
+    for (bins, lid), rows in groups.items():
+        layout = layouts[lid]
+        length = layout.length(bins)
+        block = np.stack([np.asarray(vecs[i], dtype=np.float64)[:length] for i in rows])
+        counts_i = np.rint(block[:, layout.index("count")]).astype(np.int64).tolist()
         named = {s.name: block[:, i].tolist() for i, s in enumerate(layout.slots)}
+        zero_counts = np.rint(block[:, layout.index("zero_count")]).astype(np.int64).tolist()
         extra_names = [s.name for s in layout.extra]
         # Both histograms of every row stay in two integer arrays; each Histogram reads its row into a tuple only
         # when something reads it (most of a long run's are never read one by one, see records._Counts).
         lin_i = np.rint(block[:, layout.lin(bins)]).astype(np.int64)
         exp_i = np.rint(block[:, layout.exp(bins)]).astype(np.int64)
+        means, m2s, los, his = named["mean"], named["m2"], named["min"], named["max"]
+        even, defer = Histogram._even, ExponentHistogram._defer
         for j, i in enumerate(rows):
             meta = metas[i]
-            sampled = meta.sampled
-            count = int(counts_i[j])
-            mean, m2, lo, hi = (named[k][j] for k in ("mean", "m2", "min", "max"))
+            sampled = meta.sample_n < meta.numel
+            fields = estimated.get(id(meta))
+            if fields is None:
+                fields = estimated[id(meta)] = meta.estimated_fields()
+            count = counts_i[j]
+            mean, m2, lo, hi = means[j], m2s[j], los[j], his[j]
             if count == 0:
                 mean = m2 = lo = hi = math.nan
                 hist = Histogram(edges=(0.0, 1.0), counts=(0,), sampled=sampled)
             elif hi > lo:
-                hist = Histogram._even(lin_i, j, lo, hi, sampled)
+                hist = even(lin_i, j, lo, hi, sampled)
             else:  # a constant tensor: one bin of width 1 centred on its value
                 hist = Histogram(edges=(lo - 0.5, lo + 0.5), counts=(int(lin_i[j].sum()),), sampled=sampled)
             out[i] = TensorStats(
                 numel=meta.numel,
                 count=count,
                 mean=mean,
-                m2=max(m2, 0.0) if count else math.nan,
+                m2=(m2 if m2 > 0.0 else 0.0) if count else math.nan,
                 min=lo,
                 max=hi,
-                zero_count=int(round(named["zero_count"][j])),
+                zero_count=zero_counts[j],
                 histogram=hist,
-                exponents=ExponentHistogram._defer(exp_i, j, sampled),
-                estimated=meta.estimated_fields(),
-                extra=tuple((name, named[name][j]) for name in extra_names),
+                exponents=defer(exp_i, j, sampled),
+                estimated=fields,
+                extra=tuple((name, named[name][j]) for name in extra_names) if extra_names else (),
             )
     return [s for s in out if s is not None]
