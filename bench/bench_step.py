@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import shutil
 import sys
@@ -1138,13 +1139,13 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     for m in models:
         load = workload(m, args.smoke, device, autocast)
         print(f"[bench] {load.description}: {', '.join(variants)}", file=sys.stderr, flush=True)
-        runners = _common.with_threads(
-            load.threads or 0,
-            lambda: run_workload(load, variants, args.rounds, args.block, args.warmup, args.smoke, args.peer_block),
+        work = functools.partial(
+            run_workload, load, variants, args.rounds, args.block, args.warmup, args.smoke, args.peer_block
         )
+        runners = _common.with_threads(load.threads or 0, work)
         results[m] = summarise(runners, bandwidth)
         lines += [f"**{m}**: {load.description}", ""]
-        del runners, load  # the models' memory back before the next workload (a GPU holds one model at a time)
+        del runners, load, work  # the models' memory back before the next workload (a GPU holds one model at a time)
         lines += table_lines(m, results[m], gpu)
         lines.append("")
         print("\n".join(table_lines(m, results[m], gpu)), file=sys.stderr, flush=True)

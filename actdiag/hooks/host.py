@@ -170,6 +170,7 @@ def _bin_rows(
     span_s: np.ndarray,
     bins: int,
     out: np.ndarray | None = None,
+    keys: np.ndarray | None = None,
 ) -> np.ndarray:
     """The linear and exponent histograms of each row, [K, bins + N_EXP] counts (exponent bin 0 still holds the
     zeros, which share it with the subnormals).
@@ -177,7 +178,7 @@ def _bin_rows(
     `samples_s` [K, m]: finite values in the scaled space of their row (where neither `x - lo` nor `bins / span`
     overflows), binned linearly between `lo_s` and `lo_s + span_s` in their own dtype (a constant row lands in bin
     0); `s32`: the same values unscaled, as float32, binned by exponent from their bits; `out`: scratch of the shape
-    and dtype of `samples_s` (it is not written to otherwise).
+    and dtype of `samples_s` (it is not written to otherwise); `keys`: int32 scratch of at least 2 * K * m elements.
     """
     k = samples_s.shape[0]
     dtype = samples_s.dtype
@@ -185,54 +186,71 @@ def _bin_rows(
     lin = np.subtract(samples_s, lo_s.astype(dtype)[:, None], out=out)
     lin *= factor[:, None]
     offsets = np.arange(k, dtype=np.int32)[:, None] * _row_width(bins)
-    return _count_bins(lin, s32, offsets, k, bins)
+    return _count_bins(lin, s32, offsets, k, bins, keys)
 
 
 def _row_width(bins: int) -> int:
-    """A row of `_count_bins`: its linear bins, its exponent bins and the exponent-255 bin (Inf/NaN; never hit)."""
-    return bins + N_EXP + 1
+    """A row of `_count_bins`: its linear bins, the spare bin after them (a row's maximum, which can round up to
+    `bins`), its exponent bins and the exponent-255 bin (Inf/NaN; never hit)."""
+    return bins + 1 + N_EXP + 1
 
 
-def _count_bins(lin: np.ndarray, s32: np.ndarray, offsets: np.ndarray, rows: int, bins: int) -> np.ndarray:
+def _count_bins(
+    lin: np.ndarray, s32: np.ndarray, offsets: np.ndarray, rows: int, bins: int, scratch: np.ndarray | None = None
+) -> np.ndarray:
     """[rows, bins + N_EXP] counts of the values whose linear positions are `lin` (>= 0, in bins; floored here) and
     whose float32 bits are `s32`, each value's two bins offset into its own row by `offsets` (a row is
     `_row_width(bins)` wide; `offsets` broadcasts against `lin`, whose last axis holds the values).
 
     Every value's two bins are counted by one bincount: int32 keys are half the bytes of intp, and torch.bincount
-    takes them as they are (faster for a step's samples than np.bincount, which converts them to intp first).
-    `lin` may be overwritten.
+    takes them as they are (faster for a step's samples than np.bincount, which converts them to intp first). The
+    keys are two contiguous blocks (all linear keys, then all exponent keys), written in `scratch` when it is given
+    (int32, at least 2 * lin.size elements: kept by the caller, no page faults). `lin` may be overwritten.
     """
-    m = lin.shape[-1]
-    keys = np.empty((*lin.shape[:-1], 2 * m), dtype=np.int32)
-    expo = keys[..., m:]
+    size = lin.size
+    if scratch is None or scratch.size < 2 * size:
+        scratch = np.empty(2 * size, dtype=np.int32)
+    keys = scratch[: 2 * size].reshape(2, *lin.shape)
+    expo = keys[1]
     np.bitwise_and(s32.view(np.int32), 0x7FFFFFFF, out=expo)
     np.right_shift(expo, 23, out=expo)
-    expo += offsets + bins
-    # lin >= 0 already (every value is >= its row's low end, and rounding is monotonic); only the maximum can round
-    # up to `bins`.
-    np.minimum(lin, lin.dtype.type(bins - 1), out=lin)
-    np.copyto(keys[..., :m], lin, casting="unsafe")  # truncation of values >= 0: the floor
-    keys[..., :m] += offsets
+    expo += offsets + (bins + 1)
+    # lin >= 0 already (every value is >= its row's low end, and rounding is monotonic); only a row's maximum can
+    # round up to `bins`: it lands in the spare bin, added to the last one below.
+    np.copyto(keys[0], lin, casting="unsafe")  # truncation of values >= 0: the floor
+    keys[0] += offsets
     width = _row_width(bins)
-    counts = torch.bincount(torch.from_numpy(keys).reshape(-1), minlength=rows * width).numpy()
-    return counts.reshape(rows, width)[:, : bins + N_EXP]
+    counts = torch.bincount(torch.from_numpy(keys).reshape(-1), minlength=rows * width).numpy().reshape(rows, width)
+    out = np.empty((rows, bins + N_EXP), dtype=counts.dtype)
+    out[:, :bins] = counts[:, :bins]
+    out[:, bins - 1] += counts[:, bins]
+    out[:, bins:] = counts[:, bins + 1 : bins + 1 + N_EXP]
+    return out
 
 
 class HostBatch:
     """The tensors of a recorded step that are measured together when it ends, on the CPU.
 
-    A transformer or a CNN has dozens of tensors per recorded step, and measured one by one each costs dozens of
-    numpy calls: far more than their arithmetic (with the caches cold inside a training step; BENCHMARKS.md). Here
-    a tensor costs a copy when it is seen (it may change in place afterwards), and `finish()` makes a fixed number
-    of numpy calls for each of the two kinds, however many tensors there are:
+    A transformer or a CNN has dozens of tensors per recorded step, a deep narrow network hundreds, and measured one
+    by one each costs dozens of numpy calls: far more than their arithmetic (with the caches cold inside a training
+    step; BENCHMARKS.md). Here a tensor costs a copy when it is seen (it may change in place afterwards: an in-place
+    ReLU after a Linear, the optimizer), and `finish()` makes a fixed number of numpy calls per tensor size, however
+    many tensors share it:
 
-    * small tensors (1..sample_cap elements, float16/bfloat16/float32: biases, norm weights, small weights and their
-      gradients): exact statistics from a float32 copy, by segment reductions (`reduceat`) and one `bincount`. Sums
-      are float64 over float32 values, so no scaling is needed.
+    * small tensors (1..sample_cap elements, float16/bfloat16/float32: biases, norm weights, small weights,
+      activations and their gradients) are copied into the row of a float32 buffer of their size, and the rows are
+      reduced along their length (`_rows_exact`: float64 sums, float32 deviations, one bincount for both histograms
+      of every row). Exact statistics, as `exact_stats` gives each alone.
     * with `estimate=True` (recording often), large float32 tensors: the exact parts from every element (sum, min
       and max: count, mean, extremes, non-finite detection) are read in `take()`, which copies the tensor's sample;
       the rest is estimated from the samples of all of them at once (`_estimate_rows`, as `estimated_stats` for one
-      tensor).
+      tensor). Large tensors recorded exactly are not taken: the caller measures them when they are seen.
+
+    Memory: the buffers are kept from one recorded step to the next (no allocation, no page faults) and given back
+    by `release()`. They hold 4 bytes per element of a step's small tensors plus 8 for the histogram keys of the
+    largest size group, and a sample row (4 * sample_cap bytes) per large tensor: with every tensor at most
+    sample_cap elements, at most 12 * sample_cap bytes per measured tensor (about 400 KB at the default cap of
+    8192; 200 KB at every < 10), never a copy of a large activation.
 
     A tensor with a non-finite value (or a float64 tensor, whose values can exceed float32's range) is not taken:
     the caller measures it alone, with the same result as before.
@@ -330,11 +348,12 @@ class HostBatch:
     def __len__(self) -> int:
         return len(self.items) + len(self.large)
 
-    def finish(self) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
-        """The vectors of every kept tensor (the layout of `tensor_stats`), keyed as given; the batch is emptied."""
+    def finish(self) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
+        """The vectors of every kept tensor (the layout of `tensor_stats`, as numpy rows: they are on the host
+        already), keyed as given; the batch is emptied."""
         items, large, used = self.items, self.large, self._used
         self.clear()
-        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        out: dict[Any, tuple[np.ndarray, StatsMeta]] = {}
         if large:
             assert self._rows is not None
             keys = list(large)
@@ -344,34 +363,37 @@ class HostBatch:
             cap = samples.shape[1]
             for i, key in enumerate(keys):
                 meta = StatsMeta(numel=int(n[i]), bins=self.bins, sample_n=cap, estimated=True)
-                out[key] = (torch.from_numpy(vecs[i]), meta)
+                out[key] = (vecs[i], meta)
         if items:
             out.update(self._finish_small(items))
         return out
 
-    def _finish_small(self, items: dict[Any, tuple[int, int]]) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
+    def _finish_small(self, items: dict[Any, tuple[int, int]]) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
         """The small tensors, size by size: the rows of a size's buffer ([K, n] float32) are reduced along their
         length, a fixed number of numpy calls per size however many tensors share it, and the histograms of every
         size are counted by one bincount each."""
         by_size: dict[int, list[tuple[Any, int]]] = {}
         for key, (n, k) in items.items():
             by_size.setdefault(n, []).append((key, k))
-        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        out: dict[Any, tuple[np.ndarray, StatsMeta]] = {}
         for n, kept in by_size.items():
             buf = self._small[n]
             ks = [k for _, k in kept]
-            rows = buf.rows[: buf.used] if len(ks) == buf.used else buf.rows[ks]  # rows of discarded keys left out
-            vecs, odd = _rows_exact(rows, self.bins)
+            # Rows are handed out in order and a discarded key only leaves a gap: no gap, no copy.
+            rows = buf.rows[: len(ks)] if ks[-1] == len(ks) - 1 else buf.rows[ks]
+            if buf.keys.size < 2 * rows.size:  # the histogram keys' scratch, kept with the rows
+                buf.keys = np.empty(2 * buf.rows.size, dtype=np.int32)
+            vecs, odd = _rows_exact(rows, self.bins, buf.keys)
             meta = self._metas[n]
-            for i, vec in enumerate(torch.from_numpy(vecs).unbind(0)):
-                out[kept[i][0]] = (vec, meta)
+            for (key, _), vec in zip(kept, vecs, strict=True):  # numpy rows: torch views cost more than all this
+                out[key] = (vec, meta)
             if odd.size:  # non-finite values, or magnitudes the float32 pass cannot square: in float64
                 out.update(self._finish_concatenated({kept[i][0]: rows[i].copy() for i in odd.tolist()}))
         return out
 
-    def _finish_concatenated(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
+    def _finish_concatenated(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
         """Small tensors by segment reductions over their concatenation, in float64: the rows the float32 pass of
-        `_finish_small` leaves out (a value not finite, or magnitudes outside 2**-30 .. 2**40)."""
+        `_finish_small` leaves out (a value not finite, or magnitudes outside 2**-90 .. 2**100)."""
         bins = self.bins
         arrays = list(items.values())
         lens, starts = segments(arrays)
@@ -412,8 +434,8 @@ class HostBatch:
         vecs[:, STATS.head :] = _count_bins(lin, c32, seg, count, bins)
         vecs[:, STATS.exp(bins).start] -= zeros  # zeros share biased exponent 0 with subnormals; zero_count has them
         metas: dict[int, StatsMeta] = {}  # one per size: they are immutable
-        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
-        for key, a, vec in zip(items, arrays, torch.from_numpy(vecs).unbind(0), strict=True):
+        out: dict[Any, tuple[np.ndarray, StatsMeta]] = {}
+        for key, a, vec in zip(items, arrays, vecs, strict=True):
             meta = metas.get(a.size)
             if meta is None:
                 meta = metas[a.size] = StatsMeta(numel=a.size, bins=bins, sample_n=a.size)
@@ -421,10 +443,11 @@ class HostBatch:
         return out
 
 
-def _alone(a: np.ndarray, bins: int, sample_cap: int) -> tuple[torch.Tensor, StatsMeta]:
+def _alone(a: np.ndarray, bins: int, sample_cap: int) -> tuple[np.ndarray, StatsMeta]:
     """A small float32 copy holding a non-finite value, measured by itself (the device path's kernel masks them)."""
     n = a.size
-    return device.exact_stats(torch.from_numpy(a), bins, n, sample_cap), StatsMeta(numel=n, bins=bins, sample_n=n)
+    vec = device.exact_stats(torch.from_numpy(a), bins, n, sample_cap).numpy()
+    return vec, StatsMeta(numel=n, bins=bins, sample_n=n)
 
 
 class _SizeRows:
@@ -433,6 +456,7 @@ class _SizeRows:
 
     def __init__(self, n: int) -> None:
         self.rows = np.empty((8, n), dtype=np.float32)
+        self.keys = np.empty(0, dtype=np.int32)
         self.used = 0
 
     def next_row(self) -> tuple[int, np.ndarray]:
@@ -444,12 +468,15 @@ class _SizeRows:
         return self.used - 1, self.rows[self.used - 1]
 
 
-# Rows whose largest magnitude is within 2**-30 .. 2**40 are measured in float32 (`_rows_exact`): their deviations'
-# squares, `x - min` and `bins / span` stay far inside float32's normal range. The rest take the float64 way.
-_F32_LOW, _F32_HIGH = 2.0**-30, 2.0**40
+# Rows whose largest magnitude is within 2**-90 .. 2**100 are measured in float32 (`_rows_exact`): there `x - min`
+# and `bins / span` cannot overflow (a non-constant span is at least 2**-113). Deviations of rows outside
+# 2**-30 .. 2**40 are scaled by an exact power of two before they are squared, so that their squares neither
+# overflow nor fall into float32's subnormals. The rest (and non-finite values) take the float64 way.
+_F32_LOW, _F32_HIGH = 2.0**-90, 2.0**100
+_SQUARE_LOW, _SQUARE_HIGH = 2.0**-30, 2.0**40
 
 
-def _rows_exact(rows: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+def _rows_exact(rows: np.ndarray, bins: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact statistics of each row of `rows` [K, n] (float32, every element of a small tensor), as [K, STATS.length]
     vectors, and the indices of the rows left to the caller (their vectors are garbage): a non-finite value, or
     magnitudes outside `_F32_LOW .. _F32_HIGH`.
@@ -463,25 +490,30 @@ def _rows_exact(rows: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
         mn = rows.min(axis=1)
         mx = rows.max(axis=1)
         big = np.maximum(-mn, mx).astype(np.float64)
-        ok = np.isfinite(sums) & (big >= _F32_LOW) & (big <= _F32_HIGH)
+        ok = np.isfinite(sums) & (big <= _F32_HIGH) & ((big >= _F32_LOW) | (big == 0))
     odd = np.flatnonzero(~ok)
     if odd.size:  # measured as zeros here (so that nothing overflows or warns), then by the caller
         rows = rows.copy()
         rows[odd] = 0
         sums[odd] = 0
-        mn[odd] = mx[odd] = 0
+        mn[odd] = mx[odd] = big[odd] = 0
     mean = sums / n
     c = mean.astype(np.float32)
     d = rows - c[:, None]
     zeros = np.add.reduce((rows == 0).view(np.uint8), axis=1, dtype=np.uint16 if n < 65536 else np.int64)
-    d *= d
     dc = mean - c.astype(np.float64)
-    m2 = np.add.reduce(d, axis=1, dtype=np.float64) - n * dc * dc
+    scaled = np.flatnonzero((big > _SQUARE_HIGH) | ((big < _SQUARE_LOW) & (big > 0)))
+    scale = np.ones(k)
+    if scaled.size:  # powers of two: exact
+        scale[scaled] = np.ldexp(1.0, np.frexp(big[scaled])[1])
+        d[scaled] *= (1.0 / scale[scaled]).astype(np.float32)[:, None]
+    d *= d
+    m2 = (np.add.reduce(d, axis=1, dtype=np.float64) - n * (dc / scale) ** 2) * scale * scale
     vecs = np.empty((k, STATS.length(bins)))
     STATS.put(
         vecs, count=float(n), mean=mean, m2=np.maximum(m2, 0.0), min=mn, max=mx, zero_count=zeros.astype(np.float64)
     )
     mn64 = mn.astype(np.float64)
-    vecs[:, STATS.head :] = _bin_rows(rows, rows, mn64, mx.astype(np.float64) - mn64, bins, out=d)
+    vecs[:, STATS.head :] = _bin_rows(rows, rows, mn64, mx.astype(np.float64) - mn64, bins, out=d, keys=keys)
     vecs[:, STATS.exp(bins).start] -= zeros  # zeros share biased exponent 0 with subnormals; zero_count has them
     return vecs, odd

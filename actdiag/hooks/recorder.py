@@ -157,7 +157,7 @@ class Recorder:
         self._recording = False
         self._token = 0
         self._step = -1
-        self._pending: dict[Key, tuple[torch.Tensor, Any]] = {}
+        self._pending: dict[Key, tuple[torch.Tensor | np.ndarray, Any]] = {}
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, Key]] = {}
         self._aliases: dict[Key, Key] = {}
         self._host_batch = HostBatch(bins, sample_cap)  # the host path's tensors, measured together in end()
@@ -233,7 +233,7 @@ class Recorder:
         self._updates.clear()
         self._recording = False
         if len(self._host_batch):
-            self._pending.update(self._host_batch.finish())
+            self._pending.update(self._host_batch.finish())  # numpy rows: no read-back to make
         if len(self._device_batch):
             self._pending.update(self._device_batch.finish())
         # Keys measured as another key's tensor take its statistics after the read-back (and the merge across
@@ -249,7 +249,8 @@ class Recorder:
         if self.merger is not None:
             # Every rank reaches this collective for every recorded step, whatever it saw, so that the ranks stay
             # in lockstep (a rank skipping it would leave the others waiting).
-            host = self.merger.merge(pending, kinds)
+            tensors = {key: (_as_tensor(vec), meta) for key, (vec, meta) in pending.items()}  # the merge concatenates
+            host = self.merger.merge(tensors, kinds)
         if not order and not _has_param_grad(pending):
             return None
         if self.merger is None:
@@ -674,12 +675,19 @@ def _has_param_grad(keys: Iterable[Key]) -> bool:
     return any(not k.is_layer and k.kind == "grad" for k in keys)
 
 
-def _read_back(pending: Mapping[Key, tuple[torch.Tensor, Any]]) -> dict[Key, tuple[np.ndarray, Any]]:
+def _as_tensor(vec: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(vec) if isinstance(vec, np.ndarray) else vec
+
+
+def _read_back(pending: Mapping[Key, tuple[torch.Tensor | np.ndarray, Any]]) -> dict[Key, tuple[np.ndarray, Any]]:
     """One device-to-host copy per device: concatenate every vector of the step, copy, split on the host."""
     by_device: dict[torch.device, list[tuple[Key, torch.Tensor, Any]]] = {}
-    for key, (vec, meta) in pending.items():
-        by_device.setdefault(vec.device, []).append((key, vec, meta))
     out: dict[Key, tuple[np.ndarray, Any]] = {}
+    for key, (vec, meta) in pending.items():
+        if isinstance(vec, np.ndarray):  # the host batch's rows
+            out[key] = (vec, meta)
+        else:
+            by_device.setdefault(vec.device, []).append((key, vec, meta))
     for device, items in by_device.items():
         if device.type == "cpu":  # already on the host: no copy to make, so no concatenation either
             for key, vec, meta in items:

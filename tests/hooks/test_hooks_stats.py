@@ -302,7 +302,7 @@ def take_change_and_finish(batch: HostBatch, cases: dict[str, torch.Tensor], est
     cases["normal"] = before
     out = batch.finish()
     assert set(out) == set(cases) and len(batch) == 0
-    return {key: decode_tensor_stats(vec.numpy(), meta) for key, (vec, meta) in out.items()}
+    return {key: decode_tensor_stats(np.asarray(vec), meta) for key, (vec, meta) in out.items()}
 
 
 def test_step_batch_estimates_large_tensors_like_the_per_tensor_path() -> None:
@@ -452,6 +452,40 @@ def test_small_batch_matches_float64_reference_and_the_per_tensor_path() -> None
         assert got.exponents.counts == alone.exponents.counts
 
 
+def test_small_batch_rows_of_one_size_match_float64_reference() -> None:
+    """Tensors of one size share a buffer and are reduced along its rows together: each row whatever its neighbours
+    hold (magnitudes whose squares need scaling, ones left to the float64 way, NaN, zeros), a row given up in the
+    middle, and every tensor changed in place after it was taken, match float64 numpy."""
+    g = torch.Generator().manual_seed(5)
+    shape = (16, 8)
+    cases = {
+        "normal": torch.randn(shape, generator=g),
+        "mean-dominates": 1000 + torch.randn(shape, generator=g) * 1e-2,
+        "relu-zeros": torch.relu(torch.randn(shape, generator=g)),
+        "vanishing-gradient": torch.randn(shape, generator=g) * 1e-20,  # squares scaled before they are summed
+        "exploding": torch.randn(shape, generator=g) * 1e20,
+        "below-float32-pass": torch.randn(shape, generator=g) * 1e-33,  # the float64 way
+        "above-float32-pass": torch.randn(shape, generator=g) * 1e35,
+        "all-zero": torch.zeros(shape),
+        "constant": torch.full(shape, -0.75),
+        "nan": torch.randn(shape, generator=g).index_fill_(1, torch.tensor([3]), math.nan),
+        "float16": (torch.randn(shape, generator=g) * 100).half(),
+    }
+    batch = HostBatch(bins=64, sample_cap=1024)
+    for i, (key, x) in enumerate(cases.items()):
+        assert batch.take(key, x) is not None
+        if i == 3:
+            assert batch.take("dropped", torch.randn(shape, generator=g)) is not None
+            batch.discard("dropped")  # a gap among the rows of this size
+    before = {key: x.clone() for key, x in cases.items()}
+    for x in cases.values():
+        x.mul_(-3)  # as an in-place op after the hook (ReLU(inplace=True), the optimizer) would
+    out = batch.finish()
+    assert set(out) == set(cases)
+    for key, (vec, meta) in out.items():
+        check_against_reference(before[key], path="host", s=decode_tensor_stats(np.asarray(vec), meta))
+
+
 SMALL_CASES = {
     "normal": lambda g: torch.randn(1000, generator=g),
     "relu-zeros": lambda g: torch.relu(torch.randn(37, 11, generator=g)),
@@ -569,5 +603,5 @@ def test_small_batch_with_opposite_infinities_warns_nothing() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ((vec, meta),) = batch.finish().values()
-    s = decode_tensor_stats(vec.numpy(), meta)
+    s = decode_tensor_stats(np.asarray(vec), meta)
     assert (s.count, s.nonfinite_count, s.mean, s.min, s.max) == (2, 2, 2.0, 1.0, 3.0)
