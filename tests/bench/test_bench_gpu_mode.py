@@ -39,7 +39,7 @@ def test_bad_input_on_the_command_line_is_one_line() -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "bench_step.py: error: unknown model 'nope'; choose from mlp, cnn, gpt, vit"
+        "bench_step.py: error: unknown model 'nope'; choose from mlp, cnn, gpt, deep, vit"
     ]
 
 
