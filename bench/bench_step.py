@@ -993,7 +993,7 @@ def target_lines(results: dict[str, list[dict[str, Any]]], gpu: bool = False) ->
                 paired = by["actdiag-default"]["ratio"]
             elif how == "every1" and "actdiag-every1" in by:
                 value = by["actdiag-every1"]["ratio"]
-            elif how == "per-tensor" and "actdiag-every1" in by and by["actdiag-every1"]["tensors"]:
+            elif how == "per-tensor" and "actdiag-every1" in by and by["actdiag-every1"].get("tensors"):
                 value = by["actdiag-every1"]["extra_ms"] * 1e3 / by["actdiag-every1"]["tensors"]
             elif how == "floorx" and "actdiag-every1" in by and "floor" in by and by["floor"]["extra_ms"] > 0:
                 value = by["actdiag-every1"]["extra_ms"] / by["floor"]["extra_ms"]
