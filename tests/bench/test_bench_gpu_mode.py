@@ -136,7 +136,8 @@ def test_the_gpu_targets_table_judges_each_target(bench_step: ModuleType) -> Non
     assert "| control: a second unmonitored copy (no target; shows the noise) | 0.998x | n/a |" in text
     # The CPU table keeps its own bounds.
     cpu = "\n".join(bench_step.target_lines({"gpt": good}))
-    assert "| target (CPU) | gpt |" in cpu and "| every=1 <= 1.25x | 1.120x met |" in cpu
+    retired = "every=1 <= 1.25x (retired by issue 20 for the floor above; shown for reference)"
+    assert "| target (CPU) | gpt |" in cpu and f"| {retired} | 1.120x |" in cpu
     assert "synchronisations" not in cpu
 
 
