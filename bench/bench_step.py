@@ -82,6 +82,11 @@ EXTRA_MODELS = ("vit",)  # on request (--models vit): see its workload
 ALL_MODELS = MODELS + EXTRA_MODELS
 
 
+# The clock the timed steps read (--clock): wall time, or the process's CPU time, which on a shared machine leaves
+# out the time other processes held the cores (for a one-thread workload it is the step's own work).
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
+
+
 class UsageError(ValueError):
     """A model, variant or device this script does not know or this machine lacks."""
 
@@ -646,14 +651,14 @@ class Runner:
     def step(self) -> tuple[float, bool]:
         rec = self.variant.recording()
         _synchronize(self.load.device)
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         loss = train_step(self.model, self.opt, self.load)
-        t1 = time.perf_counter()
+        t1 = CLOCK[0]()
         self.variant.after_step(loss)
         if not rec:  # host time of the variant's own call: all the code an unrecorded step of a watch runs
-            self.own_unrecorded.append(time.perf_counter() - t1)
+            self.own_unrecorded.append(CLOCK[0]() - t1)
         _synchronize(self.load.device)
-        return time.perf_counter() - t0, rec
+        return CLOCK[0]() - t0, rec
 
     def counted_step(self) -> None:
         """One step (training and the variant's own work) under torch.cuda.set_sync_debug_mode("warn"), adding the
@@ -1064,6 +1069,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny models, 2 rounds: checks the script, times nothing")
     p.add_argument("--write", type=Path, default=None, help="replace the step table in this Markdown file")
     p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what a step's time is: wall time (default), or the process's CPU time (time.process_time), which on a "
+        "loaded shared machine leaves out the time other processes held the cores; meant for one-thread workloads",
+    )
+    p.add_argument(
         "--section",
         default="",
         help="with --write: write the tables between the markers bench:SECTION-steps and bench:SECTION-targets "
@@ -1105,6 +1117,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     gpu = device.type == "cuda"
     autocast = torch.bfloat16 if args.amp == "bf16" else None
     steps_marker, targets_marker = ("bench:gpu-steps", "bench:gpu-targets") if gpu else ("bench:steps", "bench:targets")
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.section:
         steps_marker, targets_marker = f"bench:{args.section}-steps", f"bench:{args.section}-targets"
     notes = []
@@ -1126,6 +1139,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     peers = ""
     if args.peer_block is not None and any(v in PEERS for v in variants):
         peers = f" ({args.peer_block} for the peers, whose warm-up is capped to as many)"
+    if args.clock == "cpu":
+        lines.append("- clock: the process's CPU time (time.process_time), not wall time")
     lines += [
         f"- {args.rounds} interleaved rounds x {args.block} steps per variant{peers}, after {args.warmup} warm-up "
         f"steps; actdiag DEFAULT_EVERY = {DEFAULT_EVERY}; optimizer AdamW",
