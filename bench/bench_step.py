@@ -87,6 +87,11 @@ ALL_MODELS = MODELS + EXTRA_MODELS
 CLOCK: list[Callable[[], float]] = [time.perf_counter]
 
 
+# --section: (steps marker, targets marker) of the BENCHMARKS.md sections a partial run writes instead of the
+# full run's.
+SECTIONS = {"pertensor": ("bench:pertensor-steps", "bench:pertensor-targets")}
+
+
 class UsageError(ValueError):
     """A model, variant or device this script does not know or this machine lacks."""
 
@@ -1077,9 +1082,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--section",
-        default="",
-        help="with --write: write the tables between the markers bench:SECTION-steps and bench:SECTION-targets "
-        "instead of bench:steps and bench:targets (a run over some models or variants beside the full one)",
+        choices=tuple(SECTIONS),
+        default=None,
+        help="with --write: write the tables between this section's markers instead of bench:steps and "
+        "bench:targets (a run over some models or variants beside the full one)",
     )
     p.add_argument(
         "--malloc-fixed",
@@ -1119,7 +1125,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
     steps_marker, targets_marker = ("bench:gpu-steps", "bench:gpu-targets") if gpu else ("bench:steps", "bench:targets")
     CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.section:
-        steps_marker, targets_marker = f"bench:{args.section}-steps", f"bench:{args.section}-targets"
+        steps_marker, targets_marker = SECTIONS[args.section]
     notes = []
     if "wandb" in variants and (why := wandb_status()) is not None:
         variants.remove("wandb")

@@ -10,7 +10,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The sections each script writes with `--write BENCHMARKS.md` (bench_step.py writes two, on the CPU or on a GPU).
 WRITTEN = {
-    "bench_step.py": ("bench:steps", "bench:targets", "bench:gpu-steps", "bench:gpu-targets"),
+    "bench_step.py": (
+        "bench:steps",
+        "bench:targets",
+        "bench:gpu-steps",
+        "bench:gpu-targets",
+        "bench:pertensor-steps",
+        "bench:pertensor-targets",
+    ),  # fmt: skip
     "bench_reports.py": ("bench:reports",),
     "bench_kernel.py": ("bench:kernel",),
     "count_ops.py": ("bench:ops", "bench:ops-fused"),
