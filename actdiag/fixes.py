@@ -1,11 +1,14 @@
 """What to try for each finding, with code that names the user's own layers, and checking it on a copy of the model.
 
 `CATALOGUE` holds one entry per fix code: its text and snippet templates and whether `--try-fixes` can verify it by
-re-running. `attach_fixes(findings, layers)` picks the remedies for each finding by what surrounds the layers it
-names: He initialisation where a ReLU-family activation follows a weight layer, Xavier where tanh/sigmoid (or
-nothing) does, BatchNorm for conv and MLP layers, LayerNorm for sequences and single-sample batches, and so on. Each
-snippet can be pasted after the model is built (`model` being the user's model). The rules never see fixes: they
-are attached after diagnosis, where the report is assembled.
+re-running; `REMEDIES` says which fixes each finding code gets. `attach_fixes(findings, layers, model=...)` picks
+the remedies for each finding by what surrounds the layers it names: He initialisation where a ReLU-family
+activation follows a weight layer, Xavier where tanh/sigmoid (or nothing) does, BatchNorm for conv and MLP layers,
+LayerNorm for sequences and single-sample batches, and so on. Each snippet can be pasted after the model is built
+(`model` being the user's model; the training-loop ones name `optimizer`, `criterion`, `x`, `y` and `loss`). Layers
+are named the way their containers index them (`model.features[3]`, `model.heads["0"]`), or through
+`get_submodule`/`set_submodule` where the container is unknown; mixed-precision snippets take the device from the
+batch (`x.device.type`). The rules never see fixes: they are attached after diagnosis, where the report is assembled.
 
 `verify_fixes(model, report, rerun)` applies every verifiable fix (re-initialisation, inserting a normalisation
 layer, swapping an activation) to a deep copy, re-runs the check through `rerun` (the caller's `actdiag.inspect`,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import keyword
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,14 +52,17 @@ _MAX_LINES = 6  # beyond this many layers a snippet loops over their names inste
 class FixEntry:
     """One fix code. `text` and `snippet` are `str.format` templates. In a snippet, `{layer}` is the expression of
     one layer (`model.features[3]`) and the snippet is repeated for each layer a fix names; `loop` takes its place
-    for more than a few layers. `then` is repeated for each weight layer re-initialised along with the fix.
-    `verifiable`: `--try-fixes` can apply the fix to a copy of the model and re-run it."""
+    for more than a few layers. `swap`: the snippet is the module put in place of each named layer (assigned as the
+    layer's container allows). `then` is repeated for each weight layer re-initialised along with the fix.
+    `{dtype}` is the low-precision dtype a finding names. `verifiable`:
+    `--try-fixes` can apply the fix to a copy of the model and re-run it."""
 
     text: str
     snippet: str
     verifiable: bool = False
     loop: str = ""
     then: str = ""
+    swap: bool = False
 
 
 _EACH_LAYER = "for layer in (\n{layers}\n):\n    {body}"
@@ -63,12 +70,21 @@ _NORM_TEXT = (
     "Normalise the output of {n} layer(s) with {label}, which resets the spread of every layer whatever the "
     "initialisation (Ioffe & Szegedy 2015; Ba et al. 2016){why}."
 )
-_NORM_SNIPPET = "{layer} = nn.Sequential({layer}, nn.{norm}({features}))"
+_NORM_SNIPPET = "nn.Sequential({layer}, nn.{norm}({features}))"
 _NORM_LOOP = (
     "for name in (\n{names}\n):\n    layer = model.get_submodule(name)\n"
     "    model.set_submodule(name, nn.Sequential(layer, nn.{norm}({features})))"
 )
 _LOWER_LR = 'for group in optimizer.param_groups:\n    group["lr"] *= 0.1'
+# float32 weights (the parameters stay the same objects; a fresh optimizer keeps no low-precision state).
+_MASTER = (
+    "model.float()  # float32 weights, updated exactly\n"
+    "optimizer = type(optimizer)(model.parameters(), **optimizer.defaults)  # the same optimizer, over them\n"
+)
+_BACKWARD = "loss.backward()\noptimizer.step()\noptimizer.zero_grad()"
+# Computing in float16 (not bfloat16) also needs loss scaling: `{scaler}` and `{backward}` of fp32_master_weights.
+_SCALER = "scaler = torch.amp.GradScaler(x.device.type)\n"
+_SCALED_BACKWARD = "scaler.scale(loss).backward()\nscaler.step(optimizer)\nscaler.update()\noptimizer.zero_grad()"
 
 CATALOGUE: Mapping[str, FixEntry] = {
     "xavier_init": FixEntry(
@@ -86,21 +102,23 @@ CATALOGUE: Mapping[str, FixEntry] = {
         verifiable=True,
         loop=_EACH_LAYER,
     ),
-    "batchnorm": FixEntry(_NORM_TEXT, _NORM_SNIPPET, verifiable=True, loop=_NORM_LOOP),
-    "layernorm": FixEntry(_NORM_TEXT, _NORM_SNIPPET, verifiable=True, loop=_NORM_LOOP),
+    "batchnorm": FixEntry(_NORM_TEXT, _NORM_SNIPPET, verifiable=True, loop=_NORM_LOOP, swap=True),
+    "layernorm": FixEntry(_NORM_TEXT, _NORM_SNIPPET, verifiable=True, loop=_NORM_LOOP, swap=True),
     "leaky_relu": FixEntry(
         "Use LeakyReLU: a small negative slope keeps a gradient flowing through units that are off, so they can "
         "come back (Maas et al. 2013).",
-        "{layer} = nn.LeakyReLU(0.01)",
+        "nn.LeakyReLU(0.01)",
         verifiable=True,
+        swap=True,
     ),
     "relu_activation": FixEntry(
         # ReLU in place of a bounded activation needs He-scaled weights before it, or the signal explodes.
         "Use ReLU instead of the bounded activation, with He initialisation of the layers before it: ReLU does not "
         "saturate for positive inputs, so the gradient passes through at full strength (Glorot et al. 2011).",
-        "{layer} = nn.ReLU()",
+        "nn.ReLU()",
         verifiable=True,
         then='nn.init.kaiming_normal_({layer}.weight, nonlinearity="relu")',
+        swap=True,
     ),
     "lower_learning_rate": FixEntry(
         "Lower the learning rate (try 10x smaller), or warm it up over the first steps.", _LOWER_LR
@@ -125,9 +143,16 @@ CATALOGUE: Mapping[str, FixEntry] = {
     "loss_scaling": FixEntry(
         "Scale the loss before backward so small float16 gradients stay representable (dynamic loss scaling, "
         "Micikevicius et al. 2018).",
-        "scaler = torch.amp.GradScaler(x.device.type)\n"
+        "{master}scaler = torch.amp.GradScaler(x.device.type)\n"
         "with torch.autocast(device_type=x.device.type, dtype=torch.float16):\n"
         "    loss = criterion(model(x), y)\nscaler.scale(loss).backward()\nscaler.step(optimizer)\nscaler.update()",
+    ),
+    "fp32_master_weights": FixEntry(
+        "Keep the weights in float32 and compute in {dtype} under autocast (or keep a float32 master copy for the "
+        "optimizer): the update is then added to a float32 weight, where it lands, and only the forward and "
+        "backward passes round to {dtype} (Micikevicius et al. 2018).",
+        _MASTER + "{scaler}with torch.autocast(device_type=x.device.type, dtype=torch.{dtype}):\n"
+        "    loss = criterion(model(x), y)\n{backward}",
     ),
     "check_inputs": FixEntry(
         "Check the data that reaches {layer}: NaN/Inf in the inputs (or a log/division of zero just before it) "
@@ -149,19 +174,57 @@ FIX_CODES = tuple(CATALOGUE)
 VERIFIABLE = frozenset(code for code, entry in CATALOGUE.items() if entry.verifiable)
 
 
-def module_expr(name: str, root: str = "model") -> str:
-    """Python expression for a submodule: "features.3.conv1" -> "model.features[3].conv1"."""
-    expr = root
-    if not name:
-        return expr
+def _quote(text: str) -> str:
+    """A string literal in the snippets' double quotes."""
+    return f'"{text}"' if '"' not in text and "\\" not in text and text.isprintable() else repr(text)
+
+
+def _access(name: str, model: nn.Module | None) -> str | None:
+    """Python expression for submodule `name` of `model` by attribute and index, or None when none is certain to
+    work: indices where the container takes them (Sequential and ModuleList by position, ModuleDict by key),
+    attributes elsewhere. Without the model, digits and other non-identifiers cannot be told apart (a ModuleDict
+    with key "0" takes ["0"], a Sequential [0]), so only a path of identifiers gets an expression."""
+    expr = "model"
+    module: nn.Module | None = model
     for part in name.split("."):
-        if part.isdigit():
+        if isinstance(module, (nn.Sequential, nn.ModuleList)) and part.isdigit():
             expr += f"[{part}]"
-        elif _IDENT.match(part):
+        elif isinstance(module, nn.ModuleDict):
+            expr += f"[{_quote(part)}]"
+        elif _IDENT.match(part) and not keyword.iskeyword(part) and not hasattr(type(module), part):
+            # (an attribute of the class, e.g. a child named "train", would shadow the child)
             expr += f".{part}"
         else:
-            expr += f"[{part!r}]"
+            return None
+        if module is not None:
+            module = module._modules.get(part)
+            if module is None:
+                return None  # not a submodule of this model: say nothing certain
     return expr
+
+
+def module_expr(name: str, root: str = "model", model: nn.Module | None = None) -> str:
+    """Python expression for a submodule: "features.3.conv1" -> "model.features[3].conv1" (with `model`, whose
+    containers say how each part is indexed), or `model.get_submodule("features.3.conv1")` where that is not
+    certain."""
+    if not name:
+        return root
+    expr = _access(name, model)
+    if expr is None:
+        return f"{root}.get_submodule({_quote(name)})"
+    return root + expr[len("model") :]
+
+
+def module_assign(name: str, value: str, model: nn.Module | None = None) -> str:
+    """A statement that puts module expression `value` in place of submodule `name`."""
+    expr = _access(name, model) if name else None
+    return f"{expr} = {value}" if expr is not None else f"model.set_submodule({_quote(name)}, {value})"
+
+
+def _low_dtypes(model: nn.Module | None) -> frozenset[torch.dtype]:
+    if model is None:
+        return frozenset()
+    return frozenset(p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------------- layer context
@@ -169,13 +232,21 @@ def module_expr(name: str, root: str = "model") -> str:
 class _Context:
     layers: tuple[LayerStats, ...]
     index: dict[str, int]
+    model: nn.Module | None = None  # the user's model: how its containers index their children
+    low: frozenset[torch.dtype] = frozenset()  # float16/bfloat16 among the model's parameters
 
     @classmethod
-    def of(cls, layers: Sequence[LayerStats]) -> _Context:
+    def of(cls, layers: Sequence[LayerStats], model: nn.Module | None = None) -> _Context:
         index: dict[str, int] = {}
         for i, layer in enumerate(layers):
             index.setdefault(layer.name, i)
-        return cls(tuple(layers), index)
+        return cls(tuple(layers), index, model, _low_dtypes(model))
+
+    def expr(self, name: str) -> str:
+        return module_expr(name, model=self.model)
+
+    def assign(self, name: str, value: str) -> str:
+        return module_assign(name, value, self.model)
 
     def get(self, name: str | None) -> LayerStats | None:
         i = self.index.get(name) if name is not None else None
@@ -249,15 +320,21 @@ def _wrapped(items: list[str], indent: str = "    ", width: int = 100) -> str:
     return "\n".join(indent + ln for ln in lines)
 
 
-def _snippet(entry: FixEntry, names: Sequence[str], **words: str) -> str:
+def _line(ctx: _Context, entry: FixEntry, name: str, **words: str) -> str:
+    """The entry's snippet for one layer: the statement itself, or for a swap the assignment of its module."""
+    code = entry.snippet.format(layer=ctx.expr(name), **words)
+    return ctx.assign(name, code) if entry.swap else code
+
+
+def _snippet(ctx: _Context, entry: FixEntry, names: Sequence[str], **words: str) -> str:
     """The entry's snippet for layers `names`: one block per layer, or its loop over them when there are many."""
-    exprs = [module_expr(n) for n in names]
-    if entry.loop and len(exprs) > _MAX_LINES:
+    if entry.loop and len(names) > _MAX_LINES:
         body = entry.snippet.format(layer="layer", **words).replace("\n", "\n    ")
         names_listed = _wrapped([repr(n) for n in names])
-        code = entry.loop.format(layers=_wrapped(exprs), names=names_listed, body=body, **words)
+        exprs = _wrapped([ctx.expr(n) for n in names])
+        code = entry.loop.format(layers=exprs, names=names_listed, body=body, **words)
     else:
-        code = "\n".join(entry.snippet.format(layer=e, **words) for e in exprs)
+        code = "\n".join(_line(ctx, entry, n, **words) for n in names)
     return "from torch import nn\n\n" + code
 
 
@@ -272,7 +349,7 @@ def _init_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
     if he_fix:
         nl = "leaky_relu" if "leaky_relu" in nls and "relu" not in nls else "relu"
         he = CATALOGUE["he_init"]
-        fix = Fix("he_init", he.text.format(n=len(targets), why=why), _snippet(he, targets, nl=nl))
+        fix = Fix("he_init", he.text.format(n=len(targets), why=why), _snippet(ctx, he, targets, nl=nl))
         return _Plan(fix, tuple(targets), tuple(nl for _ in targets))
     non_linear = [nl for nl in nls if nl in ("tanh", "sigmoid")]
     nl = max(set(non_linear), key=non_linear.count) if non_linear else "linear"
@@ -280,7 +357,7 @@ def _init_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
     kind = "tanh/sigmoid" if nl != "linear" else "linear"
     xavier = CATALOGUE["xavier_init"]
     text = xavier.text.format(n=len(targets), kind=kind, why=why)
-    fix = Fix("xavier_init", text, _snippet(xavier, targets, gain=gain))
+    fix = Fix("xavier_init", text, _snippet(ctx, xavier, targets, gain=gain))
     return _Plan(fix, tuple(targets), tuple(nl for _ in targets))
 
 
@@ -321,9 +398,9 @@ def _norm_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
         feat = "layer.out_channels" if k0.startswith("BatchNorm") and k0 != "BatchNorm1d" else "layer.out_features"
         if k0 == "BatchNorm1d" and ctx.layers[ctx.index[names[0]]].type.startswith("Conv"):
             feat = "layer.out_channels"
-        snippet = _snippet(entry, names, norm=k0, features=feat)
+        snippet = _snippet(ctx, entry, names, norm=k0, features=feat)
     else:
-        lines = [entry.snippet.format(layer=module_expr(n), norm=k, features=f) for n, (k, f) in zip(names, kinds)]
+        lines = [_line(ctx, entry, n, norm=k, features=str(f)) for n, (k, f) in zip(names, kinds)]
         snippet = "from torch import nn\n\n" + "\n".join(lines)
     label = "BatchNorm" if batch else "LayerNorm"
     fix = Fix(code, entry.text.format(n=len(names), label=label, why=why), snippet)
@@ -335,17 +412,21 @@ def _swap_plan(ctx: _Context, targets: list[str], code: str) -> _Plan | None:
         return None
     entry = CATALOGUE[code]
     feeding = _feeding(ctx, targets) if entry.then else []
-    lines = [entry.snippet.format(layer=module_expr(n)) for n in targets]
-    lines += [entry.then.format(layer=module_expr(n)) for n in feeding]
+    lines = [_line(ctx, entry, n) for n in targets]
+    lines += [entry.then.format(layer=ctx.expr(n)) for n in feeding]
     fix = Fix(code, entry.text, "from torch import nn\n\n" + "\n".join(lines))
     return _Plan(fix, tuple(targets), reinit=tuple(feeding))
 
 
-def _plain(code: str, f: Finding) -> _Plan:
-    """A fix that changes the training setup, not the model: its text and snippet name at most the finding's layer."""
+def _plain(code: str, f: Finding, ctx: _Context, **words: str) -> _Plan:
+    """A fix that changes the training setup, not the model: its text and snippet name at most the finding's layer,
+    and the model's dtype."""
     entry = CATALOGUE[code]
-    layer = module_expr(f.layer) if f.layer else "model"
-    return _Plan(Fix(code, entry.text.format(layer=layer), entry.snippet.format(layer=layer)))
+    layer = ctx.expr(f.layer) if f.layer else "model"
+    # GradScaler refuses float16 weights: loss scaling on a model kept in float16 starts with float32 weights.
+    master = _MASTER if torch.float16 in ctx.low else ""
+    words = {"layer": layer, "master": master, **words}
+    return _Plan(Fix(code, entry.text.format(**words), entry.snippet.format(**words)))
 
 
 # What to try for each finding code, most promising first: each function reads the finding and the layers around it.
@@ -376,8 +457,8 @@ def _for_gradient(f: Finding, ctx: _Context) -> list[_Plan | None]:
         plans.append(_swap_plan(ctx, ctx.ordered(bounded), "relu_activation"))
     plans += [_init_plan(ctx, targets, ""), _norm_plan(ctx, targets, "")]
     if f.code == "vanishing_gradient":
-        return [*plans, _plain("residual_connections", f)]
-    return [*plans, _plain("gradient_clipping", f), _plain("lower_learning_rate", f)]
+        return [*plans, _plain("residual_connections", f, ctx)]
+    return [*plans, _plain("gradient_clipping", f, ctx), _plain("lower_learning_rate", f, ctx)]
 
 
 def _for_dead_relu(f: Finding, ctx: _Context) -> list[_Plan | None]:
@@ -398,7 +479,7 @@ def _for_dead_relu(f: Finding, ctx: _Context) -> list[_Plan | None]:
         _norm_plan(ctx, _feeding(ctx, dead), ", centring the pre-activations so about half the units fire"),
     ]
     if f.evidence.get("steps", 1.0) > 1:
-        plans.append(_plain("lower_learning_rate", f))
+        plans.append(_plain("lower_learning_rate", f, ctx))
     return plans
 
 
@@ -418,35 +499,43 @@ def _for_nonfinite(f: Finding, ctx: _Context) -> list[_Plan | None]:
             return [_plain(code, f) for code in codes]
     plans: list[_Plan | None] = []
     if f.evidence.get("float16"):
-        plans += [_plain("bf16_autocast", f), _plain("loss_scaling", f)]
+        plans += [_plain("bf16_autocast", f, ctx), _plain("loss_scaling", f, ctx)]
     weights_bad = f.evidence.get("weight_nonfinite", 0.0) > 0 or "parameters" in f.evidence
     if f.evidence.get("gradient") or weights_bad:
-        plans += [_plain("lower_learning_rate", f), _plain("gradient_clipping", f)]
+        plans += [_plain("lower_learning_rate", f, ctx), _plain("gradient_clipping", f, ctx)]
     if not weights_bad:
-        plans.append(_plain("check_inputs", f))
+        plans.append(_plain("check_inputs", f, ctx))
     return plans
 
 
 def _for_fp16_overflow(f: Finding, ctx: _Context) -> list[_Plan | None]:
     # Normalising after the layer would not help: the value overflows in the layer's own output.
-    extra = [_plain("gradient_clipping", f)] if f.evidence.get("gradient") else []
-    return [_plain("bf16_autocast", f), *extra]
+    extra = [_plain("gradient_clipping", f, ctx)] if f.evidence.get("gradient") else []
+    return [_plain("bf16_autocast", f, ctx), *extra]
 
 
 def _for_fp16_underflow(f: Finding, ctx: _Context) -> list[_Plan | None]:
     # A float32 gradient is reported only when loss scaling could not save it (it spans more than float16 can).
     if f.evidence.get("gradient") and f.evidence.get("float16", 1.0):
-        return [_plain("loss_scaling", f), _plain("bf16_autocast", f)]
-    return [_plain("bf16_autocast", f)]
+        return [_plain("loss_scaling", f, ctx), _plain("bf16_autocast", f, ctx)]
+    return [_plain("bf16_autocast", f, ctx)]
 
 
 def _for_large_updates(f: Finding, ctx: _Context) -> list[_Plan | None]:
-    return [_plain("lower_learning_rate", f), _plain("gradient_clipping", f)]
+    return [_plain("lower_learning_rate", f, ctx), _plain("gradient_clipping", f, ctx)]
 
 
 def _for_stalled_updates(f: Finding, ctx: _Context) -> list[_Plan | None]:
-    first = [_plain("switch_optimizer", f)] if "effective_step_decay" in f.evidence else []
-    return [*first, _plain("raise_learning_rate", f)]
+    first = [_plain("switch_optimizer", f, ctx)] if "effective_step_decay" in f.evidence else []
+    return [*first, _plain("raise_learning_rate", f, ctx)]
+
+
+def _for_lost_updates(f: Finding, ctx: _Context) -> list[_Plan | None]:
+    half = bool(f.evidence.get("float16"))
+    scaler = _SCALER if half else ""
+    backward = _SCALED_BACKWARD if half else _BACKWARD
+    dtype = "float16" if half else "bfloat16"
+    return [_plain("fp32_master_weights", f, ctx, dtype=dtype, scaler=scaler, backward=backward)]
 
 
 REMEDIES: Mapping[str, Callable[[Finding, _Context], list[_Plan | None]]] = {
@@ -461,6 +550,7 @@ REMEDIES: Mapping[str, Callable[[Finding, _Context], list[_Plan | None]]] = {
     "fp16_underflow": _for_fp16_underflow,
     "large_updates": _for_large_updates,
     "stalled_updates": _for_stalled_updates,
+    "lost_updates": _for_lost_updates,
 }
 
 
@@ -469,9 +559,16 @@ def _plans(f: Finding, ctx: _Context) -> list[_Plan]:
     return [] if remedies is None else [p for p in remedies(f, ctx) if p is not None]
 
 
-def attach_fixes(findings: Sequence[Finding], layers: Sequence[LayerStats]) -> tuple[Finding, ...]:
-    """The findings, in the same order, each with its suggested fixes (most promising first) for these layers."""
-    ctx = _Context.of(layers)
+def attach_fixes(
+    findings: Sequence[Finding],
+    layers: Sequence[LayerStats],
+    *,
+    model: nn.Module | None = None,
+) -> tuple[Finding, ...]:
+    """The findings, in the same order, each with its suggested fixes (most promising first) for these layers.
+    `model`: the model the layers belong to, so that snippets index its containers as they allow and fit its dtype
+    (a model kept in float16 gets float32 weights before loss scaling)."""
+    ctx = _Context.of(layers, model)
     return tuple(dataclasses.replace(f, fixes=tuple(p.fix for p in _plans(f, ctx))) for f in findings)
 
 
@@ -588,7 +685,7 @@ def verify_fixes(model: nn.Module, report: Report, rerun: Callable[[nn.Module], 
     that cannot be applied automatically (learning rate, clipping, precision) stay `None`, as does a fix whose
     patched copy could not be built or run. The user's model, its weights and the global RNG state are untouched.
     """
-    ctx = _Context.of(report.layers)
+    ctx = _Context.of(report.layers, model)
     before_codes = {f.code for f in report.findings}
     cache: dict[tuple[str, str], tuple[bool | None, tuple[LayerStats, ...], tuple[Finding, ...]]] = {}
     out: list[Finding] = []

@@ -473,6 +473,7 @@ class Monitor:
                         first_nonfinite=self.first_nonfinite,
                     ),
                     layers,
+                    model=self.model,
                 )
             except Exception as exc:  # noqa: BLE001
                 if self.strict:

@@ -325,6 +325,23 @@ class LayerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class LostUpdates:
+    """Of the elements of a float16/bfloat16 parameter whose gradient was non-zero at a recorded step (`nonzero`),
+    how many the optimizer step left exactly unchanged (`unchanged`): their update was below half the spacing
+    between neighbouring values of `dtype` and rounded away. Over a fixed sample of a large weight when
+    `estimated` (as the update ratio)."""
+
+    unchanged: int
+    nonzero: int
+    dtype: str
+    estimated: bool = False
+
+    @property
+    def fraction(self) -> float:
+        return self.unchanged / self.nonzero if self.nonzero else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class ParamStats:
     """One parameter at one recorded step. `update_ratio` is ||w_after - w_before|| / ||w_before|| over the
     optimizer step of the recorded training step (None when updates are not tracked or the weight is zero),
@@ -341,6 +358,7 @@ class ParamStats:
     update_ratio_estimated: bool = False
     lr: float | None = None
     optimizer: str | None = None
+    lost_updates: LostUpdates | None = None  # float16/bfloat16 parameters, when updates are tracked
 
 
 def measured_stats(layers: Iterable[LayerStats], params: Iterable[ParamStats]) -> list[TensorStats]:

@@ -10,8 +10,9 @@ Owner = Literal["layer", "param"]
 # (saturation count), "units" (dead/rare/never unit counts), "unitvec" (per-unit counts, merged across ranks into
 # "units"), "streak" (per-unit silence streaks, `tracking.UnitStreaks`), "input" (NaN/Inf count of the step's first
 # input), "ingrad" (NaN/Inf count of the gradient with respect to its input). A parameter's: "weight", "grad",
-# "update" (the norms of its update ratio).
-Kind = Literal["act", "grad", "sat", "units", "unitvec", "streak", "input", "ingrad", "weight", "update"]
+# "update" (the norms of its update ratio), "lost" (elements with a non-zero gradient the optimizer step left
+# unchanged, and how many had one).
+Kind = Literal["act", "grad", "sat", "units", "unitvec", "streak", "input", "ingrad", "weight", "update", "lost"]
 
 
 class Key(NamedTuple):

@@ -62,8 +62,8 @@ from actdiag.hooks.stats import (
     unit_dim_for,
 )
 from actdiag.hooks.tracking import UnitStreaks, input_grad_nonfinite, nonfinite_count
-from actdiag.hooks.updates import UpdateRatios
-from actdiag.records import LayerStats, ParamStats, StepRecord, TensorStats
+from actdiag.hooks.updates import LOW_PRECISION, LostUpdateCounts, UpdateRatios
+from actdiag.records import LayerStats, LostUpdates, ParamStats, StepRecord, TensorStats
 
 # Names the rest of actdiag (and its tests) import from here; they live in the modules named above.
 __all__ = [
@@ -163,6 +163,7 @@ class Recorder:
         self._host_batch = HostBatch(bins, sample_cap)  # the host path's tensors, measured together in end()
         self._device_batch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
         self._updates = UpdateRatios(sample_cap)  # weight copies for the update ratios
+        self._lost = LostUpdateCounts(sample_cap)  # float16/bfloat16 weights: updates that rounded away
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
@@ -230,7 +231,11 @@ class Recorder:
             ratios = self._guard("updates", self._updates.finish, self._param_map)
             for pname, vec in (ratios or {}).items():
                 self._put(Key.param(pname, "update"), vec, None, _dist.KIND_REPLICATED)
+            lost = self._guard("updates", self._lost.finish, self._param_map)
+            for pname, vec in (lost or {}).items():
+                self._put(Key.param(pname, "lost"), vec, None, _dist.KIND_REPLICATED)
         self._updates.clear()
+        self._lost.clear()
         self._recording = False
         if len(self._host_batch):
             self._pending.update(self._host_batch.finish())  # numpy rows: no read-back to make
@@ -275,6 +280,7 @@ class Recorder:
         self._host_batch.release()
         self._device_batch.release()
         self._updates.release()
+        self._lost.clear()
 
     def _clear_step(self) -> None:
         """Forget everything a step collected (begin() starts from here, abort() ends here)."""
@@ -284,6 +290,7 @@ class Recorder:
         self._host_batch.clear()
         self._device_batch.clear()
         self._updates.clear()
+        self._lost.clear()
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
@@ -450,6 +457,8 @@ class Recorder:
         # the weight the forward pass used: the optimizer has not run.
         if not self._has(Key.param(pname, "weight")):
             self._guard("weights", self._record_weight, pname, p, True)
+        if pname not in self._frozen:  # once stepped, the weight is no longer the one before the step
+            self._snapshot_lost(pname, p)
         if self.merger is not None:
             # Under DDP this is still the rank's own gradient: the all-reduced average is written into .grad by a
             # callback DDP queues at the end of backward. Read .grad after that callback instead (see _late).
@@ -478,6 +487,7 @@ class Recorder:
                     continue
                 if self._grad_seen.get(pname) != (id(p.grad), p.grad._version):
                     self._guard("weight gradients", self._put_grad, pname, p.grad)
+                self._snapshot_lost(pname, p)  # the weight and gradient the step is about to use
                 self._frozen.add(pname)
 
     def _late_first(self) -> None:
@@ -493,6 +503,7 @@ class Recorder:
         for pname, p in params.items():
             if p.grad is not None and pname not in self._frozen:
                 self._guard("weight gradients", self._put_grad, pname, p.grad)
+                self._snapshot_lost(pname, p)  # against the averaged gradient the optimizer will use
 
     def _record_weight(self, pname: str, p: torch.Tensor, before_update: bool) -> None:
         self._put_stats(Key.param(pname, "weight"), p)
@@ -501,6 +512,10 @@ class Recorder:
             self._updates.snapshot(
                 pname, flat, host=on_host(flat, self.path), sampled=self._update_sampled(flat.numel())
             )
+
+    def _snapshot_lost(self, pname: str, p: torch.Tensor) -> None:
+        if self.track_updates and p.dtype in LOW_PRECISION:
+            self._guard("updates", partial(self._lost.snapshot, sampled=self._update_sampled(p.numel())), pname, p)
 
     def _update_sampled(self, numel: int) -> bool:
         """Whether a weight of `numel` elements gets its update ratio from its fixed sample (an estimate)."""
@@ -604,6 +619,12 @@ class Recorder:
             if upd is not None:
                 delta, norm0 = (float(v) for v in upd[0])  # updates.UpdateRatios: the two norms
                 ratio = delta / norm0 if norm0 > 0 and math.isfinite(norm0) else None
+            counts = host.get(Key.param(pname, "lost"))
+            lost = None
+            if counts is not None:
+                unchanged, nonzero = (int(v) for v in counts[0])  # updates.LostUpdateCounts
+                dtype = str(p.dtype).replace("torch.", "")
+                lost = LostUpdates(unchanged, nonzero, dtype, self._update_sampled(p.numel()))
             ps = ParamStats(
                 name=pname,
                 shape=tuple(p.shape),
@@ -612,6 +633,7 @@ class Recorder:
                 grad=stats(Key.param(pname, "grad")),
                 update_ratio=ratio,
                 update_ratio_estimated=ratio is not None and self._update_sampled(p.numel()),
+                lost_updates=lost,
             )
             params.append(ps)
             by_name[pname] = ps

@@ -149,3 +149,53 @@ class UpdateRows(RowBatch):
         norms = torch.stack([d.square().sum(1), before.square().sum(1)], dim=1).sqrt().to(torch.float64)
         self.clear()
         return {pname: norms[k] for pname, k in rows.items()}
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class LostUpdateCounts:
+    """For float16/bfloat16 parameters: how many elements with a non-zero gradient the optimizer step left exactly
+    unchanged (their update was below half an ulp and rounded away), as float64 [unchanged, non-zero] 2-vectors.
+
+    The copy before the step is the weight in its own dtype with NaN where the gradient is zero, so after the step
+    one comparison counts only the elements that had a gradient (NaN equals nothing). It is taken again at every
+    gradient accumulation (the weight has not moved yet; the gradient has), over the elements the update ratio
+    reads: all of them, or its fixed sample when that is estimated. Device ops only; the counts are read back with
+    the step's other vectors."""
+
+    def __init__(self, sample_cap: int) -> None:
+        self.sample_cap = sample_cap
+        # name -> (numel, sample index, copy, elements with a non-zero gradient)
+        self._snaps: dict[str, tuple[int, torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
+
+    def snapshot(self, pname: str, p: torch.Tensor, *, sampled: bool) -> None:
+        """Copy weight `p` before the optimizer step, against its current `.grad`; nothing for other dtypes."""
+        grad = p.grad
+        if p.dtype not in LOW_PRECISION or grad is None or grad.layout != torch.strided or grad.shape != p.shape:
+            return
+        flat = p.detach().reshape(-1)
+        g = grad.detach().reshape(-1)
+        idx = _SAMPLES.get(flat.numel(), self.sample_cap, flat.device) if sampled else None
+        if idx is not None:
+            flat, g = flat.index_select(0, idx), g.index_select(0, idx)
+        moving = g != 0
+        before = torch.where(moving, flat, flat.new_full((), float("nan")))
+        self._snaps[pname] = (p.numel(), idx, before, moving.sum())
+
+    def finish(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The counts of every weight copied this step and still of its size, dtype and device; copies dropped."""
+        out: dict[str, torch.Tensor] = {}
+        snaps, self._snaps = self._snaps, {}
+        for pname, (n, idx, before, nonzero) in snaps.items():
+            p = params.get(pname)
+            if p is None or p.numel() != n or p.dtype != before.dtype or p.device != before.device:
+                continue  # replaced by a tensor of another size or dtype, or moved: no count
+            cur = p.detach().reshape(-1)
+            if idx is not None:
+                cur = cur.index_select(0, idx)
+            out[pname] = torch.stack([(cur == before).sum(), nonzero]).to(torch.float64)
+        return out
+
+    def clear(self) -> None:
+        self._snaps = {}

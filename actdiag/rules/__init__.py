@@ -3,6 +3,7 @@
     gradients    vanishing_gradient, exploding_gradient
     activations  activation_collapse, activation_explosion, saturation, dead_relu
     precision    nonfinite, fp16_overflow, fp16_underflow
+    rounding     fp16_underflow (gradients flushed to zero), lost_updates
     updates      large_updates, stalled_updates
 
 `diagnose` runs them all on one recorded step (and the history, for the training-time rules), groups what one root
@@ -19,6 +20,7 @@ from actdiag.records import Finding, History, LayerStats, ParamStats
 from actdiag.rules.activations import dead_relu_findings, saturation_findings, spread_findings
 from actdiag.rules.gradients import gradient_findings, link_causes
 from actdiag.rules.precision import first_nonfinite_index, fp16_findings, nonfinite_findings
+from actdiag.rules.rounding import flushed_gradient_findings, fold_underflow, lost_update_findings
 from actdiag.rules.run import dead_unit_findings, has_unit_activity, link_consequences
 from actdiag.rules.thresholds import DEFAULT_THRESHOLDS, Thresholds
 from actdiag.rules.updates import update_findings
@@ -39,6 +41,7 @@ CODE_PRIORITY = {
     "stalled_updates": 8,
     "fp16_overflow": 9,
     "fp16_underflow": 10,
+    "lost_updates": 11,
 }
 
 
@@ -70,7 +73,9 @@ def diagnose(
     # judged by its own dead share and the history.
     found += dead_unit_findings(clean, t) if has_unit_activity(clean) else dead_relu_findings(clean, history, t)
     found += fp16_findings(clean, history, t)
+    found = fold_underflow([*flushed_gradient_findings(clean), *found])
     found += update_findings(layers, history, t, params)
+    found += lost_update_findings(params, t)
     return rank(_group(link_consequences(found, clean)), layers)
 
 

@@ -46,7 +46,7 @@ def one_finding(monkeypatch):
             "diagnose",
             lambda layers, params=(), history=None, thresholds=None, **_: (_finding(severity),),
         )
-        monkeypatch.setattr(actdiag.monitor, "attach_fixes", lambda findings, layers: tuple(findings))
+        monkeypatch.setattr(actdiag.monitor, "attach_fixes", lambda findings, layers, **kw: tuple(findings))
 
     return install
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import actdiag
-from actdiag.fixes import CATALOGUE, FIX_CODES, attach_fixes, module_expr, verify_fixes
+from actdiag.fixes import CATALOGUE, FIX_CODES, attach_fixes, module_assign, module_expr, verify_fixes
 from actdiag.records import Finding, Fix, Report
 from actdiag.rules import diagnose
 from tests.zoo import CollapsingTanhNet, DeadReluNet, DeepXavierReluNet, SaturatedTanhNet, example
@@ -30,18 +30,56 @@ CONTRACT_FIX_CODES = {
 }
 
 
+class _Containers(nn.Module):
+    """Every way a child is reached: attribute, Sequential/ModuleList position, ModuleDict key (digits and others)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+        self.layer1 = nn.ModuleList([nn.Sequential()])
+        self.layer1[0].add_module("conv1", nn.Conv2d(1, 1, 1))
+        self.blocks = nn.ModuleDict({"0": nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "my-key": nn.Module()})
+        self.blocks["my-key"].add_module("proj", nn.Linear(4, 4))
+        self.fc = nn.Linear(4, 4)
+
+
 @pytest.mark.parametrize(
     ("name", "expr"),
     [
         ("features.3", "model.features[3]"),
         ("layer1.0.conv1", "model.layer1[0].conv1"),
         ("fc", "model.fc"),
-        ("blocks.my-key.proj", "model.blocks['my-key'].proj"),
+        ("blocks.0.1", 'model.blocks["0"][1]'),
+        ("blocks.my-key.proj", 'model.blocks["my-key"].proj'),
         ("", "model"),
     ],
 )
-def test_module_expr(name: str, expr: str) -> None:
+def test_module_expr_indexes_as_each_container_does(name: str, expr: str) -> None:
+    model = _Containers()
+    assert module_expr(name, model=model) == expr
+    assert eval(expr, {"model": model}) is model.get_submodule(name)  # noqa: S307 - the expression is the test
+
+
+@pytest.mark.parametrize(
+    ("name", "expr"),
+    [
+        ("fc", "model.fc"),
+        ("encoder.proj", "model.encoder.proj"),
+        ("blocks.0.1", 'model.get_submodule("blocks.0.1")'),  # a ModuleDict key or a position: unknown here
+        ("blocks.my-key.proj", 'model.get_submodule("blocks.my-key.proj")'),
+    ],
+)
+def test_module_expr_without_the_model_says_only_what_is_certain(name: str, expr: str) -> None:
     assert module_expr(name) == expr
+
+
+@pytest.mark.parametrize("name", ["features.3", "layer1.0.conv1", "fc", "blocks.0.1", "blocks.my-key.proj"])
+@pytest.mark.parametrize("known", [True, False])
+def test_module_assign_replaces_the_child_in_every_container(name: str, known: bool) -> None:
+    model = _Containers()
+    statement = module_assign(name, "nn.Identity()", model if known else None)
+    exec(statement, {"model": model, "nn": nn})  # noqa: S102
+    assert isinstance(model.get_submodule(name), nn.Identity)
 
 
 def test_every_contract_fix_code_is_known() -> None:
@@ -68,7 +106,7 @@ def test_the_rules_suggest_nothing_and_fixes_are_attached_after() -> None:
     bare = diagnose(report.layers, report.params)
     assert [f.code for f in bare] == [f.code for f in report.findings]
     assert all(f.fixes == () for f in bare)
-    assert attach_fixes(bare, report.layers) == report.findings
+    assert attach_fixes(bare, report.layers, model=model) == report.findings
 
 
 def test_attach_fixes_keeps_the_order_and_the_findings() -> None:
