@@ -25,6 +25,7 @@ from actdiag.records import (
     Histogram,
     History,
     LayerStats,
+    LostUpdates,
     ModelInfo,
     ParamStats,
     Report,
@@ -106,6 +107,11 @@ def param_to_dict(p: ParamStats) -> dict[str, Any]:
         d["update_ratio"] = _num(p.update_ratio)
         if p.update_ratio_estimated:
             d["estimated"] = ["update_ratio"]
+    if p.lost_updates is not None:
+        lost = p.lost_updates
+        d["lost_updates"] = {"unchanged": lost.unchanged, "nonzero": lost.nonzero, "dtype": lost.dtype}
+        if lost.estimated:
+            d["lost_updates"]["estimated"] = True
     return d
 
 
@@ -270,7 +276,12 @@ def param_from_dict(d: dict[str, Any]) -> ParamStats:
         grad=stats_from_dict(d["grad"]) if "grad" in d else None,
         update_ratio=_opt_float(d, "update_ratio"),
         update_ratio_estimated="update_ratio" in d.get("estimated", ()),
+        lost_updates=_lost_from_dict(d["lost_updates"]) if "lost_updates" in d else None,
     )
+
+
+def _lost_from_dict(d: dict[str, Any]) -> LostUpdates:
+    return LostUpdates(int(d["unchanged"]), int(d["nonzero"]), str(d["dtype"]), bool(d.get("estimated", False)))
 
 
 def _numbers(d: dict[str, Any]) -> dict[str, float]:

@@ -20,7 +20,7 @@ from actdiag.records import Finding, History, LayerStats, ParamStats
 from actdiag.rules.activations import dead_relu_findings, saturation_findings, spread_findings
 from actdiag.rules.gradients import gradient_findings, link_causes
 from actdiag.rules.precision import first_nonfinite_index, fp16_findings, nonfinite_findings
-from actdiag.rules.rounding import flushed_gradient_findings, fold_underflow, lost_update_findings
+from actdiag.rules.rounding import flushed_gradient_findings, fold_flushed, lost_update_findings
 from actdiag.rules.run import dead_unit_findings, has_unit_activity, link_consequences
 from actdiag.rules.thresholds import DEFAULT_THRESHOLDS, Thresholds
 from actdiag.rules.updates import update_findings
@@ -73,7 +73,7 @@ def diagnose(
     # judged by its own dead share and the history.
     found += dead_unit_findings(clean, t) if has_unit_activity(clean) else dead_relu_findings(clean, history, t)
     found += fp16_findings(clean, history, t)
-    found = fold_underflow([*flushed_gradient_findings(clean), *found])
+    found = fold_flushed([*flushed_gradient_findings(clean), *found])
     found += update_findings(layers, history, t, params)
     found += lost_update_findings(params, t)
     return rank(_group(link_consequences(found, clean)), layers)

@@ -8,6 +8,7 @@ spacing between a weight and its neighbour (2**-9 of the weight in bfloat16) lea
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from actdiag.records import Finding, LayerStats, ParamStats
@@ -79,24 +80,20 @@ def flushed_gradient_findings(layers: Sequence[LayerStats]) -> list[Finding]:
     ]
 
 
-def fold_underflow(found: Sequence[Finding]) -> list[Finding]:
-    """One fp16_underflow finding: when gradients flushed entirely to zero, the notes on values near float16's
-    lower end (rules/precision.py) describe the same cause, and their layers become related ones."""
+def fold_flushed(found: Sequence[Finding]) -> list[Finding]:
+    """One cause, one finding: when float16 gradients flushed entirely to zero, the notes on values near float16's
+    lower end (rules/precision.py) describe the same cause, and their layers become related ones; a vanishing
+    gradient is its consequence (no architecture or initialisation fix brings back a gradient rounded to zero), so
+    it is named among the related, not reported with its own fixes."""
     flush = next((f for f in found if f.code == "fp16_underflow" and f.evidence.get("flushed")), None)
     if flush is None:
         return list(found)
-    near = [f for f in found if f.code == "fp16_underflow" and f is not flush]
-    extra = [n for f in near for n in (f.layer, *f.related) if n is not None and n != flush.layer]
-    merged = Finding(
-        code=flush.code,
-        severity=flush.severity,
-        layer=flush.layer,
-        message=flush.message,
-        evidence=flush.evidence,
-        fixes=flush.fixes,
-        related=tuple(dict.fromkeys((*flush.related, *extra))),
-    )
-    return [merged if f is flush else f for f in found if f not in near]
+    folded = [f for f in found if f is not flush and f.code in ("fp16_underflow", "vanishing_gradient")]
+    names = [n for f in folded if f.code == "fp16_underflow" for n in (f.layer, *f.related)]
+    codes = [f.code for f in folded if f.code != "fp16_underflow"]
+    related = (*flush.related, *(n for n in names if n is not None and n != flush.layer), *codes)
+    merged = dataclasses.replace(flush, related=tuple(dict.fromkeys(related)))
+    return [merged if f is flush else f for f in found if f not in folded]
 
 
 def _owner(pname: str) -> str | None:
