@@ -357,3 +357,24 @@ def test_a_zero_initialised_head_in_float16_is_no_flush() -> None:
     assert not [f for f in report.findings if f.code == "fp16_underflow" and f.evidence.get("flushed")]
     body = [lay for lay in report.layers if lay.name.startswith("body")]
     assert body and all(lay.gradient is not None and lay.gradient.abs_max == 0 for lay in body)
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+def test_lost_updates_on_cuda_match_the_plain_torch_count() -> None:
+    """The device path: counted with device ops, read back with the step's other vectors; snippets name CUDA."""
+    model = _mlp(torch.bfloat16).cuda()
+    x_all, y_all = (t.cuda() for t in _data())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    with actdiag.watch(model, every=1) as mon:
+        loss = nn.functional.cross_entropy(model(x_all[:32].bfloat16()).float(), y_all[:32])
+        loss.backward()
+        counts = _measured_step(model, opt)
+        opt.zero_grad()
+        mon.step()
+    assert mon.latest is not None
+    for p in mon.latest.params:
+        assert p.lost_updates is not None
+        assert (p.lost_updates.unchanged, p.lost_updates.nonzero) == counts[p.name]
+    f = only(mon, "lost_updates")
+    assert 'device_type="cuda"' in f.fixes[0].snippet
