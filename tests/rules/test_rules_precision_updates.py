@@ -102,7 +102,7 @@ def test_bfloat16_weights_under_adam_at_1e_4_lose_their_updates() -> None:
     assert f.evidence["bfloat16"] == 1.0
     assert "bfloat16" in f.message and f.message.endswith(".")
     assert [x.code for x in f.fixes] == ["fp32_master_weights"]
-    assert 'device_type="cpu", dtype=torch.bfloat16' in f.fixes[0].snippet
+    assert "device_type=x.device.type, dtype=torch.bfloat16" in f.fixes[0].snippet
 
 
 def test_the_float32_twin_learns_and_gets_no_finding() -> None:
@@ -247,7 +247,7 @@ def test_float16_lost_updates_suggest_loss_scaling_with_the_float32_weights() ->
     assert "float16 keeps 11 significant bits" in f.message
     (got,) = attach_fixes([f], layers, model=nn.Linear(4, 4).half())
     snippet = got.fixes[0].snippet
-    assert "model.float()" in snippet and 'GradScaler("cpu")' in snippet and "dtype=torch.float16" in snippet
+    assert "model.float()" in snippet and "GradScaler(x.device.type)" in snippet and "dtype=torch.float16" in snippet
 
 
 # ----------------------------------------------------------------------------------- float16 flushed to zero
@@ -291,7 +291,7 @@ def test_float16_gradients_flushed_entirely_to_zero_are_a_warning_with_loss_scal
     assert set(f.related) == {"0", "1", "2", "3"}
     assert f.evidence["flushed"] == 1.0 and f.evidence["next_abs_max"] == 0.0
     assert [x.code for x in f.fixes] == ["loss_scaling", "bf16_autocast"]
-    assert 'GradScaler("cpu")' in f.fixes[0].snippet
+    assert "GradScaler(x.device.type)" in f.fixes[0].snippet
 
 
 def test_a_gradient_flushed_on_its_way_back_is_named_where_it_vanished() -> None:
@@ -362,7 +362,7 @@ def test_a_zero_initialised_head_in_float16_is_no_flush() -> None:
 # ------------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.gpu
 def test_lost_updates_on_cuda_match_the_plain_torch_count() -> None:
-    """The device path: counted with device ops, read back with the step's other vectors; snippets name CUDA."""
+    """The device path: counted with device ops, read back with the step's other vectors."""
     model = _mlp(torch.bfloat16).cuda()
     x_all, y_all = (t.cuda() for t in _data())
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -376,5 +376,4 @@ def test_lost_updates_on_cuda_match_the_plain_torch_count() -> None:
     for p in mon.latest.params:
         assert p.lost_updates is not None
         assert (p.lost_updates.unchanged, p.lost_updates.nonzero) == counts[p.name]
-    f = only(mon, "lost_updates")
-    assert 'device_type="cuda"' in f.fixes[0].snippet
+    assert "lost_updates" in [f.code for f in mon.findings]

@@ -18,6 +18,7 @@ from torch import nn
 import actdiag
 from actdiag.fixes import CATALOGUE, REMEDIES, attach_fixes
 from actdiag.records import Finding, Fix
+from tests.training_zoo import CASES, Case
 from tests.zoo import HEALTHY, PATHOLOGIES, example
 
 BOUNDED = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign)
@@ -260,6 +261,26 @@ def test_every_snippet_of_every_zoo_model_runs_and_does_what_it_says(cls: type[n
             run_fix(model, x, fix)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_every_snippet_of_every_training_zoo_run_runs_and_does_what_it_says(case: Case) -> None:
+    """The training zoo's runs, watched as their labels say, then each finding's snippets pasted into a loop around
+    a copy of the trained model (a batch of the run's own data, in the model's dtype)."""
+    run = case.make()
+    with actdiag.watch(run.model, every=case.every) as monitor:
+        run.train(monitor.step)
+    findings = monitor.findings
+    data = getattr(run, "data", None)
+    assert data or not findings, "a run with findings needs a batch to paste its snippets against"
+    if not findings:
+        return
+    x = data[0][0]
+    dtype = next(run.model.parameters()).dtype
+    x = x.to(dtype) if x.is_floating_point() else x
+    for finding in findings:
+        for fix in finding.fixes:
+            run_fix(run.model, x, fix)
+
+
 def test_snippets_for_digit_keys_of_a_module_dict_index_them_as_strings() -> None:
     model = DictDeadReluNet()
     (f,) = [f for f in actdiag.inspect(model, example(model)).findings if f.code == "dead_relu"]
@@ -313,15 +334,16 @@ def test_every_catalogue_entry_is_reached_and_its_snippet_runs() -> None:
     assert {f.code for f, _ in _findings("0")} | {*PATHOLOGIES.values()} >= set(REMEDIES) - {"activation_explosion"}
 
 
-def test_mixed_precision_snippets_name_the_models_device() -> None:
+def test_mixed_precision_snippets_take_the_device_from_the_batch() -> None:
+    """No CUDA-only snippet on a CPU: autocast and GradScaler are told the batch's device type (the snippets ran on
+    the CPU above)."""
     finding = Finding(code="fp16_underflow", severity="warning", layer="0", message="m", evidence={"gradient": 1.0})
     layers = actdiag.inspect(_mlp(), torch.randn(8, 16)).layers
-    (cpu,) = attach_fixes([finding], layers, model=_mlp())
-    assert all('"cuda"' not in x.snippet for x in cpu.fixes)
-    assert 'torch.amp.GradScaler("cpu")' in cpu.fixes[0].snippet
-    (cuda,) = attach_fixes([finding], layers, model=_mlp(), device="cuda:1")
-    assert 'torch.amp.GradScaler("cuda")' in cuda.fixes[0].snippet
-    assert 'device_type="cuda"' in cuda.fixes[1].snippet
+    (got,) = attach_fixes([finding], layers, model=_mlp())
+    assert [x.code for x in got.fixes] == ["loss_scaling", "bf16_autocast"]
+    assert all('"cuda"' not in x.snippet for x in got.fixes)
+    assert "torch.amp.GradScaler(x.device.type)" in got.fixes[0].snippet
+    assert all("torch.autocast(device_type=x.device.type" in x.snippet for x in got.fixes)
 
 
 def test_loss_scaling_on_a_float16_model_first_gives_it_float32_weights() -> None:
