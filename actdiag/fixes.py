@@ -408,6 +408,8 @@ def _norm_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
 
 
 def _swap_plan(ctx: _Context, targets: list[str], code: str) -> _Plan | None:
+    # A functional activation's record ("block:tanh") is a call inside a forward, not a module that can be swapped.
+    targets = [n for n in targets if ":" not in n]
     if not targets:
         return None
     entry = CATALOGUE[code]

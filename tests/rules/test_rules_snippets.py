@@ -355,3 +355,20 @@ def test_loss_scaling_on_a_float16_model_first_gives_it_float32_weights() -> Non
     assert half.fixes[0].snippet.startswith("model.float()")
     (full,) = attach_fixes([finding], layers, model=_mlp())
     assert "model.float()" not in full.fixes[0].snippet
+
+
+def test_a_functional_activation_is_not_swapped_as_if_it_were_a_module() -> None:
+    """Records of functional activations are named "<module>:<function>": no snippet may set or get them as
+    submodules (the weight layer feeding them is still re-initialised or normalised)."""
+    from tests.rules.factory import bounded, linear
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(100, 100)
+
+    layers = [linear("fc", 1.0), bounded("fc:tanh", 0.5)]
+    finding = Finding(code="saturation", severity="warning", layer="fc:tanh", message="m")
+    (got,) = attach_fixes([finding], layers, model=Net())
+    assert got.fixes and "relu_activation" not in [x.code for x in got.fixes]
+    assert all("fc:tanh" not in x.snippet for x in got.fixes)
