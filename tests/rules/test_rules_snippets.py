@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -218,12 +218,6 @@ CHECKS: dict[str, Check] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_anomaly_mode_left() -> Iterator[None]:
-    yield
-    torch.autograd.set_detect_anomaly(False)  # check_inputs turns it on, as it tells the user to
-
-
 def run_fix(model: nn.Module, x: torch.Tensor, fix: Fix) -> None:
     """Paste `fix.snippet` into a loop around a copy of `model` and check it did what it says."""
     assert fix.code in CHECKS, f"no check for what {fix.code} does: add one"
@@ -240,10 +234,13 @@ def run_fix(model: nn.Module, x: torch.Tensor, fix: Fix) -> None:
         "relu": _count(target, nn.ReLU),
     }
     try:
-        exec(fix.snippet, scope)  # noqa: S102 - the point is that it runs as pasted
-    except Exception as exc:  # noqa: BLE001 - say which snippet failed, and how
-        pytest.fail(f"{fix.code} snippet raised {type(exc).__name__}: {exc}\n{fix.snippet}")
-    CHECKS[fix.code](fix, before, scope, old)
+        try:
+            exec(fix.snippet, scope)  # noqa: S102 - the point is that it runs as pasted
+        except Exception as exc:  # noqa: BLE001 - say which snippet failed, and how
+            pytest.fail(f"{fix.code} snippet raised {type(exc).__name__}: {exc}\n{fix.snippet}")
+        CHECKS[fix.code](fix, before, scope, old)
+    finally:
+        torch.autograd.set_detect_anomaly(False)  # check_inputs turns it on, as it tells the user to
 
 
 @pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)
