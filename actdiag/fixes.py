@@ -468,7 +468,11 @@ def _for_dead_relu(f: Finding, ctx: _Context) -> list[_Plan | None]:
     if f.evidence.get("since_init") == 0.0:
         # Died in training (rules/run.py): the units fired at first, so the init is not the cause; a too large
         # step pushed them off. Gentler steps keep the others alive; a leaky slope lets the dead ones recover.
-        return [_plain("lower_learning_rate", f), _swap_plan(ctx, dead, "leaky_relu"), _plain("gradient_clipping", f)]
+        return [
+            _plain("lower_learning_rate", f, ctx),
+            _swap_plan(ctx, dead, "leaky_relu"),
+            _plain("gradient_clipping", f, ctx),
+        ]
     if f.evidence.get("since_init") == 1.0:
         return [
             _swap_plan(ctx, dead, "leaky_relu"),
@@ -498,7 +502,7 @@ _NONFINITE_CAUSES: Mapping[str, tuple[str, ...]] = {
 def _for_nonfinite(f: Finding, ctx: _Context) -> list[_Plan | None]:
     for cause, codes in _NONFINITE_CAUSES.items():
         if f.evidence.get(cause):
-            return [_plain(code, f) for code in codes]
+            return [_plain(code, f, ctx) for code in codes]
     plans: list[_Plan | None] = []
     if f.evidence.get("float16"):
         plans += [_plain("bf16_autocast", f, ctx), _plain("loss_scaling", f, ctx)]
