@@ -150,8 +150,10 @@ VERIFIABLE = frozenset(code for code, entry in CATALOGUE.items() if entry.verifi
 
 
 def module_expr(name: str, root: str = "model") -> str:
-    """Python expression for a submodule: "features.3.conv1" -> "model.features[3].conv1"."""
+    """Python expression for a submodule: "features.3.conv1" -> "model.features[3].conv1". A functional
+    activation's record ("mlp:relu", CONTRACT.md section 6) names the module whose forward applies it ("model.mlp")."""
     expr = root
+    name = name.rpartition(":")[0] if ":" in name else name
     if not name:
         return expr
     for part in name.split("."):
@@ -331,6 +333,8 @@ def _norm_plan(ctx: _Context, targets: list[str], why: str) -> _Plan | None:
 
 
 def _swap_plan(ctx: _Context, targets: list[str], code: str) -> _Plan | None:
+    # A functional activation (F.relu in a forward) is code, not a submodule to assign: no snippet can swap it.
+    targets = [n for n in targets if ":" not in n]
     if not targets:
         return None
     entry = CATALOGUE[code]
