@@ -186,3 +186,48 @@ def _flag(layer: LayerStats) -> LayerStats:
     from dataclasses import replace
 
     return replace(layer, output=True)
+
+
+class DeepSupervision(nn.Module):
+    """Eight linear layers initialised N(0, 0.01^2) (the signal shrinks layer after layer) and one head applied to
+    the output of every layer (deep supervision): the head's calls sit between the layers in execution order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(100, 100) for _ in range(8)])
+        self.head = nn.Linear(100, 10)
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, 0.0, 0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for layer in self.layers:
+            x = F.relu(layer(x))
+            outs.append(self.head(x))
+        return torch.stack(outs).sum(0)
+
+
+def test_every_call_of_a_deep_supervision_head_is_left_out_of_the_collapse_chain() -> None:
+    model = DeepSupervision()
+    x = torch.randn(256, 100, generator=torch.Generator().manual_seed(3))
+    stds: list[float] = []
+    handles = [
+        layer.register_forward_hook(lambda m, i, o: stds.append(o.detach().double().std(unbiased=False).item()))
+        for layer in model.layers
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    steps = [b / a for a, b in zip(stds, stds[1:])]
+    assert max(steps) < 0.8 and stds[-1] / stds[0] < 0.2  # the label: the spread collapses (plain hooks)
+    record = _record(model, x)
+    assert [layer.label for layer in record.layers if layer.output] == ["head"] + [f"head#{k}" for k in range(1, 8)]
+    found = [f for f in diagnose(record.layers, record.params) if f.code == "activation_collapse"]
+    assert len(found) == 1 and found[0].layer == "layers.7"
+    assert found[0].evidence["layers"] == 8.0
+    # By list position the head's calls would break the chain after every layer: no collapse would be seen.
+    unflagged = [_unflag(layer) for layer in record.layers]
+    assert not [f for f in diagnose(unflagged, record.params) if f.code == "activation_collapse"]
