@@ -21,8 +21,6 @@ from tests.training_zoo import CASES, Case, describe, judge
 
 # Case name -> why current actdiag misses it (the issue 19 Deliver item that is to fix it).
 MISSED = {
-    "functional_tanh_saturated": "issue 19 item 7: functional activations are not recorded",
-    "functional_relu_dead": "issue 19 item 7: functional activations are not recorded",
     "bf16_weights_adam": "issue 19 item 6: no lost_updates finding",
     "fp16_grads_flushed": "issue 19 item 6: fp16 gradients flushed entirely to zero give no finding",
 }

@@ -127,7 +127,10 @@ class _Mode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)  # this mode is off while its handler runs: nested calls go straight through
-        fn = FUNCTIONS.get(func)
+        try:
+            fn = FUNCTIONS.get(func)
+        except TypeError:  # an unhashable callable (a user's): no activation of ours
+            fn = None
         if fn is not None and isinstance(out, torch.Tensor):
             self.tracker.recorder._guard("functional activations", self.tracker.functional, fn, args, kwargs, out)
         return out
