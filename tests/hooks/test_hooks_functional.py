@@ -118,7 +118,7 @@ def _one_step(model: nn.Module, x: torch.Tensor, **watch: Any) -> actdiag.StepRe
 
 def _check_stats(stats: actdiag.TensorStats | None, ref: torch.Tensor) -> None:
     assert stats is not None
-    v = ref.double().numpy().reshape(-1)
+    v = ref.double().cpu().numpy().reshape(-1)
     assert stats.count == v.size
     np.testing.assert_allclose(stats.mean, v.mean(), rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(stats.std, v.std(), rtol=1e-6, atol=1e-12)
@@ -390,3 +390,18 @@ def test_relu_inside_a_training_transformer_layer_is_recorded() -> None:
     relu = [layer for layer in record.layers if layer.name == "1:relu"]  # F.relu, the layer's default activation
     assert len(relu) == 1
     _check_stats(relu[0].activation, torch.relu(acts["1.linear1"]))
+
+
+@pytest.mark.gpu
+def test_functional_records_on_cuda_match_the_float64_reference() -> None:
+    model = Stack(["relu_inplace", "tanh", "sigmoid_method"]).cuda()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)).cuda()
+    acts, grads, handles = _capture(model, ["blocks.0", "blocks.1", "blocks.2"])
+    record = _one_step(model, x)
+    for h in handles:
+        h.remove()
+    by_label = {layer.label: layer for layer in record.layers}
+    for block, short in (("blocks.0", "relu"), ("blocks.1", "tanh"), ("blocks.2", "sigmoid")):
+        _check_stats(by_label[f"{block}:{short}"].activation, acts[block])
+        _check_stats(by_label[f"{block}:{short}"].gradient, grads[block])
+    assert [layer.label for layer in record.layers if layer.output] == ["heads.a", "heads.a#1", ":tanh", "heads.b"]
