@@ -206,7 +206,9 @@ def _access(name: str, model: nn.Module | None) -> str | None:
 def module_expr(name: str, root: str = "model", model: nn.Module | None = None) -> str:
     """Python expression for a submodule: "features.3.conv1" -> "model.features[3].conv1" (with `model`, whose
     containers say how each part is indexed), or `model.get_submodule("features.3.conv1")` where that is not
-    certain."""
+    certain. A functional activation's record ("mlp:relu", CONTRACT.md section 6) names the module whose forward
+    applies it ("model.mlp")."""
+    name = name.rpartition(":")[0] if ":" in name else name
     if not name:
         return root
     expr = _access(name, model)

@@ -101,13 +101,15 @@ def inspect(
     progress: Callable[[int, int], None] | None = None,
     name: str | None = None,
     thresholds: Thresholds | Mapping[str, float] | None = None,
+    functional: bool = True,
 ) -> Report:
     """Run `steps` forward/backward passes of `model` in training mode on `example_input`, recording every step,
     and return the Report with its findings. With `optimizer`, it steps after each backward pass (on the loss, or
     on the synthetic gradient). With `try_fixes`, each suggested fix is applied to a copy of the model and checked.
     The model's training mode is restored afterwards; its gradients are left as the last pass made them.
     `thresholds` (an `actdiag.Thresholds`, or a dict of its field names to numbers) changes the rules' thresholds;
-    an unknown name raises ValueError listing the valid ones.
+    an unknown name raises ValueError listing the valid ones. `functional=False` leaves out activations applied as
+    functions (`F.relu`, `torch.tanh`, ...), recorded by default as `<enclosing module>:<function>`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inspect() takes an nn.Module, got {type(model).__name__}")
@@ -129,6 +131,7 @@ def inspect(
         sinks=list(sinks),
         name=name,
         thresholds=thresholds,
+        functional=functional,
     )
     try:
         with monitor:

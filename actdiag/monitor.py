@@ -269,6 +269,7 @@ class Monitor:
         process_group: Any = None,
         handle_sigterm: bool = True,
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        functional: bool = True,
     ) -> None:
         self.model = unwrap_model(model)
         self.thresholds = make_thresholds(thresholds)
@@ -288,6 +289,7 @@ class Monitor:
             on_error=None if strict else self._fault,
             distributed=distributed,
             process_group=process_group,
+            functional=functional,
         )
         # Under torch.distributed every rank records and merges, but only rank 0 writes (logs, reports, sinks).
         # With distributed=False each rank is on its own and writes its own reports.
@@ -644,6 +646,7 @@ def watch(
     process_group: Any = None,
     handle_sigterm: bool = True,
     optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+    functional: bool = True,
 ) -> Monitor:
     """Watch `model` while it trains: `with actdiag.watch(model, every=10, logdir="runs/x") as monitor: ...`.
 
@@ -674,6 +677,8 @@ def watch(
             and SIGTERM or Ctrl-C arriving while actdiag writes takes effect right after the write.
         optimizer: the optimizer(s) whose learning rate, kind and stepped gradient the update rules read; None:
             any optimizer that steps the model's parameters, seen through torch's global optimizer step hooks.
+        functional: also record activations applied as functions in a forward (`F.relu`, `torch.tanh`,
+            `x.sigmoid()`, ...), as `<enclosing module>:<function>` records.
     """
     return Monitor(
         model,
@@ -697,4 +702,5 @@ def watch(
         process_group=process_group,
         handle_sigterm=handle_sigterm,
         optimizer=optimizer,
+        functional=functional,
     )

@@ -293,6 +293,10 @@ class LayerStats:
     recorded step so far). `activity` says for how many recorded calls each unit has been silent (the rules' dead
     units over a window); `input_nonfinite` is the NaN/Inf count of the input of the step's first module call (the
     model's input), `input_grad_nonfinite` that of the gradient with respect to the module's input.
+
+    `output` is True for the calls whose outputs are the model's output or, through the autograd graph, the nearest
+    recorded ones it is computed from (the head; every call of a head applied several times). A functional
+    activation's record is named `<enclosing module>:<function>` and has the type of its module (`ReLU`, `Tanh`).
     """
 
     name: str
@@ -317,6 +321,7 @@ class LayerStats:
     activity: UnitActivity | None = None
     input_nonfinite: int | None = None
     input_grad_nonfinite: int | None = None
+    output: bool = False
 
     @property
     def label(self) -> str:

@@ -174,6 +174,9 @@ def at_user(exc: BaseException) -> str:
 def _raised_in_actdiag(exc: BaseException) -> bool:
     """Whether a frame below `run_user`'s own (the first) is actdiag's: a hook of ours failed inside the model."""
     frames = traceback.extract_tb(exc.__traceback__)[1:]
+    # The functional-activation mode (hooks/functional.py) hands every op of the forward on: an op failing there
+    # failed on the user's own values, one frame down in torch.
+    frames = [f for f in frames if f.name != "__torch_function__"]
     return any(_ACTDIAG_DIR in Path(frame.filename).resolve().parents for frame in frames)
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from actdiag.hooks import merge as _dist
 from actdiag.hooks.compiled import _EAGER
 from actdiag.hooks.device import DeviceBatch
+from actdiag.hooks.functional import ForwardTracker
 from actdiag.hooks.host import HostBatch
 from actdiag.hooks.keys import Key
 from actdiag.hooks.layout import StatsMeta, decode_many
@@ -90,6 +91,7 @@ class _LayerCall:
     bounds: tuple[float, float] | None = None
     units: int | None = None
     sat_numel: int = 0
+    output: bool = False
 
 
 class Recorder:
@@ -111,6 +113,7 @@ class Recorder:
         on_error: Callable[[str, BaseException], None] | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
+        functional: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"actdiag watches torch.nn.Module instances, got {type(model).__name__}")
@@ -148,6 +151,8 @@ class Recorder:
         self.path = path  # None: the host path for CPU tensors, the device path for the rest (stats.Path)
         self.exact = exact  # False: large tensors' spread, zeros, histograms and update ratios from their sample
         self._on_error = on_error
+        self.functional = functional  # record activations applied as functions (F.relu, torch.tanh, ...)
+        self._tracker: ForwardTracker | None = None
         self.targets = select_modules(model, include, exclude)
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters()) if track_weights else []
         self._param_map = dict(self.params)
@@ -210,6 +215,9 @@ class Recorder:
         self._stance = _EAGER.acquire()
         for name, module in self.targets:
             self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
+        # After the hooks above: a module's record exists when the tracker's hook on it runs.
+        self._tracker = ForwardTracker(self, self.model, functional=self.functional)
+        self._handles += self._tracker.install()
         for pname, p in self.params:
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(partial(self._param_grad_hook, pname)))
@@ -312,6 +320,10 @@ class Recorder:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        tracker, self._tracker = self._tracker, None
+        if tracker is not None:
+            tracker.close()
+            tracker.mark_outputs()
         stance, self._stance = self._stance, False
         if stance:
             _EAGER.release()
@@ -681,6 +693,7 @@ class Recorder:
                     activity=activity,
                     input_nonfinite=int(inp[0][0]) if inp is not None else None,
                     input_grad_nonfinite=in_grad,
+                    output=info.output,
                 )
             )
         return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))

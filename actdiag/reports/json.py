@@ -95,6 +95,8 @@ def layer_to_dict(layer: LayerStats) -> dict[str, Any]:
         d["bounds"] = list(layer.bounds)
     if layer.units is not None:
         d["units"] = layer.units
+    if layer.output:
+        d["output"] = True
     return d
 
 
@@ -256,6 +258,8 @@ def layer_from_dict(d: dict[str, Any], step: int) -> LayerStats:
         kw["units"] = int(d["units"])
     if "update_ratio" in d.get("estimated", ()):
         kw["update_ratio_estimated"] = True
+    if d.get("output"):
+        kw["output"] = True
     return LayerStats(
         name=str(d["name"]),
         type=str(d["type"]),

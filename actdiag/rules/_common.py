@@ -78,6 +78,14 @@ def nonlinearity_after(layers: Sequence[LayerStats], index: int) -> str | None:
     return None
 
 
+def output_indices(layers: Sequence[LayerStats]) -> frozenset[int]:
+    """Positions of the model's output layer: the records the recorder flagged from the forward's output tensors
+    (`LayerStats.output`: every call of a head, an output sigmoid and the linear map before it), or the last layer
+    when none is flagged (records from an older report, or built by hand)."""
+    flagged = frozenset(i for i, layer in enumerate(layers) if layer.output)
+    return flagged or frozenset({len(layers) - 1})
+
+
 def weight_layer_before(layers: Sequence[LayerStats], index: int) -> int | None:
     """Index of the nearest re-initialisable weight layer before `index` (what feeds an activation)."""
     for i in range(index - 1, -1, -1):

@@ -13,9 +13,12 @@ from actdiag.rules._common import (
     DEAD_CAPABLE,
     NORM_TYPES,
     REINIT_TYPES,
+    SIGMOID_LIKE,
+    TANH_LIKE,
     finite,
     fmt,
     geo_mean,
+    output_indices,
     usable,
 )
 from actdiag.rules.thresholds import DEFAULT_THRESHOLDS, Thresholds
@@ -43,15 +46,25 @@ def spread_chain(layers: Sequence[LayerStats]) -> list[_Point]:
     ]
     if chain and is_head(layers, chain[-1].index):
         chain.pop()
-    return chain
+    # Every call of a head applied several times (flagged from the graph, `LayerStats.output`), not only the last.
+    return [p for p in chain if not (p.layer.output and is_head(layers, p.index))]
 
 
 def is_head(layers: Sequence[LayerStats], index: int) -> bool:
     """Whether the weight layer at `index` is the model's output head: a linear map (Linear, Conv) after which no
     activation and no other weight layer runs. Its output is sized by the task (ten logits, one score), not by the
-    layers before it, so its spread is no step of a collapse or an explosion."""
+    layers before it, so its spread is no step of a collapse or an explosion. A call the recorder flagged as the
+    output (`LayerStats.output`) is judged up to the next weight layer only, and a bounded activation flagged with it
+    (a classifier's sigmoid) is part of the head."""
     if layers[index].type not in REINIT_TYPES:
         return False
+    if layers[index].output:
+        for lay in layers[index + 1 :]:
+            if lay.weight_name is not None:
+                break
+            if lay.type in ACTIVATION_TYPES and not (lay.output and lay.type in TANH_LIKE | SIGMOID_LIKE):
+                return False
+        return True
     return all(lay.weight_name is None and lay.type not in ACTIVATION_TYPES for lay in layers[index + 1 :])
 
 
@@ -230,11 +243,11 @@ def spread_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding
 def saturation_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Finding]:
     """Bounded activations piling up at their bounds. The model's final layer is left out: a sigmoid/tanh output
     that saturates is a confident prediction, and its loss (BCE, for one) usually cancels the flat gradient."""
-    last_index = len(layers) - 1
+    head = output_indices(layers)
     hits = [
         layer
         for i, layer in enumerate(layers)
-        if i != last_index and finite(layer.saturation) and layer.saturation >= t.saturation_fraction_at_least  # type: ignore[operator]
+        if i not in head and finite(layer.saturation) and layer.saturation >= t.saturation_fraction_at_least  # type: ignore[operator]
     ]
     if not hits:
         return []

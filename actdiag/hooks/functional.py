@@ -1,0 +1,300 @@
+"""Activations applied as functions, and which layers produce the model's output: the module stack of a recorded
+step's forward pass.
+
+`ForwardTracker` is installed by the recorder for one recorded step (with its module hooks, removed with them).
+Forward pre-hooks and forward hooks on every module of the model keep the stack of module calls in progress.
+
+* **Functional activations** (`F.relu`, `torch.tanh`, `x.sigmoid()`, `F.gelu(x)`, ... see `FUNCTIONS`) are seen by
+  a `TorchFunctionMode` entered when the outermost module call of the step starts and left when it returns, so it
+  is active only while a recorded step's forward pass runs: unrecorded steps never see it, and compiled regions run
+  eagerly on recorded steps anyway (compiled.py). Each call is recorded through the recorder's own forward hook, as
+  if an activation module of the same kind (`nn.ReLU`, `nn.Tanh`, ...) had produced the tensor, under the name
+  `<enclosing module>:<function>` (`encoder.mlp:relu`; `:relu` in the root module's own forward). A function called
+  inside a `torch.nn` activation module's forward (nn.ReLU calls F.relu) is that module's output, recorded once
+  already. The mode hands the call on unchanged and returns its result: the values and the graph are the user's.
+* **The output layer** is found from the tensors the model's forward returns: the recorded layer calls whose
+  outputs they are, or, walking their autograd graph back, the nearest recorded calls their values come from (every
+  call of a head applied several times, or of each head of a multi-head model), back to and including the nearest
+  layer with a weight (an output sigmoid and the linear map before it). Those calls get `output=True`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from actdiag.hooks.modules import first_tensor
+
+# A walk back through the autograd graph from the model's output stops after this many nodes: the head is a few
+# nodes from the output (a squeeze, a scale, a loss), and a walk through the whole graph would cost a recorded step
+# a Python call per op of the model.
+MAX_GRAPH_NODES = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """How a functional activation is recorded: the suffix of its record's name and the module standing in for it
+    (its type, bounds and family are what the recorder and the rules read)."""
+
+    short: str
+    module: Callable[[tuple[Any, ...], Mapping[str, Any]], nn.Module]
+
+
+def _fixed(module: nn.Module) -> Callable[[tuple[Any, ...], Mapping[str, Any]], nn.Module]:
+    return lambda args, kwargs: module
+
+
+def _hardtanh(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> nn.Module:
+    # F.hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False): its bounds are the call's own.
+    lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return nn.Hardtanh(float(lo), float(hi))
+
+
+def _table() -> dict[Any, Function]:
+    t = torch.Tensor
+    kinds: list[tuple[str, Callable[[tuple[Any, ...], Mapping[str, Any]], nn.Module], tuple[Any, ...]]] = [
+        ("relu", _fixed(nn.ReLU()), (F.relu, F.relu_, torch.relu, torch.relu_, t.relu, t.relu_)),
+        ("relu6", _fixed(nn.ReLU6()), (F.relu6,)),
+        ("leaky_relu", _fixed(nn.LeakyReLU()), (F.leaky_relu, F.leaky_relu_)),
+        ("elu", _fixed(nn.ELU()), (F.elu, F.elu_)),
+        ("celu", _fixed(nn.CELU()), (F.celu, F.celu_)),
+        ("selu", _fixed(nn.SELU()), (F.selu, F.selu_, torch.selu, torch.selu_)),
+        ("gelu", _fixed(nn.GELU()), (F.gelu,)),
+        ("silu", _fixed(nn.SiLU()), (F.silu,)),
+        ("mish", _fixed(nn.Mish()), (F.mish,)),
+        ("hardswish", _fixed(nn.Hardswish()), (F.hardswish,)),
+        ("tanh", _fixed(nn.Tanh()), (F.tanh, torch.tanh, torch.tanh_, t.tanh, t.tanh_)),
+        ("sigmoid", _fixed(nn.Sigmoid()), (F.sigmoid, torch.sigmoid, torch.sigmoid_, t.sigmoid, t.sigmoid_)),
+        ("hardtanh", _hardtanh, (F.hardtanh, F.hardtanh_)),
+        ("hardsigmoid", _fixed(nn.Hardsigmoid()), (F.hardsigmoid,)),
+        ("softsign", _fixed(nn.Softsign()), (F.softsign,)),
+    ]
+    return {fn: Function(short, make) for short, make, fns in kinds for fn in fns}
+
+
+# Every spelling of each activation: the torch.nn.functional function, the torch function, the Tensor method, and
+# their in-place forms. The mode sees the outermost one called (F.relu, not the torch.relu it calls).
+FUNCTIONS: Mapping[Any, Function] = _table()
+
+# Modules whose forward is one activation function (nn.ReLU calls F.relu): their output is recorded as theirs.
+_ACTIVATION_MODULES = "torch.nn.modules.activation"
+
+# Where torch's modules pick a fused inference kernel only when no argument "has a torch function", which an active
+# mode makes true of every tensor (nn.MultiheadAttention, nn.TransformerEncoderLayer's fast path): in eval mode the
+# mode is left for their forward, so that they compute exactly what they compute unwatched. (In training mode the
+# fast path is never taken, and the F.relu of a TransformerEncoderLayer is recorded.)
+_FAST_PATH_MODULES = frozenset({"torch.nn.modules.activation", "torch.nn.modules.transformer"})
+
+
+class _Call(Protocol):
+    """What the tracker marks: the recorder's record of one layer call (recorder._LayerCall)."""
+
+    name: str
+    weight_name: str | None
+    output: bool
+
+
+class _Host(Protocol):
+    """The recorder, as the tracker sees it."""
+
+    _order: list[Any]
+
+    @property
+    def recording(self) -> bool: ...
+
+    def _forward_hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None: ...
+
+    def _guard(self, part: str, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracker: ForwardTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)  # this mode is off while its handler runs: nested calls go straight through
+        try:
+            fn = FUNCTIONS.get(func)
+        except TypeError:  # an unhashable callable (a user's): no activation of ours
+            fn = None
+        if fn is not None and isinstance(out, torch.Tensor):
+            self.tracker.recorder._guard("functional activations", self.tracker.functional, fn, args, kwargs, out)
+        return out
+
+
+class ForwardTracker:
+    """The module stack of one recorded step's forward pass (see the module docstring)."""
+
+    def __init__(self, recorder: _Host, model: nn.Module, *, functional: bool) -> None:
+        self.recorder = recorder
+        self.model = model
+        self.modules: list[tuple[str, nn.Module]] = []
+        seen: set[int] = set()
+        for name, module in model.named_modules():  # a shared module keeps its first name, as in select_modules
+            if id(module) not in seen:
+                seen.add(id(module))
+                self.modules.append((name, module))
+        self.mode = _Mode(self) if functional else None
+        self._entered = False
+        self._paused: int | None = None  # the stack depth of the fast-path module the mode was left for
+        self._stack: list[tuple[str, nn.Module, int]] = []  # name, module, records before its call
+        self._producers: dict[Any, list[_Call]] = {}  # grad_fn of a recorded output -> its records
+        self._tensors: dict[int, tuple[weakref.ref[torch.Tensor], int, list[_Call]]] = {}
+        self._root_marks: list[_Call] = []
+        self._last_marks: list[_Call] = []
+
+    def install(self) -> list[Any]:
+        """Register the hooks (after the recorder's own forward hooks, so that a module's record exists when its
+        hook here runs); the caller owns the handles."""
+        handles = []
+        for name, module in self.modules:
+            handles.append(module.register_forward_pre_hook(partial(self._pre, name)))
+            handles.append(module.register_forward_hook(partial(self._post, name), always_call=True))
+        return handles
+
+    def close(self) -> None:
+        """Leave the mode if a forward pass is still under way (the step ended inside it) and forget the step."""
+        if self._entered and self._paused is None and self.mode is not None:
+            self.mode.__exit__(None, None, None)
+        self._entered = False
+        self._paused = None
+        self._stack = []
+        self._forget()
+
+    def mark_outputs(self) -> None:
+        """Flag the records of the output layer (the root model's calls win over a submodule called on its own)."""
+        for call in self._root_marks or self._last_marks:
+            call.output = True
+
+    # ------------------------------------------------------------------ hooks
+    def _pre(self, name: str, module: nn.Module, args: Any) -> None:
+        if not self._stack and self.mode is not None and self.recorder.recording:
+            self.mode.__enter__()
+            self._entered = True
+        if (
+            self._entered
+            and self._paused is None
+            and not module.training
+            and type(module).__module__ in _FAST_PATH_MODULES
+            and _top_mode() is self.mode
+        ):
+            assert self.mode is not None
+            self.mode.__exit__(None, None, None)
+            self._paused = len(self._stack)
+        self._stack.append((name, module, len(self.recorder._order)))
+
+    def _post(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._stack:
+            return
+        _, _, before = self._stack.pop()
+        if self._paused == len(self._stack) and self.mode is not None:
+            self._paused = None
+            self.mode.__enter__()
+        order = self.recorder._order
+        if len(order) > before and order[-1].name == name:  # the recorder's hook ran first and recorded this call
+            self.recorder._guard("output layer", self._produced, output, order[-1])
+        if self._stack:
+            return
+        try:
+            if torch._C._current_graph_task_id() == -1:  # not a checkpointed segment recomputed in backward
+                marks = self.recorder._guard("output layer", self._trace, output) or []
+                if module is self.model:
+                    self._root_marks += marks  # a model called several times a step: each call's head
+                else:
+                    self._last_marks = marks
+        finally:
+            self._forget()
+            if self._entered and self.mode is not None:
+                self._entered = False
+                self.mode.__exit__(None, None, None)
+
+    def functional(self, fn: Function, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: torch.Tensor) -> None:
+        """A functional activation returned `out` inside the innermost module call of the stack."""
+        if not self._stack:
+            return
+        enclosing, module, _ = self._stack[-1]
+        if type(module).__module__ == _ACTIVATION_MODULES:
+            return
+        name = f"{enclosing}:{fn.short}"
+        order = self.recorder._order
+        before = len(order)
+        self.recorder._forward_hook(name, fn.module(args, kwargs), args, out)
+        if len(order) > before:
+            self.recorder._guard("output layer", self._produced, out, order[-1])
+
+    # ------------------------------------------------------------------ the output layer
+    def _produced(self, output: Any, call: _Call) -> None:
+        t = first_tensor(output)
+        if t is None:
+            return
+        if t.grad_fn is not None:
+            self._producers.setdefault(t.grad_fn, []).append(call)
+        if not t.is_inference():
+            entry = self._tensors.get(id(t))
+            if entry is not None and entry[0]() is t and entry[1] == t._version:
+                entry[2].append(call)  # a pass-through module (Identity, eval Dropout): the same tensor
+            else:
+                self._tensors[id(t)] = (weakref.ref(t), t._version, [call])
+
+    def _trace(self, output: Any) -> list[_Call]:
+        """The records whose outputs the model's output is, or is computed from (nearest ones only)."""
+        marks: list[_Call] = []
+        frontier: deque[Any] = deque()
+        for t in _top_tensors(output):
+            entry = None if t.is_inference() else self._tensors.get(id(t))
+            if entry is not None and entry[0]() is t and entry[1] == t._version:
+                marks.extend(entry[2])
+            elif t.grad_fn is not None:
+                frontier.append(t.grad_fn)
+        visited: set[Any] = set()
+        while frontier and len(visited) < MAX_GRAPH_NODES:
+            node = frontier.popleft()
+            if node is None or node in visited:
+                continue
+            visited.add(node)
+            calls = self._producers.get(node)
+            if calls is not None:
+                marks.extend(calls)
+                # An output activation (a classifier's sigmoid), dropout or reshape is the end of the head: the
+                # walk goes on to the weight layer that feeds it, which is the head's linear map.
+                if any(c.weight_name is not None for c in calls):
+                    continue
+            frontier.extend(nxt for nxt, _ in node.next_functions)
+        return list({id(c): c for c in marks}.values())
+
+    def _forget(self) -> None:
+        # Graph nodes are held only while the forward pass runs: the graph is the user's to free.
+        self._producers = {}
+        self._tensors = {}
+
+
+def _top_mode() -> Any:
+    n = torch._C._len_torch_function_stack()
+    return torch._C._get_function_stack_at(n - 1) if n else None
+
+
+def _top_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors a forward returns: the value itself, or the tensors directly in its tuple, list or dict (HF's
+    ModelOutput is one: its loss and logits). Nested ones are left out: a cache of keys and values or the hidden
+    states of every layer are returned alongside the output, not as it."""
+    if isinstance(value, torch.Tensor):
+        yield value
+        return
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            yield item
