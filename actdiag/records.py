@@ -41,7 +41,7 @@ class _Counts:
     (`_defer`), turned into a tuple the first time anything reads them.
 
     A recorded step decodes hundreds of histograms; most are never read one by one (a long run keeps a thinned
-    selection, see `actdiag.monitor.HistoryBuffer`), and building their tuples of Python ints at every step, and
+    selection, see `actdiag.history.HistoryBuffer`), and building their tuples of Python ints at every step, and
     collecting them as garbage, was a measurable part of a recorded step (docs/performance.md). Reading or comparing
     gives the same values either way; a deferred object keeps its step's array alive until it is read (`HistoryBuffer`
     reads those it keeps at once).

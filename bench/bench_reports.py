@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actdiag
-from actdiag.monitor import HistoryBuffer
+from actdiag.history import HistoryBuffer
 
 
 def build_model(layers: int, width: int) -> nn.Sequential:

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import actdiag
+from actdiag.history import HistoryBuffer, _Series
 from actdiag.hooks import stats as stats_mod
 from actdiag.hooks.recorder import Recorder
-from actdiag.monitor import HistoryBuffer, _Series
 from actdiag.records import StepRecord
 
 

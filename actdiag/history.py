@@ -1,0 +1,124 @@
+"""The bounded history of a watched run: per-step scalars and histogram snapshots, thinned evenly so that memory
+and report size stay bounded however long the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, layer_metrics, param_metrics
+from actdiag.records import ExponentHistogram, Histogram, History, StepRecord
+
+DEFAULT_MAX_HISTORY = 512
+DEFAULT_MAX_HIST_SNAPSHOTS = 64
+
+
+class _Series:
+    """Parallel lists thinned to at most `cap` points: when full, every other point is dropped and the stride at
+    which new points are kept doubles, so a run of any length keeps an evenly spread, bounded history."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(cap, 2)
+        self.stride = 1
+        self.seen = 0
+        self.steps: list[int] = []
+        self.rows: list[dict[str, Any]] = []
+
+    def due(self) -> bool:
+        """Whether the next `offer` keeps its row."""
+        return self.seen % self.stride == 0
+
+    def offer(self, step: int, row: dict[str, Any]) -> None:
+        take = self.due()
+        self.seen += 1
+        if not take:
+            return
+        self.steps.append(step)
+        self.rows.append(row)
+        if len(self.steps) >= self.cap:
+            self.steps = self.steps[::2]
+            self.rows = self.rows[::2]
+            self.stride *= 2
+
+
+def _scalar_row(record: StepRecord) -> dict[str, Any]:
+    return {
+        "layers": {layer.label: layer_metrics(layer) for layer in record.layers},
+        "params": {p.name: param_metrics(p) for p in record.params},
+    }
+
+
+def _hist_row(record: StepRecord) -> dict[str, Any]:
+    row = {}
+    for layer in record.layers:
+        a, g = layer.activation, layer.gradient
+        kept = (a.histogram if a else None, a.exponents if a else None, g.exponents if g else None)
+        for h in kept:
+            if h is not None:
+                h.counts  # noqa: B018 - read now, so the kept copy does not hold the whole step's arrays
+        row[layer.label] = kept
+    return row
+
+
+def with_optimizer(record: StepRecord | None, seen: Mapping[str, tuple[float, str]]) -> StepRecord | None:
+    """The record with each parameter's learning rate and optimizer class, as the optimizer step saw them."""
+    if record is None or not seen:
+        return record
+    params = tuple(
+        dataclasses.replace(p, lr=seen[p.name][0], optimizer=seen[p.name][1]) if p.name in seen else p
+        for p in record.params
+    )
+    return dataclasses.replace(record, params=params)
+
+
+class HistoryBuffer:
+    """Mutable, bounded history of recorded steps; `snapshot()` gives the frozen History."""
+
+    def __init__(self, max_points: int = DEFAULT_MAX_HISTORY, max_hist: int = DEFAULT_MAX_HIST_SNAPSHOTS) -> None:
+        self.scalars = _Series(max_points)
+        self.hists = _Series(max_hist)
+
+    def add(self, record: StepRecord) -> None:
+        # A step a series will not keep is only counted: its row is never built.
+        self.scalars.offer(record.step, _scalar_row(record) if self.scalars.due() else {})
+        self.hists.offer(record.step, _hist_row(record) if self.hists.due() else {})
+
+    def snapshot(self) -> History:
+        rows = self.scalars.rows
+        labels: dict[str, None] = {}
+        pnames: dict[str, None] = {}
+        for row in rows:
+            labels.update(dict.fromkeys(row["layers"]))
+            pnames.update(dict.fromkeys(row["params"]))
+        nan_layer = dict.fromkeys(LAYER_METRICS, math.nan)
+        nan_param = dict.fromkeys(PARAM_METRICS, math.nan)
+        layers = {
+            label: {m: tuple(row["layers"].get(label, nan_layer)[m] for row in rows) for m in LAYER_METRICS}
+            for label in labels
+        }
+        params = {
+            name: {m: tuple(row["params"].get(name, nan_param)[m] for row in rows) for m in PARAM_METRICS}
+            for name in pnames
+        }
+        hrows = self.hists.rows
+        hlabels: dict[str, None] = {}
+        for hrow in hrows:
+            hlabels.update(dict.fromkeys(hrow))
+
+        def column(label: str, i: int) -> tuple[Any, ...]:
+            return tuple(r[label][i] if label in r else None for r in hrows)
+
+        act: dict[str, tuple[Histogram | None, ...]] = {lb: column(lb, 0) for lb in hlabels}
+        aexp: dict[str, tuple[ExponentHistogram | None, ...]] = {lb: column(lb, 1) for lb in hlabels}
+        gexp: dict[str, tuple[ExponentHistogram | None, ...]] = {lb: column(lb, 2) for lb in hlabels}
+        return History(
+            steps=tuple(self.scalars.steps),
+            layers=layers,
+            params=params,
+            hist_steps=tuple(self.hists.steps),
+            activation_histograms=act,
+            activation_exponents=aexp,
+            gradient_exponents=gexp,
+        )
