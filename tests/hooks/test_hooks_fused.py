@@ -572,6 +572,8 @@ def test_count_ops_reports_the_fused_launches(tmp_path: Path) -> None:
     row = next(line for line in lines if line.startswith("| mlp")).split(" | ")
     tensors, (ops, launches) = int(row[2]), map(int, row[5].split(" + "))
     assert tensors > 0 and ops == 0 and launches == 3 * tensors and row[6] == "3.00"
+    # The recorder itself with the kernel: the smoke MLP's tensors are all small, one call of its device batch.
+    assert row[12].split(" (")[0].endswith(" + 3")
 
 
 @pytest.mark.gpu
