@@ -17,8 +17,8 @@ too but launch nothing; the table counts them apart.
 the recorder spends measuring them (its `_put_stats` and the end-of-step batch) are counted apart, to be replaced by the
 fused path's. A Triton launch is not an ATen op: `fused._launch` is wrapped to count them, and on the CPU the kernels
 are counted, not run (launches are decided on the host before any kernel runs, so the count is the GPU's). Three ways to
-use the kernel are counted: each tensor measured alone in its hook, and the device batch's way (a small tensor copied
-into a row in its hook, all rows measured by one call when the step ends; large tensors alone), as the recorder's own
+use the kernel are counted: each tensor measured alone in its hook, the device batch's way (a small tensor copied
+into a row in its hook, all rows measured by one call when the step ends; large tensors alone) and the recorder's own
 path with the kernel (ACTDIAG_FUSED=1: the step's small tensors in one call of its device batch, large ones alone in
 `tensor_stats`). Bytes read per element follow from the kernel's design: two reads of each element (moments and exponent
 histogram, then the linear histogram), the programs' partials (`fused.PARTIAL_BYTES` for each of a tensor's
