@@ -13,22 +13,24 @@ Op counts do not depend on batch or sequence sizes, so the GPT row uses GPT-2 sm
 too but launch nothing; the table counts them apart.
 
 `--fused` counts what the fused kernel (`actdiag.hooks.fused`) would launch for the same tensors, on the exact path
-(`accuracy="exact"`): the tensors a recorded step measures are captured where the recorder measures them, and the
-ops the recorder spends measuring them (its `_put_stats` and the end-of-step batch) are counted apart, to be
-replaced by the fused path's. A Triton launch is not an ATen op: `fused._launch` is wrapped to count them, and on
-the CPU the kernels are counted, not run (launches are decided on the host before any kernel runs, so the count is
-the GPU's). Two ways to use the kernel are counted: each tensor measured alone in its hook, and the device batch's
-way (a small tensor copied into a row in its hook, all rows measured by one call when the step ends; large tensors
-alone). Bytes read per element follow from the kernel's design: two reads of each element (moments and exponent
+(`accuracy="exact"`): the tensors a recorded step measures are captured where the recorder measures them, and the ops
+the recorder spends measuring them (its `_put_stats` and the end-of-step batch) are counted apart, to be replaced by the
+fused path's. A Triton launch is not an ATen op: `fused._launch` is wrapped to count them, and on the CPU the kernels
+are counted, not run (launches are decided on the host before any kernel runs, so the count is the GPU's). Three ways to
+use the kernel are counted: each tensor measured alone in its hook, the device batch's way (a small tensor copied
+into a row in its hook, all rows measured by one call when the step ends; large tensors alone) and the recorder's own
+path with the kernel (ACTDIAG_FUSED=1: the step's small tensors in one call of its device batch, large ones alone in
+`tensor_stats`). Bytes read per element follow from the kernel's design: two reads of each element (moments and exponent
 histogram, then the linear histogram), the programs' partials (`fused.PARTIAL_BYTES` for each of a tensor's
-`fused.programs(n)` programs, written once and read once), and one more read of a non-contiguous tensor made
-contiguous (its copy is then read twice).
+`fused.programs(n)` programs, written once and read once), and one more read of a non-contiguous tensor made contiguous
+(its copy is then read twice).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -141,9 +143,18 @@ def _fused_launches(run: bool) -> Iterator[list[str]]:
     real = fused._launch
 
     def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-        launches.append(getattr(kernel, "__name__", str(kernel)))
+        name = getattr(kernel, "__name__", str(kernel))
+        launches.append(name)
         if run:
             real(kernel, grid, *args, **kwargs)
+        elif name == "combine_kernel":
+            # Rows the recorder can decode (each tensor's as if all its values were zeros), written through numpy:
+            # no ATen op, so the count stays the kernels'.
+            table, rows = args[0].numpy().reshape(5, -1), args[3].numpy()
+            out, numel = table[4], table[1]
+            rows[out] = 0.0
+            for column in ("C_COUNT", "C_ZERO", "C_LIN"):
+                rows[out, kwargs[column]] = numel
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(fused, "_launch", launch))
@@ -167,6 +178,8 @@ def _counted_part(counter: _Counter, fn: Callable[..., Any]) -> Callable[..., An
 def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
     """One recorded step on the exact path (every=1, accuracy="exact"): its ops apart from measuring the tensors, the
     tensors it measures, and the fused path's ops and launches for them, both ways (module docstring)."""
+    from unittest import mock
+
     from actdiag.hooks import fused
 
     torch.manual_seed(0)
@@ -225,6 +238,16 @@ def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
             launches.clear()
             ops = launched(fn)
             ways[name] = (ops, len(launches))
+    with mock.patch.dict(os.environ, {fused.ENV_SWITCH: "1"}), _fused_launches(run) as launches:
+        plain_launched = launched(lambda: bench_step.train_step(model, opt, load))
+        with actdiag.watch(model, every=1, accuracy="exact") as monitor:
+            monitor.recorder.path = "device"
+            for _ in range(2):  # the tables planned, the buffers grown
+                bench_step.train_step(model, opt, load)
+                monitor.step()
+            launches.clear()
+            ops = launched(lambda: (bench_step.train_step(model, opt, load), monitor.step()))
+        ways["recorder"] = (ops - plain_launched, len(launches))
     elems = sum(t.numel() for t in supported)
     copied = sum(t.numel() for t in supported if not t.is_contiguous())
     programs = sum(fused.programs(t.numel()) for t in supported)
@@ -249,7 +272,8 @@ def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str
     header = ["model", "plain step: ops", "tensors measured", "actdiag's ops today", "of which measuring",
               "fused, each tensor alone: ATen ops + Triton launches", "per tensor", "actdiag's ops with it",
               "fused, batched: ATen ops + Triton launches", "per tensor", "actdiag's ops with it",
-              "bytes read per float32 element"]  # fmt: skip
+              "bytes read per float32 element", "the recorder with it (ACTDIAG_FUSED=1): ATen ops + Triton launches",
+              "per tensor"]  # fmt: skip
     rows = []
     for name in [m for m in args.models.split(",") if m]:
         if name not in ("mlp", "cnn", "gpt"):
@@ -270,6 +294,8 @@ def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str
                 f"{rest + total} ({(rest + total) / plain:.2f}x)",
             ]
         cells.append(f"{got['bytes_per_element']:.2f}")
+        ops, launches = got["ways"]["recorder"]
+        cells += [f"{ops} + {launches} ({(ops + launches) / plain:.2f}x)", f"{(ops + launches) / max(n, 1):.2f}"]
         rows.append(cells)
         print(" | ".join(cells), file=sys.stderr, flush=True)
     how = "run on CUDA" if run else "counted on the host, not run"

@@ -5,7 +5,9 @@ nothing synchronises. Counting into bins uses `histc` with constant bounds on CU
 maximum back to size its output, a hidden synchronisation). `exact_stats` reads every element for every statistic;
 `estimated_stats` reads every element for the exact count, sum, min and max and takes the spread, the zeros and
 the histograms from the fixed sample. `DeviceBatch` measures a step's small tensors (and, when estimating, the
-samples of its large ones) with one set of ops when the step ends. Every vector has the layout of `layout.STATS`.
+samples of its large ones) with one set of ops when the step ends: the fused Triton kernel's three launches
+(`fused.py`) where `fused.fused_available` says so and no row is a large tensor's sample. Every vector has the
+layout of `layout.STATS`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from actdiag.hooks import fused
 from actdiag.hooks.layout import N_EXP, STATS, StatsMeta
 from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, _autocast_on
 
@@ -245,6 +248,7 @@ class DeviceBatch(RowBatch):
         self.bins = bins
         self.sample_cap = sample_cap
         self._metas: dict[tuple[int, bool], StatsMeta] = {}
+        self._large = False  # a row of this step holds a large tensor's sample (the fused kernel does not take it)
 
     def take(self, key: Any, x: torch.Tensor, estimate: bool = False) -> StatsMeta | None:
         """Keep what `finish()` needs of `x` if it qualifies (see the class docstring); None otherwise."""
@@ -258,6 +262,7 @@ class DeviceBatch(RowBatch):
         rows, exact = self._store.buffers
         flat = x.detach().reshape(-1)
         if large:
+            self._large = True
             dev = flat.device.type
             # As in tensor_stats: autocast (on in forward hooks) would cast a half tensor to float32 before the sum.
             with torch.autocast(device_type=dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext():
@@ -273,16 +278,29 @@ class DeviceBatch(RowBatch):
 
     def finish(self) -> dict[Any, tuple[torch.Tensor, StatsMeta]]:
         """The vectors of every kept tensor (the layout of `tensor_stats`, rows of one device tensor), keyed as
-        given; the batch is emptied. Every used row is measured (those of discarded keys too: selecting the kept
-        ones on the device would need an index copied from the host)."""
+        given; the batch is emptied. The torch path measures every used row (those of discarded keys too: selecting
+        the kept ones on the device would need an index copied from the host); the fused kernel takes the kept rows'
+        leading elements, the tensors themselves (the same offsets from step to step: its table stays cached)."""
         kept = self.kept
         out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
         if kept:
             rows, exact = self._store.in_use()
-            vecs = _rows_stats(rows, exact, self.bins)
-            out = {key: (vecs[k], meta) for key, (k, meta) in kept.items()}
+            if not self._large and fused.fused_available(rows.device):
+                vecs = fused.fused_vectors([rows[k, : meta.numel] for k, meta in kept.values()], bins=self.bins)
+                out = {key: (vecs[j], meta) for j, (key, (_, meta)) in enumerate(kept.items())}
+            else:
+                vecs = _rows_stats(rows, exact, self.bins)
+                out = {key: (vecs[k], meta) for key, (k, meta) in kept.items()}
         self.clear()
         return out
+
+    def clear(self) -> None:
+        super().clear()
+        self._large = False
+
+    def release(self) -> None:
+        super().release()
+        self._large = False
 
 
 def _rows_stats(rows: torch.Tensor, exact: torch.Tensor, bins: int) -> torch.Tensor:

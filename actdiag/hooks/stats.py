@@ -10,7 +10,9 @@ Two paths compute the same numbers, each exact or estimated:
 * the *host* path (`host.py`) is the CPU's, for all-finite tensors: numpy on the tensor's own memory, on the
   calling thread (its module docstring says why);
 * the *device* path (`device.py`) works whatever the tensor holds (non-finite values are masked out) and never
-  synchronises: the path of CUDA tensors, and of CPU tensors with a non-finite value.
+  synchronises: the path of CUDA tensors, and of CPU tensors with a non-finite value. On its exact path a float32,
+  float16 or bfloat16 tensor goes to the fused Triton kernel (`fused.py`) where `fused.fused_available` says so
+  (CUDA with triton importable, or ACTDIAG_FUSED=1): every element then feeds the histograms too.
 
 *Exact* reads every element for every statistic. *Estimated* (the recorder's choice when recording more often than
 every 10 steps) still reads every element for the count, mean, min, max and the non-finite count, and takes the
@@ -26,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from actdiag.hooks import device, host
+from actdiag.hooks import device, fused, host
 from actdiag.hooks.layout import N_EXP, STATS, Layout, StatsMeta, decode_many, decode_tensor_stats, with_extra_slots
 from actdiag.hooks.sampling import _NUMPY_FLOATS, _SAMPLES, DEFAULT_SAMPLE_CAP, _autocast_on, _work_dtype, numpy_view
 
@@ -77,26 +79,28 @@ def tensor_stats(
     x = x.detach()
     numel = x.numel()
     sample_n = min(numel, sample_cap)
-    meta = StatsMeta(numel=numel, bins=bins, sample_n=sample_n, layout=layout)
     if numel == 0:
-        return layout.empty_vector(bins, x.device), meta
-    vec, estimated = _measure(x, bins, sample_cap, sample_n, path, exact)
-    if estimated:
-        meta = StatsMeta(numel=numel, bins=bins, sample_n=sample_n, estimated=True, layout=layout)
+        return layout.empty_vector(bins, x.device), StatsMeta(numel=numel, bins=bins, sample_n=sample_n, layout=layout)
+    estimate = not exact and sample_n < numel and x.is_floating_point()
+    if not estimate and not on_host(x, path) and fused.fused_supported(x) and fused.fused_available(x.device):
+        # The fused kernel reads every element for the histograms too: nothing is sampled.
+        vec, estimated, sample_n = fused.fused_vectors([x], bins=bins)[0], False, numel
+    else:
+        vec, estimated = _measure(x, bins, sample_cap, sample_n, path, estimate)
+    meta = StatsMeta(numel=numel, bins=bins, sample_n=sample_n, estimated=estimated, layout=layout)
     return with_extra_slots(vec, x, layout, bins), meta
 
 
 def _measure(
-    x: torch.Tensor, bins: int, sample_cap: int, sample_n: int, path: Path | None, exact: bool
+    x: torch.Tensor, bins: int, sample_cap: int, sample_n: int, path: Path | None, estimate: bool
 ) -> tuple[torch.Tensor, bool]:
-    """The `STATS` vector of non-empty `x` from the path's exact or estimated kernel, and whether it estimated."""
-    numel = x.numel()
+    """The `STATS` vector of non-empty `x` from the path's torch or numpy kernels (exact, or estimated where
+    `estimate` allows it), and whether it estimated."""
     wd = _work_dtype(x)
     # Statistics of half-precision tensors accumulate in float32; autocast must not push our ops back to half.
     # (Entering the context costs more than some of the kernels, so it is entered only when autocast is on.)
     dev = x.device.type
     with torch.autocast(device_type=dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext():
-        estimate = not exact and sample_n < numel and x.is_floating_point()
         if not on_host(x, path):
             if estimate:
                 return device.estimated_stats(x.reshape(-1), wd, bins, sample_n), True

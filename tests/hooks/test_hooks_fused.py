@@ -17,16 +17,22 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from actdiag.hooks import fused
-from actdiag.hooks.layout import STATS
+from actdiag.hooks.device import DeviceBatch
+from actdiag.hooks.layout import STATS, decode_tensor_stats
+from actdiag.hooks.recorder import Recorder
+from actdiag.hooks.stats import tensor_stats
+from actdiag.records import StepRecord, TensorStats
 
 ROOT = Path(__file__).resolve().parents[2]
 BINS = fused.DEFAULT_BINS
@@ -77,6 +83,101 @@ def assert_matches(got: fused.FusedStats, k: int, x: torch.Tensor, bins: int = B
     lin, want = row["lin"], np.asarray(ref["lin"])
     assert lin.sum() == want.sum() == ref["count"]
     assert np.abs(lin - want).sum() <= 2 * int(ref["edge"])  # type: ignore[call-overload]
+
+
+def assert_decoded_matches(got: TensorStats, x: torch.Tensor, bins: int = BINS) -> None:
+    """A decoded `TensorStats` of `x`, its histograms from every element, against the float64 reference."""
+    ref = reference(x, bins)
+    assert (got.numel, got.count, got.nonfinite_count) == (x.numel(), ref["count"], ref["nonfinite"])
+    assert got.zero_count == ref["zero_count"] and not got.estimated and not got.histogram.sampled
+    if not got.count:  # no finite value: the record says NaN (records.TensorStats)
+        assert math.isnan(got.min) and math.isnan(got.max) and math.isnan(got.mean)
+        assert sum(got.histogram.counts) == sum(got.exponents.counts) == 0
+        return
+    assert (got.min, got.max) == (ref["min"], ref["max"])
+    std = math.sqrt(float(ref["m2"]) / max(int(ref["count"]), 1))  # type: ignore[call-overload, arg-type]
+    assert abs(got.mean - float(ref["mean"])) <= 1e-6 * std + 1e-12 * abs(float(ref["mean"]))  # type: ignore[arg-type]
+    assert got.m2 == pytest.approx(float(ref["m2"]), rel=1e-5, abs=1e-300)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(np.asarray(got.exponents.counts), ref["exp"])
+    lin = np.asarray(got.histogram.counts)
+    assert lin.sum() == ref["count"]
+    if got.count and got.max > got.min:
+        assert np.abs(lin - np.asarray(ref["lin"])).sum() <= 2 * int(ref["edge"])  # type: ignore[call-overload]
+    else:  # constant, or without a finite value: one bin (records.Histogram)
+        assert lin.size == 1
+
+
+def assert_same_exact_fields(a: TensorStats, b: TensorStats) -> None:
+    """Two paths' statistics of one tensor: the fields exact on every path agree."""
+    assert (a.numel, a.count, a.nonfinite_count, a.zero_count, a.min, a.max) == (
+        b.numel, b.count, b.nonfinite_count, b.zero_count, b.min, b.max,
+    )  # fmt: skip
+    if a.count:
+        assert a.mean == pytest.approx(b.mean, rel=1e-6, abs=1e-7 * a.abs_max)
+        assert a.std == pytest.approx(b.std, rel=1e-4, abs=1e-7 * a.abs_max)
+
+
+@contextmanager
+def fused_switch(value: str) -> Iterator[list[str]]:
+    """ACTDIAG_FUSED=`value` for the block; yields the fused kernels' launches (their names) made in it."""
+    launches: list[str] = []
+    real, before = fused._launch, os.environ.get(fused.ENV_SWITCH)
+
+    def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        launches.append(getattr(kernel, "__name__", str(kernel)))
+        real(kernel, grid, *args, **kwargs)
+
+    os.environ[fused.ENV_SWITCH] = value
+    fused._launch = launch
+    try:
+        yield launches
+    finally:
+        fused._launch = real
+        if before is None:
+            del os.environ[fused.ENV_SWITCH]
+        else:
+            os.environ[fused.ENV_SWITCH] = before
+
+
+def record_step(
+    device: str, switch: str, exact: bool, cap: int
+) -> tuple[StepRecord, dict[str, torch.Tensor], list[str]]:
+    """One recorded step of a small model on the device path (an exact zero in its input), with ACTDIAG_FUSED=`switch`:
+    the record, every measured tensor by name (outputs, their gradients, weights, weight gradients) and the fused
+    kernels' launches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 200), nn.Tanh(), nn.Linear(200, 3)).to(device)
+    x = torch.randn(16, 32, generator=_gen(11))
+    x[0, :5] = 0.0  # a NaN would make every weight gradient NaN; tensor_stats' and DeviceBatch's checks have them
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            seen[f"{name}.act"] = out.detach().clone()
+            out.register_hook(lambda g: seen.__setitem__(f"{name}.grad", g.detach().clone()))
+
+        return hook
+
+    for name, module in model.named_children():
+        module.register_forward_hook(keep(name))
+    rec = Recorder(model, path="device", sample_cap=cap, exact=exact)
+    with fused_switch(switch) as launches:
+        rec.begin(0)
+        model(x.to(device)).sum().backward()
+        got = rec.end()
+    assert got is not None
+    for pname, p in model.named_parameters():
+        seen[f"{pname}.weight"], seen[f"{pname}.wgrad"] = p.detach().clone(), p.grad.detach().clone()  # type: ignore[union-attr]
+    return got, seen, launches
+
+
+def measured(record: StepRecord) -> dict[str, TensorStats | None]:
+    out: dict[str, TensorStats | None] = {}
+    for layer in record.layers:
+        out[f"{layer.name}.act"], out[f"{layer.name}.grad"] = layer.activation, layer.gradient
+    for p in record.params:
+        out[f"{p.name}.weight"], out[f"{p.name}.wgrad"] = p.weight, p.grad
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -237,6 +338,99 @@ def check_bad_input(device: str) -> None:
         fused.fused_stats([torch.zeros(3, device=device)], bins=0)
 
 
+def check_tensor_stats_device_path_takes_the_kernel(device: str) -> None:
+    """tensor_stats(path="device") on its exact path: the kernel's three launches, every element in the histograms
+    (a tensor over the sample cap is not sampled), the float64 reference's statistics; the torch device path gives
+    the same exact fields (ACTDIAG_FUSED=0: no launch). float64, and the estimated path, stay with torch."""
+    g, cap = _gen(10), 1024
+    holes = torch.randn(3000, generator=g)
+    holes[::50], holes[3], holes[4], holes[10:20] = math.nan, math.inf, -math.inf, 0.0
+    xs = [
+        holes,
+        (torch.randn(40, 300, generator=g) * 3 + 1).t(),  # non-contiguous, over the cap
+        torch.randn(5000, generator=g).half(),
+        (torch.randn(700, generator=g) * 1e3).bfloat16(),
+    ]
+    kernels = ["moments_kernel", "combine_kernel", "linear_kernel"]
+    for x in xs:
+        with fused_switch("1") as launches:
+            vec, meta = tensor_stats(x.to(device), path="device", sample_cap=cap)
+        assert launches == kernels and (meta.sample_n, meta.estimated) == (x.numel(), False)
+        got = decode_tensor_stats(vec.cpu().numpy(), meta)
+        assert_decoded_matches(got, x)
+        with fused_switch("0") as launches:
+            tvec, tmeta = tensor_stats(x.to(device), path="device", sample_cap=cap)
+        assert launches == [] and tmeta.sampled == (x.numel() > cap)
+        torch_got = decode_tensor_stats(tvec.cpu().numpy(), tmeta)
+        assert_same_exact_fields(got, torch_got)
+        if x.numel() <= cap:
+            assert got.histogram.counts == torch_got.histogram.counts
+            assert got.exponents.counts == torch_got.exponents.counts
+    with fused_switch("1") as launches:
+        tensor_stats(torch.randn(50, dtype=torch.float64).to(device), path="device")
+        _, meta = tensor_stats(xs[1].to(device), path="device", sample_cap=cap, exact=False)
+    assert launches == [] and meta.estimated
+
+
+def check_device_batch_takes_the_kernel(device: str) -> None:
+    """DeviceBatch.finish: one call of the kernel for the kept rows (a discarded one left out), the same vectors
+    as the torch rows' path and the reference; a large tensor's sample among the rows keeps the torch path."""
+    g = _gen(12)
+    xs = [torch.randn(n, generator=g) * 2 + 1 for n in (1, 17, 256, 1000)]
+    xs[2][::9] = math.nan
+    xs.append(torch.randn(300, generator=g).half())
+    for switch in ("1", "0"):
+        batch = DeviceBatch(BINS, 1024)
+        for step in range(2):  # rows at the same offsets: the second step reuses the first's table
+            for k, x in enumerate(xs):
+                assert batch.take(k, x.to(device)) is not None
+            batch.take("gone", torch.randn(30, generator=g).to(device))
+            batch.discard("gone")
+            with fused_switch(switch) as launches:
+                out = batch.finish()
+            assert launches == (["moments_kernel", "combine_kernel", "linear_kernel"] if switch == "1" else [])
+            assert sorted(out, key=str) == list(range(len(xs)))
+            for k, x in enumerate(xs):
+                vec, meta = out[k]
+                assert_decoded_matches(decode_tensor_stats(vec.cpu().numpy(), meta), x)
+            assert len(batch) == 0, step
+    batch = DeviceBatch(BINS, 1024)
+    batch.take("small", xs[1].to(device), estimate=True)
+    batch.take("large", torch.randn(5000, generator=g).to(device), estimate=True)
+    with fused_switch("1") as launches:
+        out = batch.finish()
+    assert launches == [] and out["large"][1].estimated
+    assert_decoded_matches(decode_tensor_stats(out["small"][0].cpu().numpy(), out["small"][1]), xs[1])
+
+
+def check_recorded_step_takes_the_kernel(device: str) -> None:
+    """A recorded step on the device path with ACTDIAG_FUSED=1: every measured tensor (the step's batch of small
+    ones and the large ones alone) from the kernel, equal to the float64 reference with nothing sampled, and its
+    exact fields equal to the torch path's (ACTDIAG_FUSED=0). Estimating (exact=False), the batch holds large rows
+    and the step stays on the torch path."""
+    cap = 1024
+    got, seen, launches = record_step(device, "1", exact=True, cap=cap)
+    stats = measured(got)
+    assert set(stats) == set(seen)
+    large = [name for name, t in seen.items() if t.numel() > cap]
+    assert len(large) >= 4, "large tensors are among them"
+    assert len(launches) == 3 * (1 + len(large))  # the batch's three, three per large tensor
+    for name, x in seen.items():
+        s = stats[name]
+        assert s is not None, name
+        assert_decoded_matches(s, x)
+    plain, _, none = record_step(device, "0", exact=True, cap=cap)
+    assert none == []
+    for name, s in measured(plain).items():
+        assert s is not None and stats[name] is not None
+        assert_same_exact_fields(stats[name], s)  # type: ignore[arg-type]
+        assert s.histogram.sampled == (name in large)
+    estimated, _, launches = record_step(device, "1", exact=False, cap=cap)
+    torch_estimated, _, _ = record_step(device, "0", exact=False, cap=cap)
+    assert launches == []
+    assert measured(estimated) == measured(torch_estimated)
+
+
 CHECKS: dict[str, Callable[[str], None]] = {
     name[len("check_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")
 }
@@ -287,6 +481,63 @@ def test_selection_by_device_and_switch(monkeypatch: pytest.MonkeyPatch) -> None
     assert not fused.fused_supported(torch.zeros(1, dtype=torch.float64))
 
 
+def test_the_torch_path_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ACTDIAG_FUSED=0, or the CPU without the switch: the device path measures with torch, never the kernel; and the
+    host path never takes it, even with ACTDIAG_FUSED=1."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the fused kernel was launched")
+
+    monkeypatch.setattr(fused, "_launch", refuse)
+    x = torch.randn(3000, generator=_gen(13))
+    x[7] = math.nan
+    for switch in ("0", None):
+        if switch is None:
+            monkeypatch.delenv(fused.ENV_SWITCH, raising=False)
+        else:
+            monkeypatch.setenv(fused.ENV_SWITCH, switch)
+        vec, meta = tensor_stats(x, path="device", sample_cap=x.numel())
+        assert_decoded_matches(decode_tensor_stats(vec.numpy(), meta), x)
+        batch = DeviceBatch(BINS, 4096)
+        batch.take("x", x)
+        vec, meta = batch.finish()["x"]
+        assert_decoded_matches(decode_tensor_stats(vec.numpy(), meta), x)
+    monkeypatch.setenv(fused.ENV_SWITCH, "1")
+    model = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 2))
+    rec = Recorder(model, sample_cap=64)  # the host path (CPU tensors); a NaN sends its tensors to torch's ops
+    rec.begin(0)
+    inp = torch.randn(4, 8)
+    inp[0, 0] = math.nan
+    model(inp).sum().backward()
+    got = rec.end()
+    assert got is not None and got.layers[0].activation is not None
+    assert got.layers[0].activation.nonfinite_count == 300
+
+
+def test_importing_and_recording_on_cpu_never_import_triton() -> None:
+    """The default CPU path, and the device path on CPU tensors without ACTDIAG_FUSED, never import triton (a
+    child process: this one may have imported it already)."""
+    code = """
+import sys, torch, actdiag
+from torch import nn
+from actdiag.hooks.recorder import Recorder
+model = nn.Sequential(nn.Linear(4, 30), nn.ReLU())
+with actdiag.watch(model, every=1) as monitor:
+    model(torch.randn(2, 4)).sum().backward()
+    monitor.step()
+rec = Recorder(model, path="device")
+rec.begin(0)
+model(torch.randn(2, 4)).sum().backward()
+assert rec.end() is not None and monitor.latest is not None
+print("TRITON", "triton" in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in (fused.ENV_SWITCH, "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "TRITON False" in proc.stdout, proc.stdout
+
+
 def test_triton_is_installed_for_the_tests() -> None:
     """The `test` extra installs triton (a CPU wheel runs the interpreter): without it these tests must fail."""
     assert fused._triton() is not None, "pip install triton (the gpu and test extras)"
@@ -321,6 +572,8 @@ def test_count_ops_reports_the_fused_launches(tmp_path: Path) -> None:
     row = next(line for line in lines if line.startswith("| mlp")).split(" | ")
     tensors, (ops, launches) = int(row[2]), map(int, row[5].split(" + "))
     assert tensors > 0 and ops == 0 and launches == 3 * tensors and row[6] == "3.00"
+    # The recorder itself with the kernel: the smoke MLP's tensors are all small, one call of its device batch.
+    assert row[12].split(" (")[0].endswith(" + 3")
 
 
 @pytest.mark.gpu
