@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from actdiag.formatting import format_number
 from actdiag.records import LayerStats, TensorStats
@@ -56,6 +56,11 @@ REINIT_TYPES = frozenset(
         "NonDynamicallyQuantizableLinear",
     }
 )
+
+
+def others_than(layer: str, names: Iterable[str]) -> tuple[str, ...]:
+    """A finding's `related`: the layers it names besides its own `layer`, in order, each once."""
+    return tuple(dict.fromkeys(n for n in names if n != layer))
 
 
 def finite(x: float | None) -> bool:

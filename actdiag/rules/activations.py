@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from actdiag.metrics import DEAD_FRACTION
 from actdiag.records import Finding, History, LayerStats
@@ -18,6 +19,7 @@ from actdiag.rules._common import (
     finite,
     fmt,
     geo_mean,
+    others_than,
     output_indices,
     usable,
 )
@@ -276,7 +278,9 @@ def saturation_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Fin
     ]
 
 
-def _samples_per_unit(layer: LayerStats) -> float:
+def samples_per_unit(layer: LayerStats) -> float:
+    """How many values each unit of the layer outputs per call (batch and positions): a unit seen on few cannot be
+    called dead."""
     if not layer.units or not layer.shape:
         return 0.0
     return math.prod(layer.shape) / layer.units
@@ -299,7 +303,7 @@ def dead_relu_findings(layers: Sequence[LayerStats], history: History | None, t:
     for layer in layers:
         if layer.type not in DEAD_CAPABLE or layer.dead_fraction is None:
             continue
-        if _samples_per_unit(layer) < t.dead_min_samples:
+        if samples_per_unit(layer) < t.dead_min_samples:
             continue
         window = _window(history, layer.label, DEAD_FRACTION, t.dead_window)
         if window is not None:
@@ -322,15 +326,21 @@ def dead_relu_findings(layers: Sequence[LayerStats], history: History | None, t:
     evidence = {"dead_fraction": share, "units": float(worst.units or 0), "layers": float(len(hits))}
     if steps > 1:
         evidence["steps"] = steps
+    return [dead_relu_finding(worst, share, message, evidence, [h[0].name for h in hits], t)]
+
+
+def dead_relu_finding(
+    worst: LayerStats, share: float, message: str, evidence: Mapping[str, Any], named: Iterable[str], t: Thresholds
+) -> Finding:
+    """The dead-unit finding at layer `worst` (`share` of its units dead; `named`: every layer with dead units), for
+    the one-step check here and the run's check (rules/run.py) alike."""
     if worst.rare_fraction is not None:
-        evidence["rare_fraction"] = worst.rare_fraction
-    return [
-        Finding(
-            code="dead_relu",
-            severity="error" if share >= t.dead_error_at_least else "warning",
-            layer=worst.name,
-            message=message,
-            evidence=evidence,
-            related=tuple(dict.fromkeys(h[0].name for h in hits if h[0].name != worst.name)),
-        )
-    ]
+        evidence = {**evidence, "rare_fraction": worst.rare_fraction}
+    return Finding(
+        code="dead_relu",
+        severity="error" if share >= t.dead_error_at_least else "warning",
+        layer=worst.name,
+        message=message,
+        evidence=evidence,
+        related=others_than(worst.name, named),
+    )

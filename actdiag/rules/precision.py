@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from actdiag.records import ExponentHistogram, Finding, History, LayerStats, ParamStats, TensorStats
-from actdiag.rules._common import REINIT_TYPES, fmt
+from actdiag.rules._common import REINIT_TYPES, fmt, others_than
 from actdiag.rules.thresholds import Thresholds
 
 HALF = "float16"
@@ -19,6 +20,19 @@ AUTOCAST_HALF_TYPES = REINIT_TYPES | {"MultiheadAttention", "RNN", "LSTM", "GRU"
 
 def _nonfinite(stats: TensorStats | None) -> int:
     return stats.nonfinite_count if stats is not None else 0
+
+
+def nonfinite_finding(layer: LayerStats, message: str, evidence: Mapping[str, Any], named: Iterable[str]) -> Finding:
+    """The NaN/Inf finding at `layer`, where it first appears, with `named` the other layers it reached; for the
+    one-step check here and the run's check (rules/run.py) alike."""
+    return Finding(
+        code="nonfinite",
+        severity="error",
+        layer=layer.name,
+        message=message,
+        evidence=evidence,
+        related=others_than(layer.name, named),
+    )
 
 
 def first_nonfinite_index(layers: Sequence[LayerStats]) -> int | None:
@@ -53,16 +67,7 @@ def nonfinite_findings(layers: Sequence[LayerStats], params: Sequence[ParamStats
             "float16": 1.0 if layer.dtype == HALF else 0.0,
         }
         later = [lay.name for lay in layers[i + 1 :] if _nonfinite(lay.activation)]
-        return [
-            Finding(
-                code="nonfinite",
-                severity="error",
-                layer=layer.name,
-                message=message,
-                evidence=evidence,
-                related=tuple(dict.fromkeys(n for n in later if n != layer.name)),
-            )
-        ]
+        return [nonfinite_finding(layer, message, evidence, later)]
     grads = [(j, lay) for j, lay in enumerate(layers) if _nonfinite(lay.gradient)]
     if grads:
         j, layer = grads[-1]
@@ -79,16 +84,7 @@ def nonfinite_findings(layers: Sequence[LayerStats], params: Sequence[ParamStats
             "gradient": 1.0,
             "float16": 1.0 if layer.dtype == HALF else 0.0,
         }
-        return [
-            Finding(
-                code="nonfinite",
-                severity="error",
-                layer=layer.name,
-                message=message,
-                evidence=evidence,
-                related=tuple(dict.fromkeys(lay.name for _, lay in grads[:-1] if lay.name != layer.name)),
-            )
-        ]
+        return [nonfinite_finding(layer, message, evidence, [lay.name for _, lay in grads[:-1]])]
     bad = [p for p in params if p.weight.nonfinite_count or _nonfinite(p.grad)]
     if bad:
         p = bad[0]
@@ -198,7 +194,7 @@ def fp16_findings(layers: Sequence[LayerStats], history: History | None, t: Thre
                     "float16": 1.0 if half else 0.0,
                     "tensors": float(len(hits)),
                 },
-                related=tuple(dict.fromkeys(h[0].name for h in hits if h[0].name != layer.name)),
+                related=others_than(layer.name, [h[0].name for h in hits]),
             )
         )
     return found

@@ -24,20 +24,15 @@ from typing import Any
 
 from actdiag.records import Finding, LayerStats, ParamStats, StepRecord, TensorStats, UnitActivity
 from actdiag.rules._common import DEAD_CAPABLE, fmt
+from actdiag.rules.activations import dead_relu_finding, samples_per_unit
+from actdiag.rules.precision import HALF, nonfinite_finding
 from actdiag.rules.thresholds import Thresholds
 
-HALF = "float16"
 # How many dead units a message names (the record keeps at most this many examples anyway).
 NAMED_UNITS = 8
 
 
 # ------------------------------------------------------------------------------------------------ dead units
-def _samples_per_unit(layer: LayerStats) -> float:
-    if not layer.units or not layer.shape:
-        return 0.0
-    return math.prod(layer.shape) / layer.units
-
-
 def _since_step(act: UnitActivity, window: int, count_above: float) -> int:
     """The recorded step from which more than `count_above` of the units have been silent: walking from the
     longest streak to the shortest that counts as dead, the since-step at which the silent units pass the share."""
@@ -63,7 +58,7 @@ def dead_unit_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Find
         if layer.type not in DEAD_CAPABLE or act is None or not layer.units or act.calls < 1:
             continue
         window = max(1, min(t.dead_window, act.calls))
-        if _samples_per_unit(layer) * window < t.dead_min_samples:
+        if samples_per_unit(layer) * window < t.dead_min_samples:
             continue
         dead = act.silent_for_at_least(window)
         if dead / layer.units > t.dead_fraction_above:
@@ -105,18 +100,7 @@ def dead_unit_findings(layers: Sequence[LayerStats], t: Thresholds) -> list[Find
         "steps": float(window),
         "layers": float(len(hits)),
     }
-    if worst.rare_fraction is not None:
-        evidence["rare_fraction"] = worst.rare_fraction
-    return [
-        Finding(
-            code="dead_relu",
-            severity="error" if share >= t.dead_error_at_least else "warning",
-            layer=worst.name,
-            message=message,
-            evidence=evidence,
-            related=tuple(dict.fromkeys(h[0].name for h in hits if h[0].name != worst.name)),
-        )
-    ]
+    return [dead_relu_finding(worst, share, message, evidence, [h[0].name for h in hits], t)]
 
 
 def link_consequences(found: Sequence[Finding], layers: Sequence[LayerStats]) -> list[Finding]:
@@ -264,14 +248,7 @@ def nonfinite_event(record: StepRecord, previous: StepRecord | None, t: Threshol
             }
         )
         later = [lay.name for lay in layers[i + 1 :] if _bad(lay.activation)]
-        return Finding(
-            code="nonfinite",
-            severity="error",
-            layer=layer.name,
-            message=message,
-            evidence=evidence,
-            related=tuple(dict.fromkeys(n for n in later if n != layer.name)),
-        )
+        return nonfinite_finding(layer, message, evidence, later)
     culprit = _backward_culprit(layers, params)
     if culprit is not None:
         j, how = culprit
@@ -301,14 +278,7 @@ def nonfinite_event(record: StepRecord, previous: StepRecord | None, t: Threshol
             }
         )
         upstream = [lay.name for lay in layers[:j] if _bad(lay.gradient)]
-        return Finding(
-            code="nonfinite",
-            severity="error",
-            layer=layer.name,
-            message=message,
-            evidence=evidence,
-            related=tuple(dict.fromkeys(n for n in upstream if n != layer.name)),
-        )
+        return nonfinite_finding(layer, message, evidence, upstream)
     bad = [p for p in params if _bad(p.weight) or _bad(p.grad)]
     p = bad[0]
     owner = p.name.rsplit(".", 1)[0] if "." in p.name else None
