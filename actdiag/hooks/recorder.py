@@ -171,6 +171,7 @@ class Recorder:
         self._lost = LostUpdateCounts(sample_cap)  # float16/bfloat16 weights: updates that rounded away
         self._calls: dict[str, int] = {}
         self._order: list[_LayerCall] = []
+        self._streaks_due: list[tuple[str, int]] = []  # ReLU layer calls whose streak summary end() reads
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
         self._streaks = UnitStreaks()  # silence streaks per unit over the whole watch (dead units over a window)
         self._input_from: dict[tuple[str, int], Key] = {}  # a call's input is this earlier call's output
@@ -242,6 +243,10 @@ class Recorder:
             lost = self._guard("updates", self._lost.finish, self._param_map)
             for pname, vec in (lost or {}).items():
                 self._put(Key.param(pname, "lost"), vec, None, _dist.KIND_REPLICATED)
+            due, self._streaks_due = self._streaks_due, []
+            summaries = self._guard("activations", self._streaks.summaries, due) or ()
+            for (name, call), vec in zip(due, summaries, strict=False):
+                self._put(Key.layer(name, call, "streak"), vec, None)
         self._updates.clear()
         self._lost.clear()
         self._recording = False
@@ -309,6 +314,7 @@ class Recorder:
         self._input_from = {}
         self._calls = {}
         self._order = []
+        self._streaks_due = []
         self._prev_channels_first = False
 
     def _mismatch(self, message: str) -> None:
@@ -412,7 +418,7 @@ class Recorder:
                         unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path, streak=streak),
                         None,
                     )
-                    self._put(Key.layer(name, call, "streak"), self._streaks.summary(name, call), None)
+                    self._streaks_due.append((name, call))  # summarised together in end()
                 else:
                     # Dead/rare/never are decided after the ranks' per-unit counts are summed.
                     vec = _dist.unit_vector(t, udim, ever)

@@ -65,6 +65,32 @@ class UnitStreaks:
         top = torch.topk(score, k).indices
         return torch.cat([hist.to(torch.float64), top.to(torch.float64), streak[top].to(torch.float64)])
 
+    def summaries(self, calls: list[tuple[str, int]]) -> list[torch.Tensor | np.ndarray]:
+        """`summary` of each of `calls` (layer calls measured this step), in the same order. Streaks on the CPU
+        are summarised together in numpy, a fixed number of calls per unit count however many layers share it:
+        a deep network's ReLUs each paid a dozen small torch ops here. Others (a GPU's) keep to device ops."""
+        out: list[torch.Tensor | np.ndarray | None] = [None] * len(calls)
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(calls):
+            streak = self._tracks[key].streak
+            if streak.device.type == "cpu":
+                groups.setdefault(streak.shape[0], []).append(i)
+            else:
+                out[i] = self.summary(*key)
+        for units, rows in groups.items():
+            s = np.stack([self._tracks[calls[i]].streak.numpy() for i in rows])  # [K, units] int32
+            k = len(rows)
+            clipped = np.minimum(s, STREAK_BINS - 1)
+            clipped += np.arange(k, dtype=np.int32)[:, None] * STREAK_BINS  # each row's bins offset into its own
+            hist = np.bincount(clipped.reshape(-1), minlength=k * STREAK_BINS).reshape(k, STREAK_BINS)
+            top_k = min(UNIT_EXAMPLES, units)
+            # Longest streak first, ties to the lowest index (a stable sort of the negated streaks), as `summary`.
+            top = np.argsort(-s, axis=1, kind="stable")[:, :top_k]
+            vecs = np.concatenate([hist, top, np.take_along_axis(s, top, axis=1)], axis=1).astype(np.float64)
+            for j, i in enumerate(rows):
+                out[i] = vecs[j]
+        return [v for v in out if v is not None]
+
     def decode(self, name: str, call: int, vec: np.ndarray, never: int) -> UnitActivity:
         """The record of one layer call from its read-back summary and its never-active count."""
         track = self._tracks[(name, call)]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from actdiag.hooks.recorder import Recorder
-from actdiag.hooks.tracking import STREAK_BINS, UNIT_EXAMPLES
+from actdiag.hooks.tracking import STREAK_BINS, UNIT_EXAMPLES, UnitStreaks
 
 
 class Given(nn.Module):
@@ -115,3 +115,21 @@ def test_input_gradient_nonfinite_counts(path: str | None, aliased: bool) -> Non
     assert by["head"].input_grad_nonfinite == 0
     assert by["lin"].input_nonfinite == 1  # the step's first input
     assert by["poison"].input_nonfinite is None
+
+
+def test_batched_summaries_match_the_per_call_summary() -> None:
+    # end() summarises a step's CPU streaks together in numpy; each must equal the per-call summary (device ops):
+    # the same streak histogram and the same longest-silent units, ties to the lowest index.
+    streaks = UnitStreaks()
+    g = torch.Generator().manual_seed(0)
+    calls = []
+    for i, (units, high) in enumerate([(5, 3), (64, 80), (64, 3), (3, 80), (64, 2), (100, 70)]):
+        s = streaks.streak_for("relu", i, units, torch.device("cpu"), 0)
+        s.copy_(torch.randint(0, high, (units,), generator=g, dtype=torch.int32))
+        calls.append(("relu", i))
+    got = streaks.summaries(calls)
+    assert len(got) == len(calls)
+    for call, vec in zip(calls, got, strict=True):
+        ref = streaks.summary(*call).numpy()
+        assert vec.dtype == np.float64
+        np.testing.assert_array_equal(np.asarray(vec), ref)
