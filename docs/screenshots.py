@@ -1,4 +1,5 @@
-"""Regenerate the README's screenshots from real runs (docs/images/report*.png, docs/images/tensorboard*.png).
+"""Regenerate the README's screenshots from real runs (docs/images/report*.png, tensorboard*.png, notebook.png,
+terminal*.png).
 
     python docs/screenshots.py            # needs chromium; writes into docs/images/
     python docs/screenshots.py tensorboard_actdiag.png      # only the images named
@@ -7,7 +8,9 @@ It inspects examples/tanh_mlp.py (the HTML report, with --try-fixes: its finding
 7-layer ReLU network two of whose layers are dead under actdiag.watch (the report's gradient flow, dead units and weight
 norms), trains tanh_mlp for a few dozen steps under actdiag.watch with a logdir, serves that logdir with a real
 `tensorboard` on 127.0.0.1 and photographs the pages with headless Chromium (TensorBoard's own tabs and actdiag's
-dashboard). Everything runs locally; nothing is fetched.
+dashboard). The notebook view is the `_repr_html_` of the tanh_mlp report on a page of its own; the terminal views are
+the real `python -m actdiag inspect --layers` and `actdiag diff` (tanh_mlp before and after Xavier initialisation)
+output, set in a monospace font. Everything runs locally; nothing is fetched.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
+
+if TYPE_CHECKING:
+    from actdiag.records import Report
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "images"
@@ -110,6 +117,81 @@ def save_small(png: bytes, path: Path) -> None:
     print(f"{path.relative_to(ROOT)}: {size[0]}x{size[1]}, {buf.tell() / 1000:.0f} kB")
 
 
+FIXED_TANH_MLP = """\
+from torch import nn
+
+from tanh_mlp import build_model as _build, example_input  # noqa: F401
+
+
+def build_model() -> nn.Module:
+    # The fix actdiag suggests for tanh_mlp: Xavier initialisation with tanh's gain.
+    model = _build()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"))
+    return model
+"""
+
+
+def page_png(body: str, width: int, height: int, profile: Path, name: str, style: str = "") -> bytes:
+    """A page of `body` on white, photographed at `width` x `height`."""
+    page = profile / name
+    css = "body { margin: 16px; background: #fff; color: #111; font-family: sans-serif; }" + style
+    page.write_text(
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>{css}</style></head><body>{body}</body></html>'
+    )
+    return chromium_png(page.as_uri(), width, height, profile)
+
+
+def terminal_png(text: str, width: int, height: int, profile: Path, name: str) -> bytes:
+    """Terminal output as a reader sees it: dark on light, monospace."""
+    import html
+
+    style = (
+        "pre { font-family: 'DejaVu Sans Mono', 'Liberation Mono', monospace; font-size: 13px; line-height: 1.25;"
+        " background: #f6f6f4; border: 1px solid #ddd; border-radius: 6px; padding: 12px 14px; margin: 0; }"
+    )
+    return page_png(f"<pre>{html.escape(text)}</pre>", width, height, profile, name, style)
+
+
+def actdiag_cli(*args: str, cwd: Path) -> str:
+    """`python -m actdiag ARGS` as a user runs it (plain output: stdout is a pipe), with the command line on top."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]), PYTHONIOENCODING="utf-8")
+    env.pop("NO_COLOR", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "actdiag", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    if run.returncode not in (0, 1):
+        raise RuntimeError(f"actdiag {' '.join(args)} exited {run.returncode}: {run.stderr.strip()}")
+    return f"$ actdiag {' '.join(args)}\n{run.stdout.rstrip()}\n"
+
+
+def terminal_shots(work: Path) -> None:
+    """`actdiag inspect --layers` of tanh_mlp, and `actdiag diff` of tanh_mlp before and after its fix."""
+    shutil.copy(ROOT / "examples" / "tanh_mlp.py", work / "tanh_mlp.py")
+    (work / "tanh_mlp_fixed.py").write_text(FIXED_TANH_MLP)
+    layers = actdiag_cli("inspect", "tanh_mlp.py", "--layers", "--seed", "0", cwd=work)
+    # Up to the findings table: the fix code printed below it would make the image twice as tall.
+    layers = layers.split("\nfix for ", 1)[0].rstrip() + "\n"
+    save_small(
+        terminal_png(layers, 880, 50 + 33 * layers.count("\n") // 2, work, "layers.html"), OUT / "terminal_layers.png"
+    )
+    actdiag_cli("inspect", "tanh_mlp.py", "--seed", "0", "--quiet", "--json", "before.json", cwd=work)
+    actdiag_cli("inspect", "tanh_mlp_fixed.py", "--seed", "0", "--quiet", "--json", "after.json", cwd=work)
+    diff = actdiag_cli("diff", "before.json", "after.json", cwd=work)
+    save_small(terminal_png(diff, 880, 50 + 33 * diff.count("\n") // 2, work, "diff.html"), OUT / "terminal_diff.png")
+
+
+def notebook_shot(report: Report, work: Path) -> None:
+    """What a notebook shows for a Report as a cell's last value: its _repr_html_ under the cell that made it."""
+    cell = (
+        '<pre style="font-family: monospace; font-size: 13px; background: #f5f5f5; border: 1px solid #e0e0e0;'
+        ' padding: 8px 10px; margin: 0 0 12px;">'
+        "report = actdiag.inspect(tanh_mlp.build_model(), tanh_mlp.example_input(), try_fixes=True)\nreport</pre>"
+    )
+    save_small(page_png(cell + report._repr_html_(), 1000, 730, work, "notebook.html"), OUT / "notebook.png")
+
+
 def tensorboard_env(work: Path) -> dict[str, str]:
     """An environment in which `tensorboard` finds actdiag's dashboard from this checkout. An actdiag installed from
     before the plugin lacks the entry point; then a minimal distribution that declares only it goes on the path."""
@@ -157,6 +239,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="actdiag-shots-"))
     try:
         report = actdiag.inspect(tanh_mlp.build_model(), tanh_mlp.example_input(), try_fixes=True)
+        notebook_shot(report, work)
+        terminal_shots(work)
         html = report.save_html(work / "report.html")
         save_small(chromium_png(html.as_uri(), 1200, 1500, work), OUT / "report.png")
         save_small(section_png(html, ("histograms",), 1200, 700, work), OUT / "report_depth.png")
@@ -165,6 +249,8 @@ def main() -> None:
         weights_only = "#time > figure:not(#weights)"
         save_small(section_png(dead, ("time",), 1200, 520, work, hide=weights_only), OUT / "report_weights.png")
 
+        if sys.argv[1:] and not any(name.startswith("tensorboard") for name in sys.argv[1:]):
+            return  # no TensorBoard image asked for: skip the training run and the server
         logdir = work / "runs" / "tanh_mlp"
         train_under_watch(logdir)
         with socket.socket() as s:
