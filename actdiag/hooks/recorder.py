@@ -21,11 +21,9 @@ modules keep PyTorch's hook-free fast path).
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -35,11 +33,12 @@ from torch import nn
 
 from actdiag.hooks import merge as _dist
 from actdiag.hooks.compiled import _EAGER
+from actdiag.hooks.decode import LayerCall, as_tensor, decode_step, read_back
 from actdiag.hooks.device import DeviceBatch
 from actdiag.hooks.functional import ForwardTracker
 from actdiag.hooks.host import HostBatch
 from actdiag.hooks.keys import Key
-from actdiag.hooks.layout import StatsMeta, decode_many
+from actdiag.hooks.layout import StatsMeta
 from actdiag.hooks.modules import (
     _CHANNELS_FIRST_3D,
     RARE_ACTIVE_BELOW,
@@ -64,7 +63,7 @@ from actdiag.hooks.stats import (
 )
 from actdiag.hooks.tracking import UnitStreaks, input_grad_nonfinite, nonfinite_count
 from actdiag.hooks.updates import LOW_PRECISION, LostUpdateCounts, UpdateRatios
-from actdiag.records import LayerStats, LostUpdates, ParamStats, StepRecord, TensorStats
+from actdiag.records import StepRecord
 
 # Names the rest of actdiag (and its tests) import from here; they live in the modules named above.
 __all__ = [
@@ -78,20 +77,6 @@ __all__ = [
     "select_modules",
     "unwrap_model",
 ]
-
-
-@dataclass(slots=True)
-class _LayerCall:
-    name: str
-    type: str
-    call: int
-    shape: tuple[int, ...]
-    dtype: str
-    weight_name: str | None
-    bounds: tuple[float, float] | None = None
-    units: int | None = None
-    sat_numel: int = 0
-    output: bool = False
 
 
 class Recorder:
@@ -170,7 +155,7 @@ class Recorder:
         self._updates = UpdateRatios(sample_cap)  # weight copies for the update ratios
         self._lost = LostUpdateCounts(sample_cap)  # float16/bfloat16 weights: updates that rounded away
         self._calls: dict[str, int] = {}
-        self._order: list[_LayerCall] = []
+        self._order: list[LayerCall] = []
         self._streaks_due: list[tuple[str, int]] = []  # ReLU layer calls whose streak summary end() reads
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
         self._streaks = UnitStreaks()  # silence streaks per unit over the whole watch (dead units over a window)
@@ -267,13 +252,22 @@ class Recorder:
         if self.merger is not None:
             # Every rank reaches this collective for every recorded step, whatever it saw, so that the ranks stay
             # in lockstep (a rank skipping it would leave the others waiting).
-            tensors = {key: (_as_tensor(vec), meta) for key, (vec, meta) in pending.items()}  # the merge concatenates
+            tensors = {key: (as_tensor(vec), meta) for key, (vec, meta) in pending.items()}  # the merge concatenates
             host = self.merger.merge(tensors, kinds)
         if not order and not _has_param_grad(pending):
             return None
         if self.merger is None:
-            host = _read_back(pending)
-        return self._decode(host, order, aliases, input_from)
+            host = read_back(pending)
+        return decode_step(
+            host,
+            order,
+            aliases,
+            input_from,
+            step=self._step,
+            named_params=self.params,
+            streaks=self._streaks,
+            update_sampled=self._update_sampled,
+        )
 
     def capture_param_grads(self) -> None:
         """Re-read every parameter's current `.grad` (e.g. right before the optimizer step, after AMP unscaling
@@ -380,7 +374,7 @@ class Recorder:
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
         shape = tuple(t.shape)
-        info = _LayerCall(
+        info = LayerCall(
             name=name,
             type=type(module).__name__,
             call=call,
@@ -613,97 +607,6 @@ class Recorder:
             p = next(iter(own.values()))
         return None if p is None else self._param_name.get(id(p))
 
-    def _decode(
-        self,
-        host: Mapping[Key, tuple[np.ndarray, Any]],
-        order: list[_LayerCall],
-        aliases: Mapping[Key, Key],
-        input_from: Mapping[tuple[str, int], Key] | None = None,
-    ) -> StepRecord:
-        keys = [k for k, (_, meta) in host.items() if isinstance(meta, StatsMeta)]
-        decoded = dict(zip(keys, decode_many([host[k][0] for k in keys], [host[k][1] for k in keys]), strict=True))
-
-        def stats(key: Key) -> TensorStats | None:
-            return decoded.get(aliases.get(key, key))
-
-        params: list[ParamStats] = []
-        by_name: dict[str, ParamStats] = {}
-        for pname, p in self.params:
-            w = stats(Key.param(pname, "weight"))
-            if w is None:
-                continue
-            upd = host.get(Key.param(pname, "update"))
-            ratio = None
-            if upd is not None:
-                delta, norm0 = (float(v) for v in upd[0])  # updates.UpdateRatios: the two norms
-                ratio = delta / norm0 if norm0 > 0 and math.isfinite(norm0) else None
-            counts = host.get(Key.param(pname, "lost"))
-            lost = None
-            if counts is not None:
-                unchanged, nonzero = (int(v) for v in counts[0])  # updates.LostUpdateCounts
-                dtype = str(p.dtype).replace("torch.", "")
-                lost = LostUpdates(unchanged, nonzero, dtype, self._update_sampled(p.numel()))
-            ps = ParamStats(
-                name=pname,
-                shape=tuple(p.shape),
-                requires_grad=p.requires_grad,
-                weight=w,
-                grad=stats(Key.param(pname, "grad")),
-                update_ratio=ratio,
-                update_ratio_estimated=ratio is not None and self._update_sampled(p.numel()),
-                lost_updates=lost,
-            )
-            params.append(ps)
-            by_name[pname] = ps
-        layers = []
-        for info in order:
-            base = Key.layer(info.name, info.call, "act")
-            saturation = dead = rare = never = None
-            sat = host.get(base._replace(kind="sat"))
-            if sat is not None and sat[1]:
-                saturation = float(sat[0][0]) / float(sat[1])  # meta: elements counted (all ranks' when merged)
-            units = host.get(base._replace(kind="units"))
-            activity = None
-            if units is not None and info.units:
-                dead, rare, never = (float(v) / info.units for v in units[0][:3])
-                streak = host.get(base._replace(kind="streak"))
-                if streak is not None:
-                    activity = self._streaks.decode(info.name, info.call, streak[0], int(units[0][2]))
-            inp = host.get(base._replace(kind="input"))
-            ingrad = host.get(base._replace(kind="ingrad"))
-            src = (input_from or {}).get((info.name, info.call))
-            src_grad = stats(src._replace(kind="grad")) if src is not None else None
-            in_grad = int(ingrad[0][0]) if ingrad is not None else (src_grad.nonfinite_count if src_grad else None)
-            wp = by_name.get(info.weight_name) if info.weight_name else None
-            layers.append(
-                LayerStats(
-                    name=info.name,
-                    type=info.type,
-                    step=self._step,
-                    call=info.call,
-                    shape=info.shape,
-                    dtype=info.dtype,
-                    activation=stats(base),
-                    gradient=stats(base._replace(kind="grad")),
-                    weight=wp.weight if wp else None,
-                    weight_grad=wp.grad if wp else None,
-                    weight_name=info.weight_name if wp else None,
-                    bounds=info.bounds,
-                    saturation=saturation,
-                    units=info.units,
-                    dead_fraction=dead,
-                    rare_fraction=rare,
-                    never_active_fraction=never,
-                    update_ratio=wp.update_ratio if wp else None,
-                    update_ratio_estimated=wp.update_ratio_estimated if wp else False,
-                    activity=activity,
-                    input_nonfinite=int(inp[0][0]) if inp is not None else None,
-                    input_grad_nonfinite=in_grad,
-                    output=info.output,
-                )
-            )
-        return StepRecord(step=self._step, layers=tuple(layers), params=tuple(params))
-
 
 def _queue_callback(fn: Callable[[], None]) -> None:
     """Run `fn` when the running backward pass finishes (after the callbacks already queued)."""
@@ -714,30 +617,3 @@ def _has_param_grad(keys: Iterable[Key]) -> bool:
     """Whether any of the step's keys is a parameter's gradient (a step with neither layers nor these recorded
     nothing)."""
     return any(not k.is_layer and k.kind == "grad" for k in keys)
-
-
-def _as_tensor(vec: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(vec) if isinstance(vec, np.ndarray) else vec
-
-
-def _read_back(pending: Mapping[Key, tuple[torch.Tensor | np.ndarray, Any]]) -> dict[Key, tuple[np.ndarray, Any]]:
-    """One device-to-host copy per device: concatenate every vector of the step, copy, split on the host."""
-    by_device: dict[torch.device, list[tuple[Key, torch.Tensor, Any]]] = {}
-    out: dict[Key, tuple[np.ndarray, Any]] = {}
-    for key, (vec, meta) in pending.items():
-        if isinstance(vec, np.ndarray):  # the host batch's rows
-            out[key] = (vec, meta)
-        else:
-            by_device.setdefault(vec.device, []).append((key, vec, meta))
-    for device, items in by_device.items():
-        if device.type == "cpu":  # already on the host: no copy to make, so no concatenation either
-            for key, vec, meta in items:
-                out[key] = (vec.numpy(), meta)
-            continue
-        flat = torch.cat([v.reshape(-1) for _, v, _ in items]).cpu().numpy()
-        pos = 0
-        for key, vec, meta in items:
-            n = vec.numel()
-            out[key] = (flat[pos : pos + n], meta)
-            pos += n
-    return out
