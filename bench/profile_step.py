@@ -47,7 +47,7 @@ PARTS: tuple[tuple[str, Any, str, bool], ...] = (
     ("  dead/rare ReLU units (unit_activity)", recorder, "unit_activity", False),
     ("  tensors measured together (HostBatch.finish)", host.HostBatch, "finish", False),
     ("    of which the large tensors' samples (_estimate_rows)", host, "_estimate_rows", False),
-    ("  decode into records", recorder.Recorder, "_decode", False),
+    ("  decode into records", recorder, "decode_step", False),
 )
 
 

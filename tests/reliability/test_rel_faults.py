@@ -107,7 +107,7 @@ def test_rel_read_back_fault_stops_recording_and_removes_hooks(monkeypatch: pyte
     def broken(*args: Any) -> None:
         raise Boom("decode bug")
 
-    monkeypatch.setattr(recorder_mod, "_read_back", broken)
+    monkeypatch.setattr(recorder_mod, "read_back", broken)
     model = _mlp()
     monitor, caught = _train(model)
     assert len(caught) == 1 and "recording" in str(caught[0].message)
