@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,83 @@ class _Pipe:
             pass
 
 
+@contextmanager
+def devtools_page(
+    profile: Path, width: int, height: int, procs: list[subprocess.Popen[bytes]] | None = None
+) -> Iterator[tuple[_Pipe, str]]:
+    """Headless Chromium driven over its DevTools pipe, with one blank page whose Page, Runtime, Log and Network
+    events are enabled (and none collected yet): (pipe, session id). The browser is always killed."""
+    assert CHROMIUM is not None, "chromium is not installed (Debian: apt-get install chromium)"
+    to_r, to_w = os.pipe()  # we write commands to to_w; chromium reads fd 3
+    from_r, from_w = os.pipe()  # chromium writes fd 4; we read from_r
+
+    def child_fds() -> None:
+        # Move both ends above 4 first: either could itself be fd 3 or 4 and be clobbered by the other dup2.
+        a, b = fcntl.fcntl(to_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_w, fcntl.F_DUPFD, 10)
+        os.dup2(a, 3)
+        os.dup2(b, 4)
+
+    args = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-pipe",
+        f"--window-size={width},{height}",
+        "about:blank",
+    ]
+    proc = subprocess.Popen(
+        args,
+        preexec_fn=child_fds,
+        pass_fds=(3, 4),  # kept open through exec (the close-fds sweep runs after preexec_fn)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if procs is not None:
+        procs.append(proc)
+    os.close(to_r)
+    os.close(from_w)
+    pipe = _Pipe(proc, to_w, from_r)
+    try:
+        target = pipe.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            pipe.call(f"{domain}.enable", session=session)
+        pipe.events.clear()
+        yield pipe, session
+    finally:
+        os.close(to_w)
+        os.close(from_r)
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def collect_events(
+    events: list[dict[str, Any]], result: PageResult, ignore_log: Callable[[dict[str, Any]], bool] = lambda e: False
+) -> None:
+    """Sort a page's DevTools events into `result`: console errors (log entries for which `ignore_log` is false),
+    uncaught exceptions, requests and dialogs."""
+    for ev in events:
+        method, params = ev.get("method"), ev.get("params", {})
+        if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+            result.console_errors.append(json.dumps(params.get("args")))
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            if not ignore_log(params["entry"]):
+                result.console_errors.append(params["entry"].get("text", ""))
+        elif method == "Runtime.exceptionThrown":
+            result.exceptions.append(json.dumps(params.get("exceptionDetails")))
+        elif method == "Network.requestWillBeSent":
+            result.requests.append(params["request"]["url"])
+        elif method == "Page.javascriptDialogOpening":
+            result.dialogs.append(params.get("message", ""))
+
+
 @pytest.fixture
 def chromium_page(tmp_path: Path) -> Iterator[Callable[..., PageResult]]:
     """Load a local HTML file in headless Chromium; report console errors, exceptions, requests, dialogs and a
@@ -197,48 +275,7 @@ def chromium_page(tmp_path: Path) -> Iterator[Callable[..., PageResult]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def load(path: Path, width: int = 1280, height: int = 900, script: str | None = None) -> PageResult:
-        to_r, to_w = os.pipe()  # we write commands to to_w; chromium reads fd 3
-        from_r, from_w = os.pipe()  # chromium writes fd 4; we read from_r
-
-        def child_fds() -> None:
-            # Move both ends above 4 first: either could itself be fd 3 or 4 and be clobbered by the other dup2.
-            a, b = fcntl.fcntl(to_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_w, fcntl.F_DUPFD, 10)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        profile = tmp_path / f"chromium-profile-{len(procs)}"
-        args = [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--remote-debugging-pipe",
-            f"--window-size={width},{height}",
-            "about:blank",
-        ]
-        proc = subprocess.Popen(
-            args,
-            preexec_fn=child_fds,
-            pass_fds=(3, 4),  # kept open through exec (the close-fds sweep runs after preexec_fn)
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-        os.close(to_r)
-        os.close(from_w)
-        pipe = _Pipe(proc, to_w, from_r)
-        try:
-            target = pipe.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-            session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-            for domain in ("Page", "Runtime", "Log", "Network"):
-                pipe.call(f"{domain}.enable", session=session)
-            pipe.events.clear()
+        with devtools_page(tmp_path / f"chromium-profile-{len(procs)}", width, height, procs) as (pipe, session):
             pipe.call("Page.navigate", {"url": path.resolve().as_uri()}, session=session)
             pipe.wait_event("Page.loadEventFired")
             pipe.drain(0.5)
@@ -249,24 +286,8 @@ def chromium_page(tmp_path: Path) -> Iterator[Callable[..., PageResult]]:
                 pipe.drain(0.3)
             shot = pipe.call("Page.captureScreenshot", {"format": "png"}, session=session)
             result.screenshot = base64.b64decode(shot["data"])
-            for ev in pipe.events:
-                method, params = ev.get("method"), ev.get("params", {})
-                if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                    result.console_errors.append(json.dumps(params.get("args")))
-                elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-                    result.console_errors.append(params["entry"].get("text", ""))
-                elif method == "Runtime.exceptionThrown":
-                    result.exceptions.append(json.dumps(params.get("exceptionDetails")))
-                elif method == "Network.requestWillBeSent":
-                    result.requests.append(params["request"]["url"])
-                elif method == "Page.javascriptDialogOpening":
-                    result.dialogs.append(params.get("message", ""))
+            collect_events(pipe.events, result)
             return result
-        finally:
-            os.close(to_w)
-            os.close(from_r)
-            proc.kill()
-            proc.wait(timeout=30)
 
     try:
         yield load

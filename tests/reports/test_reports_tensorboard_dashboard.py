@@ -6,9 +6,7 @@ actdiag data: the tab is inactive and its page says so, without an error. Server
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import subprocess
 import time
 import urllib.error
@@ -21,7 +19,7 @@ from typing import Any
 import pytest
 
 from ._tbplugin import PYTHON, plain_run, tensorboard_env, watched_run
-from .conftest import CHROMIUM, XSS_NAME, PageResult, _Pipe, free_port
+from .conftest import XSS_NAME, PageResult, collect_events, devtools_page, free_port
 from .test_reports_browser import _not_blank
 
 pytestmark = pytest.mark.browser
@@ -74,42 +72,7 @@ def open_page(url: str, profile: Path, *scripts: str, width: int = 1300, height:
     """Load `url` in headless Chromium, wait until the dashboard says it is done (`body[data-state]` is ready, empty
     or error), run each script in turn (a short pause after each, for what it set off) and collect console errors,
     exceptions, requests, dialogs and a screenshot. `values["scripts"]` holds what the scripts returned."""
-    assert CHROMIUM is not None, "chromium is not installed (Debian: apt-get install chromium)"
-    to_r, to_w = os.pipe()
-    from_r, from_w = os.pipe()
-
-    def child_fds() -> None:
-        a, b = fcntl.fcntl(to_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_w, fcntl.F_DUPFD, 10)
-        os.dup2(a, 3)
-        os.dup2(b, 4)
-
-    args = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--remote-debugging-pipe",
-        f"--window-size={width},{height}",
-        "about:blank",
-    ]
-    proc = subprocess.Popen(
-        args, preexec_fn=child_fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    os.close(to_r)
-    os.close(from_w)
-    pipe = _Pipe(proc, to_w, from_r)
-    try:
-        target = pipe.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            pipe.call(f"{domain}.enable", session=session)
-        pipe.events.clear()
+    with devtools_page(profile, width, height) as (pipe, session):
         pipe.call("Page.navigate", {"url": url}, session=session)
         pipe.wait_event("Page.loadEventFired")
 
@@ -132,27 +95,10 @@ def open_page(url: str, profile: Path, *scripts: str, width: int = 1300, height:
             pipe.drain(0.5)
         shot = pipe.call("Page.captureScreenshot", {"format": "png"}, session=session)
         result.screenshot = b64decode(shot["data"])
-        for ev in pipe.events:
-            method, params = ev.get("method"), ev.get("params", {})
-            if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                result.console_errors.append(json.dumps(params.get("args")))
-            elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-                # Opened as a top-level page (TensorBoard shows it in an iframe), Chromium asks the server for
-                # /favicon.ico, which TensorBoard does not have: the browser's request, not the dashboard's.
-                if not params["entry"].get("url", "").endswith("/favicon.ico"):
-                    result.console_errors.append(params["entry"].get("text", ""))
-            elif method == "Runtime.exceptionThrown":
-                result.exceptions.append(json.dumps(params.get("exceptionDetails")))
-            elif method == "Network.requestWillBeSent":
-                result.requests.append(params["request"]["url"])
-            elif method == "Page.javascriptDialogOpening":
-                result.dialogs.append(params.get("message", ""))
+        # Opened as a top-level page (TensorBoard shows it in an iframe), Chromium asks the server for
+        # /favicon.ico, which TensorBoard does not have: the browser's request, not the dashboard's.
+        collect_events(pipe.events, result, ignore_log=lambda entry: entry.get("url", "").endswith("/favicon.ico"))
         return result
-    finally:
-        os.close(to_w)
-        os.close(from_r)
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 def _assert_clean(result: PageResult, base: str) -> None:
