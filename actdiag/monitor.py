@@ -231,7 +231,8 @@ class Monitor:
     def step(self) -> None:
         """Close the current training step (reading back its statistics if it was recorded), start the next."""
         with _critical():
-            self.end_step()
+            # A recorded step followed by another (every=1) keeps its hooks for it.
+            self._end_step(keep_hooks=self._due(self.steps + 1))
             self._begin_if_due()
 
     def end_step(self) -> None:
@@ -240,11 +241,14 @@ class Monitor:
         For framework callbacks: trainers run evaluation between training steps, and between `end_step()` and
         `begin_step()` no hook is attached, so those passes are not mistaken for part of a training step.
         """
+        self._end_step(keep_hooks=False)
+
+    def _end_step(self, keep_hooks: bool) -> None:
         if not self._active:
             raise RuntimeError("monitor.step() called outside the watch; use it inside `with actdiag.watch(model)`")
         with _critical():
             if self.recorder.recording:
-                self._finish_recorded()
+                self._finish_recorded(keep_hooks)
             self.steps += 1
 
     def begin_step(self) -> None:
@@ -412,8 +416,12 @@ class Monitor:
         return monitor_html(self)
 
     # ------------------------------------------------------------------ internals
+    def _due(self, step: int) -> bool:
+        return not self._broken and step % self.every == 0
+
     def _begin_if_due(self) -> None:
-        if self._broken or self.steps % self.every != 0:
+        if not self._due(self.steps):
+            self.recorder.release_hooks()
             return
         try:
             self.recorder.begin(self.steps)
@@ -421,9 +429,9 @@ class Monitor:
         except Exception as exc:  # noqa: BLE001
             self._give_up(exc)
 
-    def _finish_recorded(self) -> None:
+    def _finish_recorded(self, keep_hooks: bool = False) -> None:
         try:
-            record = with_optimizer(self.recorder.end(), self.optimizers.end())
+            record = with_optimizer(self.recorder.end(keep_hooks), self.optimizers.end())
             if record is None:
                 return
             self.history_buffer.add(record)

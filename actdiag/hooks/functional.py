@@ -175,6 +175,12 @@ class ForwardTracker:
         self._stack = []
         self._forget()
 
+    def restart(self) -> None:
+        """A new recorded step begins with these hooks still registered (`Recorder.end(keep_hooks=True)`)."""
+        self.close()
+        self._root_marks = []
+        self._last_marks = []
+
     def mark_outputs(self) -> None:
         """Flag the records of the output layer (the root model's calls win over a submodule called on its own)."""
         for call in self._root_marks or self._last_marks:

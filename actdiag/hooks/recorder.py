@@ -12,7 +12,8 @@ Life of a recorded step (see the package docstring for the design):
                  ready, computes the statistics of the weight (still as the forward pass used it: the optimizer has
                  not run) and of .grad, and keeps a small sample of the weight for the update ratio
     end()        after optimizer.step(): update ratios; weights that got no gradient are measured now (the optimizer
-                 skipped them, so they are unchanged); every hook is removed; all vectors are concatenated per
+                 skipped them, so they are unchanged); every hook is removed (kept when the next step is recorded
+                 too); all vectors are concatenated per
                  device and read back with one copy; the host decodes them into a StepRecord
 
 Between recorded steps no hook is registered at all, so an unrecorded step runs exactly as without actdiag (and
@@ -144,6 +145,8 @@ class Recorder:
         self._param_name = {id(p): n for n, p in model.named_parameters()}
         self._weight_of: dict[str, str | None] = {name: self._own_weight(m) for name, m in self.targets}
         self._handles: list[Any] = []
+        self._kept = False  # hooks kept by end(keep_hooks=True) for the next begin()
+        self._hooked: tuple[bool, ...] = ()  # the parameters' requires_grad when the hooks were registered
         self._recording = False
         self._token = 0
         self._step = -1
@@ -198,21 +201,33 @@ class Recorder:
         self._token += 1
         self._clear_step()
         self._recording = True
+        trainable = tuple(p.requires_grad for _, p in self.params)
+        if self._kept and self._tracker is not None and self._hooked == trainable:
+            # The hooks of the step just ended were kept for this one (see end(keep_hooks=True)).
+            self._kept = False
+            self._tracker.restart()
+            return
+        self._remove_hooks()
         self._stance = _EAGER.acquire()
         for name, module in self.targets:
             self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         # After the hooks above: a module's record exists when the tracker's hook on it runs.
         self._tracker = ForwardTracker(self, self.model, functional=self.functional)
         self._handles += self._tracker.install()
-        for pname, p in self.params:
-            if p.requires_grad:
+        self._hooked = trainable
+        for (pname, p), grad in zip(self.params, trainable, strict=True):
+            if grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(partial(self._param_grad_hook, pname)))
 
-    def end(self) -> StepRecord | None:
-        """Finish the recorded step: remove hooks, read everything back once, decode. None if nothing ran."""
+    def end(self, keep_hooks: bool = False) -> StepRecord | None:
+        """Finish the recorded step: remove hooks, read everything back once, decode. None if nothing ran.
+
+        `keep_hooks`: the next step is recorded too and begins right after this one ends (every=1): the hooks stay
+        registered, inert until `begin()` takes them over, instead of a few thousand handles removed and made
+        again. `release_hooks()` removes them if the next step is not begun after all."""
         if not self._recording:
             return None
-        self._remove_hooks()
+        self._remove_hooks(keep=keep_hooks)
         if self.merger is None and not self._order and not self._any_param_grad():
             # Nothing ran since begin() (e.g. the watch closes right after a step): measuring every weight for a
             # record that would be dropped below costs a full pass over the parameters.
@@ -316,14 +331,25 @@ class Recorder:
             raise RuntimeError(f"actdiag: {message}")
         self._on_error("distributed merge", RuntimeError(message))
 
-    def _remove_hooks(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
-        tracker, self._tracker = self._tracker, None
+    def release_hooks(self) -> None:
+        """Remove hooks kept by `end(keep_hooks=True)` (no-op otherwise, and while a step is recorded)."""
+        if self._kept and not self._recording:
+            self._remove_hooks()
+
+    def _remove_hooks(self, keep: bool = False) -> None:
+        """Remove every hook; with `keep`, only close the step's forward tracking and keep them for the next."""
+        tracker = self._tracker
         if tracker is not None:
             tracker.close()
             tracker.mark_outputs()
+        if keep and self._handles:
+            self._kept = True
+            return
+        self._kept = False
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        self._tracker = None
         stance, self._stance = self._stance, False
         if stance:
             _EAGER.release()

@@ -200,6 +200,57 @@ def test_unrecorded_steps_have_no_hooks() -> None:
     assert mon.history.steps == (0, 3, 6)
 
 
+def hook_ids(model: nn.Module) -> set[tuple[str, int]]:
+    ids = set()
+    for name, m in model.named_modules():
+        ids |= {(name, k) for k in (*m._forward_hooks, *m._forward_pre_hooks)}
+    for name, p in model.named_parameters():
+        ids |= {(name, k) for k in getattr(p, "_post_accumulate_grad_hooks", None) or {}}
+    return ids
+
+
+def test_consecutive_recorded_steps_keep_their_hooks() -> None:
+    """At every=1 the hooks of one step serve the next (none removed and made again); each step still records
+    all of its own statistics, a parameter unfrozen between steps gets a hook, and closing removes them all."""
+    torch.manual_seed(0)
+    model = InplaceNet()
+    model.fc2.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 6)
+    ids, grads, acts = [], [], []
+    with actdiag.watch(model, every=1) as mon:
+        for step in range(4):
+            if step == 2:
+                model.fc2.requires_grad_(True)
+            ids.append(hook_ids(model))
+            with torch.no_grad():  # what this step's forward gives fc1 (not through the module: no extra call)
+                expected = x.double() @ model.fc1.weight.double().T + model.fc1.bias.double()
+            train_step(model, opt, x)
+            mon.step()
+            assert mon.latest is not None
+            grads.append({p.name for p in mon.latest.params if p.grad is not None})
+            fc1 = next(layer for layer in mon.latest.layers if layer.name == "fc1")
+            assert fc1.activation is not None and fc1.gradient is not None
+            acts.append((fc1.activation.max, float(expected.max())))
+    # Step 2 began (in the previous mon.step()) before fc2 was unfrozen: new hooks from step 3 on.
+    assert ids[0] == ids[1] == ids[2] != ids[3]
+    assert "fc2.weight" not in grads[1] and "fc2.weight" in grads[3]
+    assert all(math.isclose(got, want, rel_tol=1e-6) for got, want in acts)
+    assert mon.history.steps == (0, 1, 2, 3)
+    assert hooks_left(model) == 0
+
+
+def test_hooks_kept_for_a_recorded_step_are_removed_when_the_next_is_not() -> None:
+    model = InplaceNet()
+    with actdiag.watch(model, every=2) as mon:
+        for _ in range(2):
+            model(torch.randn(2, 6)).sum().backward()
+            mon.end_step()  # a framework callback: the next step is begun separately
+            assert hooks_left(model) == 0
+            mon.begin_step()
+    assert mon.recorded_steps == 1
+
+
 class Multi(nn.Module):
     """Tuple, dict and nested outputs; a shared module called three times; a frozen layer."""
 
