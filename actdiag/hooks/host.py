@@ -321,6 +321,14 @@ class HostBatch:
         self._used += 1
         return StatsMeta(numel=n, bins=self.bins, sample_n=cap, estimated=True)
 
+    def rows_of(self, keys: list[Any]) -> np.ndarray | None:
+        """The float32 copies of small tensors taken under `keys` (all of one size), as [K, n] rows; None if one
+        of them is not (or no longer) kept here, or their sizes differ."""
+        kept = [self.items.get(key) for key in keys]
+        if not kept or any(item is None or item[0] != kept[0][0] for item in kept):  # type: ignore[index]
+            return None
+        return self._small[kept[0][0]].rows[[item[1] for item in kept]]  # type: ignore[index]
+
     def discard(self, key: Any) -> None:
         self.items.pop(key, None)
         self.large.pop(key, None)  # its row stays used until the step ends

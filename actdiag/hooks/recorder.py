@@ -26,7 +26,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from actdiag.hooks.stats import (
     saturation_count,
     tensor_stats,
     unit_activity,
+    unit_activity_rows,
     unit_dim_for,
 )
 from actdiag.hooks.tracking import UnitStreaks, input_grad_nonfinite, nonfinite_count
@@ -160,6 +161,7 @@ class Recorder:
         self._calls: dict[str, int] = {}
         self._order: list[LayerCall] = []
         self._streaks_due: list[tuple[str, int]] = []  # ReLU layer calls whose streak summary end() reads
+        self._units_due: list[_UnitsDue] = []  # ReLU layer calls whose units end() counts from the host batch
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
         self._streaks = UnitStreaks()  # silence streaks per unit over the whole watch (dead units over a window)
         self._input_from: dict[tuple[str, int], Key] = {}  # a call's input is this earlier call's output
@@ -243,6 +245,8 @@ class Recorder:
             lost = self._guard("updates", self._lost.finish, self._param_map)
             for pname, vec in (lost or {}).items():
                 self._put(Key.param(pname, "lost"), vec, None, _dist.KIND_REPLICATED)
+            units_due, self._units_due = self._units_due, []
+            self._guard("activations", self._units_from_rows, units_due)  # before the streaks are summarised
             due, self._streaks_due = self._streaks_due, []
             summaries = self._guard("activations", self._streaks.summaries, due) or ()
             for (name, call), vec in zip(due, summaries, strict=False):
@@ -324,6 +328,7 @@ class Recorder:
         self._calls = {}
         self._order = []
         self._streaks_due = []
+        self._units_due = []
         self._prev_channels_first = False
 
     def _mismatch(self, message: str) -> None:
@@ -433,11 +438,16 @@ class Recorder:
                 info.units = units
                 if self.merger is None:
                     streak = self._streaks.streak_for(name, call, units, t.device, self._step)
-                    self._put(
-                        Key.layer(name, call, "units"),
-                        unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path, streak=streak),
-                        None,
-                    )
+                    key = Key.layer(name, call, "units")
+                    act = Key.layer(name, call, "act")
+                    if act in self._host_batch.items and ever.device.type == "cpu":
+                        # The output's copy is in the host batch: its units are counted from it when the step
+                        # ends, with the other outputs of its shape (a few numpy calls per shape, not per call).
+                        self._units_due.append(_UnitsDue(key, act, shape, udim, ever, streak))
+                    else:
+                        self._put(
+                            key, unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path, streak=streak), None
+                        )
                     self._streaks_due.append((name, call))  # summarised together in end()
                 else:
                     # Dead/rare/never are decided after the ranks' per-unit counts are summed.
@@ -448,6 +458,20 @@ class Recorder:
             t.register_hook(partial(self._grad_hook, Key.layer(name, call, "grad"), self._token))
         elif floating and not torch.is_grad_enabled():
             self._nograd_calls.setdefault(name, []).append(call)
+
+    def _units_from_rows(self, due: list[_UnitsDue]) -> None:
+        """Unit counts of the ReLU outputs whose copies the host batch holds, a batch per shape (`_record_output`)."""
+        groups: dict[tuple[tuple[int, ...], int], list[_UnitsDue]] = {}
+        for job in due:
+            groups.setdefault((job.shape, job.unit_dim), []).append(job)
+        for (shape, udim), jobs in groups.items():
+            rows = self._host_batch.rows_of([job.act for job in jobs])
+            if rows is None:  # a copy was dropped (the key measured again): no unit counts for these
+                continue
+            streaks = [job.streak for job in jobs]
+            counts = unit_activity_rows(rows, shape, udim, [job.ever for job in jobs], streaks, RARE_ACTIVE_BELOW)
+            for job, vec in zip(jobs, counts, strict=True):
+                self._put(job.key, vec, None)
 
     def _watch_input(self, name: str, inputs: Any, output: Any) -> None:
         # Where a NaN/Inf starts (rules/run.py): the step's first input is checked for NaN/Inf (bad data), and the
@@ -632,6 +656,17 @@ class Recorder:
         if p is None and own:
             p = next(iter(own.values()))
         return None if p is None else self._param_name.get(id(p))
+
+
+class _UnitsDue(NamedTuple):
+    """A ReLU-family output whose unit counts end() takes from its copy in the host batch."""
+
+    key: Key
+    act: Key
+    shape: tuple[int, ...]
+    unit_dim: int
+    ever: torch.Tensor
+    streak: torch.Tensor
 
 
 def _queue_callback(fn: Callable[[], None]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -45,6 +46,7 @@ __all__ = [
     "saturation_count",
     "tensor_stats",
     "unit_activity",
+    "unit_activity_rows",
     "unit_dim_for",
 ]
 
@@ -160,29 +162,9 @@ def unit_activity(
     per_unit = yd.shape[unit_dim]
     samples = yd.numel() // max(per_unit, 1)
     if on_host(yd, path) and yd.dtype in _NUMPY_FLOATS and ever_active.device.type == "cpu":
-        # On the CPU in numpy, one thread, no OpenMP fork/join (see host.py); autocast does not reach numpy. The
-        # booleans are viewed as uint8 and summed into uint16 where no count can reach 65536: faster than a sum
-        # into int32 over all the other dimensions at once. [before, units, after]: a conv output sums H*W first.
-        pos = (yd.numpy() > 0).view(np.uint8).reshape(math.prod(yd.shape[:unit_dim]), per_unit, -1)
-        before, _, after = pos.shape
-        if after > 1:
-            part = np.add.reduce(pos, axis=2, dtype=np.uint16 if after < 65536 else np.int64)
-            active_np = part.sum(axis=0, dtype=np.int64)
-        else:
-            active_np = np.add.reduce(pos[:, :, 0], axis=0, dtype=np.uint16 if before < 65536 else np.int64)
-        alive_np = active_np > 0
-        ever_np = ever_active.numpy()  # the same memory: updated in place
-        np.logical_or(ever_np, alive_np, out=ever_np)
-        if streak is not None:
-            streak_np = streak.numpy()  # the same memory: updated in place
-            streak_np += 1
-            streak_np[alive_np] = 0
-        counts = (
-            alive_np.size - np.count_nonzero(alive_np),
-            np.count_nonzero(active_np < rare_below * samples),
-            ever_np.size - np.count_nonzero(ever_np),
-        )
-        return torch.from_numpy(np.array(counts, dtype=np.float64))
+        # On the CPU in numpy, one thread, no OpenMP fork/join (see host.py); autocast does not reach numpy.
+        counts = unit_activity_rows(yd.numpy()[None], tuple(yd.shape), unit_dim, [ever_active], [streak], rare_below)
+        return torch.from_numpy(counts[0])
     with torch.autocast(device_type=y.device.type, enabled=False):
         dims = [d for d in range(y.dim()) if d != unit_dim]
         if yd.is_floating_point() and samples < 2**24:
@@ -199,6 +181,44 @@ def unit_activity(
         rare = (active < rare_below * samples).sum()
         never = (~ever_active).sum()
         return torch.stack([dead, rare, never]).to(torch.float64)
+
+
+def unit_activity_rows(
+    rows: np.ndarray,
+    shape: tuple[int, ...],
+    unit_dim: int,
+    ever_active: Sequence[torch.Tensor],
+    streaks: Sequence[torch.Tensor | None],
+    rare_below: float,
+) -> np.ndarray:
+    """`unit_activity` of K CPU outputs of one shape at once: `rows` [K, ...] holds their values (each row one
+    output, any layout numpy can reshape to `shape`), `ever_active` and `streaks` their CPU tensors, updated in
+    place. Returns [K, 3] float64 counts (dead, rare, never).
+
+    The booleans are viewed as uint8 and summed into uint16 where no count can reach 65536: faster than a sum into
+    int32 over all the other dimensions at once. [K, before, units, after]: a conv output sums H*W first."""
+    k = rows.shape[0]
+    before, units = math.prod(shape[:unit_dim]), shape[unit_dim]
+    pos = (rows > 0).view(np.uint8).reshape(k, before, units, -1)
+    after = pos.shape[3]
+    if after > 1:
+        part = np.add.reduce(pos, axis=3, dtype=np.uint16 if after < 65536 else np.int64)
+        active = part.sum(axis=1, dtype=np.int64)
+    else:
+        active = np.add.reduce(pos[:, :, :, 0], axis=1, dtype=np.uint16 if before < 65536 else np.int64)
+    alive = active > 0
+    counts = np.empty((k, 3))
+    counts[:, 0] = units - np.count_nonzero(alive, axis=1)
+    counts[:, 1] = np.count_nonzero(active < rare_below * (before * after), axis=1)
+    for i, (ever, streak) in enumerate(zip(ever_active, streaks, strict=True)):
+        ever_np = ever.numpy()  # the same memory: updated in place
+        np.logical_or(ever_np, alive[i], out=ever_np)
+        counts[i, 2] = units - np.count_nonzero(ever_np)
+        if streak is not None:
+            streak_np = streak.numpy()  # the same memory: updated in place
+            streak_np += 1
+            streak_np[alive[i]] = 0
+    return counts
 
 
 def saturation_count(y: torch.Tensor, lo: float, hi: float, tol: float, *, path: Path | None = None) -> torch.Tensor:

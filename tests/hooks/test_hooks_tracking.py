@@ -133,3 +133,62 @@ def test_batched_summaries_match_the_per_call_summary() -> None:
         ref = streaks.summary(*call).numpy()
         assert vec.dtype == np.float64
         np.testing.assert_array_equal(np.asarray(vec), ref)
+
+
+class ManyShapes(nn.Module):
+    """ReLU outputs of several shapes, two of each (counted together when the step ends), one in place and then
+    modified, one too large for the host batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acts = nn.ModuleList(nn.ReLU() for _ in range(6))
+        self.inplace = nn.ReLU(inplace=True)
+        self.big = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(8, 48) - 0.3
+        seq = x.reshape(4, 6, 16) - 0.1
+        img = x.reshape(2, 3, 8, 8)
+        outs = [self.acts[0](flat), self.acts[1](flat * 2), self.acts[2](seq), self.acts[3](seq - 1)]
+        outs += [self.acts[4](img), self.acts[5](-img)]
+        h = self.inplace(flat.detach() + 0.5)
+        h *= -1  # after the ReLU has been measured: the units are counted on what it returned
+        big = self.big(torch.randn(200, 64) - 2.5)
+        return sum(o.sum() for o in outs) + h.sum() + big.sum()
+
+
+def reference_units(y: np.ndarray, unit_dim: int, rare_below: float) -> tuple[int, int]:
+    active = (np.moveaxis(y, unit_dim, 0).reshape(y.shape[unit_dim], -1) > 0).sum(axis=1)
+    samples = y.size // y.shape[unit_dim]
+    return int((active == 0).sum()), int((active < rare_below * samples).sum())
+
+
+def test_unit_counts_of_many_outputs_match_a_reference() -> None:
+    from actdiag.hooks.modules import RARE_ACTIVE_BELOW
+
+    torch.manual_seed(3)
+    model = ManyShapes()
+    seen: dict[str, np.ndarray] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ReLU):
+            m.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o.detach().double().numpy()))
+    records = []
+    for path in (None, "device"):
+        rec = Recorder(model, path=path)  # type: ignore[arg-type]
+        rec.begin(0)
+        model(torch.randn(384, requires_grad=True)).backward()
+        record = rec.end()
+        assert record is not None
+        records.append(record)
+        relus = [layer for layer in record.layers if layer.type == "ReLU"]
+        assert len(relus) == 8
+        for layer in relus:
+            y = seen[layer.name]  # this run's output
+            udim = 1 if y.ndim in (2, 4) else y.ndim - 1
+            dead, rare = reference_units(y, udim, RARE_ACTIVE_BELOW)
+            units = y.shape[udim]
+            assert layer.units == units
+            assert layer.dead_fraction == dead / units, layer.name
+            assert layer.rare_fraction == rare / units, layer.name
+            assert layer.never_active_fraction == dead / units, layer.name  # one recorded step: never == dead
+    assert any(layer.dead_fraction for layer in records[0].layers if layer.type == "ReLU")
