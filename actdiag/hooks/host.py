@@ -262,7 +262,7 @@ class HostBatch:
         # small tensors: key -> (numel, row of the buffer of that size)
         self.items: dict[Any, tuple[int, int]] = {}
         # One float32 buffer per tensor size, a row per tensor, kept across steps (no allocation, no page faults)
-        self._small: dict[int, _SizeRows] = {}
+        self._small: dict[int, SizeRows] = {}
         # large tensors: (numel, exact mean, min, max, row of _rows)
         self.large: dict[Any, tuple[int, float, float, float, int]] = {}
         self._rows: np.ndarray | None = None  # the samples of the large ones, kept across steps (no page faults)
@@ -281,7 +281,7 @@ class HostBatch:
         flat = x.detach().reshape(-1)
         rows = self._small.get(n)
         if rows is None:
-            rows = self._small[n] = _SizeRows(n)
+            rows = self._small[n] = SizeRows(n)
         k, row = rows.next_row()
         # A copy into the step's buffer of this size: the tensor may change in place before the step ends.
         try:
@@ -458,18 +458,18 @@ def _alone(a: np.ndarray, bins: int, sample_cap: int) -> tuple[np.ndarray, Stats
     return vec, StatsMeta(numel=n, bins=bins, sample_n=n)
 
 
-class _SizeRows:
-    """The float32 rows that hold a recorded step's small tensors of one size (`HostBatch`), doubled when full and
-    kept across steps."""
+class SizeRows:
+    """The rows that hold a recorded step's copies of one size (float32 for `HostBatch`; the weights' own dtype for
+    the update ratios), doubled when full and kept across steps (no allocation, no page faults)."""
 
-    def __init__(self, n: int) -> None:
-        self.rows = np.empty((8, n), dtype=np.float32)
+    def __init__(self, n: int, dtype: Any = np.float32) -> None:
+        self.rows = np.empty((8, n), dtype=dtype)
         self.keys = np.empty(0, dtype=np.int32)
         self.used = 0
 
     def next_row(self) -> tuple[int, np.ndarray]:
         if self.used == self.rows.shape[0]:
-            grown = np.empty((2 * self.used, self.rows.shape[1]), dtype=np.float32)
+            grown = np.empty((2 * self.used, self.rows.shape[1]), dtype=self.rows.dtype)
             grown[: self.used] = self.rows
             self.rows = grown
         self.used += 1

@@ -11,12 +11,14 @@ rest (float64 weights, weights on a second device).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from actdiag.hooks.device import RowBatch, RowStore, fill_row
-from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, numpy_view, segments
+from actdiag.hooks.host import SizeRows
+from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, numpy_view
 
 
 class UpdateRatios:
@@ -27,7 +29,10 @@ class UpdateRatios:
         self.sample_cap = sample_cap
         self._device_rows = UpdateRows(sample_cap)  # the device path's copies, compared in one set of ops
         self._tensors: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}  # (sample index, copy)
-        self._arrays: dict[str, tuple[int, np.ndarray | None, np.ndarray]] = {}  # (numel, sample index, copy)
+        # The host path's copies: (numel, sample index, rows, row), rows per (copy length, dtype) kept across steps
+        self._arrays: dict[str, tuple[int, np.ndarray | None, SizeRows, int]] = {}
+        self._rows: dict[tuple[int, np.dtype[Any]], SizeRows] = {}
+        self._scratch: dict[str, np.ndarray] = {}  # _host_ratios' chunk buffer
 
     def snapshot(self, pname: str, flat: torch.Tensor, *, host: bool, sampled: bool) -> None:
         """Copy weight `flat` (1-D, before the optimizer step): its sample when `sampled`, all of it otherwise;
@@ -36,7 +41,16 @@ class UpdateRatios:
         a = numpy_view(flat) if host and n else None
         if a is not None:  # on the CPU: numpy, no ATen call (see _host_ratios)
             idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if sampled else None
-            self._arrays[pname] = (n, idx_np, a.copy() if idx_np is None else a.take(idx_np))
+            m = n if idx_np is None else idx_np.size
+            rows = self._rows.get((m, a.dtype))
+            if rows is None:
+                rows = self._rows[(m, a.dtype)] = SizeRows(m, a.dtype)
+            k, row = rows.next_row()
+            if idx_np is None:
+                np.copyto(row, a)
+            else:
+                np.take(a, idx_np, out=row)
+            self._arrays[pname] = (n, idx_np, rows, k)
             return
         if (sampled or n <= self.sample_cap) and self._device_rows.take(pname, flat):
             return  # the device path: compared in one batch in finish()
@@ -53,7 +67,7 @@ class UpdateRatios:
             for pname, snap in self._tensors.items():
                 out[pname] = _tensor_ratio(params[pname], snap)
             if self._arrays:
-                out.update(_host_ratios(self._arrays, params))
+                out.update(_host_ratios(self._arrays, params, self._scratch))
             if len(self._device_rows):
                 out.update(self._device_rows.ratios(params))
         finally:
@@ -63,41 +77,58 @@ class UpdateRatios:
     def clear(self) -> None:
         self._tensors = {}
         self._arrays = {}
+        for rows in self._rows.values():
+            rows.used = 0
         self._device_rows.clear()
 
     def release(self) -> None:
-        """`clear()`, and give the device rows back (when recording stops)."""
+        """`clear()`, and give the host and device rows back (when recording stops)."""
         self.clear()
+        self._rows = {}
+        self._scratch = {}
         self._device_rows.release()
 
 
+# Rows of the host path's update ratios are compared in chunks of about this many elements: the float64 scratch
+# stays in cache and is kept across steps.
+_CHUNK = 1 << 16
+
+
 def _host_ratios(
-    snaps: Mapping[str, tuple[int, np.ndarray | None, np.ndarray]], params: Mapping[str, torch.Tensor]
+    snaps: Mapping[str, tuple[int, np.ndarray | None, SizeRows, int]],
+    params: Mapping[str, torch.Tensor],
+    scratch: dict[str, np.ndarray],
 ) -> dict[str, torch.Tensor]:
-    """The norms of every CPU parameter with a numpy copy, in one batch: the same elements of the updated weight
-    are taken for each, then one difference, two squares and two segment sums for all of them (two einsum calls and
-    a tensor per parameter cost more than their arithmetic at a few thousand elements)."""
-    names: list[str] = []
-    now: list[np.ndarray] = []
-    before: list[np.ndarray] = []
-    for pname, (n, idx, a0) in snaps.items():
+    """The norms of every CPU parameter with a numpy copy, a batch per copy size: the same elements of the updated
+    weight are copied into rows beside the copies, then, a chunk of rows at a time, the float64 difference (exact)
+    and two row-wise sums of squares for all of them (two einsum calls and a tensor per parameter cost more than
+    their arithmetic at a few thousand elements). `scratch` holds the chunk buffers from one step to the next."""
+    groups: dict[int, tuple[SizeRows, list[tuple[str, np.ndarray, np.ndarray | None, int]]]] = {}
+    for pname, (n, idx, rows, k) in snaps.items():
         a = numpy_view(params[pname].detach().reshape(-1))
-        if a is None or a.size != n or a.dtype != a0.dtype:
+        if a is None or a.size != n or a.dtype != rows.rows.dtype:
             continue  # replaced by a tensor of another size or dtype, or moved off the CPU: no ratio
-        names.append(pname)
-        now.append(a if idx is None else a.take(idx))
-        before.append(a0)
-    if not names:
-        return {}
-    _, starts = segments(before)
-    b64 = np.concatenate(before, dtype=np.float64)
-    diff = np.concatenate(now, dtype=np.float64)
-    diff -= b64
-    out = np.empty((len(names), 2))
-    out[:, 0] = np.add.reduceat(diff * diff, starts)
-    out[:, 1] = np.add.reduceat(b64 * b64, starts)
-    np.sqrt(out, out=out)
-    return {pname: torch.from_numpy(out[i]) for i, pname in enumerate(names)}
+        groups.setdefault(id(rows), (rows, []))[1].append((pname, a, idx, k))
+    out: dict[str, torch.Tensor] = {}
+    for rows, items in groups.values():
+        m = rows.rows.shape[1]
+        per = max(1, _CHUNK // m)
+        if scratch.get("d") is None or scratch["d"].size < per * m:
+            scratch["d"] = np.empty(per * m)
+        norms = np.empty((len(items), 2))
+        for lo in range(0, len(items), per):
+            chunk = items[lo : lo + per]
+            c = len(chunk)
+            d = scratch["d"][: c * m].reshape(c, m)
+            for i, (_, a, idx, _) in enumerate(chunk):
+                np.copyto(d[i], a if idx is None else a.take(idx))
+            before = rows.rows[[k for _, _, _, k in chunk]]
+            d -= before  # float64: exact
+            norms[lo : lo + c, 0] = np.einsum("ij,ij->i", d, d)
+            norms[lo : lo + c, 1] = np.einsum("ij,ij->i", before, before, dtype=np.float64)
+        np.sqrt(norms, out=norms)
+        out.update((pname, torch.from_numpy(norms[i])) for i, (pname, _, _, _) in enumerate(items))
+    return out
 
 
 def _tensor_ratio(p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
