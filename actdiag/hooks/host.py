@@ -395,13 +395,13 @@ class HostBatch:
             meta = self._metas[n]
             for (key, _), vec in zip(kept, vecs, strict=True):  # numpy rows: torch views cost more than all this
                 out[key] = (vec, meta)
-            if odd.size:  # non-finite values, or magnitudes the float32 pass cannot square: in float64
+            if odd.size:  # rows with a non-finite value: in float64
                 out.update(self._finish_concatenated({kept[i][0]: rows[i].copy() for i in odd.tolist()}))
         return out
 
     def _finish_concatenated(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
         """Small tensors by segment reductions over their concatenation, in float64: the rows the float32 pass of
-        `_finish_small` leaves out (a value not finite, or magnitudes outside 2**-90 .. 2**100)."""
+        `_finish_small` leaves out (a value not finite)."""
         bins = self.bins
         arrays = list(items.values())
         lens, starts = segments(arrays)
@@ -476,39 +476,54 @@ class SizeRows:
         return self.used - 1, self.rows[self.used - 1]
 
 
-# Rows whose largest magnitude is within 2**-90 .. 2**100 are measured in float32 (`_rows_exact`): there `x - min`
-# and `bins / span` cannot overflow (a non-constant span is at least 2**-113). Deviations of rows outside
-# 2**-30 .. 2**40 are scaled by an exact power of two before they are squared, so that their squares neither
-# overflow nor fall into float32's subnormals. The rest (and non-finite values) take the float64 way.
+# Rows whose largest magnitude is within 2**-90 .. 2**100 are measured in float32 (`_rows_exact`) as they are: there
+# `x - min` and `bins / span` cannot overflow (a non-constant span is at least 2**-113). Finite rows outside that range
+# (a deep network's vanishing activations, say) are first divided by the power of two that brings their largest
+# magnitude into [0.5, 1) (exact, but for values that fall below float32's normal range next to a huge one: they
+# then weigh nothing in the sums either); their extremes, zeros and exponents come from the values as they were.
+# Deviations of rows outside 2**-30 .. 2**40 are scaled by an exact power of two before they are squared, so that
+# their squares neither overflow nor fall into float32's subnormals.
 _F32_LOW, _F32_HIGH = 2.0**-90, 2.0**100
 _SQUARE_LOW, _SQUARE_HIGH = 2.0**-30, 2.0**40
 
 
 def _rows_exact(rows: np.ndarray, bins: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact statistics of each row of `rows` [K, n] (float32, every element of a small tensor), as [K, STATS.length]
-    vectors, and the indices of the rows left to the caller (their vectors are garbage): a non-finite value, or
-    magnitudes outside `_F32_LOW .. _F32_HIGH`.
+    vectors, and the indices of the rows left to the caller (their vectors are garbage): those with a non-finite
+    value.
 
     Sums are float64 over the float32 values (pairwise along each row); the spread is the float64 sum of float32
     squared deviations from the float32-rounded mean c, less n * (mean - c)**2 (an identity, no cancellation: c is
     within one float32 rounding of the mean)."""
     k, n = rows.shape
+    orig = rows
     with np.errstate(invalid="ignore"):  # Inf + -Inf: numpy's warning would reach the user's training loop
         sums = np.add.reduce(rows, axis=1, dtype=np.float64)
         mn = rows.min(axis=1)
         mx = rows.max(axis=1)
         big = np.maximum(-mn, mx).astype(np.float64)
-        ok = np.isfinite(sums) & (big <= _F32_HIGH) & ((big >= _F32_LOW) | (big == 0))
-    odd = np.flatnonzero(~ok)
-    if odd.size:  # measured as zeros here (so that nothing overflows or warns), then by the caller
+        finite = np.isfinite(sums)  # a float64 sum of float32 values overflows only through an Inf or a NaN
+        outside = finite & ((big > _F32_HIGH) | ((big < _F32_LOW) & (big > 0)))
+    odd = np.flatnonzero(~finite)
+    moved = np.flatnonzero(outside)
+    zeros = np.add.reduce((rows == 0).view(np.uint8), axis=1, dtype=np.uint16 if n < 65536 else np.int64)
+    unit = np.ones(k)  # each row's power of two (1 for nearly all)
+    if odd.size or moved.size:
         rows = rows.copy()
-        rows[odd] = 0
-        sums[odd] = 0
-        mn[odd] = mx[odd] = big[odd] = 0
+        if odd.size:  # measured as zeros here (so that nothing overflows or warns), then by the caller
+            rows[odd] = 0
+            sums[odd] = 0
+            mn[odd] = mx[odd] = big[odd] = 0
+        if moved.size:
+            unit[moved] = np.ldexp(1.0, np.frexp(big[moved])[1])
+            rows[moved] = rows[moved] / unit[moved][:, None]  # in float64, then back: exact (see above)
+            sums[moved] = np.add.reduce(rows[moved], axis=1, dtype=np.float64)
+            big[moved] /= unit[moved]
+    mn_s = mn.astype(np.float64) / unit
+    mx_s = mx.astype(np.float64) / unit
     mean = sums / n
     c = mean.astype(np.float32)
     d = rows - c[:, None]
-    zeros = np.add.reduce((rows == 0).view(np.uint8), axis=1, dtype=np.uint16 if n < 65536 else np.int64)
     dc = mean - c.astype(np.float64)
     scaled = np.flatnonzero((big > _SQUARE_HIGH) | ((big < _SQUARE_LOW) & (big > 0)))
     scale = np.ones(k)
@@ -519,9 +534,15 @@ def _rows_exact(rows: np.ndarray, bins: int, keys: np.ndarray | None = None) -> 
     m2 = (np.add.reduce(d, axis=1, dtype=np.float64) - n * (dc / scale) ** 2) * scale * scale
     vecs = np.empty((k, STATS.length(bins)))
     STATS.put(
-        vecs, count=float(n), mean=mean, m2=np.maximum(m2, 0.0), min=mn, max=mx, zero_count=zeros.astype(np.float64)
+        vecs,
+        count=float(n),
+        mean=mean * unit,
+        m2=np.maximum(m2, 0.0) * unit * unit,
+        min=mn,
+        max=mx,
+        zero_count=zeros.astype(np.float64),
     )
-    mn64 = mn.astype(np.float64)
-    vecs[:, STATS.head :] = _bin_rows(rows, rows, mn64, mx.astype(np.float64) - mn64, bins, out=d, keys=keys)
+    # Exponents from the values as they were (a NaN or Inf of a row left to the caller counts in the cut bin 255).
+    vecs[:, STATS.head :] = _bin_rows(rows, orig, mn_s, mx_s - mn_s, bins, out=d, keys=keys)
     vecs[:, STATS.exp(bins).start] -= zeros  # zeros share biased exponent 0 with subnormals; zero_count has them
     return vecs, odd

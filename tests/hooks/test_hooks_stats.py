@@ -464,8 +464,10 @@ def test_small_batch_rows_of_one_size_match_float64_reference() -> None:
         "relu-zeros": torch.relu(torch.randn(shape, generator=g)),
         "vanishing-gradient": torch.randn(shape, generator=g) * 1e-20,  # squares scaled before they are summed
         "exploding": torch.randn(shape, generator=g) * 1e20,
-        "below-float32-pass": torch.randn(shape, generator=g) * 1e-33,  # the float64 way
+        "below-float32-pass": torch.randn(shape, generator=g) * 1e-33,  # divided by a power of two first
         "above-float32-pass": torch.randn(shape, generator=g) * 1e35,
+        "subnormals": (torch.randn(shape, generator=g) * 1e-41).index_fill_(0, torch.tensor([2]), 0.0),
+        "huge-beside-tiny": torch.randn(shape, generator=g).index_fill_(1, torch.tensor([0]), 1e36) * 1e-10,
         "all-zero": torch.zeros(shape),
         "constant": torch.full(shape, -0.75),
         "nan": torch.randn(shape, generator=g).index_fill_(1, torch.tensor([3]), math.nan),
