@@ -271,29 +271,30 @@ class HostBatch:
 
     def take(self, key: Any, x: torch.Tensor, estimate: bool = False) -> StatsMeta | None:
         """Keep what `finish()` needs of `x` if it qualifies (see the class docstring); None otherwise."""
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             return None
         n = x.numel()
         if n > self.sample_cap:
             return self._take_large(key, x, n) if estimate and x.dtype == torch.float32 else None
         if n == 0 or x.dtype not in _BATCH_DTYPES:
             return None
-        flat = x.detach().reshape(-1)
         rows = self._small.get(n)
         if rows is None:
             rows = self._small[n] = SizeRows(n)
         k, row = rows.next_row()
-        # A copy into the step's buffer of this size: the tensor may change in place before the step ends.
+        # A copy into the step's buffer of this size: the tensor may change in place before the step ends. This runs
+        # in a hook for every small tensor of a step: each call here is a measurable share of its cost.
         try:
-            if flat.dtype == torch.float32:
-                np.copyto(row, flat.numpy())
+            if x.dtype == torch.float32:
+                np.copyto(row, x.detach().numpy().reshape(-1))
             else:
-                torch.from_numpy(row).copy_(flat)
+                torch.from_numpy(row).copy_(x.detach().reshape(-1))
         except RuntimeError:  # a tensor numpy cannot view (e.g. a lazy negation bit)
             rows.used -= 1
             return None
-        self.discard(key)
-        self.items[key] = (n, k)
+        if self.large:
+            self.large.pop(key, None)
+        self.items[key] = (n, k)  # a key taken again keeps its latest copy
         meta = self._metas.get(n)
         if meta is None:
             meta = self._metas[n] = StatsMeta(numel=n, bins=self.bins, sample_n=n)

@@ -159,6 +159,8 @@ class Recorder:
         self._updates = UpdateRatios(sample_cap)  # weight copies for the update ratios
         self._lost = LostUpdateCounts(sample_cap)  # float16/bfloat16 weights: updates that rounded away
         self._calls: dict[str, int] = {}
+        self._module_kind: dict[str, _ModuleKind] = {}  # per measured module name, kept across steps
+        self._call_keys: dict[tuple[str, int], _CallKeys] = {}  # per layer call, kept across steps
         self._order: list[LayerCall] = []
         self._streaks_due: list[tuple[str, int]] = []  # ReLU layer calls whose streak summary end() reads
         self._units_due: list[_UnitsDue] = []  # ReLU layer calls whose units end() counts from the host batch
@@ -404,60 +406,57 @@ class Recorder:
             return
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
+        kind = self._module_kind.get(name)
+        if kind is None or kind.module is not module:
+            kind = self._module_kind[name] = _ModuleKind.of(module, self._weight_of.get(name))
+        keys = self._call_keys.get((name, call))
+        if keys is None:
+            keys = self._call_keys[(name, call)] = _CallKeys.of(name, call)
         shape = tuple(t.shape)
-        info = LayerCall(
-            name=name,
-            type=type(module).__name__,
-            call=call,
-            shape=shape,
-            dtype=str(t.dtype).replace("torch.", ""),
-            weight_name=self._weight_of.get(name),
-        )
+        info = LayerCall(name, kind.type, call, shape, _dtype_name(t.dtype), kind.weight_name)
         self._order.append(info)
-        self._put_stats(Key.layer(name, call, "act"), t, _dist.KIND_STATS)
+        self._put_stats(keys.act, t, _dist.KIND_STATS)
         floating = t.is_floating_point()
-        bounds = bounds_of(module)
+        bounds = kind.bounds
         if bounds is not None and floating and t.numel():
             lo, hi, tol = bounds
             info.bounds = (lo, hi)
             info.sat_numel = t.numel()
-            self._put(
-                Key.layer(name, call, "sat"),
-                saturation_count(t, lo, hi, tol, path=self.path),
-                t.numel(),
-                _dist.KIND_SUM,
-            )
-        if isinstance(module, RELU_FAMILY) and floating and t.numel():
-            udim = unit_dim_for(shape, self._prev_channels_first)
-            if udim is not None:
-                units = shape[udim]
-                ever = self._ever_active.get((name, call))
-                if ever is None or ever.shape[0] != units or ever.device != t.device:
-                    ever = torch.zeros(units, dtype=torch.bool, device=t.device)
-                    self._ever_active[(name, call)] = ever
-                info.units = units
-                if self.merger is None:
-                    streak = self._streaks.streak_for(name, call, units, t.device, self._step)
-                    key = Key.layer(name, call, "units")
-                    act = Key.layer(name, call, "act")
-                    if act in self._host_batch.items and ever.device.type == "cpu":
-                        # The output's copy is in the host batch: its units are counted from it when the step
-                        # ends, with the other outputs of its shape (a few numpy calls per shape, not per call).
-                        self._units_due.append(_UnitsDue(key, act, shape, udim, ever, streak))
-                    else:
-                        self._put(
-                            key, unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path, streak=streak), None
-                        )
-                    self._streaks_due.append((name, call))  # summarised together in end()
-                else:
-                    # Dead/rare/never are decided after the ranks' per-unit counts are summed.
-                    vec = _dist.unit_vector(t, udim, ever)
-                    self._put(Key.layer(name, call, "unitvec"), vec, t.numel() // max(units, 1), _dist.KIND_UNITS)
-        self._prev_channels_first = isinstance(module, _CHANNELS_FIRST_3D)
+            self._put(keys.sat, saturation_count(t, lo, hi, tol, path=self.path), t.numel(), _dist.KIND_SUM)
+        if kind.relu and floating and t.numel():
+            self._record_units(name, call, keys, info, t, shape)
+        self._prev_channels_first = kind.channels_first
         if floating and t.requires_grad and torch.is_grad_enabled():
-            t.register_hook(partial(self._grad_hook, Key.layer(name, call, "grad"), self._token))
+            t.register_hook(partial(self._grad_hook, keys.grad, self._token))
         elif floating and not torch.is_grad_enabled():
             self._nograd_calls.setdefault(name, []).append(call)
+
+    def _record_units(
+        self, name: str, call: int, keys: _CallKeys, info: LayerCall, t: torch.Tensor, shape: tuple[int, ...]
+    ) -> None:
+        """Per-unit activity of a ReLU-family output: dead/rare/never counts, silence streaks (`_record_output`)."""
+        udim = unit_dim_for(shape, self._prev_channels_first)
+        if udim is None:
+            return
+        units = shape[udim]
+        ever = self._ever_active.get((name, call))
+        if ever is None or ever.shape[0] != units or not (ever.is_cpu and t.is_cpu or ever.device == t.device):
+            ever = torch.zeros(units, dtype=torch.bool, device=t.device)
+            self._ever_active[(name, call)] = ever
+        info.units = units
+        if self.merger is not None:
+            # Dead/rare/never are decided after the ranks' per-unit counts are summed.
+            vec = _dist.unit_vector(t, udim, ever)
+            self._put(keys.unitvec, vec, t.numel() // max(units, 1), _dist.KIND_UNITS)
+            return
+        streak = self._streaks.streak_for(name, call, units, ever.device, self._step)
+        if keys.act in self._host_batch.items and ever.is_cpu:
+            # The output's copy is in the host batch: its units are counted from it when the step ends, with the
+            # other outputs of its shape (a few numpy calls per shape, not per call).
+            self._units_due.append(_UnitsDue(keys.units, keys.act, shape, udim, ever, streak))
+        else:
+            self._put(keys.units, unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path, streak=streak), None)
+        self._streaks_due.append((name, call))  # summarised together in end()
 
     def _units_from_rows(self, due: list[_UnitsDue]) -> None:
         """Unit counts of the ReLU outputs whose copies the host batch holds, a batch per shape (`_record_output`)."""
@@ -596,7 +595,7 @@ class Recorder:
             return
         # Measured with the step's other tensors in end() (take() keeps what it needs): CPU tensors in numpy, the
         # device path's (CUDA tensors, or all with path="device") with one set of device ops for all of them.
-        batch = self._host_batch if on_host(t, self.path) else self._device_batch
+        batch = self._host_batch if t.is_cpu and self.path != "device" else self._device_batch  # stats.on_host
         meta = batch.take(key, t, not self.exact)
         if meta is not None:
             self._pending.pop(key, None)
@@ -656,6 +655,53 @@ class Recorder:
         if p is None and own:
             p = next(iter(own.values()))
         return None if p is None else self._param_name.get(id(p))
+
+
+class _ModuleKind(NamedTuple):
+    """What `_record_output` needs to know of a measured module, worked out once per module."""
+
+    module: nn.Module
+    type: str
+    weight_name: str | None
+    bounds: tuple[float, float, float] | None
+    relu: bool
+    channels_first: bool
+
+    @classmethod
+    def of(cls, module: nn.Module, weight_name: str | None) -> _ModuleKind:
+        return cls(
+            module,
+            type(module).__name__,
+            weight_name,
+            bounds_of(module),
+            isinstance(module, RELU_FAMILY),
+            isinstance(module, _CHANNELS_FIRST_3D),
+        )
+
+
+class _CallKeys(NamedTuple):
+    """The keys of one layer call's quantities, made once per (layer, call) and kept across steps."""
+
+    act: Key
+    grad: Key
+    sat: Key
+    units: Key
+    unitvec: Key
+
+    @classmethod
+    def of(cls, name: str, call: int) -> _CallKeys:
+        return cls(*(Key.layer(name, call, kind) for kind in ("act", "grad", "sat", "units", "unitvec")))
+
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """ "float32" for torch.float32: what records call a dtype."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
 
 
 class _UnitsDue(NamedTuple):
