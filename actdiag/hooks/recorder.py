@@ -143,6 +143,8 @@ class Recorder:
         self.targets = select_modules(model, include, exclude)
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters()) if track_weights else []
         self._param_map = dict(self.params)
+        self._weight_keys = {pname: Key.param(pname, "weight") for pname, _ in self.params}
+        self._grad_keys = {pname: Key.param(pname, "grad") for pname, _ in self.params}
         self._param_name = {id(p): n for n, p in model.named_parameters()}
         self._weight_of: dict[str, str | None] = {name: self._own_weight(m) for name, m in self.targets}
         self._handles: list[Any] = []
@@ -516,7 +518,7 @@ class Recorder:
             return
         # Gradient accumulation runs this hook once per backward; the weight is measured on the first. It is still
         # the weight the forward pass used: the optimizer has not run.
-        if not self._has(Key.param(pname, "weight")):
+        if not self._has(self._weight_keys[pname]):
             self._guard("weights", self._record_weight, pname, p, True)
         if pname not in self._frozen:  # once stepped, the weight is no longer the one before the step
             self._snapshot_lost(pname, p)
@@ -532,7 +534,7 @@ class Recorder:
             self._guard("weight gradients", self._put_grad, pname, p.grad)
 
     def _put_grad(self, pname: str, grad: torch.Tensor) -> None:
-        self._put_stats(Key.param(pname, "grad"), grad)
+        self._put_stats(self._grad_keys[pname], grad)
         self._grad_seen[pname] = (id(grad), grad._version)
 
     def step_grads(self, names: Iterable[str]) -> None:
@@ -567,7 +569,7 @@ class Recorder:
                 self._snapshot_lost(pname, p)  # against the averaged gradient the optimizer will use
 
     def _record_weight(self, pname: str, p: torch.Tensor, before_update: bool) -> None:
-        self._put_stats(Key.param(pname, "weight"), p)
+        self._put_stats(self._weight_keys[pname], p)
         if before_update and self.track_updates and p.is_floating_point():
             flat = p.detach().reshape(-1)
             self._updates.snapshot(
