@@ -22,9 +22,10 @@ Forward pre-hooks and forward hooks on every module of the model keep the stack 
     activation makes the next recorded steps run without the mode, probing again after 1, 2, 4, ... recorded steps,
     up to `PROBE_BACKOFF_CAP`; once one is recorded the mode is entered on every recorded step for the rest of the
     watch. A model whose forward calls F.relu calls it on every step, so it is found on the first and never missed;
-    a model with only activation modules pays for one probe in `PROBE_BACKOFF_CAP` recorded steps. The limit: a
-    functional activation that only some steps reach (data-dependent control flow) is recorded on the probe steps
-    that reach it and on every recorded step after the first that does, not on the skipped steps before.
+    a model with only activation modules pays for one probe per `PROBE_BACKOFF_CAP` + 1 recorded steps. Found, the
+    mode is not given up again: the model has shown that it calls one, and the mode then costs its own calls only.
+    The limit: a functional activation that only some steps reach (data-dependent control flow) is recorded on the
+    probe steps that reach it and on every recorded step after the first that does, not on skipped steps before.
 * **The output layer** is found from the tensors the model's forward returns: the recorded layer calls whose
   outputs they are, or, walking their autograd graph back, the nearest recorded calls their values come from (every
   call of a head applied several times, or of each head of a multi-head model), back to and including the nearest
@@ -53,8 +54,8 @@ from actdiag.hooks.modules import first_tensor
 MAX_GRAPH_NODES = 512
 
 # The most recorded steps run without the mode between two probes of a model where none was found: a functional
-# activation that appears later is recorded at most this many recorded steps late, and a model without one pays
-# for one probe per this many recorded steps.
+# activation that starts being called later (a branch taken after warm-up) is missed on at most this many recorded
+# steps, and a model without one pays for one probe per this many recorded steps.
 PROBE_BACKOFF_CAP = 32
 
 
