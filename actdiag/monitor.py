@@ -571,7 +571,8 @@ def watch(
         optimizer: the optimizer(s) whose learning rate, kind and stepped gradient the update rules read; None:
             any optimizer that steps the model's parameters, seen through torch's global optimizer step hooks.
         functional: also record activations applied as functions in a forward (`F.relu`, `torch.tanh`,
-            `x.sigmoid()`, ...), as `<enclosing module>:<function>` records.
+            `x.sigmoid()`, ...), as `<enclosing module>:<function>` records (looked for on every recorded step once
+            one is found, until then after 1, 2, 4, ... 32 recorded steps: see actdiag/hooks/functional.py).
     """
     return Monitor(
         model,

@@ -12,6 +12,20 @@ Forward pre-hooks and forward hooks on every module of the model keep the stack 
   `<enclosing module>:<function>` (`encoder.mlp:relu`; `:relu` in the root module's own forward). A function called
   inside a `torch.nn` activation module's forward (nn.ReLU calls F.relu) is that module's output, recorded once
   already. The mode hands the call on unchanged and returns its result: the values and the graph are the user's.
+* **What the mode costs**: every torch call made while it is active goes through a Python `__torch_function__`.
+  Two things keep that to the model's own calls, and to models that have a functional activation:
+  - The mode is left while a module's forward hooks run (the recorder's, whose statistics code makes many more torch
+    calls than most modules' forwards, and the user's: a function called in a hook is not the model's) and entered
+    again when they are done.
+  - A `FunctionalProbe`, kept by the recorder over the whole watch, decides per recorded step whether the mode is
+    entered at all. The first recorded step probes (runs under the mode). A probe that records no functional
+    activation makes the next recorded steps run without the mode, probing again after 1, 2, 4, ... recorded steps,
+    up to `PROBE_BACKOFF_CAP`; once one is recorded the mode is entered on every recorded step for the rest of the
+    watch. A model whose forward calls F.relu calls it on every step, so it is found on the first and never missed;
+    a model with only activation modules pays for one probe per `PROBE_BACKOFF_CAP` + 1 recorded steps. Found, the
+    mode is not given up again: the model has shown that it calls one, and the mode then costs its own calls only.
+    The limit: a functional activation that only some steps reach (data-dependent control flow) is recorded on the
+    probe steps that reach it and on every recorded step after the first that does, not on skipped steps before.
 * **The output layer** is found from the tensors the model's forward returns: the recorded layer calls whose
   outputs they are, or, walking their autograd graph back, the nearest recorded calls their values come from (every
   call of a head applied several times, or of each head of a multi-head model), back to and including the nearest
@@ -38,6 +52,11 @@ from actdiag.hooks.modules import first_tensor
 # nodes from the output (a squeeze, a scale, a loss), and a walk through the whole graph would cost a recorded step
 # a Python call per op of the model.
 MAX_GRAPH_NODES = 512
+
+# The most recorded steps run without the mode between two probes of a model where none was found: a functional
+# activation that starts being called later (a branch taken after warm-up) is missed on at most this many recorded
+# steps, and a model without one pays for one probe per this many recorded steps.
+PROBE_BACKOFF_CAP = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +127,7 @@ class _Host(Protocol):
     """The recorder, as the tracker sees it."""
 
     _order: list[Any]
+    _step: int  # the recorded step under way
 
     @property
     def recording(self) -> bool: ...
@@ -115,6 +135,34 @@ class _Host(Protocol):
     def _forward_hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None: ...
 
     def _guard(self, part: str, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+
+class FunctionalProbe:
+    """Whether a recorded step's forward passes run under the mode (see the module docstring). One per recorder,
+    kept over the whole watch; the tracker asks it at the start of each forward pass and tells it what it found."""
+
+    def __init__(self, cap: int = PROBE_BACKOFF_CAP) -> None:
+        if cap < 1:
+            raise ValueError(f"the probe's backoff cap must be at least 1 recorded step, got {cap}")
+        self.cap = cap
+        self.found = False  # a functional activation was recorded: every recorded step runs under the mode
+        self._step: int | None = None  # the recorded step the decision below is for
+        self._on = True  # whether that step's forward passes run under the mode
+        self._skip = 0  # recorded steps still to run without the mode
+        self._backoff = 1  # recorded steps to skip after the next probe that finds none
+
+    def wants(self, step: int) -> bool:
+        """Whether recorded step `step` runs under the mode; every forward pass of one step gets the same answer."""
+        if step == self._step:
+            return self._on
+        if self._step is not None and self._on and not self.found:  # the last recorded step probed, found none
+            self._skip = self._backoff
+            self._backoff = min(2 * self._backoff, self.cap)
+        self._step = step
+        self._on = self.found or self._skip == 0
+        if not self._on:
+            self._skip -= 1
+        return self._on
 
 
 class _Mode(TorchFunctionMode):
@@ -125,23 +173,28 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)  # this mode is off while its handler runs: nested calls go straight through
+        # This mode is off while its handler runs: nested calls go straight through. Every torch call of the
+        # model's forward passes here, so the common case (not an activation) is kept to a call and a lookup.
+        out = func(*args, **kwargs) if kwargs else func(*args)
         try:
             fn = FUNCTIONS.get(func)
         except TypeError:  # an unhashable callable (a user's): no activation of ours
-            fn = None
+            return out
         if fn is not None and isinstance(out, torch.Tensor):
-            self.tracker.recorder._guard("functional activations", self.tracker.functional, fn, args, kwargs, out)
+            tracker = self.tracker
+            tracker.recorder._guard("functional activations", tracker.functional, fn, args, kwargs or {}, out)
         return out
 
 
 class ForwardTracker:
     """The module stack of one recorded step's forward pass (see the module docstring)."""
 
-    def __init__(self, recorder: _Host, model: nn.Module, *, functional: bool) -> None:
+    def __init__(
+        self, recorder: _Host, model: nn.Module, *, functional: bool, probe: FunctionalProbe | None = None
+    ) -> None:
         self.recorder = recorder
         self.model = model
+        self.probe = FunctionalProbe() if probe is None else probe  # a tracker's own: every recorded step probes
         self.modules: list[tuple[str, nn.Module]] = []
         seen: set[int] = set()
         for name, module in model.named_modules():  # a shared module keeps its first name, as in select_modules
@@ -151,6 +204,7 @@ class ForwardTracker:
         self.mode = _Mode(self) if functional else None
         self._entered = False
         self._paused: int | None = None  # the stack depth of the fast-path module the mode was left for
+        self._held: int | None = None  # the stack length when the mode was left for a module's forward hooks
         self._stack: list[tuple[str, nn.Module, int]] = []  # name, module, records before its call
         self._producers: dict[Any, list[_Call]] = {}  # grad_fn of a recorded output -> its records
         self._tensors: dict[int, tuple[weakref.ref[torch.Tensor], int, list[_Call]]] = {}
@@ -163,15 +217,19 @@ class ForwardTracker:
         handles = []
         for name, module in self.modules:
             handles.append(module.register_forward_pre_hook(partial(self._pre, name)))
+            if self.mode is not None:
+                # First of the module's forward hooks (prepended): the mode is left for all of them until _post.
+                handles.append(module.register_forward_hook(self._hooks_start, prepend=True))
             handles.append(module.register_forward_hook(partial(self._post, name), always_call=True))
         return handles
 
     def close(self) -> None:
         """Leave the mode if a forward pass is still under way (the step ended inside it) and forget the step."""
-        if self._entered and self._paused is None and self.mode is not None:
+        if self._entered and self._paused is None and self._held is None and self.mode is not None:
             self.mode.__exit__(None, None, None)
         self._entered = False
         self._paused = None
+        self._held = None
         self._stack = []
         self._forget()
 
@@ -188,12 +246,18 @@ class ForwardTracker:
 
     # ------------------------------------------------------------------ hooks
     def _pre(self, name: str, module: nn.Module, args: Any) -> None:
-        if not self._stack and self.mode is not None and self.recorder.recording:
+        if (
+            not self._stack
+            and self.mode is not None
+            and self.recorder.recording
+            and self.probe.wants(self.recorder._step)
+        ):
             self.mode.__enter__()
             self._entered = True
         if (
             self._entered
             and self._paused is None
+            and self._held is None
             and not module.training
             and type(module).__module__ in _FAST_PATH_MODULES
             and _top_mode() is self.mode
@@ -203,30 +267,48 @@ class ForwardTracker:
             self._paused = len(self._stack)
         self._stack.append((name, module, len(self.recorder._order)))
 
+    def _hooks_start(self, module: nn.Module, args: Any, output: Any) -> None:
+        # The module's forward has returned and its forward hooks start: the recorder's statistics and the user's
+        # hooks run without the mode (see the module docstring); _post, the last hook, enters it again. Left only
+        # when the mode is the innermost one, so that a mode the user entered in the forward is not disturbed.
+        if self._entered and self._paused is None and self._held is None and _top_mode() is self.mode:
+            assert self.mode is not None
+            self.mode.__exit__(None, None, None)
+            self._held = len(self._stack)
+
     def _post(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if not self._stack:
             return
+        left = self._held == len(self._stack)  # the mode was left for this call's forward hooks
+        if left:
+            self._held = None
         _, _, before = self._stack.pop()
-        if self._paused == len(self._stack) and self.mode is not None:
+        if self._paused == len(self._stack):  # ... or for this fast-path module's whole forward
             self._paused = None
-            self.mode.__enter__()
-        order = self.recorder._order
-        if len(order) > before and order[-1].name == name:  # the recorder's hook ran first and recorded this call
-            self.recorder._guard("output layer", self._produced, output, order[-1])
-        if self._stack:
-            return
+            left = True
         try:
-            if torch._C._current_graph_task_id() == -1:  # not a checkpointed segment recomputed in backward
+            order = self.recorder._order
+            if len(order) > before and order[-1].name == name:  # the recorder's hook ran first, recorded this call
+                self.recorder._guard("output layer", self._produced, output, order[-1])
+            if not self._stack and torch._C._current_graph_task_id() == -1:  # not recomputed in backward
                 marks = self.recorder._guard("output layer", self._trace, output) or []
                 if module is self.model:
                     self._root_marks += marks  # a model called several times a step: each call's head
                 else:
                     self._last_marks = marks
         finally:
-            self._forget()
+            if not self._stack:
+                self._forget()
+            # The mode is entered again after this hook's own work, which does not need it; the outermost call
+            # leaves it for good.
             if self._entered and self.mode is not None:
-                self._entered = False
-                self.mode.__exit__(None, None, None)
+                if self._stack:
+                    if left:
+                        self.mode.__enter__()
+                else:
+                    self._entered = False
+                    if not left:
+                        self.mode.__exit__(None, None, None)
 
     def functional(self, fn: Function, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: torch.Tensor) -> None:
         """A functional activation returned `out` inside the innermost module call of the stack."""
@@ -235,6 +317,7 @@ class ForwardTracker:
         enclosing, module, _ = self._stack[-1]
         if type(module).__module__ == _ACTIVATION_MODULES:
             return
+        self.probe.found = True
         name = f"{enclosing}:{fn.short}"
         order = self.recorder._order
         before = len(order)

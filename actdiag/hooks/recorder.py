@@ -36,7 +36,7 @@ from actdiag.hooks import merge as _dist
 from actdiag.hooks.compiled import _EAGER
 from actdiag.hooks.decode import LayerCall, as_tensor, decode_step, read_back
 from actdiag.hooks.device import DeviceBatch
-from actdiag.hooks.functional import ForwardTracker
+from actdiag.hooks.functional import ForwardTracker, FunctionalProbe
 from actdiag.hooks.host import HostBatch
 from actdiag.hooks.keys import Key
 from actdiag.hooks.layout import StatsMeta
@@ -140,6 +140,7 @@ class Recorder:
         self._on_error = on_error
         self.functional = functional  # record activations applied as functions (F.relu, torch.tanh, ...)
         self._tracker: ForwardTracker | None = None
+        self._probe = FunctionalProbe()  # whether recorded steps run under the functional mode, over the watch
         self.targets = select_modules(model, include, exclude)
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters()) if track_weights else []
         self._param_map = dict(self.params)
@@ -218,7 +219,7 @@ class Recorder:
         for name, module in self.targets:
             self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         # After the hooks above: a module's record exists when the tracker's hook on it runs.
-        self._tracker = ForwardTracker(self, self.model, functional=self.functional)
+        self._tracker = ForwardTracker(self, self.model, functional=self.functional, probe=self._probe)
         self._handles += self._tracker.install()
         self._hooked = trainable
         for (pname, p), grad in zip(self.params, trainable, strict=True):

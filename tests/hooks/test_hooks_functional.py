@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import actdiag
-from actdiag.hooks.functional import FUNCTIONS
+from actdiag.hooks import functional
+from actdiag.hooks.functional import FUNCTIONS, FunctionalProbe
 from actdiag.hooks.modules import SATURATION_TOL
 from actdiag.rules import diagnose
 
@@ -226,11 +228,13 @@ def test_switch_off_gives_no_functional_records() -> None:
 def test_mode_and_hooks_only_while_a_recorded_step_runs() -> None:
     model = Stack(["relu"])
     seen: list[int] = []
-    model.blocks[0].fc.register_forward_hook(lambda m, i, o: seen.append(torch._C._len_torch_function_stack()))
+    after: list[int] = []  # in the user's forward hook: the mode is left while forward hooks run
+    model.blocks[0].fc.register_forward_pre_hook(lambda m, i: seen.append(torch._C._len_torch_function_stack()))
+    model.blocks[0].fc.register_forward_hook(lambda m, i, o: after.append(torch._C._len_torch_function_stack()))
     with actdiag.watch(model, every=2, strict=True) as monitor:
         for _ in range(4):
             model(torch.randn(4, 8)).sum().backward()
-            hooked = sum(len(m._forward_pre_hooks) for m in model.modules())
+            hooked = sum(len(m._forward_pre_hooks) for m in model.modules()) - 1  # less the pre-hook above
             seen.append(-1 - hooked)  # after the forward: pre-hooks present only on recorded steps
             monitor.step()
     assert torch._C._len_torch_function_stack() == 0
@@ -238,6 +242,7 @@ def test_mode_and_hooks_only_while_a_recorded_step_runs() -> None:
     assert recorded_inside == 1 and recorded_after < -1
     assert seen[2:4] == [0, -1]  # step 1 is not recorded: no mode, no pre-hook
     assert seen[4] == 1 and seen[6:8] == [0, -1]
+    assert after == [0, 0, 0, 0]
 
 
 def _train(model: nn.Module, steps: int, watch: dict[str, Any] | None) -> nn.Module:
@@ -281,6 +286,140 @@ def test_table_covers_every_spelling_of_the_common_activations() -> None:
     assert {F.tanh, torch.tanh, torch.Tensor.tanh} <= shorts["tanh"]
     assert {F.sigmoid, torch.sigmoid, torch.Tensor.sigmoid} <= shorts["sigmoid"]
     assert {F.gelu} <= shorts["gelu"] and {F.silu} <= shorts["silu"] and {F.leaky_relu} <= shorts["leaky_relu"]
+
+
+# ---------------------------------------------------------------------------------------------------- the probe
+
+
+class Counting(TorchFunctionMode):
+    """A bare mode counting the torch calls made under it (the reference for what actdiag's mode sees)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_mode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the calls that reach actdiag's mode: `counts[0]` goes up by one per call."""
+    counts = [0]
+    handler = functional._Mode.__torch_function__
+
+    def counted(self: Any, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        counts[0] += 1
+        return handler(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(functional._Mode, "__torch_function__", counted)
+    return counts
+
+
+def _per_step(
+    model: nn.Module, x: torch.Tensor | list[torch.Tensor], steps: int, counts: list[int]
+) -> tuple[list[int], list[actdiag.StepRecord]]:
+    """Train `steps` steps watched at every=1 (input `x`, or `x[i]` on step i): the calls that reached the mode
+    and the record, per step."""
+    calls, records = [], []
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with actdiag.watch(model, every=1, strict=True) as monitor:
+        for i in range(steps):
+            counts[0] = 0
+            opt.zero_grad()
+            model(x[i] if isinstance(x, list) else x).pow(2).mean().backward()
+            opt.step()
+            monitor.step()
+            calls.append(counts[0])
+            assert monitor.latest is not None
+            records.append(monitor.latest)
+    return calls, records
+
+
+def _labels(record: actdiag.StepRecord) -> list[str]:
+    return [layer.label for layer in record.layers]
+
+
+def test_functional_relu_is_recorded_on_every_recorded_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Stack(["relu", "relu_"])
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(6))
+    with Counting() as bare:
+        model(x)
+    counts = _count_mode_calls(monkeypatch)
+    acts, grads, handles = _capture(model, ["blocks.0", "blocks.1"])  # hold the last step's tensors
+    calls, records = _per_step(model, x, 10, counts)
+    for h in handles:
+        h.remove()
+    # Every step under the mode, which sees the model's own torch calls and none of the forward hooks' (actdiag's
+    # or the capture's above).
+    assert calls == [bare.calls] * 10
+    for record in records:
+        assert _labels(record)[:4] == ["blocks.0.fc", "blocks.0:relu", "blocks.1.fc", "blocks.1:relu"]
+    last = {layer.label: layer for layer in records[-1].layers}
+    for block in ("blocks.0", "blocks.1"):
+        _check_stats(last[f"{block}:relu"].activation, acts[block])
+        _check_stats(last[f"{block}:relu"].gradient, grads[block])
+
+
+def test_model_without_functional_activations_runs_without_the_mode_between_probes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = ModuleActs()
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(7))
+    with Counting() as bare:
+        model(x)
+    assert bare.calls == 8  # one torch call per activation module and linear map
+    counts = _count_mode_calls(monkeypatch)
+    calls, records = _per_step(model, x, 40, counts)
+    # The first recorded step probes and finds none; probes follow after 1, 2, 4, 8, 16 skipped recorded steps.
+    probes = [0, 2, 5, 10, 19, 36]
+    assert calls == [bare.calls if step in probes else 0 for step in range(40)]
+    for record in records:
+        assert _labels(record) == [f"net.{i}" for i in range(8)]
+
+
+class Sometimes(nn.Module):
+    """A functional tanh that only some inputs reach (data-dependent control flow): a wide batch goes through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc(x))
+        return torch.tanh(h) if x.shape[0] > 8 else h
+
+
+def test_data_dependent_functional_is_recorded_on_probes_and_every_step_after_one_finds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = Sometimes()
+    g = torch.Generator().manual_seed(8)
+    wide = [1, 2, 4, 6]  # the steps whose batch reaches the tanh
+    xs = [torch.randn(16 if step in wide else 4, 4, generator=g) for step in range(8)]
+    counts = _count_mode_calls(monkeypatch)
+    calls, records = _per_step(model, xs, 8, counts)
+    # Step 0 probes (finds none), step 1 runs without the mode and misses its tanh (the documented limit), step 2
+    # probes and finds it: from then on every recorded step runs under the mode.
+    under = [calls[step] > 0 for step in range(8)]
+    assert under == [True, False, True, True, True, True, True, True]
+    has_tanh = [":tanh" in _labels(record) for record in records]
+    assert has_tanh == [False, False, True, False, True, False, True, False]
+
+
+def test_probe_schedule_doubles_up_to_its_cap_and_stays_on_once_found() -> None:
+    probe = FunctionalProbe(cap=4)
+    on = [probe.wants(step) and probe.wants(step) for step in range(20)]  # asked twice a step: the same answer
+    assert [step for step, yes in enumerate(on) if yes] == [0, 2, 5, 10, 15]
+    assert probe.wants(20) and not probe.wants(21)
+    probe.found = True  # what the tracker sets when it records a functional activation
+    assert not probe.wants(21)  # a step keeps its answer
+    assert all(probe.wants(step) for step in range(22, 30))
+    with pytest.raises(ValueError, match="at least 1"):
+        FunctionalProbe(cap=0)
 
 
 # ---------------------------------------------------------------------------------------------------- diagnosis
