@@ -392,7 +392,9 @@ class HostBatch:
             rows = buf.rows[: len(ks)] if ks[-1] == len(ks) - 1 else buf.rows[ks]
             if buf.keys.size < 2 * rows.size:  # the histogram keys' scratch, kept with the rows
                 buf.keys = np.empty(2 * buf.rows.size, dtype=np.int32)
-            vecs, odd = _rows_exact(rows, self.bins, buf.keys)
+            if buf.work.size < rows.size:  # the deviations' scratch, kept with the rows (no page faults)
+                buf.work = np.empty(buf.rows.size, dtype=np.float32)
+            vecs, odd = _rows_exact(rows, self.bins, buf.keys, buf.work[: rows.size].reshape(rows.shape))
             meta = self._metas[n]
             for (key, _), vec in zip(kept, vecs, strict=True):  # numpy rows: torch views cost more than all this
                 out[key] = (vec, meta)
@@ -466,6 +468,7 @@ class SizeRows:
     def __init__(self, n: int, dtype: Any = np.float32) -> None:
         self.rows = np.empty((8, n), dtype=dtype)
         self.keys = np.empty(0, dtype=np.int32)
+        self.work = np.empty(0, dtype=np.float32)
         self.used = 0
 
     def next_row(self) -> tuple[int, np.ndarray]:
@@ -488,10 +491,12 @@ _F32_LOW, _F32_HIGH = 2.0**-90, 2.0**100
 _SQUARE_LOW, _SQUARE_HIGH = 2.0**-30, 2.0**40
 
 
-def _rows_exact(rows: np.ndarray, bins: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _rows_exact(
+    rows: np.ndarray, bins: int, keys: np.ndarray | None = None, work: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact statistics of each row of `rows` [K, n] (float32, every element of a small tensor), as [K, STATS.length]
     vectors, and the indices of the rows left to the caller (their vectors are garbage): those with a non-finite
-    value.
+    value. `keys` (int32, 2 * K * n) and `work` (float32, [K, n]): scratch the caller keeps from step to step.
 
     Sums are float64 over the float32 values (pairwise along each row); the spread is the float64 sum of float32
     squared deviations from the float32-rounded mean c, less n * (mean - c)**2 (an identity, no cancellation: c is
@@ -524,7 +529,7 @@ def _rows_exact(rows: np.ndarray, bins: int, keys: np.ndarray | None = None) -> 
     mx_s = mx.astype(np.float64) / unit
     mean = sums / n
     c = mean.astype(np.float32)
-    d = rows - c[:, None]
+    d = np.subtract(rows, c[:, None], out=work)
     dc = mean - c.astype(np.float64)
     scaled = np.flatnonzero((big > _SQUARE_HIGH) | ((big < _SQUARE_LOW) & (big > 0)))
     scale = np.ones(k)
