@@ -322,6 +322,11 @@ class HostBatch:
         self._used += 1
         return StatsMeta(numel=n, bins=self.bins, sample_n=cap, estimated=True)
 
+    def row_of(self, key: Any) -> tuple[SizeRows, int] | None:
+        """Where the float32 copy of the small tensor taken under `key` is (its rows and row), if it is kept here."""
+        item = self.items.get(key)
+        return None if item is None else (self._small[item[0]], item[1])
+
     def rows_of(self, keys: list[Any]) -> np.ndarray | None:
         """The float32 copies of small tensors taken under `keys` (all of one size), as [K, n] rows; None if one
         of them is not (or no longer) kept here, or their sizes differ."""

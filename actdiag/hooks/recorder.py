@@ -570,11 +570,14 @@ class Recorder:
                 self._snapshot_lost(pname, p)  # against the averaged gradient the optimizer will use
 
     def _record_weight(self, pname: str, p: torch.Tensor, before_update: bool) -> None:
-        self._put_stats(self._weight_keys[pname], p)
+        key = self._weight_keys[pname]
+        self._put_stats(key, p)
         if before_update and self.track_updates and p.is_floating_point():
             flat = p.detach().reshape(-1)
+            # A float32 weight copied into the host batch just now is the copy the update ratio compares with.
+            copy = self._host_batch.row_of(key) if p.dtype == torch.float32 else None
             self._updates.snapshot(
-                pname, flat, host=on_host(flat, self.path), sampled=self._update_sampled(flat.numel())
+                pname, flat, host=on_host(flat, self.path), sampled=self._update_sampled(flat.numel()), copy=copy
             )
 
     def _snapshot_lost(self, pname: str, p: torch.Tensor) -> None:

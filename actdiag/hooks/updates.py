@@ -34,10 +34,16 @@ class UpdateRatios:
         self._rows: dict[tuple[int, np.dtype[Any]], SizeRows] = {}
         self._scratch: dict[str, np.ndarray] = {}  # _host_ratios' chunk buffer
 
-    def snapshot(self, pname: str, flat: torch.Tensor, *, host: bool, sampled: bool) -> None:
+    def snapshot(
+        self, pname: str, flat: torch.Tensor, *, host: bool, sampled: bool, copy: tuple[SizeRows, int] | None = None
+    ) -> None:
         """Copy weight `flat` (1-D, before the optimizer step): its sample when `sampled`, all of it otherwise;
-        `host`: the host path (numpy) may take it."""
+        `host`: the host path (numpy) may take it. `copy`: a row that holds all of it already, in its own dtype
+        and as it is now (the host batch's copy for its statistics), kept instead of a copy of its own."""
         n = flat.numel()
+        if copy is not None and host and not sampled and copy[0].rows.shape[1] == n:
+            self._arrays[pname] = (n, None, *copy)
+            return
         a = numpy_view(flat) if host and n else None
         if a is not None:  # on the CPU: numpy, no ATen call (see _host_ratios)
             idx_np = _SAMPLES.get_numpy(n, self.sample_cap) if sampled else None
