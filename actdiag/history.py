@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, layer_metrics, param_metrics
-from actdiag.records import ExponentHistogram, Histogram, History, StepRecord
+from actdiag.records import ExponentHistogram, Histogram, History, StepRecord, _packed_histograms
 
 DEFAULT_MAX_HISTORY = 512
 DEFAULT_MAX_HIST_SNAPSHOTS = 64
@@ -51,14 +51,13 @@ def _scalar_row(record: StepRecord) -> dict[str, Any]:
 
 
 def _hist_row(record: StepRecord) -> dict[str, Any]:
+    # Packed (records._Counts._pack): numbers, copies of the counts' rows and None, which the garbage collector stops
+    # tracking, and which hold none of the step's arrays. `snapshot` builds the histograms.
     row = {}
     for layer in record.layers:
         a, g = layer.activation, layer.gradient
-        kept = (a.histogram if a else None, a.exponents if a else None, g.exponents if g else None)
-        for h in kept:
-            if h is not None:
-                h.counts  # noqa: B018 - read now, so the kept copy does not hold the whole step's arrays
-        row[layer.label] = kept
+        hist, aexp = _packed_histograms(a) if a else (None, None)
+        row[layer.label] = (hist, aexp, _packed_histograms(g)[1] if g else None)
     return row
 
 
@@ -107,12 +106,13 @@ class HistoryBuffer:
         for hrow in hrows:
             hlabels.update(dict.fromkeys(hrow))
 
-        def column(label: str, i: int) -> tuple[Any, ...]:
-            return tuple(r[label][i] if label in r else None for r in hrows)
+        def column(label: str, i: int, kind: type[Histogram] | type[ExponentHistogram]) -> tuple[Any, ...]:
+            packed = (r[label][i] if label in r else None for r in hrows)
+            return tuple(None if p is None else kind._unpack(p) for p in packed)
 
-        act: dict[str, tuple[Histogram | None, ...]] = {lb: column(lb, 0) for lb in hlabels}
-        aexp: dict[str, tuple[ExponentHistogram | None, ...]] = {lb: column(lb, 1) for lb in hlabels}
-        gexp: dict[str, tuple[ExponentHistogram | None, ...]] = {lb: column(lb, 2) for lb in hlabels}
+        act: dict[str, tuple[Histogram | None, ...]] = {lb: column(lb, 0, Histogram) for lb in hlabels}
+        aexp: dict[str, tuple[ExponentHistogram | None, ...]] = {lb: column(lb, 1, ExponentHistogram) for lb in hlabels}
+        gexp: dict[str, tuple[ExponentHistogram | None, ...]] = {lb: column(lb, 2, ExponentHistogram) for lb in hlabels}
         return History(
             steps=tuple(self.scalars.steps),
             layers=layers,

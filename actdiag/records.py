@@ -86,6 +86,23 @@ class _Counts:
     def _key(self) -> tuple[Any, ...]:
         return (self.counts, self.sampled)
 
+    def _packed_counts(self) -> Any:
+        """The counts as kept in a long-lived store: a copy of the row (not the step's array), or the tuple."""
+        return self._block[self._row].copy() if self._counts is None else self._counts
+
+    def _pack(self) -> tuple[Any, ...]:
+        """This object as a tuple of numbers, arrays and None: nothing the garbage collector tracks once the tuple
+        has been through a collection (a history keeping thousands of histograms would otherwise hold thousands of
+        tracked objects, and every full collection of the user's process walks them). `_unpack` inverts it."""
+        return (self._packed_counts(), self.sampled)
+
+    @classmethod
+    def _unpack(cls, state: tuple[Any, ...]) -> Any:
+        counts, sampled = state
+        obj = cls.__new__(cls)
+        obj._fill(tuple(counts.tolist()) if isinstance(counts, np.ndarray) else counts, None, 0, sampled)
+        return obj
+
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
@@ -148,6 +165,16 @@ class Histogram(_Counts):
 
     def _key(self) -> tuple[Any, ...]:
         return (self.edges, self.counts, self.sampled)
+
+    def _pack(self) -> tuple[Any, ...]:
+        return (self._packed_counts(), self.sampled, self._edges, self._lo, self._hi)
+
+    @classmethod
+    def _unpack(cls, state: tuple[Any, ...]) -> Any:
+        counts, sampled, edges, lo, hi = state
+        obj = super()._unpack((counts, sampled))
+        obj._span(edges, lo, hi)
+        return obj
 
     def __repr__(self) -> str:
         return f"Histogram(edges={self.edges!r}, counts={self.counts!r}, sampled={self.sampled!r})"
@@ -252,6 +279,83 @@ class TensorStats:
     def rms(self) -> float:
         """Root mean square of the finite values."""
         return self.norm / math.sqrt(self.count) if self.count else math.nan
+
+
+class _StepHistograms:
+    """Both histograms of many tensors of one decoded step, as arrays: row r of `lin` (linear counts between
+    `lo[r]` and `hi[r]`, the tensor's finite min and max) and of `exp` (exponent counts), `sampled[r]`, and
+    `count[r]`, its finite values. A tensor without any has one empty bin on [0, 1]; a constant one (min == max) one
+    bin of width 1 centred on its value.
+
+    A decoded `TensorStats` keeps this shared object and its row, and builds its `Histogram` and
+    `ExponentHistogram` each time they are read (`_step_stats`). A step of a deep model has thousands of tensors:
+    two objects each, kept as long as the record, were most of the objects a recorded step left for the garbage
+    collector, whose full collections walk every one of them (docs/performance.md). Built on reading and then
+    dropped, they die by their reference count instead. numpy arrays are not tracked by the collector.
+    """
+
+    __slots__ = ("lin", "exp", "lo", "hi", "count", "sampled")
+
+    def __init__(
+        self, lin: np.ndarray, exp: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray, sampled: np.ndarray
+    ) -> None:
+        self.lin, self.exp, self.lo, self.hi, self.count, self.sampled = lin, exp, lo, hi, count, sampled
+
+    def histogram(self, row: int) -> Histogram:
+        lo, hi, sampled = float(self.lo[row]), float(self.hi[row]), bool(self.sampled[row])
+        if not self.count[row]:
+            return Histogram(edges=(0.0, 1.0), counts=(0,), sampled=sampled)
+        if hi > lo:
+            return Histogram._even(self.lin, row, lo, hi, sampled)
+        return Histogram(edges=(lo - 0.5, lo + 0.5), counts=(int(self.lin[row].sum()),), sampled=sampled)
+
+    def exponents(self, row: int) -> ExponentHistogram:
+        return ExponentHistogram._defer(self.exp, row, bool(self.sampled[row]))
+
+
+# TensorStats' `histogram` and `exponents` fields, read through the slots that store them: a decoded record stores
+# its step's `_StepHistograms` in the first and its row in the second; one built from Histogram objects stores those.
+_HISTOGRAM_SLOT = TensorStats.__dict__["histogram"]
+_EXPONENTS_SLOT = TensorStats.__dict__["exponents"]
+
+
+def _read_histogram(stats: TensorStats) -> Histogram:
+    held = _HISTOGRAM_SLOT.__get__(stats)
+    return held.histogram(_EXPONENTS_SLOT.__get__(stats)) if type(held) is _StepHistograms else held
+
+
+def _read_exponents(stats: TensorStats) -> ExponentHistogram:
+    held, stored = _HISTOGRAM_SLOT.__get__(stats), _EXPONENTS_SLOT.__get__(stats)
+    return held.exponents(stored) if type(held) is _StepHistograms else stored
+
+
+# Replacing the slot descriptors keeps TensorStats a plain frozen dataclass to every reader: its fields, __init__,
+# equality, hash, repr, pickling and dataclasses.replace all go through these properties (a frozen dataclass's
+# __init__ sets its fields with object.__setattr__, which reaches the setters).
+setattr(TensorStats, "histogram", property(_read_histogram, _HISTOGRAM_SLOT.__set__))  # noqa: B010
+setattr(TensorStats, "exponents", property(_read_exponents, _EXPONENTS_SLOT.__set__))  # noqa: B010
+
+
+def _step_stats(
+    numel: int,
+    count: int,
+    mean: float,
+    m2: float,
+    min: float,
+    max: float,
+    zero_count: int,
+    histograms: _StepHistograms,
+    row: int,
+    estimated: tuple[str, ...],
+    extra: tuple[tuple[str, float], ...],
+) -> TensorStats:
+    """A TensorStats whose histograms are row `row` of a step's `histograms`, built when read."""
+    return TensorStats(numel, count, mean, m2, min, max, zero_count, histograms, row, estimated, extra)  # type: ignore[arg-type]
+
+
+def _packed_histograms(stats: TensorStats) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """`stats`' (histogram, exponents) packed for a long-lived store (`_Counts._pack`)."""
+    return stats.histogram._pack(), stats.exponents._pack()
 
 
 @dataclass(frozen=True, slots=True)

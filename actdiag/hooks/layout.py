@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actdiag.records import E_HIGH, E_LOW, ExponentHistogram, Histogram, TensorStats
+from actdiag.records import E_HIGH, E_LOW, TensorStats, _step_stats, _StepHistograms
 
 N_EXP = E_HIGH - E_LOW + 1  # 255 float32 binades: biased exponents 0 (subnormal) .. 254
 
@@ -298,38 +298,25 @@ def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[
         named = {s.name: block[:, i].tolist() for i, s in enumerate(layout.slots)}
         zero_counts = np.rint(block[:, layout.index("zero_count")]).astype(np.int64).tolist()
         extra_names = [s.name for s in layout.extra]
-        # Both histograms of every row stay in two integer arrays; each Histogram reads its row into a tuple only
-        # when something reads it (most of a long run's are never read one by one, see records._Counts).
+        # Both histograms of every row stay in two integer arrays, shared by the group's records; each record builds
+        # its Histogram and ExponentHistogram when they are read (records._StepHistograms).
         lin_i = np.rint(block[:, layout.lin(bins)]).astype(np.int64)
         exp_i = np.rint(block[:, layout.exp(bins)]).astype(np.int64)
+        sampled = np.array([metas[i].sample_n < metas[i].numel for i in rows], dtype=bool)
+        lo_col, hi_col = block[:, layout.index("min")].copy(), block[:, layout.index("max")].copy()
+        hists = _StepHistograms(lin_i, exp_i, lo_col, hi_col, np.array(counts_i, dtype=np.int64), sampled)
         means, m2s, los, his = named["mean"], named["m2"], named["min"], named["max"]
-        even, defer = Histogram._even, ExponentHistogram._defer
         for j, i in enumerate(rows):
             meta = metas[i]
-            sampled = meta.sample_n < meta.numel
             fields = estimated.get(id(meta))
             if fields is None:
                 fields = estimated[id(meta)] = meta.estimated_fields()
             count = counts_i[j]
             mean, m2, lo, hi = means[j], m2s[j], los[j], his[j]
-            if count == 0:
+            if count:
+                m2 = m2 if m2 > 0.0 else 0.0
+            else:
                 mean = m2 = lo = hi = math.nan
-                hist = Histogram(edges=(0.0, 1.0), counts=(0,), sampled=sampled)
-            elif hi > lo:
-                hist = even(lin_i, j, lo, hi, sampled)
-            else:  # a constant tensor: one bin of width 1 centred on its value
-                hist = Histogram(edges=(lo - 0.5, lo + 0.5), counts=(int(lin_i[j].sum()),), sampled=sampled)
-            out[i] = TensorStats(
-                numel=meta.numel,
-                count=count,
-                mean=mean,
-                m2=(m2 if m2 > 0.0 else 0.0) if count else math.nan,
-                min=lo,
-                max=hi,
-                zero_count=zero_counts[j],
-                histogram=hist,
-                exponents=defer(exp_i, j, sampled),
-                estimated=fields,
-                extra=tuple((name, named[name][j]) for name in extra_names) if extra_names else (),
-            )
+            extra = tuple((name, named[name][j]) for name in extra_names) if extra_names else ()
+            out[i] = _step_stats(meta.numel, count, mean, m2, lo, hi, zero_counts[j], hists, j, fields, extra)
     return [s for s in out if s is not None]
