@@ -24,13 +24,13 @@ class _Series:
         self.stride = 1
         self.seen = 0
         self.steps: list[int] = []
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[Any] = []
 
     def due(self) -> bool:
         """Whether the next `offer` keeps its row."""
         return self.seen % self.stride == 0
 
-    def offer(self, step: int, row: dict[str, Any]) -> None:
+    def offer(self, step: int, row: Any) -> None:
         take = self.due()
         self.seen += 1
         if not take:
@@ -50,15 +50,19 @@ def _scalar_row(record: StepRecord) -> dict[str, Any]:
     }
 
 
-def _hist_row(record: StepRecord) -> dict[str, Any]:
-    # Packed (records._Counts._pack): numbers, copies of the counts' rows and None, which the garbage collector stops
-    # tracking, and which hold none of the step's arrays. `snapshot` builds the histograms.
-    row = {}
+def _hist_row(record: StepRecord) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Per layer label: its activation histogram, activation exponents and gradient exponents (None where it has
+    none), each packed (`records._Counts._pack`) into a flat tuple of numbers, None and a copy of the counts' row.
+    The collector stops tracking such tuples at their first collection (a tuple of tuples needs a second one), and
+    they hold none of the step's arrays; `snapshot` builds the histograms."""
+    hists: dict[str, Any] = {}
+    aexps: dict[str, Any] = {}
+    gexps: dict[str, Any] = {}
     for layer in record.layers:
-        a, g = layer.activation, layer.gradient
-        hist, aexp = _packed_histograms(a) if a else (None, None)
-        row[layer.label] = (hist, aexp, _packed_histograms(g)[1] if g else None)
-    return row
+        a, g, label = layer.activation, layer.gradient, layer.label
+        hists[label], aexps[label] = _packed_histograms(a) if a else (None, None)
+        gexps[label] = _packed_histograms(g)[1] if g else None
+    return hists, aexps, gexps
 
 
 def with_optimizer(record: StepRecord | None, seen: Mapping[str, tuple[float, str]]) -> StepRecord | None:
@@ -82,7 +86,7 @@ class HistoryBuffer:
     def add(self, record: StepRecord) -> None:
         # A step a series will not keep is only counted: its row is never built.
         self.scalars.offer(record.step, _scalar_row(record) if self.scalars.due() else {})
-        self.hists.offer(record.step, _hist_row(record) if self.hists.due() else {})
+        self.hists.offer(record.step, _hist_row(record) if self.hists.due() else ())
 
     def snapshot(self) -> History:
         rows = self.scalars.rows
@@ -104,10 +108,10 @@ class HistoryBuffer:
         hrows = self.hists.rows
         hlabels: dict[str, None] = {}
         for hrow in hrows:
-            hlabels.update(dict.fromkeys(hrow))
+            hlabels.update(dict.fromkeys(hrow[0]))
 
         def column(label: str, i: int, kind: type[Histogram] | type[ExponentHistogram]) -> tuple[Any, ...]:
-            packed = (r[label][i] if label in r else None for r in hrows)
+            packed = (r[i].get(label) for r in hrows)
             return tuple(None if p is None else kind._unpack(p) for p in packed)
 
         act: dict[str, tuple[Histogram | None, ...]] = {lb: column(lb, 0, Histogram) for lb in hlabels}

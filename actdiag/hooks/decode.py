@@ -87,34 +87,35 @@ def decode_step(
         by_name[pname] = ps
     layers = []
     for info in order:
-        base = Key.layer(info.name, info.call, "act")
+        name, call = info.name, info.call
+        base = Key("layer", name, call, "act")  # Key(...) directly: _replace costs several times more per key
         saturation = dead = rare = never = None
-        sat = host.get(base._replace(kind="sat"))
+        sat = host.get(Key("layer", name, call, "sat"))
         if sat is not None and sat[1]:
             saturation = float(sat[0][0]) / float(sat[1])  # meta: elements counted (all ranks' when merged)
-        units = host.get(base._replace(kind="units"))
+        units = host.get(Key("layer", name, call, "units"))
         activity = None
         if units is not None and info.units:
             dead, rare, never = (float(v) / info.units for v in units[0][:3])
-            streak = host.get(base._replace(kind="streak"))
+            streak = host.get(Key("layer", name, call, "streak"))
             if streak is not None:
-                activity = streaks.decode(info.name, info.call, streak[0], int(units[0][2]))
-        inp = host.get(base._replace(kind="input"))
-        ingrad = host.get(base._replace(kind="ingrad"))
-        src = (input_from or {}).get((info.name, info.call))
+                activity = streaks.decode(name, call, streak[0], int(units[0][2]))
+        inp = host.get(Key("layer", name, call, "input"))
+        ingrad = host.get(Key("layer", name, call, "ingrad"))
+        src = (input_from or {}).get((name, call))
         src_grad = stats(src._replace(kind="grad")) if src is not None else None
         in_grad = int(ingrad[0][0]) if ingrad is not None else (src_grad.nonfinite_count if src_grad else None)
         wp = by_name.get(info.weight_name) if info.weight_name else None
         layers.append(
             LayerStats(
-                name=info.name,
+                name=name,
                 type=info.type,
                 step=step,
-                call=info.call,
+                call=call,
                 shape=info.shape,
                 dtype=info.dtype,
                 activation=stats(base),
-                gradient=stats(base._replace(kind="grad")),
+                gradient=stats(Key("layer", name, call, "grad")),
                 weight=wp.weight if wp else None,
                 weight_grad=wp.grad if wp else None,
                 weight_name=info.weight_name if wp else None,

@@ -95,10 +95,10 @@ class UnitStreaks:
         """The record of one layer call from its read-back summary and its never-active count."""
         track = self._tracks[(name, call)]
         # No streak can exceed the calls so far: the bins past it are left out of the record.
-        hist = tuple(int(v) for v in vec[: min(STREAK_BINS, track.calls + 1)])
+        hist = tuple(vec[: min(STREAK_BINS, track.calls + 1)].astype(np.int64).tolist())
         k = (len(vec) - STREAK_BINS) // 2
-        idx = vec[STREAK_BINS : STREAK_BINS + k]
-        lengths = vec[STREAK_BINS + k :]
+        idx = vec[STREAK_BINS : STREAK_BINS + k].astype(np.int64).tolist()
+        lengths = vec[STREAK_BINS + k :].astype(np.int64).tolist()
         steps = tuple(track.steps)
         # since[s]: the recorded step from which a unit silent for its last s calls has been silent.
         since = tuple(steps[-s] if 0 < s <= len(steps) else steps[0] for s in range(len(hist)))
@@ -107,7 +107,7 @@ class UnitStreaks:
             since=since,
             never=never,
             calls=track.calls,
-            examples=tuple((int(i), int(n)) for i, n in zip(idx, lengths, strict=True) if n > 0),
+            examples=tuple((i, n) for i, n in zip(idx, lengths, strict=True) if n > 0),
         )
 
 
