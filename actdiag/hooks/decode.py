@@ -88,22 +88,22 @@ def decode_step(
     layers = []
     for info in order:
         name, call = info.name, info.call
-        base = Key("layer", name, call, "act")  # Key(...) directly: _replace costs several times more per key
+        base = Key.layer(name, call, "act")
         saturation = dead = rare = never = None
-        sat = host.get(Key("layer", name, call, "sat"))
+        sat = host.get(Key.layer(name, call, "sat"))
         if sat is not None and sat[1]:
             saturation = float(sat[0][0]) / float(sat[1])  # meta: elements counted (all ranks' when merged)
-        units = host.get(Key("layer", name, call, "units"))
+        units = host.get(Key.layer(name, call, "units"))
         activity = None
         if units is not None and info.units:
             dead, rare, never = (float(v) / info.units for v in units[0][:3])
-            streak = host.get(Key("layer", name, call, "streak"))
+            streak = host.get(Key.layer(name, call, "streak"))
             if streak is not None:
                 activity = streaks.decode(name, call, streak[0], int(units[0][2]))
-        inp = host.get(Key("layer", name, call, "input"))
-        ingrad = host.get(Key("layer", name, call, "ingrad"))
+        inp = host.get(Key.layer(name, call, "input"))
+        ingrad = host.get(Key.layer(name, call, "ingrad"))
         src = (input_from or {}).get((name, call))
-        src_grad = stats(src._replace(kind="grad")) if src is not None else None
+        src_grad = stats(Key.layer(src.name, src.call, "grad")) if src is not None else None
         in_grad = int(ingrad[0][0]) if ingrad is not None else (src_grad.nonfinite_count if src_grad else None)
         wp = by_name.get(info.weight_name) if info.weight_name else None
         layers.append(
@@ -115,7 +115,7 @@ def decode_step(
                 shape=info.shape,
                 dtype=info.dtype,
                 activation=stats(base),
-                gradient=stats(Key("layer", name, call, "grad")),
+                gradient=stats(Key.layer(name, call, "grad")),
                 weight=wp.weight if wp else None,
                 weight_grad=wp.grad if wp else None,
                 weight_name=info.weight_name if wp else None,
@@ -144,9 +144,10 @@ def read_back(pending: Mapping[Key, tuple[torch.Tensor | np.ndarray, Any]]) -> d
     """One device-to-host copy per device: concatenate every vector of the step, copy, split on the host."""
     by_device: dict[torch.device, list[tuple[Key, torch.Tensor, Any]]] = {}
     out: dict[Key, tuple[np.ndarray, Any]] = {}
-    for key, (vec, meta) in pending.items():
-        if isinstance(vec, np.ndarray):  # the host batch's rows
-            out[key] = (vec, meta)
+    for key, pair in pending.items():
+        vec, meta = pair
+        if isinstance(vec, np.ndarray):  # the host batch's rows, kept as they are (no new tuple for the collector)
+            out[key] = pair  # type: ignore[assignment]
         else:
             by_device.setdefault(vec.device, []).append((key, vec, meta))
     for device, items in by_device.items():

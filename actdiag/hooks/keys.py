@@ -25,12 +25,31 @@ class Key(NamedTuple):
 
     @classmethod
     def layer(cls, name: str, call: int, kind: Kind) -> Key:
-        return cls("layer", name, call, kind)
+        return _interned("layer", name, call, kind)
 
     @classmethod
     def param(cls, name: str, kind: Kind) -> Key:
-        return cls("param", name, 0, kind)
+        return _interned("param", name, 0, kind)
 
     @property
     def is_layer(self) -> bool:
         return self.owner == "layer"
+
+
+# The keys of a recorded step, made once and reused at every step. A Key is a tuple subclass, which the garbage
+# collector never stops tracking (it does so for plain tuples of numbers and strings only): keys made afresh at
+# every step and held until its end were thousands of objects a step promoted to the oldest generation, bringing
+# the next full collection of the user's process closer. A model has a fixed set of keys; the bound only guards
+# against names that keep changing.
+_INTERNED: dict[tuple[str, str, int, str], Key] = {}
+_MAX_INTERNED = 1 << 16
+
+
+def _interned(owner: Owner, name: str, call: int, kind: Kind) -> Key:
+    spec = (owner, name, call, kind)
+    key = _INTERNED.get(spec)
+    if key is None:
+        if len(_INTERNED) >= _MAX_INTERNED:
+            _INTERNED.clear()
+        key = _INTERNED[spec] = Key(owner, name, call, kind)
+    return key
