@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, layer_metrics, param_metrics
-from actdiag.records import ExponentHistogram, Histogram, History, StepRecord, _packed_histograms
+from actdiag.records import ExponentHistogram, Histogram, History, StepRecord, _packed_exponents, _packed_histograms
 
 DEFAULT_MAX_HISTORY = 512
 DEFAULT_MAX_HIST_SNAPSHOTS = 64
@@ -61,7 +61,7 @@ def _hist_row(record: StepRecord) -> tuple[dict[str, Any], dict[str, Any], dict[
     for layer in record.layers:
         a, g, label = layer.activation, layer.gradient, layer.label
         hists[label], aexps[label] = _packed_histograms(a) if a else (None, None)
-        gexps[label] = _packed_histograms(g)[1] if g else None
+        gexps[label] = _packed_exponents(g) if g else None
     return hists, aexps, gexps
 
 

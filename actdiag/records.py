@@ -353,9 +353,28 @@ def _step_stats(
     return TensorStats(numel, count, mean, m2, min, max, zero_count, histograms, row, estimated, extra)  # type: ignore[arg-type]
 
 
-def _packed_histograms(stats: TensorStats) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """`stats`' (histogram, exponents) packed for a long-lived store (`_Counts._pack`)."""
-    return stats.histogram._pack(), stats.exponents._pack()
+def _packed_histograms(stats: TensorStats) -> tuple[Any, Any]:
+    """`stats`' (histogram, exponents) packed for a long-lived store (`_Counts._pack`); a step's rows are packed
+    without building the objects (a history packs several per layer at every step it keeps)."""
+    held = _HISTOGRAM_SLOT.__get__(stats)
+    if type(held) is not _StepHistograms:
+        return held._pack(), _EXPONENTS_SLOT.__get__(stats)._pack()
+    row = _EXPONENTS_SLOT.__get__(stats)
+    sampled = bool(held.sampled[row])
+    exp = (held.exp[row].copy(), sampled)
+    lo, hi = float(held.lo[row]), float(held.hi[row])
+    if held.count[row] and hi > lo:  # what Histogram._even's _pack gives
+        return (held.lin[row].copy(), sampled, None, lo, hi), exp
+    return held.histogram(row)._pack(), exp
+
+
+def _packed_exponents(stats: TensorStats) -> Any:
+    """`stats.exponents` packed for a long-lived store (`_Counts._pack`)."""
+    held = _HISTOGRAM_SLOT.__get__(stats)
+    if type(held) is not _StepHistograms:
+        return _EXPONENTS_SLOT.__get__(stats)._pack()
+    row = _EXPONENTS_SLOT.__get__(stats)
+    return (held.exp[row].copy(), bool(held.sampled[row]))
 
 
 @dataclass(frozen=True, slots=True)
