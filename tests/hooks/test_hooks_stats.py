@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import pickle
 import warnings
@@ -595,6 +597,43 @@ def test_decoded_histograms_read_late_behave_like_tuples() -> None:
         with pytest.raises(AttributeError):
             obj.sampled = True
     assert h != eager_e and Histogram((0.0, 1.0), (1,)) != Histogram((0.0, 2.0), (1,))
+
+
+def test_decoded_stats_behave_like_stats_built_from_histograms() -> None:
+    """A decoded TensorStats builds its histograms from its step's arrays when they are read
+    (records._StepHistograms); as a dataclass it is the same as one built from Histogram objects: fields, equality,
+    hash, repr, pickling, copying and dataclasses.replace. Covers the usual, constant and empty tensors."""
+    cases = [
+        torch.randn(3000, generator=torch.Generator().manual_seed(6)),
+        torch.full((40,), 2.5),
+        torch.full((8,), math.nan),
+    ]
+    vecs, metas = zip(*(tensor_stats(x) for x in cases), strict=True)
+    decoded = decode_many([v.numpy() for v in vecs], list(metas))
+    for got in decoded:
+        h, e = got.histogram, got.exponents
+        eager = TensorStats(
+            **{
+                f.name: getattr(got, f.name)
+                for f in dataclasses.fields(TensorStats)
+                if f.name not in ("histogram", "exponents")
+            },
+            histogram=Histogram(edges=list(h.edges), counts=list(h.counts), sampled=h.sampled),
+            exponents=ExponentHistogram(counts=list(e.counts), sampled=e.sampled),
+        )
+        assert got == eager and hash(got) == hash(eager) and repr(got) == repr(eager)
+        assert pickle.dumps(got) == pickle.dumps(eager)
+        # repr: an empty tensor's NaN fields compare unequal once they are new float objects
+        assert repr(pickle.loads(pickle.dumps(got))) == repr(copy.deepcopy(got)) == repr(eager)
+        if got.count:
+            assert pickle.loads(pickle.dumps(got)) == eager and copy.deepcopy(got) == eager
+        assert [f.name for f in dataclasses.fields(got)] == [f.name for f in dataclasses.fields(eager)]
+        moved = dataclasses.replace(got, mean=1.0)
+        assert moved.histogram == eager.histogram and moved.exponents == eager.exponents and moved.mean == 1.0
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got.histogram = eager.histogram  # type: ignore[misc]
+    assert decoded[1].histogram.edges == (2.0, 3.0) and decoded[1].histogram.counts == (40,)
+    assert decoded[2].histogram == Histogram((0.0, 1.0), (0,)) and decoded[2].exponents.total == 0
 
 
 def test_small_batch_with_opposite_infinities_warns_nothing() -> None:
