@@ -193,3 +193,9 @@ def test_ab_step_sample_cap_applies_to_the_checkout_only(monkeypatch: pytest.Mon
     lines = ab_step.main(["--smoke", "--model", "mlp", "--baseline", "HEAD", "--sample-cap", "64"])
     assert caps == [64]  # the checkout's watch only; the baseline's own package kept its default
     assert "| this checkout, sample_cap=64 |" in "\n".join(lines)
+
+
+def test_gc_benchmark_counts_a_recorded_steps_survivors() -> None:
+    lines = load("gc_step").main(["--smoke"])
+    assert "survivors of one recorded step: " in lines[1] and "TensorStats 32" in lines[1]  # 4 x 8 measured tensors
+    assert "Histogram" not in lines[1] and "4 recorded" in lines[2]
