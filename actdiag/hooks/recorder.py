@@ -52,7 +52,7 @@ from actdiag.hooks.modules import (
     select_modules,
     unwrap_model,
 )
-from actdiag.hooks.sampling import DEFAULT_SAMPLE_CAP
+from actdiag.hooks.sampling import _NUMPY_FLOATS, DEFAULT_SAMPLE_CAP
 from actdiag.hooks.stats import (
     DEFAULT_BINS,
     Path,
@@ -63,7 +63,7 @@ from actdiag.hooks.stats import (
     unit_activity_rows,
     unit_dim_for,
 )
-from actdiag.hooks.tracking import UnitStreaks, input_grad_nonfinite, nonfinite_count
+from actdiag.hooks.tracking import DeviceUnits, UnitStreaks, input_grad_nonfinite, nonfinite_count
 from actdiag.hooks.updates import LOW_PRECISION, LostUpdateCounts, UpdateRatios
 from actdiag.records import StepRecord
 
@@ -169,6 +169,7 @@ class Recorder:
         self._units_due: list[_UnitsDue] = []  # ReLU layer calls whose units end() counts from the host batch
         self._ever_active: dict[tuple[str, int], torch.Tensor] = {}
         self._streaks = UnitStreaks()  # silence streaks per unit over the whole watch (dead units over a window)
+        self._device_units = DeviceUnits()  # the device path's unit counts, finished together in end()
         self._input_from: dict[tuple[str, int], Key] = {}  # a call's input is this earlier call's output
         self._prev_channels_first = False
         self.failed: set[str] = set()
@@ -252,8 +253,10 @@ class Recorder:
                 self._put(Key.param(pname, "lost"), vec, None, _dist.KIND_REPLICATED)
             units_due, self._units_due = self._units_due, []
             self._guard("activations", self._units_from_rows, units_due)  # before the streaks are summarised
+            for key, vec in (self._guard("activations", self._device_units.finish, RARE_ACTIVE_BELOW) or {}).items():
+                self._put(key, vec, None)
             due, self._streaks_due = self._streaks_due, []
-            summaries = self._guard("activations", self._streaks.summaries, due) or ()
+            summaries = self._guard("activations", self._streaks.summaries, due, self.path != "device") or ()
             for (name, call), vec in zip(due, summaries, strict=False):
                 self._put(Key.layer(name, call, "streak"), vec, None)
         self._updates.clear()
@@ -334,6 +337,7 @@ class Recorder:
         self._order = []
         self._streaks_due = []
         self._units_due = []
+        self._device_units.clear()
         self._prev_channels_first = False
 
     def _mismatch(self, message: str) -> None:
@@ -457,6 +461,8 @@ class Recorder:
             # The output's copy is in the host batch: its units are counted from it when the step ends, with the
             # other outputs of its shape (a few numpy calls per shape, not per call).
             self._units_due.append(_UnitsDue(keys.units, keys.act, shape, udim, ever, streak))
+        elif not (on_host(t, self.path) and t.dtype in _NUMPY_FLOATS and ever.is_cpu):  # stats.unit_activity's test
+            self._device_units.take(keys.units, t, udim, ever, streak)  # finished with the others of its shape
         else:
             self._put(keys.units, unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path, streak=streak), None)
         self._streaks_due.append((name, call))  # summarised together in end()

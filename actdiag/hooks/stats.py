@@ -46,8 +46,10 @@ __all__ = [
     "saturation_count",
     "tensor_stats",
     "unit_activity",
+    "unit_activity_device",
     "unit_activity_rows",
     "unit_dim_for",
+    "unit_positive_counts",
 ]
 
 # Which kernels measure a tensor: None picks the host path for CPU tensors, the device path for the rest; "device"
@@ -165,22 +167,48 @@ def unit_activity(
         # On the CPU in numpy, one thread, no OpenMP fork/join (see host.py); autocast does not reach numpy.
         counts = unit_activity_rows(yd.numpy()[None], tuple(yd.shape), unit_dim, [ever_active], [streak], rare_below)
         return torch.from_numpy(counts[0])
-    with torch.autocast(device_type=y.device.type, enabled=False):
-        dims = [d for d in range(y.dim()) if d != unit_dim]
-        if yd.is_floating_point() and samples < 2**24:
-            # Summing (y > 0) over dimensions reduces booleans slower than sign(y).clamp(0) summed in float32
-            # (exact: sums of ones below 2**24). A NaN makes its unit's count NaN, which then reads as not active.
-            active = yd.sign().clamp_(min=0).sum(dim=dims, dtype=torch.float32)
-        else:
-            active = (yd > 0).sum(dim=dims)
-        alive = active > 0
-        ever_active.logical_or_(alive)
-        if streak is not None:
-            streak.add_(1).masked_fill_(alive, 0)
-        dead = (~alive).sum()
-        rare = (active < rare_below * samples).sum()
-        never = (~ever_active).sum()
-        return torch.stack([dead, rare, never]).to(torch.float64)
+    active = unit_positive_counts(yd, unit_dim)[None]
+    return unit_activity_device(active, samples, [ever_active], [streak], rare_below)[0]
+
+
+def unit_positive_counts(y: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """How many positive values each unit of `y` has, as int64 [units], device ops only (two: a compare and a
+    sum; autocast touches neither). NaN is not positive, as on the host path: a unit with a NaN and a positive
+    value is active. The recorder takes these in a ReLU's hook (its output may change in place later) and
+    leaves the rest to `unit_activity_device`, once for all the step's outputs of one shape."""
+    return torch.sum(y.detach() > 0, dim=[d for d in range(y.dim()) if d != unit_dim])
+
+
+def unit_activity_device(
+    active: torch.Tensor,
+    samples: int,
+    ever_active: Sequence[torch.Tensor],
+    streaks: Sequence[torch.Tensor | None],
+    rare_below: float,
+) -> torch.Tensor:
+    """`unit_activity` of K outputs of one shape from their per-unit positive counts (`active` [K, units], rows of
+    `unit_positive_counts`), with a fixed number of device ops whatever K: each output's `ever_active` and `streak`
+    are updated in place (stacked, updated, written back by one `_foreach_copy_` each; a single output updates
+    them through a view). Returns [K, 3] float64 counts (dead, rare, never) on the device. `streaks` are all
+    tensors or all None."""
+    k = active.shape[0]
+    alive = active > 0
+    ever = ever_active[0][None] if k == 1 else torch.stack(list(ever_active))
+    ever.logical_or_(alive)
+    tracked = [s for s in streaks if s is not None]
+    if tracked:
+        if len(tracked) != k:
+            raise ValueError("unit_activity_device takes a streak for every output or for none")
+        streak = tracked[0][None] if k == 1 else torch.stack(tracked)
+        streak.add_(1).masked_fill_(alive, 0)
+    # Counted as the units minus those alive, not rare, ever active: one stack and one sum for the three.
+    kept = torch.stack([alive, active >= rare_below * samples, ever]).sum(2)
+    counts = torch.rsub(kept, active.shape[1]).t().to(torch.float64)
+    if k > 1:  # the stacked copies back into each output's own tensors
+        torch._foreach_copy_(list(ever_active), list(ever.unbind(0)))
+        if tracked:
+            torch._foreach_copy_(tracked, list(streak.unbind(0)))
+    return counts
 
 
 def unit_activity_rows(

@@ -70,8 +70,8 @@ class UpdateRatios:
         """The norms of every weight copied this step (see the class docstring); the copies are dropped."""
         out: dict[str, torch.Tensor] = {}
         try:
-            for pname, snap in self._tensors.items():
-                out[pname] = _tensor_ratio(params[pname], snap)
+            if self._tensors:
+                out.update(_tensor_ratios(self._tensors, params))
             if self._arrays:
                 out.update(_host_ratios(self._arrays, params, self._scratch))
             if len(self._device_rows):
@@ -137,23 +137,43 @@ def _host_ratios(
     return out
 
 
-def _tensor_ratio(p: torch.Tensor, snap: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
-    """Device ops, nothing read back: the device path's weights that `UpdateRows` does not take (float64, on a
-    second device, or large and exact)."""
-    idx, p0 = snap
-    cur = p.detach().reshape(-1)
-    if idx is not None:
-        cur = cur.index_select(0, idx)
-    d = (cur - p0).to(torch.float32)
-    vec = torch.stack([torch.linalg.vector_norm(d), torch.linalg.vector_norm(p0.to(torch.float32))])
-    return vec.to(torch.float64)
+def _tensor_ratios(
+    snaps: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]], params: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Device ops, nothing read back: the norms of the device path's weights that `UpdateRows` does not take (large
+    and exact, float64, on a second device), with a fixed number of ops per (device, dtype) group whatever the
+    number of weights: one `_foreach_sub`, two `_foreach_norm` (one multi-tensor kernel each on a GPU, accumulated
+    in float32 as the rows are; a weight per op was five launches), one stack. A weight replaced by one of another
+    size, dtype or device gets no ratio."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    for pname, (idx, p0) in snaps.items():
+        p = params.get(pname)
+        if p is None or p.dtype != p0.dtype or p.device != p0.device:
+            continue
+        cur = p.detach().reshape(-1)
+        if idx is not None:
+            if idx.device != cur.device:
+                continue
+            cur = cur.index_select(0, idx)
+        if cur.shape != p0.shape:
+            continue
+        groups.setdefault((p0.device, p0.dtype), []).append((pname, cur, p0))
+    out: dict[str, torch.Tensor] = {}
+    for (_, dtype), items in groups.items():
+        wide = None if dtype in (torch.float32, torch.float64) else torch.float32
+        before = [p0 for _, _, p0 in items]
+        deltas = torch._foreach_sub([cur for _, cur, _ in items], before)
+        norms = [*torch._foreach_norm(deltas, 2, wide), *torch._foreach_norm(before, 2, wide)]
+        both = torch.stack(norms).view(2, len(items)).to(torch.float64)
+        out.update((pname, both[:, j]) for j, (pname, _, _) in enumerate(items))
+    return out
 
 
 class UpdateRows(RowBatch):
     """The device path's (CUDA's) weight copies for the update ratios, as rows of one float32 buffer (zero past a
     weight's elements), compared with the updated weights in one set of ops for all of them in `ratios()` (each op a
     kernel launch on a GPU). float64 weights, and weights on another device than the first one taken, are left to
-    `_tensor_ratio`."""
+    `_tensor_ratios`."""
 
     def __init__(self, cap: int) -> None:
         # kept: name -> (row, numel, sample index); the rows: the copies before and after the update.
