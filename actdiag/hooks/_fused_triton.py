@@ -56,6 +56,7 @@ def moments_kernel(
     part_ptr,
     hist_ptr,
     K,
+    LAST,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
@@ -63,7 +64,8 @@ def moments_kernel(
     t = tl.load(prog_ptr + 3 * p)
     start = tl.load(prog_ptr + 3 * p + 1)  # a multiple of BLOCK
     end = tl.load(prog_ptr + 3 * p + 2)
-    base = tl.load(table_ptr + t)  # the tensor's offset from x_ptr, in elements
+    # The tensor's offset from x_ptr, in elements: the table's, but the last tensor's is LAST (fused._run says why).
+    base = tl.load(table_ptr + t) + tl.where(t == K - 1, LAST, 0)
     if ALIGNED:
         base = tl.multiple_of(base, 16)
     start = tl.multiple_of(start, BLOCK)
@@ -181,6 +183,7 @@ def linear_kernel(
     prog_ptr,
     rows_ptr,
     K,
+    LAST,
     C_MIN: tl.constexpr,
     C_MAX: tl.constexpr,
     C_LIN: tl.constexpr,
@@ -194,7 +197,7 @@ def linear_kernel(
     t = tl.load(prog_ptr + 3 * p)
     start = tl.load(prog_ptr + 3 * p + 1)
     end = tl.load(prog_ptr + 3 * p + 2)
-    base = tl.load(table_ptr + t)
+    base = tl.load(table_ptr + t) + tl.where(t == K - 1, LAST, 0)  # as in moments_kernel
     row = tl.load(table_ptr + 4 * K + t)
     if ALIGNED:
         base = tl.multiple_of(base, 16)

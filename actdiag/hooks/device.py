@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -138,13 +139,16 @@ def _exact_parts(flat: torch.Tensor, wide: bool) -> list[torch.Tensor]:
     return [count, total, mn, mx, torch.ones_like(count)]
 
 
-def _bin_counts(idx: torch.Tensor, total: int) -> torch.Tensor:
-    """Counts of each integer value (held in a float tensor) in [0, total) as float64, with no host synchronisation
-    on CUDA: there `bincount` reads its maximum back to size its output, `histc` with constant bounds does not
-    (its float32 counts are exact below 2**24, far above any sample cap)."""
+def _bin_counts(idx: torch.Tensor, total: int, float64: bool = True) -> torch.Tensor:
+    """Counts of each integer value (held in a float or integer tensor) in [0, total) as float64 (or, without
+    `float64`, in whatever type counts them, for a caller that copies them into a float64 buffer anyway), with no
+    host synchronisation on CUDA: there `bincount` reads its maximum back to size its output, `histc` with constant
+    bounds does not (its float32 counts are exact below 2**24, far above any sample cap)."""
     if idx.device.type == "cpu":
-        return torch.bincount(idx.to(torch.int32), minlength=total)[:total].to(torch.float64)
-    return torch.histc(idx.to(torch.float32), bins=total, min=-0.5, max=total - 0.5).to(torch.float64)
+        counts = torch.bincount(idx.to(torch.int32), minlength=total)[:total]
+    else:
+        counts = torch.histc(idx.to(torch.float32), bins=total, min=-0.5, max=total - 0.5)
+    return counts.to(torch.float64) if float64 else counts
 
 
 def fill_row(row: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor | None) -> None:
@@ -249,12 +253,45 @@ class DeviceBatch(RowBatch):
         self.sample_cap = sample_cap
         self._metas: dict[tuple[int, bool], StatsMeta] = {}
         self._large = False  # a row of this step holds a large tensor's sample (the fused kernel does not take it)
+        # Large tensors inside `together()`: held until it ends, then measured by one call of the fused kernel.
+        self._together = 0
+        self._held: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        self._measured: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}  # their vectors, until finish()
+
+    def together(self, guard: Callable[..., Any]) -> _Together:
+        """A reusable context: large tensors taken inside it (on the exact path, of a dtype the fused kernel takes,
+        where it is available) are held, not left to `tensor_stats`, and measured together by one call of the
+        fused kernel when the outermost block ends, through `guard(fn, held)` (the recorder's: a failure disables a
+        part instead of reaching the user's backward). A parameter's hook takes its weight and its gradient: three
+        launches for both instead of three each. Held only within the block, which runs inside one hook: nothing
+        changes them in place meanwhile, and no reference outlives it. (A class, not a generator: it is entered in
+        every parameter's hook, on the host path too.)"""
+        return _Together(self, guard)
+
+    def _measure_held(self, held: dict[Any, tuple[torch.Tensor, StatsMeta]]) -> None:
+        by_device: dict[torch.device, list[Any]] = {}
+        for key, (x, _) in held.items():
+            by_device.setdefault(x.device, []).append(key)
+        for keys in by_device.values():
+            vecs = fused.fused_vectors([held[key][0] for key in keys], bins=self.bins)
+            self._measured.update((key, (vecs[j], held[key][1])) for j, key in enumerate(keys))
+
+    def _hold(self, key: Any, x: torch.Tensor, n: int) -> StatsMeta:
+        self.discard(key)
+        meta = self._metas.get((n, False))
+        if meta is None:  # as tensor_stats gives it for the fused kernel: every element read, nothing sampled
+            meta = self._metas[(n, False)] = StatsMeta(numel=n, bins=self.bins, sample_n=n, estimated=False)
+        self._held[key] = (x.detach(), meta)
+        return meta
 
     def take(self, key: Any, x: torch.Tensor, estimate: bool = False) -> StatsMeta | None:
-        """Keep what `finish()` needs of `x` if it qualifies (see the class docstring); None otherwise."""
+        """Keep what `finish()` needs of `x` if it qualifies (see the class docstring and `together()`); None
+        otherwise."""
         n = x.numel()
         large = n > self.sample_cap
         device = self._store.device
+        if large and not estimate and self._together and fused.fused_supported(x) and fused.fused_available(x.device):
+            return self._hold(key, x, n)
         if n == 0 or x.dtype not in _BATCH_DTYPES or (large and not estimate) or device not in (None, x.device):
             return None
         self.discard(key)
@@ -282,25 +319,63 @@ class DeviceBatch(RowBatch):
         the kept ones on the device would need an index copied from the host); the fused kernel takes the kept rows'
         leading elements, the tensors themselves (the same offsets from step to step: its table stays cached)."""
         kept = self.kept
-        out: dict[Any, tuple[torch.Tensor, StatsMeta]] = {}
+        out, self._measured = self._measured, {}
         if kept:
             rows, exact = self._store.in_use()
             if not self._large and fused.fused_available(rows.device):
                 vecs = fused.fused_vectors([rows[k, : meta.numel] for k, meta in kept.values()], bins=self.bins)
-                out = {key: (vecs[j], meta) for j, (key, (_, meta)) in enumerate(kept.items())}
+                out.update((key, (vecs[j], meta)) for j, (key, (_, meta)) in enumerate(kept.items()))
             else:
                 vecs = _rows_stats(rows, exact, self.bins)
-                out = {key: (vecs[k], meta) for key, (k, meta) in kept.items()}
+                out.update((key, (vecs[k], meta)) for key, (k, meta) in kept.items())
         self.clear()
         return out
+
+    def discard(self, key: Any) -> None:
+        super().discard(key)
+        self._held.pop(key, None)
+        self._measured.pop(key, None)
+
+    def keys(self) -> list[Any]:
+        return [*self.kept, *self._held, *self._measured]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.kept or key in self._held or key in self._measured
+
+    def __len__(self) -> int:
+        return len(self.kept) + len(self._held) + len(self._measured)
 
     def clear(self) -> None:
         super().clear()
         self._large = False
+        self._held = {}
+        self._measured = {}
 
     def release(self) -> None:
         super().release()
         self._large = False
+        self._held = {}
+        self._measured = {}
+
+
+class _Together:
+    """`DeviceBatch.together()`'s context."""
+
+    __slots__ = ("batch", "guard")
+
+    def __init__(self, batch: DeviceBatch, guard: Callable[..., Any]) -> None:
+        self.batch = batch
+        self.guard = guard
+
+    def __enter__(self) -> None:
+        self.batch._together += 1
+
+    def __exit__(self, *exc: object) -> None:
+        batch = self.batch
+        batch._together -= 1
+        if not batch._together and batch._held:
+            held, batch._held = batch._held, {}
+            self.guard(batch._measure_held, held)
 
 
 def _rows_stats(rows: torch.Tensor, exact: torch.Tensor, bins: int) -> torch.Tensor:

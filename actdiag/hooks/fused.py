@@ -26,8 +26,9 @@ plus the partials (`PARTIAL_BYTES` per program; a tensor of n >= CHUNK elements 
 so under 0.07 byte per element). Whole blocks are read without a mask, so that the loads are vectorised. A batch
 needs one small table (where each tensor starts, its size, its programs): it is built on the host, copied to the
 device in one asynchronous copy from pinned memory and cached, keyed by the tensors' sizes and their offsets from
-the first one's memory (a batch of rows of one buffer, the same from step to step, hits the cache; so does any
-single contiguous tensor of a known size). Non-contiguous tensors are made contiguous first (a copy); a batch of
+the first one's memory but the last one's, which the kernels take as an argument (a batch of rows of one buffer,
+the same from step to step, hits the cache; so does any single contiguous tensor of a known size, and any pair of
+tensors of known sizes, such as a weight and its gradient). Non-contiguous tensors are made contiguous first (a copy); a batch of
 several dtypes makes one set of launches per dtype; float64 and integer tensors are not taken (the torch path
 measures them: `fused_supported`).
 
@@ -297,7 +298,13 @@ def _run(
     ptr0 = base.data_ptr()
     offsets = [(f.data_ptr() - ptr0) // size if f.numel() else 0 for f in flat]
     numels = [f.numel() for f in flat]
-    plan = _plan(offsets, numels, out_rows, rows.device)
+    # The last tensor's offset is passed to the kernels as an argument (LAST), not in the cached table: a tensor
+    # and another of its own allocation (a weight and its gradient, measured together by DeviceBatch.together)
+    # are then one table whatever their addresses, which change from step to step. Each new table is a copy to
+    # the device.
+    last = offsets[-1]
+    plan = _plan([*offsets[:-1], 0], numels, out_rows, rows.device)
+    aligned = plan.aligned and last % 16 == 0
     k = len(flat)
     n_parts = max(plan.n_progs, 1)
     parts = torch.empty((n_parts, 7), dtype=torch.float64, device=rows.device)
@@ -313,8 +320,9 @@ def _run(
             parts,
             hists,
             k,
+            last,
             BLOCK=BLOCK,
-            ALIGNED=plan.aligned,
+            ALIGNED=aligned,
         )
     _launch(
         combine,
@@ -347,6 +355,7 @@ def _run(
             plan.progs,
             rows,
             k,
+            last,
             C_MIN=cols.min,
             C_MAX=cols.max,
             C_LIN=cols.lin,
@@ -354,5 +363,5 @@ def _run(
             BINS=bins,
             LIN_P2=lin_p2,
             BLOCK=BLOCK,
-            ALIGNED=plan.aligned,
+            ALIGNED=aligned,
         )

@@ -159,6 +159,7 @@ class Recorder:
         self._aliases: dict[Key, Key] = {}
         self._host_batch = HostBatch(bins, sample_cap)  # the host path's tensors, measured together in end()
         self._device_batch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
+        self._param_together = self._device_batch.together(partial(self._guard, "weights"))
         self._updates = UpdateRatios(sample_cap)  # weight copies for the update ratios
         self._lost = LostUpdateCounts(sample_cap)  # float16/bfloat16 weights: updates that rounded away
         self._calls: dict[str, int] = {}
@@ -519,6 +520,10 @@ class Recorder:
         self._guard("gradients", self._put_stats, key, measured, _dist.KIND_STATS, grad)
 
     def _param_grad_hook(self, pname: str, p: torch.Tensor) -> None:
+        with self._param_together:  # a large weight and its gradient: one call of the fused kernel for both
+            self._param_grad(pname, p)
+
+    def _param_grad(self, pname: str, p: torch.Tensor) -> None:
         # No torch.no_grad() here (entering and leaving it costs more than some hooks' work): every path detaches
         # the tensors it reads before any op, so no graph is recorded either way.
         if not self._recording or p.grad is None:

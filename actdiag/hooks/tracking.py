@@ -101,7 +101,7 @@ class UnitStreaks:
         keys = s.clamp(max=STREAK_BINS - 1)
         if k_rows > 1:
             keys += self._constant(("offsets", k_rows), device, lambda: torch.arange(k_rows, dtype=torch.int32)[:, None] * STREAK_BINS)
-        hist = _bin_counts(keys.reshape(-1), k_rows * STREAK_BINS).view(k_rows, STREAK_BINS)
+        hist = _bin_counts(keys.reshape(-1), k_rows * STREAK_BINS, float64=False).view(k_rows, STREAK_BINS)
         # Longest streak first, ties to the lowest index: the score orders by streak, then by reversed index.
         rev = self._constant(("rev", units), device, lambda: units - 1 - torch.arange(units))
         top = torch.topk(torch.add(rev, s, alpha=units), top_k, dim=1).indices

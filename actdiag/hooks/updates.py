@@ -196,16 +196,24 @@ class UpdateRows(RowBatch):
         for every kept weight still of its size, dtype class and device; the rows are then cleared."""
         before, now = self._store.in_use()
         rows: dict[str, int] = {}
+        whole: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # float32 weights copied whole: one copy
         for pname, (k, n, idx) in self.kept.items():
             p = params.get(pname)
             if p is None or p.numel() != n or p.dtype not in _BATCH_DTYPES or p.device != before.device:
                 continue  # replaced by a tensor of another size or kind, or moved: no ratio
-            fill_row(now[k], p.detach().reshape(-1), idx)
+            flat = p.detach().reshape(-1)
+            if idx is None and flat.dtype == torch.float32:
+                whole[0].append(now[k, :n])
+                whole[1].append(flat)
+            else:
+                fill_row(now[k], flat, idx)
             rows[pname] = k
-        d = now - before
-        norms = torch.stack([d.square().sum(1), before.square().sum(1)], dim=1).sqrt().to(torch.float64)
+        if whole[0]:
+            torch._foreach_copy_(*whole)  # one multi-tensor kernel on a GPU
+        # The difference in place, both norms of every row by one reduction (zero past a weight's elements).
+        norms = torch.linalg.vector_norm(torch.stack([now.sub_(before), before]), dim=2).to(torch.float64)
         self.clear()
-        return {pname: norms[k] for pname, k in rows.items()}
+        return {pname: norms[:, k] for pname, k in rows.items()}
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)

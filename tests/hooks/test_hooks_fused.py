@@ -308,6 +308,25 @@ def check_rows_of_one_buffer(device: str) -> None:
         assert_matches(second, k, x)
 
 
+def check_a_pair_of_allocations_keeps_one_table(device: str) -> None:
+    """Two tensors of their own allocations (a weight and its gradient, as DeviceBatch.together measures them): new
+    addresses at every call, one cached table (the last tensor's offset is the kernels' argument), the reference's
+    statistics each time, either way round in memory."""
+    g = _gen(13)
+    plans = len(fused._PLANS)
+    for step in range(3):
+        keep = [torch.empty(step * 4099 + 1, device=device) for _ in range(step)]  # other addresses each time
+        w = (torch.randn(3000, generator=g) * 0.5 + step).to(device)
+        grad = torch.randn(40, 70, generator=g).to(device)
+        grad[3, ::7] = math.nan
+        pair = [w, grad] if step % 2 else [grad, w]
+        got = fused.fused_stats(pair)
+        for k, x in enumerate(pair):
+            assert_matches(got, k, x)
+        del keep
+    assert len(fused._PLANS) - plans <= 2  # one table per order of the two sizes
+
+
 def check_vectors_follow_the_stats_layout(device: str) -> None:
     """`vectors` is the layout of stats.tensor_stats: its masked path (the device path's) gives the same row."""
     from actdiag.hooks.stats import tensor_stats
@@ -405,7 +424,7 @@ def check_device_batch_takes_the_kernel(device: str) -> None:
 
 def check_recorded_step_takes_the_kernel(device: str) -> None:
     """A recorded step on the device path with ACTDIAG_FUSED=1: every measured tensor (the step's batch of small
-    ones and the large ones alone) from the kernel, equal to the float64 reference with nothing sampled, and its
+    ones, the large ones alone, a large weight with its gradient) from the kernel, equal to the float64 reference with nothing sampled, and its
     exact fields equal to the torch path's (ACTDIAG_FUSED=0). Estimating (exact=False), the batch holds large rows
     and the step stays on the torch path."""
     cap = 1024
@@ -414,7 +433,13 @@ def check_recorded_step_takes_the_kernel(device: str) -> None:
     assert set(stats) == set(seen)
     large = [name for name, t in seen.items() if t.numel() > cap]
     assert len(large) >= 4, "large tensors are among them"
-    assert len(launches) == 3 * (1 + len(large))  # the batch's three, three per large tensor
+    # The batch's three; three per large output or output gradient; three per large parameter, for its weight and
+    # its gradient together (measured in one hook: DeviceBatch.together).
+    alone = [name for name in large if name.endswith((".act", ".grad"))]
+    params = [name for name in large if name.endswith(".weight")]
+    assert {f"{name[: -len('.weight')]}.wgrad" for name in params} <= set(large)
+    assert len(launches) == 3 * (1 + len(alone) + len(params))
+    assert len(launches) < 3 * (1 + len(large))
     for name, x in seen.items():
         s = stats[name]
         assert s is not None, name
