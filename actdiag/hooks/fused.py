@@ -28,9 +28,9 @@ needs one small table (where each tensor starts, its size, its programs): it is 
 device in one asynchronous copy from pinned memory and cached, keyed by the tensors' sizes and their offsets from
 the first one's memory but the last one's, which the kernels take as an argument (a batch of rows of one buffer,
 the same from step to step, hits the cache; so does any single contiguous tensor of a known size, and any pair of
-tensors of known sizes, such as a weight and its gradient). Non-contiguous tensors are made contiguous first (a copy); a batch of
-several dtypes makes one set of launches per dtype; float64 and integer tensors are not taken (the torch path
-measures them: `fused_supported`).
+tensors of known sizes, such as a weight and its gradient). Non-contiguous tensors are made contiguous first (a
+copy); a batch of several dtypes makes one set of launches per dtype; float64 and integer tensors are not taken (the
+torch path measures them: `fused_supported`).
 
 Selection: `fused_available(device)` is true on CUDA when triton imports; `ACTDIAG_FUSED=1` forces it on any device,
 `ACTDIAG_FUSED=0` turns it off. On CPU tensors the kernels run only in Triton's interpreter (TRITON_INTERPRET=1, set

@@ -3,10 +3,11 @@
 A unit that dies in training was alive at step 0, so an "ever active" mask (OR-ed since the first step) never
 calls it dead. Instead each ReLU-family layer call keeps, per unit, its *streak*: the number of its latest recorded
 calls in which it produced no positive output for any sample (0: active in the latest one). The streak is updated
-in place on the output's device by `stats.unit_activity` (no read-back of its own), and each recorded step reads
-back only a fixed-size summary: how many units have each streak length (lengths from `STREAK_BINS` on are pooled)
-and the indices of the longest-silent units. The rules decide from the summary which streak counts as dead (their
-window K, `Thresholds.dead_window`), so the recorder holds no threshold.
+in place on the output's device by `stats.unit_activity` (no read-back of its own; on the device path by
+`DeviceUnits`, once for all of a step's outputs of one shape), and each recorded step reads back only a fixed-size
+summary (`UnitStreaks.summaries`, once per unit count): how many units have each streak length (lengths from
+`STREAK_BINS` on are pooled) and the indices of the longest-silent units. The rules decide from the summary which
+streak counts as dead (their window K, `Thresholds.dead_window`), so the recorder holds no threshold.
 
 Memory: one int32 per unit and a short deque of step numbers per layer call, whatever the run's length.
 """
@@ -79,7 +80,7 @@ class UnitStreaks:
         for i, key in enumerate(calls):
             streak = self._tracks[key].streak
             groups.setdefault((streak.shape[0], streak.device), []).append(i)
-        for (units, device), rows in groups.items():
+        for (_, device), rows in groups.items():
             streaks = [self._tracks[calls[i]].streak for i in rows]
             vecs: torch.Tensor | np.ndarray
             if device.type == "cpu" and numpy:
@@ -99,11 +100,11 @@ class UnitStreaks:
         device = s.device
         top_k = min(UNIT_EXAMPLES, units)
         keys = s.clamp(max=STREAK_BINS - 1)
-        if k_rows > 1:
-            keys += self._constant(("offsets", k_rows), device, lambda: torch.arange(k_rows, dtype=torch.int32)[:, None] * STREAK_BINS)
+        if k_rows > 1:  # each row's bins offset into a block of its own
+            keys += self._constant(("offsets", k_rows), device, lambda: _row_offsets(k_rows, device))
         hist = _bin_counts(keys.reshape(-1), k_rows * STREAK_BINS, float64=False).view(k_rows, STREAK_BINS)
         # Longest streak first, ties to the lowest index: the score orders by streak, then by reversed index.
-        rev = self._constant(("rev", units), device, lambda: units - 1 - torch.arange(units))
+        rev = self._constant(("rev", units), device, lambda: units - 1 - torch.arange(units, device=device))
         top = torch.topk(torch.add(rev, s, alpha=units), top_k, dim=1).indices
         out = torch.empty((k_rows, STREAK_BINS + 2 * top_k), dtype=torch.float64, device=device)
         out[:, :STREAK_BINS] = hist
@@ -112,10 +113,10 @@ class UnitStreaks:
         return out
 
     def _constant(self, key: tuple[str, int], device: torch.device, make: Any) -> torch.Tensor:
-        """The tensor `make()` on `device`, made once (each is a copy to the device, kept across steps)."""
+        """The tensor `make()` (made on `device`: no copy from the host) once, kept across steps."""
         t = self._constants.get((*key, device))
         if t is None:
-            t = self._constants[(*key, device)] = make().to(device)
+            t = self._constants[(*key, device)] = make()
         return t
 
     def decode(self, name: str, call: int, vec: np.ndarray, never: int) -> UnitActivity:
@@ -136,6 +137,10 @@ class UnitStreaks:
             calls=track.calls,
             examples=tuple((i, n) for i, n in zip(idx, lengths, strict=True) if n > 0),
         )
+
+
+def _row_offsets(k_rows: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(k_rows, dtype=torch.int32, device=device)[:, None] * STREAK_BINS
 
 
 def _numpy_summaries(s: np.ndarray) -> np.ndarray:

@@ -424,9 +424,9 @@ def check_device_batch_takes_the_kernel(device: str) -> None:
 
 def check_recorded_step_takes_the_kernel(device: str) -> None:
     """A recorded step on the device path with ACTDIAG_FUSED=1: every measured tensor (the step's batch of small
-    ones, the large ones alone, a large weight with its gradient) from the kernel, equal to the float64 reference with nothing sampled, and its
-    exact fields equal to the torch path's (ACTDIAG_FUSED=0). Estimating (exact=False), the batch holds large rows
-    and the step stays on the torch path."""
+    ones, the large ones alone, a large weight with its gradient) from the kernel, equal to the float64 reference
+    with nothing sampled, and its exact fields equal to the torch path's (ACTDIAG_FUSED=0). Estimating
+    (exact=False), the batch holds large rows and the step stays on the torch path."""
     cap = 1024
     got, seen, launches = record_step(device, "1", exact=True, cap=cap)
     stats = measured(got)
