@@ -202,8 +202,8 @@ def unit_activity_device(
         streak = tracked[0][None] if k == 1 else torch.stack(tracked)
         streak.add_(1).masked_fill_(alive, 0)
     # Counted as the units minus those alive, not rare, ever active: one stack and one sum for the three.
-    kept = torch.stack([alive, active >= rare_below * samples, ever]).sum(2)
-    counts = torch.rsub(kept, active.shape[1]).t().to(torch.float64)
+    kept = torch.stack([alive, active >= rare_below * samples, ever]).sum(2, dtype=torch.float64)
+    counts = torch.rsub(kept, active.shape[1]).t()
     if k > 1:  # the stacked copies back into each output's own tensors
         torch._foreach_copy_(list(ever_active), list(ever.unbind(0)))
         if tracked:

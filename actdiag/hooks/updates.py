@@ -142,8 +142,9 @@ def _tensor_ratios(
 ) -> dict[str, torch.Tensor]:
     """Device ops, nothing read back: the norms of the device path's weights that `UpdateRows` does not take (large
     and exact, float64, on a second device), with a fixed number of ops per (device, dtype) group whatever the
-    number of weights: one `_foreach_sub`, two `_foreach_norm` (one multi-tensor kernel each on a GPU, accumulated
-    in float32 as the rows are; a weight per op was five launches), one stack. A weight replaced by one of another
+    number of weights: one `_foreach_sub`, one `_foreach_norm` of the differences and the copies (each one
+    multi-tensor kernel on a GPU, accumulated in float32 as the rows are; a weight per op was five launches), one
+    stack. A weight replaced by one of another
     size, dtype or device gets no ratio."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
     for pname, (idx, p0) in snaps.items():
@@ -163,21 +164,21 @@ def _tensor_ratios(
         wide = None if dtype in (torch.float32, torch.float64) else torch.float32
         before = [p0 for _, _, p0 in items]
         deltas = torch._foreach_sub([cur for _, cur, _ in items], before)
-        norms = [*torch._foreach_norm(deltas, 2, wide), *torch._foreach_norm(before, 2, wide)]
-        both = torch.stack(norms).view(2, len(items)).to(torch.float64)
+        both = torch.stack(torch._foreach_norm([*deltas, *before], 2, wide)).view(2, len(items)).to(torch.float64)
         out.update((pname, both[:, j]) for j, (pname, _, _) in enumerate(items))
     return out
 
 
 class UpdateRows(RowBatch):
     """The device path's (CUDA's) weight copies for the update ratios, as rows of one float32 buffer (zero past a
-    weight's elements), compared with the updated weights in one set of ops for all of them in `ratios()` (each op a
-    kernel launch on a GPU). float64 weights, and weights on another device than the first one taken, are left to
-    `_tensor_ratios`."""
+    weight's elements; each row's first half takes the weight after the update, its second the copy before it),
+    compared with the updated weights in one set of ops for all of them in `ratios()` (each op a kernel launch on a
+    GPU). float64 weights, and weights on another device than the first one taken, are left to `_tensor_ratios`."""
 
     def __init__(self, cap: int) -> None:
-        # kept: name -> (row, numel, sample index); the rows: the copies before and after the update.
-        super().__init__(RowStore((cap, torch.float32, 0.0), (cap, torch.float32, 0.0)))
+        # kept: name -> (row, numel, sample index); a row: the weight after the update (then the difference), then
+        # its copy before it (one buffer: one reset, and both norms of every row by one reduction, in that order).
+        super().__init__(RowStore((2 * cap, torch.float32, 0.0)))
         self.cap = cap
 
     def take(self, pname: str, flat: torch.Tensor) -> bool:
@@ -187,14 +188,16 @@ class UpdateRows(RowBatch):
         n = flat.numel()
         idx = _SAMPLES.get(n, self.cap, flat.device) if n > self.cap else None
         k = self._store.next_row(flat.device)
-        fill_row(self._store.buffers[0][k], flat, idx)
+        fill_row(self._store.buffers[0][k, self.cap :], flat, idx)
         self.kept[pname] = (k, n, idx)
         return True
 
     def ratios(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """[||w_now - w_before||, ||w_before||] over each kept weight's copy, as float64 2-vectors on the device,
         for every kept weight still of its size, dtype class and device; the rows are then cleared."""
-        before, now = self._store.in_use()
+        (both,) = self._store.in_use()
+        pairs = both.view(both.shape[0], 2, self.cap)
+        now, before = pairs[:, 0], pairs[:, 1]
         rows: dict[str, int] = {}
         whole: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # float32 weights copied whole: one copy
         for pname, (k, n, idx) in self.kept.items():
@@ -210,10 +213,10 @@ class UpdateRows(RowBatch):
             rows[pname] = k
         if whole[0]:
             torch._foreach_copy_(*whole)  # one multi-tensor kernel on a GPU
-        # The difference in place, both norms of every row by one reduction (zero past a weight's elements).
-        norms = torch.linalg.vector_norm(torch.stack([now.sub_(before), before]), dim=2).to(torch.float64)
+        now.sub_(before)  # the difference in place: both norms of every row by one reduction
+        norms = torch.linalg.vector_norm(pairs, dim=2).to(torch.float64)
         self.clear()
-        return {pname: norms[:, k] for pname, k in rows.items()}
+        return {pname: norms[k] for pname, k in rows.items()}
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
