@@ -7,6 +7,7 @@ arithmetic, can set what a recorded step costs. This is the one GPU figure that 
     python bench/count_ops.py --models gpt --write BENCHMARKS.md
     python bench/count_ops.py --smoke              # seconds; what tests/bench/test_bench_smoke.py runs
     python bench/count_ops.py --fused --write BENCHMARKS.md   # the fused Triton kernel's launches (needs triton)
+    python bench/count_ops.py --fused --breakdown --models mlp  # and where the recorder's ops go, to stderr
 
 Op counts do not depend on batch or sequence sizes, so the GPT row uses GPT-2 small's layout (12 layers, d=768,
 12 heads, vocab 50257, untied head) at batch 1 and 128 tokens. Views (reshape, select, slice, detach) are ATen ops
@@ -32,6 +33,8 @@ import argparse
 import contextlib
 import os
 import sys
+import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,26 @@ def _gpt2_layout(smoke: bool, device: str = "cpu") -> bench_step.Workload:
     )
 
 
+class _ByPart(_Counter):
+    """`_Counter` that also counts the launching ops by the actdiag function that dispatched them (the innermost
+    frame under actdiag/ of the stack), for `--breakdown`: slow, a stack walk per op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: Counter[tuple[str, str]] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name not in _VIEWS and name not in _ALLOCS:
+            where = "the model and optimizer"
+            for frame in reversed(traceback.extract_stack()[:-1]):
+                if f"{os.sep}actdiag{os.sep}" in frame.filename and "functional.py" not in frame.filename:
+                    where = f"{Path(frame.filename).stem}.{frame.name}"
+                    break
+            self.parts[(where, name)] += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 def counted(fn: Callable[[], Any]) -> tuple[int, int]:
     """(ATen ops that are not views, views) that one call of `fn` dispatches: on a GPU the first are (at least) one
     kernel launch each."""
@@ -96,10 +119,13 @@ def counted(fn: Callable[[], Any]) -> tuple[int, int]:
     return c.ops, c.views
 
 
-def launched(fn: Callable[[], Any]) -> int:
-    """ATen ops of one call of `fn` that launch a kernel on a GPU: neither views nor allocations."""
-    with _Counter() as c:
+def launched(fn: Callable[[], Any], parts: Counter[tuple[str, str]] | None = None) -> int:
+    """ATen ops of one call of `fn` that launch a kernel on a GPU: neither views nor allocations. With `parts`, they
+    are also counted there by (actdiag function, op) (`_ByPart`)."""
+    with _Counter() if parts is None else _ByPart() as c:
         fn()
+    if parts is not None and isinstance(c, _ByPart):
+        parts.update(c.parts)
     return c.ops - c.allocs
 
 
@@ -175,7 +201,7 @@ def _counted_part(counter: _Counter, fn: Callable[..., Any]) -> Callable[..., An
     return wrapped
 
 
-def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
+def count_fused(load: bench_step.Workload, run: bool, breakdown: bool = False) -> dict[str, Any]:
     """One recorded step on the exact path (every=1, accuracy="exact"): its ops apart from measuring the tensors, the
     tensors it measures, and the fused path's ops and launches for them, both ways (module docstring)."""
     from unittest import mock
@@ -246,8 +272,11 @@ def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
                 bench_step.train_step(model, opt, load)
                 monitor.step()
             launches.clear()
-            ops = launched(lambda: (bench_step.train_step(model, opt, load), monitor.step()))
+            parts: Counter[tuple[str, str]] | None = Counter() if breakdown else None
+            ops = launched(lambda: (bench_step.train_step(model, opt, load), monitor.step()), parts)
         ways["recorder"] = (ops - plain_launched, len(launches))
+        if parts is not None:
+            parts.update(("fused._launch", name) for name in launches)
     elems = sum(t.numel() for t in supported)
     copied = sum(t.numel() for t in supported if not t.is_contiguous())
     programs = sum(fused.programs(t.numel()) for t in supported)
@@ -260,7 +289,19 @@ def count_fused(load: bench_step.Workload, run: bool) -> dict[str, Any]:
         "unsupported": (len(others), other_ops),
         "ways": ways,
         "bytes_per_element": read / max(elems, 1),
+        "parts": parts,
     }
+
+
+def _breakdown(model: str, parts: Counter[tuple[str, str]]) -> str:
+    """The recorded step's launching ops (the plain step's included) by function, most first, each with its ops."""
+    by_fn: dict[str, Counter[str]] = {}
+    for (where, op), n in parts.items():
+        by_fn.setdefault(where, Counter())[op] += n
+    lines = [f"{model}: a recorded step's ATen ops and Triton launches by where they are made (--breakdown)"]
+    for where, ops in sorted(by_fn.items(), key=lambda item: -item[1].total()):
+        lines.append(f"{ops.total():7d}  {where}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
+    return "\n".join(lines)
 
 
 def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
@@ -281,7 +322,9 @@ def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str
         # Run on CUDA, the models train there too (the plain step's ops are then the GPU's: AdamW's foreach path).
         dev = "cuda" if run else "cpu"
         load = _gpt2_layout(args.smoke, dev) if name == "gpt" else bench_step.workload(name, args.smoke, dev)
-        got = count_fused(load, run)
+        got = count_fused(load, run, args.breakdown)
+        if args.breakdown:
+            print(_breakdown(name, got["parts"]), file=sys.stderr, flush=True)
         n, plain, rest = got["tensors"], got["plain"], got["rest"]
         cells = [f"{name}: {load.description}", str(plain), str(n), str(rest + got["measuring"]),
                  str(got["measuring"])]  # fmt: skip
@@ -311,6 +354,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument("--smoke", action="store_true", help="tiny models")
     p.add_argument("--write", type=Path, default=None, help="replace the op-count table in this Markdown file")
     p.add_argument("--fused", action="store_true", help="count the fused Triton kernel's launches (needs triton)")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="with --fused: print where the recorder's ops go (by actdiag function) to stderr",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="with --fused: cuda runs the kernels while counting (the counts are the same)")  # fmt: skip
     args = p.parse_args(argv)
