@@ -142,10 +142,10 @@ def _tensor_ratios(
 ) -> dict[str, torch.Tensor]:
     """Device ops, nothing read back: the norms of the device path's weights that `UpdateRows` does not take (large
     and exact, float64, on a second device), with a fixed number of ops per (device, dtype) group whatever the
-    number of weights: one `_foreach_sub`, one `_foreach_norm` of the differences and the copies (each one
-    multi-tensor kernel on a GPU, accumulated in float32 as the rows are; a weight per op was five launches), one
-    stack. A weight replaced by one of another
-    size, dtype or device gets no ratio."""
+    number of weights: one `_foreach_sub`, one `_foreach_norm` of the differences and the copies together (each a
+    multi-tensor kernel on a GPU; a weight per op was five launches), one stack. Half-precision weights are normed
+    in float32, as the rows are; float64 ones in float64. A weight replaced by one of another size, dtype or device
+    gets no ratio."""
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
     for pname, (idx, p0) in snaps.items():
         p = params.get(pname)
