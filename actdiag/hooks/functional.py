@@ -1,8 +1,9 @@
 """Activations applied as functions, and which layers produce the model's output: the module stack of a recorded
 step's forward pass.
 
-`ForwardTracker` is installed by the recorder for one recorded step (with its module hooks, removed with them).
-Forward pre-hooks and forward hooks on every module of the model keep the stack of module calls in progress.
+`ForwardTracker` is installed by the recorder for one recorded step (its hooks are removed with the recorder's).
+A global forward pre-hook and forward hook (torch's, for every module of the process; other modules are passed
+over) keep the stack of the model's module calls in progress and call the recorder's measurement (`install`).
 
 * **Functional activations** (`F.relu`, `torch.tanh`, `x.sigmoid()`, `F.gelu(x)`, ... see `FUNCTIONS`) are seen by
   a `TorchFunctionMode` entered when the outermost module call of the step starts and left when it returns, so it
@@ -34,6 +35,7 @@ Forward pre-hooks and forward hooks on every module of the model keep the stack 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -44,6 +46,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from actdiag.hooks.modules import first_tensor
@@ -57,6 +60,9 @@ MAX_GRAPH_NODES = 512
 # activation that starts being called later (a branch taken after warm-up) is missed on at most this many recorded
 # steps, and a model without one pays for one probe per this many recorded steps.
 PROBE_BACKOFF_CAP = 32
+
+# The start of what torch.compile's OptimizedModule warns on each call while any global module hook is registered.
+_COMPILE_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,18 +196,21 @@ class ForwardTracker:
     """The module stack of one recorded step's forward pass (see the module docstring)."""
 
     def __init__(
-        self, recorder: _Host, model: nn.Module, *, functional: bool, probe: FunctionalProbe | None = None
+        self,
+        recorder: _Host,
+        model: nn.Module,
+        *,
+        functional: bool,
+        probe: FunctionalProbe | None = None,
+        names: Mapping[int, str] | None = None,
     ) -> None:
         self.recorder = recorder
         self.model = model
         self.probe = FunctionalProbe() if probe is None else probe  # a tracker's own: every recorded step probes
-        self.modules: list[tuple[str, nn.Module]] = []
-        seen: set[int] = set()
-        for name, module in model.named_modules():  # a shared module keeps its first name, as in select_modules
-            if id(module) not in seen:
-                seen.add(id(module))
-                self.modules.append((name, module))
+        self.names = module_names(model) if names is None else names  # id(module) -> name, the model's modules
         self.mode = _Mode(self) if functional else None
+        self._targets: Mapping[int, str] = {}  # id(module) -> name, the modules the recorder measures
+        self._trailed: set[int] = set()  # modules whose own forward hooks run before _post (see install)
         self._entered = False
         self._paused: int | None = None  # the stack depth of the fast-path module the mode was left for
         self._held: int | None = None  # the stack length when the mode was left for a module's forward hooks
@@ -211,16 +220,37 @@ class ForwardTracker:
         self._root_marks: list[_Call] = []
         self._last_marks: list[_Call] = []
 
-    def install(self) -> list[Any]:
-        """Register the hooks (after the recorder's own forward hooks, so that a module's record exists when its
-        hook here runs); the caller owns the handles."""
-        handles = []
-        for name, module in self.modules:
-            handles.append(module.register_forward_pre_hook(partial(self._pre, name)))
-            if self.mode is not None:
-                # First of the module's forward hooks (prepended): the mode is left for all of them until _post.
-                handles.append(module.register_forward_hook(self._hooks_start, prepend=True))
-            handles.append(module.register_forward_hook(partial(self._post, name), always_call=True))
+    def install(self, targets: Mapping[int, str]) -> list[Any]:
+        """Register the step's hooks and return their handles (the caller owns them): one global forward pre-hook
+        and one global forward hook (`always_call`), which run for every module called in the process and return
+        at once for a module not of this model (one dict lookup), and call the recorder's `_forward_hook` for the
+        modules in `targets`.
+
+        Global hooks instead of a hook per module: a recorded step registers two hooks, not a few per module (each
+        registration is a handle, a closure and weak references that live through the step, and a deep model has
+        thousands of them). Torch runs global hooks before a module's own, so the user's own hooks on a module
+        (and a library's) now run after ours:
+        * a forward pre-hook of the user's that changes the inputs: the forward sees the changed inputs, as before;
+          the outermost module's pre-hooks run under the mode (entered by ours);
+        * a forward hook of the user's that replaces a module's output: the recorder measures the module's own
+          output (the one its forward returned), not the replacement; the parent module computes with the
+          replacement, which is the tensor the output layer is traced through (_post runs after the user's hooks).
+        The user's forward hooks still run without the mode: a module that has forward hooks of its own when the
+        step's hooks are installed gets one more, `always_call`, after them, which runs `_post` (and enters the
+        mode again). A forward hook registered during a recorded step (or while hooks are kept) runs under it.
+        """
+        self._targets = targets
+        self._trailed = set()
+        handles: list[Any] = [
+            _CompileWarningSilenced(),
+            register_module_forward_pre_hook(self._global_pre),
+            register_module_forward_hook(self._global_post, always_call=True),
+        ]
+        for module in self.model.modules():
+            name = self.names.get(id(module))
+            if name is not None and module._forward_hooks:
+                handles.append(module.register_forward_hook(partial(self._post, name), always_call=True))
+                self._trailed.add(id(module))
         return handles
 
     def close(self) -> None:
@@ -245,6 +275,28 @@ class ForwardTracker:
             call.output = True
 
     # ------------------------------------------------------------------ hooks
+    def _global_pre(self, module: nn.Module, args: Any) -> None:
+        name = self.names.get(id(module))
+        if name is not None:
+            self._pre(name, module, args)
+
+    def _global_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        # In the order the per-module hooks ran: the mode is left, the recorder measures, _post closes the call
+        # (here, or in the module's last hook when it has forward hooks of its own). Torch also calls an
+        # always_call hook after the forward raised, with no output: nothing to measure then, and _post still
+        # runs. If the recorder raises (strict), _post runs all the same.
+        try:
+            self._hooks_start(module, args, output)
+            target = self._targets.get(id(module))
+            if target is not None and output is not None:
+                self.recorder._forward_hook(target, module, args, output)
+        finally:
+            if id(module) not in self._trailed:
+                self._post(name, module, args, output)
+
     def _pre(self, name: str, module: nn.Module, args: Any) -> None:
         if (
             not self._stack
@@ -369,6 +421,32 @@ class ForwardTracker:
         # Graph nodes are held only while the forward pass runs: the graph is the user's to free.
         self._producers = {}
         self._tensors = {}
+
+
+class _CompileWarningSilenced:
+    """While the step's hooks are registered, torch.compile's wrapper module is not to warn that global hooks fire
+    once more for it: true, and harmless here (the wrapper is not one of the model's modules: it is passed over
+    like any other). Only that warning, only while the hooks are registered; removed with them (`remove`)."""
+
+    def __init__(self) -> None:
+        warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
+        self.entry = warnings.filters[0]
+
+    def remove(self) -> None:
+        try:
+            warnings.filters.remove(self.entry)  # type: ignore[attr-defined]  # a list, typed as a Sequence
+        except ValueError:  # gone already (a catch_warnings block of the user's restored the filters)
+            return
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> qualified name, for every module of `model`; a shared module keeps its first name, as in
+    select_modules."""
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    return names
 
 
 def _top_mode() -> Any:

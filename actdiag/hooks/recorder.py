@@ -2,7 +2,8 @@
 
 Life of a recorded step (see the package docstring for the design):
 
-    begin(step)  module forward hooks and parameter post-accumulate-grad hooks are registered; nothing is computed,
+    begin(step)  global module forward hooks (ForwardTracker.install: torch's, passing over other models' modules)
+                 and parameter post-accumulate-grad hooks are registered; nothing is computed,
                  so the step before a recorded one costs only the registration
     forward      each selected module's forward hook computes its output's statistics on the output's device and,
                  if the output takes part in autograd, registers a tensor hook on it for the gradient; ReLU-family
@@ -36,7 +37,7 @@ from actdiag.hooks import merge as _dist
 from actdiag.hooks.compiled import _EAGER
 from actdiag.hooks.decode import LayerCall, as_tensor, decode_step, read_back
 from actdiag.hooks.device import DeviceBatch
-from actdiag.hooks.functional import ForwardTracker, FunctionalProbe
+from actdiag.hooks.functional import ForwardTracker, FunctionalProbe, module_names
 from actdiag.hooks.host import HostBatch
 from actdiag.hooks.keys import Key
 from actdiag.hooks.layout import StatsMeta
@@ -142,10 +143,14 @@ class Recorder:
         self._tracker: ForwardTracker | None = None
         self._probe = FunctionalProbe()  # whether recorded steps run under the functional mode, over the watch
         self.targets = select_modules(model, include, exclude)
+        self._target_names = {id(m): name for name, m in self.targets}  # what the global forward hook measures
+        self._module_names = module_names(model)  # every module of the model: the tracker's filter
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters()) if track_weights else []
         self._param_map = dict(self.params)
         self._weight_keys = {pname: Key.param(pname, "weight") for pname, _ in self.params}
         self._grad_keys = {pname: Key.param(pname, "grad") for pname, _ in self.params}
+        # One callable per parameter for the whole watch, registered again on each recorded step.
+        self._param_hooks = {pname: partial(self._param_grad_hook, pname) for pname, _ in self.params}
         self._param_name = {id(p): n for n, p in model.named_parameters()}
         self._weight_of: dict[str, str | None] = {name: self._own_weight(m) for name, m in self.targets}
         self._handles: list[Any] = []
@@ -218,15 +223,15 @@ class Recorder:
             return
         self._remove_hooks()
         self._stance = _EAGER.acquire()
-        for name, module in self.targets:
-            self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
-        # After the hooks above: a module's record exists when the tracker's hook on it runs.
-        self._tracker = ForwardTracker(self, self.model, functional=self.functional, probe=self._probe)
-        self._handles += self._tracker.install()
+        # The tracker's global module hooks call _forward_hook for the targets (ForwardTracker.install).
+        self._tracker = ForwardTracker(
+            self, self.model, functional=self.functional, probe=self._probe, names=self._module_names
+        )
+        self._handles += self._tracker.install(self._target_names)
         self._hooked = trainable
         for (pname, p), grad in zip(self.params, trainable, strict=True):
             if grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(partial(self._param_grad_hook, pname)))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._param_hooks[pname]))
 
     def end(self, keep_hooks: bool = False) -> StepRecord | None:
         """Finish the recorded step: remove hooks, read everything back once, decode. None if nothing ran.

@@ -7,6 +7,7 @@ activation), and every statistic is checked against a float64 numpy reference of
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.overrides import TorchFunctionMode
 
 import actdiag
@@ -234,8 +236,9 @@ def test_mode_and_hooks_only_while_a_recorded_step_runs() -> None:
     with actdiag.watch(model, every=2, strict=True) as monitor:
         for _ in range(4):
             model(torch.randn(4, 8)).sum().backward()
-            hooked = sum(len(m._forward_pre_hooks) for m in model.modules()) - 1  # less the pre-hook above
-            seen.append(-1 - hooked)  # after the forward: pre-hooks present only on recorded steps
+            # After the forward: our pre-hook (torch's global one) present only on recorded steps.
+            hooked = len(_global_forward_pre_hooks) + sum(len(m._forward_pre_hooks) for m in model.modules()) - 1
+            seen.append(-1 - hooked)
             monitor.step()
     assert torch._C._len_torch_function_stack() == 0
     recorded_inside, recorded_after = seen[0], seen[1]
@@ -544,3 +547,95 @@ def test_functional_records_on_cuda_match_the_float64_reference() -> None:
         _check_stats(by_label[f"{block}:{short}"].activation, acts[block])
         _check_stats(by_label[f"{block}:{short}"].gradient, grads[block])
     assert [layer.label for layer in record.layers if layer.output] == ["heads.a", "heads.a#1", ":tanh", "heads.b"]
+
+
+# ---------------------------------------------------------------------------------------------------- global hooks
+
+
+def test_modules_of_another_model_called_in_a_recorded_step_are_not_recorded() -> None:
+    """The recorded step's hooks are torch's global ones: another model's modules (with their own F.relu) called
+    before, after and between the watched model's calls pass through them and are neither recorded nor counted."""
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
+    alone = _one_step(Stack(["relu", "tanh"]), x)
+    model, other = Stack(["relu", "tanh"]), Stack(["relu", "gelu"])
+    with actdiag.watch(model, every=1, strict=True) as monitor:
+        other(x)
+        loss = model(x).pow(2).mean() + other(x).sum() * 0
+        loss.backward()
+        monitor.step()
+        record = monitor.latest
+    assert record is not None
+    assert [layer.label for layer in record.layers] == [layer.label for layer in alone.layers]
+    for got, want in zip(record.layers, alone.layers, strict=True):
+        assert got.activation == want.activation and got.gradient == want.gradient, got.label
+    assert not _global_forward_hooks and not _global_forward_pre_hooks
+
+
+def test_user_forward_hook_that_replaces_an_output_runs_after_ours() -> None:
+    """Ours run before the module's own hooks: the module's own output is measured, the parent computes with the
+    user's replacement, and the user's hook runs without the mode."""
+    model = Stack(["relu"])
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(6))
+    fc = model.blocks[0].fc
+    with torch.no_grad():
+        own = F.linear(x, fc.weight, fc.bias)
+    modes: list[int] = []
+
+    def double(m: nn.Module, i: Any, out: torch.Tensor) -> torch.Tensor:
+        modes.append(torch._C._len_torch_function_stack())
+        return F.relu(out) * 2  # a torch call of the user's hook: not the model's, not recorded
+
+    handle = fc.register_forward_hook(double)
+    try:
+        record = _one_step(model, x)
+    finally:
+        handle.remove()
+    layers = {layer.name: layer for layer in record.layers}
+    _check_stats(layers["blocks.0.fc"].activation, own)
+    _check_stats(layers["blocks.0:relu"].activation, F.relu(F.relu(own) * 2))
+    assert "blocks.0.fc:relu" not in layers and modes == [0]
+    assert not fc._forward_hooks and not _global_forward_hooks  # our last hook on fc is removed with the rest
+
+
+def test_compile_warning_about_global_hooks_silenced_only_while_a_step_is_recorded() -> None:
+    compiled = torch.compile(Stack(["relu"]), backend="eager")
+    x = torch.randn(4, 8)
+    compiled(x)
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with actdiag.watch(compiled, every=1, strict=True) as monitor:
+            compiled(x).sum().backward()
+            monitor.step()
+        assert not [w for w in caught if "global hooks" in str(w.message)]
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+        try:
+            compiled(x)  # someone else's global hook: torch's warning is theirs to see
+        finally:
+            handle.remove()
+        assert [w for w in caught if "global hooks" in str(w.message)]
+    assert warnings.filters == before
+
+
+def test_forward_that_raises_in_a_recorded_step_leaves_no_mode_and_no_hooks() -> None:
+    model = Stack(["relu", "tanh"])
+    x = torch.randn(4, 8)
+    fail = {"on": True}
+
+    def boom(m: nn.Module, i: Any) -> None:
+        if fail["on"]:
+            raise ZeroDivisionError
+
+    model.blocks[1].fc.register_forward_pre_hook(boom)
+    with actdiag.watch(model, every=1, strict=True) as monitor:
+        with pytest.raises(ZeroDivisionError):
+            model(x)
+        assert torch._C._len_torch_function_stack() == 0  # the mode entered for the forward was left
+        fail["on"] = False
+        monitor.step()
+        model(x).pow(2).mean().backward()
+        monitor.step()
+        record = monitor.latest
+    assert record is not None and "blocks.1:tanh" in {layer.name for layer in record.layers}
+    assert torch._C._len_torch_function_stack() == 0
+    assert not _global_forward_hooks and not _global_forward_pre_hooks

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 import actdiag
 from actdiag.hooks.recorder import first_tensor, select_modules
 
 
 def hooks_left(model: nn.Module) -> int:
-    n = 0
+    """The model's hooks, and torch's global module hooks (ours while a step is recorded)."""
+    n = len(_global_forward_hooks) + len(_global_forward_pre_hooks)
     for m in model.modules():
         n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
     for p in model.parameters():
@@ -202,6 +204,7 @@ def test_unrecorded_steps_have_no_hooks() -> None:
 
 def hook_ids(model: nn.Module) -> set[tuple[str, int]]:
     ids = set()
+    ids |= {("", k) for k in (*_global_forward_hooks, *_global_forward_pre_hooks)}
     for name, m in model.named_modules():
         ids |= {(name, k) for k in (*m._forward_hooks, *m._forward_pre_hooks)}
     for name, p in model.named_parameters():

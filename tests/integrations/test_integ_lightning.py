@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed (pip install 'actdiag[lightning]')")
@@ -100,6 +101,7 @@ def test_integ_lightning_records_training_steps_not_validation(
     assert "actdiag: recorded 8 of 8 steps (every 1)" in capsys.readouterr().out
     # Hooks are gone once training ends.
     assert all(not m._forward_hooks for m in trainer.lightning_module.modules())
+    assert not _global_forward_hooks and not _global_forward_pre_hooks  # torch's global ones
 
 
 def test_integ_lightning_reads_gradients_before_optimizer_step(tmp_path: Path) -> None:
@@ -147,6 +149,7 @@ def test_integ_lightning_exception_removes_hooks(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         _fit(module, callback, tmp_path)
     assert all(not m._forward_hooks for m in module.modules())
+    assert not _global_forward_hooks and not _global_forward_pre_hooks  # torch's global ones
     assert callback.monitor is not None and callback.monitor.recorded_steps == 2
     assert all(math.isfinite(layer.activation.std) for layer in callback.monitor.latest.layers if layer.activation)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install 'actdiag[transformers]')")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing below may reach the Hub
@@ -74,6 +75,7 @@ def test_integ_hf_records_training_steps_not_evaluation(tmp_path: Path, capsys: 
     assert isinstance(callback.findings, tuple) and callback.findings == monitor.findings
     assert "actdiag: recorded 4 of 4 steps (every 1)" in capsys.readouterr().out
     assert all(not m._forward_hooks for m in trainer.model.modules())
+    assert not _global_forward_hooks and not _global_forward_pre_hooks  # torch's global ones
 
 
 def test_integ_hf_reads_clipped_gradients_before_optimizer_step(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 import actdiag
 
@@ -110,6 +111,7 @@ def test_rel_step_inside_a_compiled_function_is_a_clear_warning(dynamo) -> None:
     assert monitor.recorded_steps == 1  # step 0 (begun before compilation); then recording stopped, training went on
     assert torch._dynamo.eval_frame._stance.stance == "default"
     assert all(not m._forward_hooks for m in model.modules())
+    assert not _global_forward_hooks and not _global_forward_pre_hooks  # torch's global ones
 
 
 def test_rel_overlapping_watches_give_the_stance_back() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 import actdiag
 import actdiag.hooks.recorder as recorder_mod
@@ -113,6 +114,7 @@ def test_rel_read_back_fault_stops_recording_and_removes_hooks(monkeypatch: pyte
     assert len(caught) == 1 and "recording" in str(caught[0].message)
     assert monitor.recorded_steps == 0
     assert all(not m._forward_hooks for m in model.modules())
+    assert not _global_forward_hooks and not _global_forward_pre_hooks  # torch's global ones
     for a, b in zip(_params(model), _unwatched_params()):
         assert torch.equal(a, b)
     with pytest.raises(Boom):
@@ -184,6 +186,7 @@ def test_rel_unwritable_logdir_fails_at_start_naming_it(tmp_path: Path) -> None:
     assert str(bad) in str(info.value)
     assert isinstance(info.value, ValueError)
     assert all(not m._forward_hooks for m in model.modules())  # nothing attached
+    assert not _global_forward_hooks and not _global_forward_pre_hooks  # torch's global ones
 
 
 @pytest.mark.parametrize("which", ["report_json", "report_html"])

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 import actdiag
 
@@ -208,4 +209,5 @@ def test_rel_watching_changes_nothing(case: Case) -> None:
         assert _same(plain[key], watched[key]), f"{case.name}: {key} differ with actdiag"
     assert watched["recorded"] >= 2  # it did record
     assert all(not m._forward_hooks for m in model.modules())
+    assert not _global_forward_hooks and not _global_forward_pre_hooks  # torch's global ones
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # type: ignore[attr-defined]
