@@ -238,6 +238,8 @@ class ForwardTracker:
         The user's forward hooks still run without the mode: a module that has forward hooks of its own when the
         step's hooks are installed gets one more, `always_call`, after them, which runs `_post` (and enters the
         mode again). A forward hook registered during a recorded step (or while hooks are kept) runs under it.
+        While the hooks are registered (from `begin()` to `end()`, recorded steps only), a module of another model
+        called in the process takes torch's hooked call path instead of its hook-free one, and a lookup here.
         """
         self._targets = targets
         self._trailed = set()
@@ -289,7 +291,8 @@ class ForwardTracker:
         # always_call hook after the forward raised, with no output: nothing to measure then, and _post still
         # runs. If the recorder raises (strict), _post runs all the same.
         try:
-            self._hooks_start(module, args, output)
+            if self._entered:
+                self._hooks_start(module, args, output)
             target = self._targets.get(id(module))
             if target is not None and output is not None:
                 self.recorder._forward_hook(target, module, args, output)
