@@ -53,7 +53,7 @@ from actdiag.hooks.modules import (
     select_modules,
     unwrap_model,
 )
-from actdiag.hooks.sampling import _NUMPY_FLOATS, DEFAULT_SAMPLE_CAP
+from actdiag.hooks.sampling import DEFAULT_SAMPLE_CAP
 from actdiag.hooks.stats import (
     DEFAULT_BINS,
     Path,
@@ -63,6 +63,7 @@ from actdiag.hooks.stats import (
     unit_activity,
     unit_activity_rows,
     unit_dim_for,
+    units_in_numpy,
 )
 from actdiag.hooks.tracking import DeviceUnits, UnitStreaks, input_grad_nonfinite, nonfinite_count
 from actdiag.hooks.updates import LOW_PRECISION, LostUpdateCounts, UpdateRatios
@@ -467,7 +468,7 @@ class Recorder:
             # The output's copy is in the host batch: its units are counted from it when the step ends, with the
             # other outputs of its shape (a few numpy calls per shape, not per call).
             self._units_due.append(_UnitsDue(keys.units, keys.act, shape, udim, ever, streak))
-        elif not (on_host(t, self.path) and t.dtype in _NUMPY_FLOATS and ever.is_cpu):  # stats.unit_activity's test
+        elif not units_in_numpy(t, ever, self.path):
             self._device_units.take(keys.units, t, udim, ever, streak)  # finished with the others of its shape
         else:
             self._put(keys.units, unit_activity(t, udim, ever, RARE_ACTIVE_BELOW, path=self.path, streak=streak), None)

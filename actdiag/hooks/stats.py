@@ -48,6 +48,7 @@ __all__ = [
     "unit_activity",
     "unit_activity_device",
     "unit_activity_rows",
+    "units_in_numpy",
     "unit_dim_for",
     "unit_positive_counts",
 ]
@@ -144,6 +145,11 @@ def unit_dim_for(shape: tuple[int, ...], channels_first: bool) -> int | None:
     return nd - 1
 
 
+def units_in_numpy(y: torch.Tensor, ever_active: torch.Tensor, path: Path | None) -> bool:
+    """Whether `unit_activity` counts the units of `y` in numpy (else with device ops)."""
+    return on_host(y, path) and y.dtype in _NUMPY_FLOATS and ever_active.is_cpu
+
+
 def unit_activity(
     y: torch.Tensor,
     unit_dim: int,
@@ -163,7 +169,7 @@ def unit_activity(
     yd = y.detach()
     per_unit = yd.shape[unit_dim]
     samples = yd.numel() // max(per_unit, 1)
-    if on_host(yd, path) and yd.dtype in _NUMPY_FLOATS and ever_active.device.type == "cpu":
+    if units_in_numpy(yd, ever_active, path):
         # On the CPU in numpy, one thread, no OpenMP fork/join (see host.py); autocast does not reach numpy.
         counts = unit_activity_rows(yd.numpy()[None], tuple(yd.shape), unit_dim, [ever_active], [streak], rare_below)
         return torch.from_numpy(counts[0])
