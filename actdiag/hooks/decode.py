@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actdiag.hooks.keys import Key
+from actdiag.hooks.keys import Key, layer_keys, param_keys
 from actdiag.hooks.layout import StatsMeta, decode_many
 from actdiag.hooks.tracking import UnitStreaks
 from actdiag.records import LayerStats, LostUpdates, ParamStats, StepRecord, TensorStats
@@ -59,15 +59,16 @@ def decode_step(
     params: list[ParamStats] = []
     by_name: dict[str, ParamStats] = {}
     for pname, p in named_params:
-        w = stats(Key.param(pname, "weight"))
+        pkeys = param_keys(pname)
+        w = stats(pkeys.weight)
         if w is None:
             continue
-        upd = host.get(Key.param(pname, "update"))
+        upd = host.get(pkeys.update)
         ratio = None
         if upd is not None:
             delta, norm0 = (float(v) for v in upd[0])  # updates.UpdateRatios: the two norms
             ratio = delta / norm0 if norm0 > 0 and math.isfinite(norm0) else None
-        counts = host.get(Key.param(pname, "lost"))
+        counts = host.get(pkeys.lost)
         lost = None
         if counts is not None:
             unchanged, nonzero = (int(v) for v in counts[0])  # updates.LostUpdateCounts
@@ -78,7 +79,7 @@ def decode_step(
             shape=tuple(p.shape),
             requires_grad=p.requires_grad,
             weight=w,
-            grad=stats(Key.param(pname, "grad")),
+            grad=stats(pkeys.grad),
             update_ratio=ratio,
             update_ratio_estimated=ratio is not None and update_sampled(p.numel()),
             lost_updates=lost,
@@ -88,22 +89,22 @@ def decode_step(
     layers = []
     for info in order:
         name, call = info.name, info.call
-        base = Key.layer(name, call, "act")
+        lkeys = layer_keys(name, call)
         saturation = dead = rare = never = None
-        sat = host.get(Key.layer(name, call, "sat"))
+        sat = host.get(lkeys.sat)
         if sat is not None and sat[1]:
             saturation = float(sat[0][0]) / float(sat[1])  # meta: elements counted (all ranks' when merged)
-        units = host.get(Key.layer(name, call, "units"))
+        units = host.get(lkeys.units)
         activity = None
         if units is not None and info.units:
             dead, rare, never = (float(v) / info.units for v in units[0][:3])
-            streak = host.get(Key.layer(name, call, "streak"))
+            streak = host.get(lkeys.streak)
             if streak is not None:
                 activity = streaks.decode(name, call, streak[0], int(units[0][2]))
-        inp = host.get(Key.layer(name, call, "input"))
-        ingrad = host.get(Key.layer(name, call, "ingrad"))
+        inp = host.get(lkeys.input)
+        ingrad = host.get(lkeys.ingrad)
         src = (input_from or {}).get((name, call))
-        src_grad = stats(Key.layer(src.name, src.call, "grad")) if src is not None else None
+        src_grad = stats(layer_keys(src.name, src.call).grad) if src is not None else None
         in_grad = int(ingrad[0][0]) if ingrad is not None else (src_grad.nonfinite_count if src_grad else None)
         wp = by_name.get(info.weight_name) if info.weight_name else None
         layers.append(
@@ -114,8 +115,8 @@ def decode_step(
                 call=call,
                 shape=info.shape,
                 dtype=info.dtype,
-                activation=stats(base),
-                gradient=stats(Key.layer(name, call, "grad")),
+                activation=stats(lkeys.act),
+                gradient=stats(lkeys.grad),
                 weight=wp.weight if wp else None,
                 weight_grad=wp.grad if wp else None,
                 weight_name=info.weight_name if wp else None,

@@ -300,6 +300,30 @@ class HostBatch:
             meta = self._metas[n] = StatsMeta(numel=n, bins=self.bins, sample_n=n)
         return meta
 
+    def take_many(self, keys: list[Any], xs: list[torch.Tensor]) -> tuple[SizeRows, int] | None:
+        """`take()` for float32 CPU tensors of one size (1..sample_cap elements), copied by one call into
+        consecutive rows: where a step's parameters are kept when their gradients are ready (hundreds of small
+        weights and gradients: a copy each was most of what they cost). The rows and the first row; None (and
+        nothing kept) if a tensor cannot be copied so."""
+        n = xs[0].numel()
+        rows = self._small.get(n)
+        if rows is None:
+            rows = self._small[n] = SizeRows(n)
+        start = rows.next_rows(len(xs))
+        try:
+            torch.stack([x.detach().reshape(-1) for x in xs], out=torch.from_numpy(rows.rows[start : rows.used]))
+        except RuntimeError:  # e.g. a lazy negation bit, or sizes that differ after all
+            rows.used = start
+            return None
+        items, large = self.items, self.large
+        for i, key in enumerate(keys, start):
+            if large:
+                large.pop(key, None)
+            items[key] = (n, i)
+        if n not in self._metas:
+            self._metas[n] = StatsMeta(numel=n, bins=self.bins, sample_n=n)
+        return rows, start
+
     def _take_large(self, key: Any, x: torch.Tensor, n: int) -> StatsMeta | None:
         flat = x.detach().reshape(-1)
         a = numpy_view(flat)
@@ -366,6 +390,7 @@ class HostBatch:
         """The vectors of every kept tensor (the layout of `tensor_stats`, as numpy rows: they are on the host
         already), keyed as given; the batch is emptied."""
         items, large, used = self.items, self.large, self._used
+        handed = {n: rows.used for n, rows in self._small.items()}  # rows handed out per size
         self.clear()
         out: dict[Any, tuple[np.ndarray, StatsMeta]] = {}
         if large:
@@ -379,10 +404,12 @@ class HostBatch:
                 meta = StatsMeta(numel=int(n[i]), bins=self.bins, sample_n=cap, estimated=True)
                 out[key] = (vecs[i], meta)
         if items:
-            out.update(self._finish_small(items))
+            out.update(self._finish_small(items, handed))
         return out
 
-    def _finish_small(self, items: dict[Any, tuple[int, int]]) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
+    def _finish_small(
+        self, items: dict[Any, tuple[int, int]], handed: dict[int, int]
+    ) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
         """The small tensors, size by size: the rows of a size's buffer ([K, n] float32) are reduced along their
         length, a fixed number of numpy calls per size however many tensors share it, and the histograms of every
         size are counted by one bincount each."""
@@ -393,8 +420,10 @@ class HostBatch:
         for n, kept in by_size.items():
             buf = self._small[n]
             ks = [k for _, k in kept]
-            # Rows are handed out in order and a discarded key only leaves a gap: no gap, no copy.
-            rows = buf.rows[: len(ks)] if ks[-1] == len(ks) - 1 else buf.rows[ks]
+            # Rows are handed out in order. As many keys as rows handed out: none was discarded or taken again (either
+            # leaves a row unused, and a key taken again keeps its place among the keys with a later row), so the
+            # keys' rows are the first ones, in order: no copy.
+            rows = buf.rows[: len(ks)] if len(ks) == handed[n] else buf.rows[ks]
             if buf.keys.size < 2 * rows.size:  # the histogram keys' scratch, kept with the rows
                 buf.keys = np.empty(2 * buf.rows.size, dtype=np.int32)
             if buf.work.size < rows.size:  # the deviations' scratch, kept with the rows (no page faults)
@@ -478,11 +507,21 @@ class SizeRows:
 
     def next_row(self) -> tuple[int, np.ndarray]:
         if self.used == self.rows.shape[0]:
-            grown = np.empty((2 * self.used, self.rows.shape[1]), dtype=self.rows.dtype)
-            grown[: self.used] = self.rows
-            self.rows = grown
+            self._grow(self.used + 1)
         self.used += 1
         return self.used - 1, self.rows[self.used - 1]
+
+    def next_rows(self, k: int) -> int:
+        """Hand out `k` consecutive rows; the first one's index."""
+        if self.used + k > self.rows.shape[0]:
+            self._grow(self.used + k)
+        self.used += k
+        return self.used - k
+
+    def _grow(self, at_least: int) -> None:
+        grown = np.empty((max(2 * self.rows.shape[0], at_least), self.rows.shape[1]), dtype=self.rows.dtype)
+        grown[: self.used] = self.rows[: self.used]
+        self.rows = grown
 
 
 # Rows whose largest magnitude is within 2**-90 .. 2**100 are measured in float32 (`_rows_exact`) as they are: there

@@ -53,3 +53,50 @@ def _interned(owner: Owner, name: str, call: int, kind: Kind) -> Key:
             _INTERNED.clear()
         key = _INTERNED[spec] = Key(owner, name, call, kind)
     return key
+
+
+class LayerKeys(NamedTuple):
+    """Every key of one layer call, made once per (layer, call) and kept: a hook or the decoding of a step looks
+    them up by one dict access instead of making (or interning) each."""
+
+    act: Key
+    grad: Key
+    sat: Key
+    units: Key
+    unitvec: Key
+    streak: Key
+    input: Key
+    ingrad: Key
+
+
+class ParamKeys(NamedTuple):
+    """Every key of one parameter, as `LayerKeys`."""
+
+    weight: Key
+    grad: Key
+    update: Key
+    lost: Key
+
+
+_LAYER_KINDS: tuple[Kind, ...] = ("act", "grad", "sat", "units", "unitvec", "streak", "input", "ingrad")
+_PARAM_KINDS: tuple[Kind, ...] = ("weight", "grad", "update", "lost")
+_LAYER_KEYS: dict[tuple[str, int], LayerKeys] = {}
+_PARAM_KEYS: dict[str, ParamKeys] = {}
+
+
+def layer_keys(name: str, call: int) -> LayerKeys:
+    keys = _LAYER_KEYS.get((name, call))
+    if keys is None:
+        if len(_LAYER_KEYS) >= _MAX_INTERNED:
+            _LAYER_KEYS.clear()
+        keys = _LAYER_KEYS[(name, call)] = LayerKeys(*(Key.layer(name, call, kind) for kind in _LAYER_KINDS))
+    return keys
+
+
+def param_keys(name: str) -> ParamKeys:
+    keys = _PARAM_KEYS.get(name)
+    if keys is None:
+        if len(_PARAM_KEYS) >= _MAX_INTERNED:
+            _PARAM_KEYS.clear()
+        keys = _PARAM_KEYS[name] = ParamKeys(*(Key.param(name, kind) for kind in _PARAM_KINDS))
+    return keys

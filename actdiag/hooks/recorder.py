@@ -39,7 +39,7 @@ from actdiag.hooks.decode import LayerCall, as_tensor, decode_step, read_back
 from actdiag.hooks.device import DeviceBatch
 from actdiag.hooks.functional import ForwardTracker, FunctionalProbe, module_names
 from actdiag.hooks.host import HostBatch
-from actdiag.hooks.keys import Key
+from actdiag.hooks.keys import Key, LayerKeys, layer_keys
 from actdiag.hooks.layout import StatsMeta
 from actdiag.hooks.modules import (
     _CHANNELS_FIRST_3D,
@@ -166,11 +166,13 @@ class Recorder:
         self._host_batch = HostBatch(bins, sample_cap)  # the host path's tensors, measured together in end()
         self._device_batch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
         self._param_together = self._device_batch.together(partial(self._guard, "weights"))
+        # Small float32 CPU weights whose gradients a running backward pass has accumulated (`_params_ready`)
+        self._ready: dict[str, torch.Tensor] = {}
+        self._ready_task = -1  # the backward pass (graph task) that has `_params_ready` queued
         self._updates = UpdateRatios(sample_cap)  # weight copies for the update ratios
         self._lost = LostUpdateCounts(sample_cap)  # float16/bfloat16 weights: updates that rounded away
         self._calls: dict[str, int] = {}
         self._module_kind: dict[str, _ModuleKind] = {}  # per measured module name, kept across steps
-        self._call_keys: dict[tuple[str, int], _CallKeys] = {}  # per layer call, kept across steps
         self._order: list[LayerCall] = []
         self._streaks_due: list[tuple[str, int]] = []  # ReLU layer calls whose streak summary end() reads
         self._units_due: list[_UnitsDue] = []  # ReLU layer calls whose units end() counts from the host batch
@@ -197,6 +199,9 @@ class Recorder:
             self.merger = _dist.StepMerger(
                 bins=bins, rare_below=RARE_ACTIVE_BELOW, group=process_group, on_mismatch=self._mismatch
             )
+        # Whether small float32 CPU parameters are taken together at the end of backward (`_param_grad_hook`);
+        # under DDP they are read after its all-reduce instead (`_late_params_stats`).
+        self._batch_params = self.merger is None and path != "device"
 
     @property
     def distributed(self) -> bool:
@@ -265,7 +270,7 @@ class Recorder:
             due, self._streaks_due = self._streaks_due, []
             summaries = self._guard("activations", self._streaks.summaries, due, self.path != "device") or ()
             for (name, call), vec in zip(due, summaries, strict=False):
-                self._put(Key.layer(name, call, "streak"), vec, None)
+                self._put(layer_keys(name, call).streak, vec, None)
         self._updates.clear()
         self._lost.clear()
         self._recording = False
@@ -335,6 +340,8 @@ class Recorder:
         self._kinds = {}
         self._late_params = {}
         self._late_queued = False
+        self._ready = {}
+        self._ready_task = -1
         self._grad_seen = {}
         self._frozen = set()
         self._nograd_calls = {}
@@ -423,9 +430,7 @@ class Recorder:
         kind = self._module_kind.get(name)
         if kind is None or kind.module is not module:
             kind = self._module_kind[name] = _ModuleKind.of(module, self._weight_of.get(name))
-        keys = self._call_keys.get((name, call))
-        if keys is None:
-            keys = self._call_keys[(name, call)] = _CallKeys.of(name, call)
+        keys = layer_keys(name, call)
         shape = tuple(t.shape)
         info = LayerCall(name, kind.type, call, shape, _dtype_name(t.dtype), kind.weight_name)
         self._order.append(info)
@@ -446,7 +451,7 @@ class Recorder:
             self._nograd_calls.setdefault(name, []).append(call)
 
     def _record_units(
-        self, name: str, call: int, keys: _CallKeys, info: LayerCall, t: torch.Tensor, shape: tuple[int, ...]
+        self, name: str, call: int, keys: LayerKeys, info: LayerCall, t: torch.Tensor, shape: tuple[int, ...]
     ) -> None:
         """Per-unit activity of a ReLU-family output: dead/rare/never counts, silence streaks (`_record_output`)."""
         udim = unit_dim_for(shape, self._prev_channels_first)
@@ -498,14 +503,14 @@ class Recorder:
         if self.merger is not None or x is None or t is None or call < 0 or not x.is_floating_point():
             return
         if len(self._order) == 1 and self._order[0].name == name:
-            self._put(Key.layer(name, call, "input"), nonfinite_count(x), None)
+            self._put(layer_keys(name, call).input, nonfinite_count(x), None)
         if x is t or not x.requires_grad or not torch.is_grad_enabled():
             return
         seen = self._seen.get(id(x))
         if seen is not None and seen[0]() is x and seen[2].kind == "act" and x._version == seen[1]:
             self._input_from[(name, call)] = seen[2]
             return
-        key = Key.layer(name, call, "ingrad")
+        key = layer_keys(name, call).ingrad
         x.register_hook(partial(self._ingrad_hook, key, self._token))
 
     def _ingrad_hook(self, key: Key, token: int, grad: torch.Tensor) -> None:
@@ -526,8 +531,79 @@ class Recorder:
         self._guard("gradients", self._put_stats, key, measured, _dist.KIND_STATS, grad)
 
     def _param_grad_hook(self, pname: str, p: torch.Tensor) -> None:
+        if (
+            self._batch_params
+            and self._recording
+            and p.is_cpu
+            and p.dtype == torch.float32
+            and 0 < p.numel() <= self.sample_cap
+        ):
+            # A small float32 CPU weight: it and its gradient are copied with the others of their size when this
+            # backward pass ends (`_params_ready`), a copy per size rather than per tensor.
+            self._ready[pname] = p
+            task = torch._C._current_graph_task_id()
+            if task == self._ready_task:  # this backward pass has the callback queued already
+                return
+            try:
+                _queue_callback(self._params_ready)
+                # By task, not a flag: a backward pass that raised never runs its callback, and the next one
+                # (a retry in the same step) queues its own, which takes the parameters left over too.
+                self._ready_task = task
+                return
+            except RuntimeError:  # not inside a backward pass after all: measured now
+                del self._ready[pname]
         with self._param_together:  # a large weight and its gradient: one call of the fused kernel for both
             self._param_grad(pname, p)
+
+    def _params_ready(self) -> None:
+        """At the end of a backward pass: the small float32 weights whose gradients it accumulated, and those
+        gradients, copied into the host batch a size at a time (what `_param_grad` does for each)."""
+        ready, self._ready = self._ready, {}
+        self._ready_task = -1
+        if self._recording and ready:
+            self._guard("weight gradients", self._take_params, ready)
+
+    def _take_params(self, ready: dict[str, torch.Tensor]) -> None:
+        groups: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        for pname, p in ready.items():
+            g = p.grad
+            if g is None or pname in self._frozen:
+                continue
+            if g.is_cpu and g.dtype == torch.float32 and g.layout == torch.strided and g.shape == p.shape:
+                groups.setdefault(p.numel(), []).append((pname, p, g))
+            else:  # a sparse gradient, say: one by one
+                with self._param_together:
+                    self._param_grad(pname, p)
+        for items in groups.values():
+            fresh = [(pname, p) for pname, p, _ in items if not self._has(self._weight_keys[pname])]
+            if fresh and "weights" not in self.failed:
+                keys = [self._weight_keys[pname] for pname, _ in fresh]
+                kept = self._host_batch.take_many(keys, [p for _, p in fresh])
+                if kept is None:
+                    for pname, p in fresh:
+                        self._guard("weights", self._record_weight, pname, p, True)
+                else:
+                    self._taken(keys)
+                    if self.track_updates:
+                        self._updates.keep_rows([pname for pname, _ in fresh], *kept)
+            keys = [self._grad_keys[pname] for pname, _, _ in items]
+            if self._host_batch.take_many(keys, [g for _, _, g in items]) is None:
+                for pname, _, g in items:
+                    self._put_grad(pname, g)
+                continue
+            self._taken(keys)
+            for pname, _, g in items:
+                self._grad_seen[pname] = (id(g), g._version)
+
+    def _taken(self, keys: list[Key]) -> None:
+        """Parameter keys just taken by the host batch: their statistics are its (as in `_put_stats`)."""
+        pending, aliases, kinds = self._pending, self._aliases, self._kinds
+        for key in keys:
+            if pending:
+                pending.pop(key, None)
+            if aliases:
+                aliases.pop(key, None)
+            kinds[key] = _dist.KIND_REPLICATED
 
     def _param_grad(self, pname: str, p: torch.Tensor) -> None:
         # No torch.no_grad() here (entering and leaving it costs more than some hooks' work): every path detaches
@@ -700,20 +776,6 @@ class _ModuleKind(NamedTuple):
             isinstance(module, RELU_FAMILY),
             isinstance(module, _CHANNELS_FIRST_3D),
         )
-
-
-class _CallKeys(NamedTuple):
-    """The keys of one layer call's quantities, made once per (layer, call) and kept across steps."""
-
-    act: Key
-    grad: Key
-    sat: Key
-    units: Key
-    unitvec: Key
-
-    @classmethod
-    def of(cls, name: str, call: int) -> _CallKeys:
-        return cls(*(Key.layer(name, call, kind) for kind in ("act", "grad", "sat", "units", "unitvec")))
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}

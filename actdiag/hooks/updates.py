@@ -66,6 +66,13 @@ class UpdateRatios:
         else:
             self._tensors[pname] = (None, flat.clone())
 
+    def keep_rows(self, pnames: list[str], rows: SizeRows, start: int) -> None:
+        """`snapshot()` of weights copied whole, before the optimizer step, into consecutive rows of `rows` from
+        `start` (`HostBatch.take_many`, in its float32): those copies are kept as theirs."""
+        n = rows.rows.shape[1]
+        for k, pname in enumerate(pnames, start):
+            self._arrays[pname] = (n, None, rows, k)
+
     def finish(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The norms of every weight copied this step (see the class docstring); the copies are dropped."""
         out: dict[str, torch.Tensor] = {}

@@ -157,3 +157,38 @@ def test_saturation_count_paths_agree_with_numpy(path: str) -> None:
     got = saturation_count(y, -1.0, 1.0, 0.01, path=path).item()
     a = y.numpy()
     assert got == int((np.abs(a) >= np.float32(0.99)).sum())
+
+
+def test_a_backward_that_raises_leaves_the_retry_measuring_weights_before_the_update() -> None:
+    """Small float32 weights and their gradients are copied together when a backward pass ends. One that raises
+    never ends so; its retry in the same step must still take them, before the optimizer moves the weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(8, 4)
+    with actdiag.watch(model, every=1) as mon:
+        w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        h = model[1](model[0](x))
+        raised: list[bool] = []
+
+        def fail_once(grad: torch.Tensor) -> None:  # after the last layer's gradients, before the first's
+            if not raised:
+                raised.append(True)
+                raise RuntimeError("a failing hook")
+
+        h.register_hook(fail_once)
+        loss = model[2](h).pow(2).sum()
+        with pytest.raises(RuntimeError, match="a failing hook"):
+            loss.backward(retain_graph=True)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        mon.step()
+    params = {p.name: p for p in mon.latest.params}
+    for name, w in w0.items():
+        assert params[name].weight.mean == pytest.approx(reference_stats(w)[0], rel=1e-6, abs=1e-9), name
+        assert params[name].grad is not None
+        assert params[name].grad.mean == pytest.approx(reference_stats(grads[name])[0], rel=1e-6, abs=1e-9), name
+        assert params[name].grad.std == pytest.approx(reference_stats(grads[name])[1], rel=1e-5), name

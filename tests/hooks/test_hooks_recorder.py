@@ -148,8 +148,17 @@ def test_a_tensor_seen_twice_in_one_state_is_measured_once(monkeypatch: pytest.M
             measured.append(t.numel())
         return meta
 
+    real_take_many = host_mod.HostBatch.take_many
+
+    def count_take_many(self: host_mod.HostBatch, keys: list[object], ts: list[torch.Tensor]) -> object:
+        kept = real_take_many(self, keys, ts)
+        if kept is not None:
+            measured.extend(t.numel() for t in ts)
+        return kept
+
     monkeypatch.setattr(rec_mod, "tensor_stats", count_stats)
     monkeypatch.setattr(host_mod.HostBatch, "take", count_take)
+    monkeypatch.setattr(host_mod.HostBatch, "take_many", count_take_many)
     with actdiag.watch(model, every=1, accuracy="exact") as mon:
         model(x).pow(2).mean().backward()
         mon.step()

@@ -490,6 +490,27 @@ def test_small_batch_rows_of_one_size_match_float64_reference() -> None:
         check_against_reference(before[key], path="host", s=decode_tensor_stats(np.asarray(vec), meta))
 
 
+@pytest.mark.parametrize("order", ["A B A", "A B A C", "B A B A", "A A"])
+def test_small_batch_key_taken_again_keeps_its_latest_copy(order: str) -> None:
+    """A key taken again (a gradient re-read after clipping) is measured from its latest copy, whichever rows the
+    other keys of its size hold; `take_many` copies several tensors of one size at once, like `take` for each."""
+    g = torch.Generator().manual_seed(11)
+    batch = HostBatch(bins=16, sample_cap=1024)
+    latest: dict[str, torch.Tensor] = {}
+    for i, key in enumerate(order.split()):
+        x = torch.randn(6, 5, generator=g) * (i + 1) + i
+        if i % 2:
+            assert batch.take(key, x) is not None
+        else:
+            assert batch.take_many([key, f"{key}-twin"], [x, -x]) is not None
+            latest[f"{key}-twin"] = -x.clone()
+        latest[key] = x.clone()
+    out = batch.finish()
+    assert set(out) == set(latest)
+    for key, (vec, meta) in out.items():
+        check_against_reference(latest[key], path="host", s=decode_tensor_stats(np.asarray(vec), meta))
+
+
 SMALL_CASES = {
     "normal": lambda g: torch.randn(1000, generator=g),
     "relu-zeros": lambda g: torch.relu(torch.randn(37, 11, generator=g)),

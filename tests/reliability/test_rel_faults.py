@@ -85,7 +85,12 @@ def test_rel_gradient_hook_fault_inside_backward(monkeypatch: pytest.MonkeyPatch
         calls["n"] += 1
         raise Boom("gradient hook bug")
 
+    def broken_together(self: Any, keys: list[Any], *args: Any) -> None:  # small weights, taken together
+        calls["n"] += 1
+        raise Boom("gradient hook bug")
+
     monkeypatch.setattr(recorder_mod.Recorder, "_put_stats", broken)
+    monkeypatch.setattr(recorder_mod.HostBatch, "take_many", broken_together)
     model = _mlp()
     _, caught = _train(model)
     parts = sorted(str(w.message).split(":")[1].split(" failed")[0].strip() for w in caught)
