@@ -171,6 +171,7 @@ def _bin_rows(
     bins: int,
     out: np.ndarray | None = None,
     keys: np.ndarray | None = None,
+    exp_fix: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The linear and exponent histograms of each row, [K, bins + N_EXP] counts (exponent bin 0 still holds the
     zeros, which share it with the subnormals).
@@ -178,7 +179,8 @@ def _bin_rows(
     `samples_s` [K, m]: finite values in the scaled space of their row (where neither `x - lo` nor `bins / span`
     overflows), binned linearly between `lo_s` and `lo_s + span_s` in their own dtype (a constant row lands in bin
     0); `s32`: the same values unscaled, as float32, binned by exponent from their bits; `out`: scratch of the shape
-    and dtype of `samples_s` (it is not written to otherwise); `keys`: int32 scratch of at least 2 * K * m elements.
+    and dtype of `samples_s` (it is not written to otherwise); `keys`: int32 scratch of at least 2 * K * m elements;
+    `exp_fix`: (row indices, their float32 values) to bin by exponent instead of those rows of `s32`.
     """
     k = samples_s.shape[0]
     dtype = samples_s.dtype
@@ -186,7 +188,7 @@ def _bin_rows(
     lin = np.subtract(samples_s, lo_s.astype(dtype)[:, None], out=out)
     lin *= factor[:, None]
     offsets = np.arange(k, dtype=np.int32)[:, None] * _row_width(bins)
-    return _count_bins(lin, s32, offsets, k, bins, keys)
+    return _count_bins(lin, s32, offsets, k, bins, keys, exp_fix)
 
 
 def _row_width(bins: int) -> int:
@@ -196,7 +198,13 @@ def _row_width(bins: int) -> int:
 
 
 def _count_bins(
-    lin: np.ndarray, s32: np.ndarray, offsets: np.ndarray, rows: int, bins: int, scratch: np.ndarray | None = None
+    lin: np.ndarray,
+    s32: np.ndarray,
+    offsets: np.ndarray,
+    rows: int,
+    bins: int,
+    scratch: np.ndarray | None = None,
+    exp_fix: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """[rows, bins + N_EXP] counts of the values whose linear positions are `lin` (>= 0, in bins; floored here) and
     whose float32 bits are `s32`, each value's two bins offset into its own row by `offsets` (a row is
@@ -214,6 +222,9 @@ def _count_bins(
     expo = keys[1]
     np.bitwise_and(s32.view(np.int32), 0x7FFFFFFF, out=expo)
     np.right_shift(expo, 23, out=expo)
+    if exp_fix is not None:  # rows of `lin` [K, m] whose exponents come from other values (`_bin_rows`)
+        fix_rows, fix_values = exp_fix
+        expo[fix_rows] = np.right_shift(np.bitwise_and(fix_values.view(np.int32), 0x7FFFFFFF), 23)
     expo += offsets + (bins + 1)
     # lin >= 0 already (every value is >= its row's low end, and rounding is monotonic); only a row's maximum can
     # round up to `bins`: it lands in the spare bin, added to the last one below.
@@ -388,7 +399,7 @@ class HostBatch:
 
     def finish(self) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
         """The vectors of every kept tensor (the layout of `tensor_stats`, as numpy rows: they are on the host
-        already), keyed as given; the batch is emptied."""
+        already), keyed as given; the batch is emptied, and the copies `row_of`/`rows_of` gave may be overwritten."""
         items, large, used = self.items, self.large, self._used
         handed = {n: rows.used for n, rows in self._small.items()}  # rows handed out per size
         self.clear()
@@ -428,12 +439,15 @@ class HostBatch:
                 buf.keys = np.empty(2 * buf.rows.size, dtype=np.int32)
             if buf.work.size < rows.size:  # the deviations' scratch, kept with the rows (no page faults)
                 buf.work = np.empty(buf.rows.size, dtype=np.float32)
-            vecs, odd = _rows_exact(rows, self.bins, buf.keys, buf.work[: rows.size].reshape(rows.shape))
+            # In place: the step's copies are not read after this (unit counts and update ratios came first).
+            vecs, odd, odd_values = _rows_exact(
+                rows, self.bins, buf.keys, buf.work[: rows.size].reshape(rows.shape), in_place=True
+            )
             meta = self._metas[n]
             for (key, _), vec in zip(kept, vecs, strict=True):  # numpy rows: torch views cost more than all this
                 out[key] = (vec, meta)
             if odd.size:  # rows with a non-finite value: in float64
-                out.update(self._finish_concatenated({kept[i][0]: rows[i].copy() for i in odd.tolist()}))
+                out.update(self._finish_concatenated({kept[i][0]: v for i, v in zip(odd.tolist(), odd_values)}))
         return out
 
     def _finish_concatenated(self, items: dict[Any, np.ndarray]) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
@@ -536,17 +550,21 @@ _SQUARE_LOW, _SQUARE_HIGH = 2.0**-30, 2.0**40
 
 
 def _rows_exact(
-    rows: np.ndarray, bins: int, keys: np.ndarray | None = None, work: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    rows: np.ndarray,
+    bins: int,
+    keys: np.ndarray | None = None,
+    work: np.ndarray | None = None,
+    in_place: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact statistics of each row of `rows` [K, n] (float32, every element of a small tensor), as [K, STATS.length]
-    vectors, and the indices of the rows left to the caller (their vectors are garbage): those with a non-finite
-    value. `keys` (int32, 2 * K * n) and `work` (float32, [K, n]): scratch the caller keeps from step to step.
+    vectors, the indices of the rows left to the caller (their vectors are garbage): those with a non-finite value,
+    and those rows' values. `keys` (int32, 2 * K * n) and `work` (float32, [K, n]): scratch the caller keeps from
+    step to step. `in_place`: rows may be overwritten (scaled) instead of copied first.
 
     Sums are float64 over the float32 values (pairwise along each row); the spread is the float64 sum of float32
     squared deviations from the float32-rounded mean c, less n * (mean - c)**2 (an identity, no cancellation: c is
     within one float32 rounding of the mean)."""
     k, n = rows.shape
-    orig = rows
     with np.errstate(invalid="ignore"):  # Inf + -Inf: numpy's warning would reach the user's training loop
         sums = np.add.reduce(rows, axis=1, dtype=np.float64)
         mn = rows.min(axis=1)
@@ -558,8 +576,14 @@ def _rows_exact(
     moved = np.flatnonzero(outside)
     zeros = np.add.reduce((rows == 0).view(np.uint8), axis=1, dtype=np.uint16 if n < 65536 else np.int64)
     unit = np.ones(k)  # each row's power of two (1 for nearly all)
+    odd_values = rows[odd]  # a copy
+    exp_fix = None
     if odd.size or moved.size:
-        rows = rows.copy()
+        # The rows changed below are binned by exponent from their values as they were; the rest are left alone.
+        changed = np.concatenate([odd, moved])  # disjoint: a moved row is finite
+        exp_fix = (changed, rows[changed])
+        if not in_place:
+            rows = rows.copy()
         if odd.size:  # measured as zeros here (so that nothing overflows or warns), then by the caller
             rows[odd] = 0
             sums[odd] = 0
@@ -593,6 +617,6 @@ def _rows_exact(
         zero_count=zeros.astype(np.float64),
     )
     # Exponents from the values as they were (a NaN or Inf of a row left to the caller counts in the cut bin 255).
-    vecs[:, STATS.head :] = _bin_rows(rows, orig, mn_s, mx_s - mn_s, bins, out=d, keys=keys)
+    vecs[:, STATS.head :] = _bin_rows(rows, rows, mn_s, mx_s - mn_s, bins, out=d, keys=keys, exp_fix=exp_fix)
     vecs[:, STATS.exp(bins).start] -= zeros  # zeros share biased exponent 0 with subnormals; zero_count has them
-    return vecs, odd
+    return vecs, odd, odd_values

@@ -45,6 +45,8 @@ class UnitStreaks:
     def __init__(self) -> None:
         self._tracks: dict[tuple[str, int], _Track] = {}
         self._constants: dict[tuple[Any, ...], torch.Tensor] = {}  # `_device_summaries`' index tensors
+        # `decode`'s `since` per (steps of the latest calls, length): the layers of a step nearly all share them
+        self._since: dict[tuple[tuple[int, ...], int], tuple[int, ...]] = {}
 
     def streak_for(self, name: str, call: int, units: int, device: torch.device, step: int) -> torch.Tensor:
         """The streak tensor of this layer call (a fresh one when the layer changed shape or device), after noting
@@ -129,7 +131,12 @@ class UnitStreaks:
         lengths = vec[STREAK_BINS + k :].astype(np.int64).tolist()
         steps = tuple(track.steps)
         # since[s]: the recorded step from which a unit silent for its last s calls has been silent.
-        since = tuple(steps[-s] if 0 < s <= len(steps) else steps[0] for s in range(len(hist)))
+        since = self._since.get((steps, len(hist)))
+        if since is None:
+            if len(self._since) >= 64:
+                self._since.clear()
+            since = tuple(steps[-s] if 0 < s <= len(steps) else steps[0] for s in range(len(hist)))
+            self._since[(steps, len(hist))] = since
         return UnitActivity(
             silent=hist,
             since=since,

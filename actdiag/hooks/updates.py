@@ -116,27 +116,36 @@ def _host_ratios(
     weight are copied into rows beside the copies, then, a chunk of rows at a time, the float64 difference (exact)
     and two row-wise sums of squares for all of them (two einsum calls and a tensor per parameter cost more than
     their arithmetic at a few thousand elements). `scratch` holds the chunk buffers from one step to the next."""
-    groups: dict[int, tuple[SizeRows, list[tuple[str, np.ndarray, np.ndarray | None, int]]]] = {}
+    groups: dict[int, tuple[SizeRows, list[tuple[str, torch.Tensor, np.ndarray | None, int]]]] = {}
+    dtypes: dict[int, torch.dtype] = {}
     for pname, (n, idx, rows, k) in snaps.items():
-        a = numpy_view(params[pname].detach().reshape(-1))
-        if a is None or a.size != n or a.dtype != rows.rows.dtype:
+        p = params[pname]
+        dtype = dtypes.get(id(rows))
+        if dtype is None:
+            dtype = dtypes[id(rows)] = torch.from_numpy(rows.rows[:0, :0]).dtype
+        if not p.is_cpu or p.dtype != dtype or p.numel() != n:
             continue  # replaced by a tensor of another size or dtype, or moved off the CPU: no ratio
-        groups.setdefault(id(rows), (rows, []))[1].append((pname, a, idx, k))
+        groups.setdefault(id(rows), (rows, []))[1].append((pname, p.detach().reshape(-1), idx, k))
     out: dict[str, torch.Tensor] = {}
     for rows, items in groups.values():
         m = rows.rows.shape[1]
         per = max(1, _CHUNK // m)
         if scratch.get("d") is None or scratch["d"].size < per * m:
             scratch["d"] = np.empty(per * m)
+        now = scratch.get(f"now-{rows.rows.dtype}")
+        if now is None or now.size < per * m:
+            now = scratch[f"now-{rows.rows.dtype}"] = np.empty(per * m, dtype=rows.rows.dtype)
         norms = np.empty((len(items), 2))
         for lo in range(0, len(items), per):
             chunk = items[lo : lo + per]
             c = len(chunk)
-            d = scratch["d"][: c * m].reshape(c, m)
-            for i, (_, a, idx, _) in enumerate(chunk):
-                np.copyto(d[i], a if idx is None else a.take(idx))
+            cur = now[: c * m].reshape(c, m)
+            # The weights as they are now, in one copy (their sampled elements where the copy is a sample)
+            torch.stack(
+                [w if idx is None else w[torch.from_numpy(idx)] for _, w, idx, _ in chunk], out=torch.from_numpy(cur)
+            )
             before = rows.rows[[k for _, _, _, k in chunk]]
-            d -= before  # float64: exact
+            d = np.subtract(cur, before, out=scratch["d"][: c * m].reshape(c, m), dtype=np.float64)  # exact
             norms[lo : lo + c, 0] = np.einsum("ij,ij->i", d, d)
             norms[lo : lo + c, 1] = np.einsum("ij,ij->i", before, before, dtype=np.float64)
         np.sqrt(norms, out=norms)
