@@ -3,9 +3,7 @@ and report size stay bounded however long the run."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, layer_metrics, param_metrics
@@ -63,17 +61,6 @@ def _hist_row(record: StepRecord) -> tuple[dict[str, Any], dict[str, Any], dict[
         hists[label], aexps[label] = _packed_histograms(a) if a else (None, None)
         gexps[label] = _packed_exponents(g) if g else None
     return hists, aexps, gexps
-
-
-def with_optimizer(record: StepRecord | None, seen: Mapping[str, tuple[float, str]]) -> StepRecord | None:
-    """The record with each parameter's learning rate and optimizer class, as the optimizer step saw them."""
-    if record is None or not seen:
-        return record
-    params = tuple(
-        dataclasses.replace(p, lr=seen[p.name][0], optimizer=seen[p.name][1]) if p.name in seen else p
-        for p in record.params
-    )
-    return dataclasses.replace(record, params=params)
 
 
 class HistoryBuffer:

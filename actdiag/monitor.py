@@ -19,7 +19,7 @@ from actdiag import rules
 from actdiag._version import __version__
 from actdiag.errors import ReportPathError
 from actdiag.fixes import attach_fixes
-from actdiag.history import DEFAULT_MAX_HISTORY, HistoryBuffer, with_optimizer
+from actdiag.history import DEFAULT_MAX_HISTORY, HistoryBuffer
 from actdiag.hooks import merge as _dist
 from actdiag.hooks.optimizer import OptimizerWatch
 from actdiag.hooks.recorder import Recorder, Selector, unwrap_model
@@ -431,7 +431,7 @@ class Monitor:
 
     def _finish_recorded(self, keep_hooks: bool = False) -> None:
         try:
-            record = with_optimizer(self.recorder.end(keep_hooks), self.optimizers.end())
+            record = self.recorder.end(keep_hooks, self.optimizers.end())
             if record is None:
                 return
             self.history_buffer.add(record)

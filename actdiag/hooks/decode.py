@@ -47,6 +47,7 @@ def decode_step(
     named_params: Sequence[tuple[str, torch.Tensor]],
     streaks: UnitStreaks,
     update_sampled: Callable[[int], bool],
+    optimizers: Mapping[str, tuple[float, str]] | None = None,
 ) -> StepRecord:
     """A recorded step's host vectors (by key) as a StepRecord: statistics decoded through the layout, parameters
     with their update ratios and lost-update counts, layers in forward order with their unit-health shares."""
@@ -56,6 +57,7 @@ def decode_step(
     def stats(key: Key) -> TensorStats | None:
         return decoded.get(aliases.get(key, key))
 
+    seen = optimizers or {}
     params: list[ParamStats] = []
     by_name: dict[str, ParamStats] = {}
     for pname, p in named_params:
@@ -74,6 +76,7 @@ def decode_step(
             unchanged, nonzero = (int(v) for v in counts[0])  # updates.LostUpdateCounts
             dtype = str(p.dtype).replace("torch.", "")
             lost = LostUpdates(unchanged, nonzero, dtype, update_sampled(p.numel()))
+        lr, optimizer = seen.get(pname, (None, None))
         ps = ParamStats(
             name=pname,
             shape=tuple(p.shape),
@@ -83,6 +86,8 @@ def decode_step(
             update_ratio=ratio,
             update_ratio_estimated=ratio is not None and update_sampled(p.numel()),
             lost_updates=lost,
+            lr=lr,
+            optimizer=optimizer,
         )
         params.append(ps)
         by_name[pname] = ps

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -239,8 +239,11 @@ class Recorder:
             if grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._param_hooks[pname]))
 
-    def end(self, keep_hooks: bool = False) -> StepRecord | None:
+    def end(
+        self, keep_hooks: bool = False, optimizers: Mapping[str, tuple[float, str]] | None = None
+    ) -> StepRecord | None:
         """Finish the recorded step: remove hooks, read everything back once, decode. None if nothing ran.
+        `optimizers`: {parameter name: (learning rate, optimizer class)} of the optimizer steps it saw.
 
         `keep_hooks`: the next step is recorded too and begins right after this one ends (every=1): the hooks stay
         registered, inert until `begin()` takes them over, instead of a few thousand handles removed and made
@@ -306,6 +309,7 @@ class Recorder:
             named_params=self.params,
             streaks=self._streaks,
             update_sampled=self._update_sampled,
+            optimizers=optimizers,
         )
 
     def capture_param_grads(self) -> None:
