@@ -39,7 +39,7 @@ from actdiag.hooks.decode import LayerCall, as_tensor, decode_step, read_back
 from actdiag.hooks.device import DeviceBatch
 from actdiag.hooks.functional import ForwardTracker, FunctionalProbe, module_names
 from actdiag.hooks.host import HostBatch
-from actdiag.hooks.keys import Key, LayerKeys, layer_keys
+from actdiag.hooks.keys import Key, LayerKeys, layer_keys, param_keys
 from actdiag.hooks.layout import StatsMeta
 from actdiag.hooks.modules import (
     _CHANNELS_FIRST_3D,
@@ -258,22 +258,22 @@ class Recorder:
             return None
         with torch.no_grad():
             for pname, p in self.params:
-                if not self._has(Key.param(pname, "weight")):
+                if not self._has(self._weight_keys[pname]):
                     self._guard("weights", self._record_weight, pname, p, False)
             ratios = self._guard("updates", self._updates.finish, self._param_map)
             for pname, vec in (ratios or {}).items():
-                self._put(Key.param(pname, "update"), vec, None, _dist.KIND_REPLICATED)
+                self._put_new(param_keys(pname).update, vec, None, _dist.KIND_REPLICATED)
             lost = self._guard("updates", self._lost.finish, self._param_map)
             for pname, vec in (lost or {}).items():
-                self._put(Key.param(pname, "lost"), vec, None, _dist.KIND_REPLICATED)
+                self._put_new(param_keys(pname).lost, vec, None, _dist.KIND_REPLICATED)
             units_due, self._units_due = self._units_due, []
             self._guard("activations", self._units_from_rows, units_due)  # before the streaks are summarised
             for key, vec in (self._guard("activations", self._device_units.finish, RARE_ACTIVE_BELOW) or {}).items():
-                self._put(key, vec, None)
+                self._put_new(key, vec, None)
             due, self._streaks_due = self._streaks_due, []
             summaries = self._guard("activations", self._streaks.summaries, due, self.path != "device") or ()
             for (name, call), vec in zip(due, summaries, strict=False):
-                self._put(layer_keys(name, call).streak, vec, None)
+                self._put_new(layer_keys(name, call).streak, vec, None)
         self._updates.clear()
         self._lost.clear()
         self._recording = False
@@ -495,7 +495,7 @@ class Recorder:
             streaks = [job.streak for job in jobs]
             counts = unit_activity_rows(rows, shape, udim, [job.ever for job in jobs], streaks, RARE_ACTIVE_BELOW)
             for job, vec in zip(jobs, counts, strict=True):
-                self._put(job.key, vec, None)
+                self._put_new(job.key, vec, None)
 
     def _watch_input(self, name: str, inputs: Any, output: Any) -> None:
         # Where a NaN/Inf starts (rules/run.py): the step's first input is checked for NaN/Inf (bad data), and the
@@ -741,6 +741,11 @@ class Recorder:
         # `kind` says how the entry merges across ranks (merge.KIND_*; the default is
         # KIND_REPLICATED, spelled out because default values are evaluated while the modules import each other).
         self._forget(key)
+        self._pending[key] = (vec, meta)
+        self._kinds[key] = kind
+
+    def _put_new(self, key: Key, vec: torch.Tensor | np.ndarray, meta: Any, kind: str = "replicated") -> None:
+        """`_put` of a key only end() makes (update norms, unit counts, streaks): nothing of it to forget."""
         self._pending[key] = (vec, meta)
         self._kinds[key] = kind
 
