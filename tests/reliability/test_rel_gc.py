@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,3 +100,40 @@ def test_rel_history_keeps_no_tracked_object_per_layer() -> None:
         assert hist.activation_histograms[layer.label] == (a.histogram,)
         assert hist.activation_exponents[layer.label] == (a.exponents,)
         assert hist.gradient_exponents[layer.label] == (g.exponents,)
+
+
+def test_collector_is_paused_only_while_a_recorded_step_finishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Automatic collection is off while actdiag finishes a recorded step (its own work), on again afterwards,
+    after an error inside that work too, and left off when the user had switched it off."""
+    import actdiag.monitor as monitor_mod
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen: list[bool] = []
+    real_end = monitor_mod.Recorder.end
+
+    def end(self: object, *args: object) -> object:
+        seen.append(gc.isenabled())
+        return real_end(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(monitor_mod.Recorder, "end", end)
+    assert gc.isenabled()
+    with actdiag.watch(model, every=1) as mon:
+        model(torch.randn(3, 4)).sum().backward()
+        mon.step()
+        assert seen == [False] and gc.isenabled()
+        gc.disable()
+        try:
+            model(torch.randn(3, 4)).sum().backward()
+            mon.step()
+            assert seen == [False, False] and not gc.isenabled()  # the user's choice is kept
+        finally:
+            gc.enable()
+
+    def broken(self: object, *args: object) -> None:
+        raise RuntimeError("decode bug")
+
+    monkeypatch.setattr(monitor_mod.Recorder, "end", broken)
+    with pytest.warns(RuntimeWarning, match="decode bug"), actdiag.watch(model, every=1) as mon:
+        model(torch.randn(3, 4)).sum().backward()
+        mon.step()
+    assert gc.isenabled()
