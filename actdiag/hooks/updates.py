@@ -132,20 +132,23 @@ def _host_ratios(
         per = max(1, _CHUNK // m)
         if scratch.get("d") is None or scratch["d"].size < per * m:
             scratch["d"] = np.empty(per * m)
-        now = scratch.get(f"now-{rows.rows.dtype}")
-        if now is None or now.size < per * m:
-            now = scratch[f"now-{rows.rows.dtype}"] = np.empty(per * m, dtype=rows.rows.dtype)
         norms = np.empty((len(items), 2))
         for lo in range(0, len(items), per):
             chunk = items[lo : lo + per]
             c = len(chunk)
-            cur = now[: c * m].reshape(c, m)
-            # The weights as they are now, in one copy (their sampled elements where the copy is a sample)
-            torch.stack(
-                [w if idx is None else w[torch.from_numpy(idx)] for _, w, idx, _ in chunk], out=torch.from_numpy(cur)
-            )
+            d = scratch["d"][: c * m].reshape(c, m)
+            currents = [w if idx is None else w[torch.from_numpy(idx)] for _, w, idx, _ in chunk]
             before = rows.rows[[k for _, _, _, k in chunk]]
-            d = np.subtract(cur, before, out=scratch["d"][: c * m].reshape(c, m), dtype=np.float64)  # exact
+            if c == 1:  # a large weight: converted straight into the float64 row, no copy in its own dtype first
+                torch.from_numpy(d[0]).copy_(currents[0])
+                d -= before  # float64: exact
+            else:  # small weights: the chunk's in one copy, then one float64 difference (exact)
+                now = scratch.get(f"now-{rows.rows.dtype}")
+                if now is None or now.size < per * m:
+                    now = scratch[f"now-{rows.rows.dtype}"] = np.empty(per * m, dtype=rows.rows.dtype)
+                cur = now[: c * m].reshape(c, m)
+                torch.stack(currents, out=torch.from_numpy(cur))
+                np.subtract(cur, before, out=d, dtype=np.float64)
             norms[lo : lo + c, 0] = np.einsum("ij,ij->i", d, d)
             norms[lo : lo + c, 1] = np.einsum("ij,ij->i", before, before, dtype=np.float64)
         np.sqrt(norms, out=norms)
