@@ -199,9 +199,9 @@ class Recorder:
             self.merger = _dist.StepMerger(
                 bins=bins, rare_below=RARE_ACTIVE_BELOW, group=process_group, on_mismatch=self._mismatch
             )
-        # Whether small float32 CPU parameters are taken together at the end of backward (`_param_grad_hook`);
-        # under DDP they are read after its all-reduce instead (`_late_params_stats`).
-        self._batch_params = self.merger is None and path != "device"
+        # Whether small float32 CPU parameters are taken together at the end of backward (`_param_grad_hook`, on
+        # the host path); under DDP they are read after its all-reduce instead (`_late_params_stats`).
+        self._batch_params = self.merger is None
 
     @property
     def distributed(self) -> bool:
@@ -538,6 +538,7 @@ class Recorder:
         if (
             self._batch_params
             and self._recording
+            and self.path != "device"
             and p.is_cpu
             and p.dtype == torch.float32
             and 0 < p.numel() <= self.sample_cap

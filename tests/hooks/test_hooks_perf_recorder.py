@@ -192,3 +192,35 @@ def test_a_backward_that_raises_leaves_the_retry_measuring_weights_before_the_up
         assert params[name].grad is not None
         assert params[name].grad.mean == pytest.approx(reference_stats(grads[name])[0], rel=1e-6, abs=1e-9), name
         assert params[name].grad.std == pytest.approx(reference_stats(grads[name])[1], rel=1e-5), name
+
+
+def test_parameters_are_taken_together_only_on_the_host_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end-of-backward copy of small weights is the host path's: with the device path chosen (even after the
+    recorder was made, as bench/count_ops.py does), each weight and gradient takes that path's batch."""
+    from actdiag.hooks.host import HostBatch
+
+    taken: list[int] = []
+    real = HostBatch.take_many
+
+    def counting(self: HostBatch, keys: list[object], xs: list[torch.Tensor]) -> object:
+        taken.append(len(xs))
+        return real(self, keys, xs)
+
+    monkeypatch.setattr(HostBatch, "take_many", counting)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(5, 4)
+    for path in (None, "device"):
+        taken.clear()
+        with actdiag.watch(model, every=1) as mon:
+            mon.recorder.path = path
+            model(x).pow(2).sum().backward()
+            mon.step()
+        params = {p.name: p for p in mon.latest.params}
+        assert all(p.grad is not None for p in params.values())
+        w = model[0].weight.detach().double()
+        assert params["0.weight"].weight.mean == pytest.approx(w.mean().item(), rel=1e-6)
+        if path is None:
+            assert sum(taken) == 8  # four weights and their four gradients
+        else:
+            assert taken == []
+        model.zero_grad(set_to_none=True)
