@@ -4,9 +4,10 @@ Design (sync-free by construction)
 ----------------------------------
 * **Only recorded steps are hooked.** `Recorder.begin(step)` registers torch's global module forward hooks (two for
   the process, passing over modules of other models; `functional.ForwardTracker.install`) and a post-accumulate-grad
-  hook on each parameter; `Recorder.end()` removes them all (or keeps them, inert, when the next step is recorded
-  too: every=1). Steps that are not recorded run with no hook registered, so no extra kernel, no Python call and no
-  synchronisation happens on them.
+  hook on each parameter (a small float32 CPU parameter's only notes it: a callback queued on that backward pass
+  copies all of them, weights and gradients, a size at a time when it ends); `Recorder.end()` removes them all (or
+  keeps them, inert, when the next step is recorded too: every=1). Steps that are not recorded run with no hook
+  registered, so no extra kernel, no Python call and no synchronisation happens on them.
 * **Gradients of activations come from tensor hooks**: the forward hook calls `output.register_hook(...)`. Full
   backward module hooks break on `ReLU(inplace=True)` and `x += y` (pytorch#61519); a tensor hook registered before
   an in-place op receives the gradient with respect to the tensor as it was when the hook was registered, which is
