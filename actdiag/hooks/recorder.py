@@ -148,8 +148,7 @@ class Recorder:
         self._module_names = module_names(model)  # every module of the model: the tracker's filter
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters()) if track_weights else []
         self._param_map = dict(self.params)
-        self._weight_keys = {pname: Key.param(pname, "weight") for pname, _ in self.params}
-        self._grad_keys = {pname: Key.param(pname, "grad") for pname, _ in self.params}
+        self._param_keys = {pname: param_keys(pname) for pname, _ in self.params}  # kept for the whole watch
         # One callable per parameter for the whole watch, registered again on each recorded step.
         self._param_hooks = {pname: partial(self._param_grad_hook, pname) for pname, _ in self.params}
         self._param_name = {id(p): n for n, p in model.named_parameters()}
@@ -199,9 +198,6 @@ class Recorder:
             self.merger = _dist.StepMerger(
                 bins=bins, rare_below=RARE_ACTIVE_BELOW, group=process_group, on_mismatch=self._mismatch
             )
-        # Whether small float32 CPU parameters are taken together at the end of backward (`_param_grad_hook`, on
-        # the host path); under DDP they are read after its all-reduce instead (`_late_params_stats`).
-        self._batch_params = self.merger is None
 
     @property
     def distributed(self) -> bool:
@@ -258,14 +254,14 @@ class Recorder:
             return None
         with torch.no_grad():
             for pname, p in self.params:
-                if not self._has(self._weight_keys[pname]):
+                if not self._has(self._param_keys[pname].weight):
                     self._guard("weights", self._record_weight, pname, p, False)
             ratios = self._guard("updates", self._updates.finish, self._param_map)
             for pname, vec in (ratios or {}).items():
-                self._put_new(param_keys(pname).update, vec, None, _dist.KIND_REPLICATED)
+                self._put_new(self._param_keys[pname].update, vec, None, _dist.KIND_REPLICATED)
             lost = self._guard("updates", self._lost.finish, self._param_map)
             for pname, vec in (lost or {}).items():
-                self._put_new(param_keys(pname).lost, vec, None, _dist.KIND_REPLICATED)
+                self._put_new(self._param_keys[pname].lost, vec, None, _dist.KIND_REPLICATED)
             units_due, self._units_due = self._units_due, []
             self._guard("activations", self._units_from_rows, units_due)  # before the streaks are summarised
             for key, vec in (self._guard("activations", self._device_units.finish, RARE_ACTIVE_BELOW) or {}).items():
@@ -320,7 +316,7 @@ class Recorder:
         with torch.no_grad():
             for pname, p in self.params:
                 if p.requires_grad and p.grad is not None:
-                    self._guard("weight gradients", self._put_stats, Key.param(pname, "grad"), p.grad)
+                    self._guard("weight gradients", self._put_stats, self._param_keys[pname].grad, p.grad)
 
     def abort(self) -> None:
         """Drop the step in progress and remove every hook (used on exit and after errors)."""
@@ -423,7 +419,7 @@ class Recorder:
         self._recomputed[name] = k + 1
         t = first_tensor(output)
         if t is not None and t.is_floating_point() and t.requires_grad:
-            t.register_hook(partial(self._grad_hook, Key.layer(name, calls[k], "grad"), self._token))
+            t.register_hook(partial(self._grad_hook, layer_keys(name, calls[k]).grad, self._token))
 
     def _record_output(self, name: str, module: nn.Module, output: Any) -> None:
         t = first_tensor(output)
@@ -535,8 +531,10 @@ class Recorder:
         self._guard("gradients", self._put_stats, key, measured, _dist.KIND_STATS, grad)
 
     def _param_grad_hook(self, pname: str, p: torch.Tensor) -> None:
+        # Small float32 CPU parameters are taken together at the end of backward on the host path; under DDP they
+        # are read after its all-reduce instead (`_late_params_stats`).
         if (
-            self._batch_params
+            self.merger is None
             and self._recording
             and self.path != "device"
             and p.is_cpu
@@ -580,9 +578,9 @@ class Recorder:
                 with self._param_together:
                     self._param_grad(pname, p)
         for items in groups.values():
-            fresh = [(pname, p) for pname, p, _ in items if not self._has(self._weight_keys[pname])]
+            fresh = [(pname, p) for pname, p, _ in items if not self._has(self._param_keys[pname].weight)]
             if fresh and "weights" not in self.failed:
-                keys = [self._weight_keys[pname] for pname, _ in fresh]
+                keys = [self._param_keys[pname].weight for pname, _ in fresh]
                 kept = self._host_batch.take_many(keys, [p for _, p in fresh])
                 if kept is None:
                     for pname, p in fresh:
@@ -591,7 +589,7 @@ class Recorder:
                     self._taken(keys)
                     if self.track_updates:
                         self._updates.keep_rows([pname for pname, _ in fresh], *kept)
-            keys = [self._grad_keys[pname] for pname, _, _ in items]
+            keys = [self._param_keys[pname].grad for pname, _, _ in items]
             if self._host_batch.take_many(keys, [g for _, _, g in items]) is None:
                 for pname, _, g in items:
                     self._put_grad(pname, g)
@@ -617,7 +615,7 @@ class Recorder:
             return
         # Gradient accumulation runs this hook once per backward; the weight is measured on the first. It is still
         # the weight the forward pass used: the optimizer has not run.
-        if not self._has(self._weight_keys[pname]):
+        if not self._has(self._param_keys[pname].weight):
             self._guard("weights", self._record_weight, pname, p, True)
         if pname not in self._frozen:  # once stepped, the weight is no longer the one before the step
             self._snapshot_lost(pname, p)
@@ -633,7 +631,7 @@ class Recorder:
             self._guard("weight gradients", self._put_grad, pname, p.grad)
 
     def _put_grad(self, pname: str, grad: torch.Tensor) -> None:
-        self._put_stats(self._grad_keys[pname], grad)
+        self._put_stats(self._param_keys[pname].grad, grad)
         self._grad_seen[pname] = (id(grad), grad._version)
 
     def step_grads(self, names: Iterable[str]) -> None:
@@ -668,7 +666,7 @@ class Recorder:
                 self._snapshot_lost(pname, p)  # against the averaged gradient the optimizer will use
 
     def _record_weight(self, pname: str, p: torch.Tensor, before_update: bool) -> None:
-        key = self._weight_keys[pname]
+        key = self._param_keys[pname].weight
         self._put_stats(key, p)
         if before_update and self.track_updates and p.is_floating_point():
             flat = p.detach().reshape(-1)
@@ -742,8 +740,7 @@ class Recorder:
         # `kind` says how the entry merges across ranks (merge.KIND_*; the default is
         # KIND_REPLICATED, spelled out because default values are evaluated while the modules import each other).
         self._forget(key)
-        self._pending[key] = (vec, meta)
-        self._kinds[key] = kind
+        self._put_new(key, vec, meta, kind)
 
     def _put_new(self, key: Key, vec: torch.Tensor | np.ndarray, meta: Any, kind: str = "replicated") -> None:
         """`_put` of a key only end() makes (update norms, unit counts, streaks): nothing of it to forget."""
