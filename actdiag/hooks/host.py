@@ -576,12 +576,14 @@ def _rows_exact(
     moved = np.flatnonzero(outside)
     zeros = np.add.reduce((rows == 0).view(np.uint8), axis=1, dtype=np.uint16 if n < 65536 else np.int64)
     unit = np.ones(k)  # each row's power of two (1 for nearly all)
-    odd_values = rows[odd]  # a copy
     exp_fix = None
-    if odd.size or moved.size:
-        # The rows changed below are binned by exponent from their values as they were; the rest are left alone.
-        changed = np.concatenate([odd, moved])  # disjoint: a moved row is finite
-        exp_fix = (changed, rows[changed])
+    # The rows changed below, as they were (a copy): binned by exponent from these, and the non-finite ones (first)
+    # handed back to the caller.
+    changed = np.concatenate([odd, moved])  # disjoint: a moved row is finite
+    saved = rows[changed]
+    odd_values = saved[: odd.size]
+    if changed.size:
+        exp_fix = (changed, saved)
         if not in_place:
             rows = rows.copy()
         if odd.size:  # measured as zeros here (so that nothing overflows or warns), then by the caller
