@@ -116,7 +116,8 @@ def check_every(every: int) -> int:
 # Recording at least this many steps apart, every element of every tensor is read for every statistic: the cost is
 # spread over the interval. Recording more often than that, the several passes of exact statistics over every
 # element would dominate a recorded step, so by default large tensors' spread, zeros, histograms and update ratios
-# come from their fixed sample instead (`accuracy="exact"` forces exact ones); count, mean, min, max and the
+# come from their fixed sample instead, and on the CPU so do the spread, zeros and histograms of small tensors over
+# SMALL_SAMPLE elements (`accuracy="exact"` forces exact ones); count, mean, min, max and the
 # non-finite count are exact at every interval (CONTRACT.md, "Exactness"), on the CPU and on a GPU alike. Measured
 # effect: BENCHMARKS.md and docs/performance.md.
 EXACT_FROM_EVERY = 10

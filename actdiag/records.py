@@ -231,7 +231,8 @@ class TensorStats:
     min, max and abs_max are NaN.
 
     `estimated` names the fields that come from the histogram's sample rather than from every element (e.g.
-    ("std", "zero_fraction", "histogram")): only recording more often than every 10 steps, large tensors only.
+    ("std", "zero_fraction", "histogram")): only recording more often than every 10 steps, and only tensors over the
+    sample (on the CPU, tensors over `actdiag.hooks.sampling.SMALL_SAMPLE` elements; on a GPU, over the sample cap).
     count, mean, min, max, abs_max and the non-finite count are exact at every interval (CONTRACT.md, "Exactness").
     `extra` holds the values of slots added to the statistics layout (`actdiag.hooks.layout.Layout.with_slot`).
     """

@@ -19,8 +19,9 @@ Variants:
                   each output and output gradient, each parameter and its gradient), each read once by one
                   reduction (torch.sum). actdiag's every=1 extra time is judged against this one's
   actdiag-every1  actdiag.watch(model, every=1): every step recorded, all statistics and histograms (by default
-                  at every=1 the spread, extremes and zeros of tensors over sample_cap elements are estimated
-                  from their sample; see actdiag.monitor.EXACT_FROM_EVERY)
+                  at every=1 the spread, zeros and histograms of tensors over the sample (SMALL_SAMPLE elements
+                  for the CPU's small tensors, sample_cap for the rest) are estimated from their sample; see
+                  actdiag.monitor.EXACT_FROM_EVERY)
   actdiag-every1-exact  the same with exact=True: every element of every tensor read for every statistic
   actdiag-default actdiag.watch(model) at DEFAULT_EVERY; its recorded and unrecorded steps are also shown apart.
                   Unrecorded steps run no hook, only monitor.step(): the target is judged on that call's own

@@ -23,7 +23,7 @@ import torch
 
 from actdiag.hooks import device
 from actdiag.hooks.layout import N_EXP, STATS, StatsMeta
-from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, numpy_view, segments
+from actdiag.hooks.sampling import _BATCH_DTYPES, _CPU, _SAMPLES, numpy_view, segments
 
 # Sums of squares of float32 values leave float32's normal range when |x| nears 2**64 or 2**-63. Tensors whose
 # largest magnitude is outside 2**-40 .. 2**40 are therefore scaled by an exact power of two first; the rest (nearly
@@ -114,36 +114,60 @@ def exact_parts(flat: torch.Tensor) -> tuple[float, float, float] | None:
 
 
 def _estimate_rows(
-    samples: np.ndarray, n: np.ndarray, mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, bins: int
+    samples: np.ndarray,
+    n: np.ndarray,
+    mean: np.ndarray,
+    mn: np.ndarray,
+    mx: np.ndarray,
+    bins: int,
+    scratch: SizeRows | None = None,
 ) -> np.ndarray:
-    """Vectors (the layout of `STATS`) of K large tensors from their samples, one row each.
+    """Vectors (the layout of `STATS`) of K tensors from their samples, one row each.
 
-    `samples` [K, m] holds finite float32 or float64 values (left as they are); `n` [K] are the tensors' element
-    counts and `mean`, `mn`, `mx` [K] their exact mean, min and max, from every element. Estimated from the sample:
-    the variance about the exact mean (times n: m2), the zero count (scaled to n) and both histograms (between the
-    exact min and max). Rows are independent: each row's numbers are what a batch of that row alone gives.
+    `samples` [K, m] holds finite float32 or float64 values; `n` [K] are the tensors' element counts and `mean`,
+    `mn`, `mx` [K] their exact mean, min and max, from every element. Estimated from the sample: the variance about
+    the exact mean (times n: m2), the zero count (scaled to n) and both histograms (between the exact min and max).
+    Rows are independent: each row's numbers are what a batch of that row alone gives. `scratch`: the caller's kept
+    buffers (`SizeRows.keys` and `.work`; no allocation, no page faults), and then `samples` is the caller's own
+    copy, which may be overwritten (scaled).
     """
     k, m = samples.shape
     # Booleans summed as uint8 into uint16 (exact below 65536 per row), faster than count_nonzero along an axis.
     zeros = np.add.reduce((samples == 0).view(np.uint8), axis=1, dtype=np.uint16 if m < 65536 else np.int64)
     # As in exact_stats: rows whose largest magnitude is outside 2**-40 .. 2**40 are divided by an exact power of two
-    # first, so that neither the squares nor `x - min` and `bins / span` overflow or underflow.
+    # first, so that neither the squares nor `x - min` and `bins / span` overflow or underflow; they are binned by
+    # exponent from their values as they were.
     mn_s, mx_s, mean_s = mn.astype(np.float64), mx.astype(np.float64), mean.astype(np.float64)
     e = np.clip(np.frexp(np.maximum(-mn_s, mx_s))[1], -100, 100)
     scale = np.where(np.abs(e) > _SAFE_EXP, np.ldexp(1.0, e), 1.0)
-    samples_s = samples
-    odd = scale != 1.0
-    if odd.any():
+    odd = np.flatnonzero(scale != 1.0)
+    samples_s, exp_fix, s32 = samples, None, samples
+    if samples.dtype != np.float32:
+        s32 = _as_float32(samples)
+    if odd.size:
         inv = 1.0 / scale[odd]
-        samples_s = samples.copy()
+        if scratch is None:
+            samples_s = samples.copy()
+        else:
+            exp_fix = (odd, s32[odd])  # a copy: the rows' values as they were
         samples_s[odd] *= inv[:, None].astype(samples.dtype)
         mn_s[odd] *= inv
         mx_s[odd] *= inv
         mean_s[odd] *= inv
-    work = samples_s - mean_s[:, None].astype(samples.dtype)
+    keys = work = None
+    if scratch is not None:
+        keys, work = scratch.scratch(samples.size, samples.dtype)
+        work = work.reshape(samples.shape)
+    # Deviations from c, the mean rounded to the samples' dtype, corrected to the exact mean: sum (x - mean)^2 =
+    # sum (x - c)^2 - 2 dc sum (x - c) + m dc^2 with dc = mean - c (where the mean dominates, c's rounding alone
+    # would otherwise move the spread).
+    c = mean_s.astype(samples.dtype)
+    dc = mean_s - c
+    work = np.subtract(samples_s, c[:, None], out=work)
+    first = np.add.reduce(work, axis=1, dtype=np.float64)
     work *= work
-    m2_s = work.sum(axis=1)  # pairwise along each row
-    counts = _bin_rows(samples_s, _as_float32(samples), mn_s, mx_s - mn_s, bins, out=work)
+    m2_s = np.maximum(np.add.reduce(work, axis=1, dtype=np.float64) - 2 * dc * first + m * dc * dc, 0.0)
+    counts = _bin_rows(samples_s, s32, mn_s, mx_s - mn_s, bins, out=work, keys=keys, exp_fix=exp_fix)
     out = np.empty((k, STATS.length(bins)))
     STATS.put(
         out, count=n, mean=mean, m2=m2_s * scale * scale * (n / m), min=mn, max=mx, zero_count=np.rint(zeros * n / m)
@@ -251,7 +275,9 @@ class HostBatch:
     * small tensors (1..sample_cap elements, float16/bfloat16/float32: biases, norm weights, small weights,
       activations and their gradients) are copied into the row of a float32 buffer of their size, and the rows are
       reduced along their length (`_rows_exact`: float64 sums, float32 deviations, one bincount for both histograms
-      of every row). Exact statistics, as `exact_stats` gives each alone.
+      of every row). Exact statistics, as `exact_stats` gives each alone; with `small_sample` set (recording
+      often), those over `small_sample` elements get their spread, zeros and histograms from their fixed sample of
+      that many (`_rows_estimated`), the rest still from every element.
     * with `estimate=True` (recording often), large float32 tensors: the exact parts from every element (sum, min
       and max: count, mean, extremes, non-finite detection) are read in `take()`, which copies the tensor's sample;
       the rest is estimated from the samples of all of them at once (`_estimate_rows`, as `estimated_stats` for one
@@ -267,9 +293,12 @@ class HostBatch:
     the caller measures it alone, with the same result as before.
     """
 
-    def __init__(self, bins: int, sample_cap: int) -> None:
+    def __init__(self, bins: int, sample_cap: int, small_sample: int | None = None) -> None:
         self.bins = bins
         self.sample_cap = sample_cap
+        # Estimating (recording often): small tensors over this many elements get their spread, zeros and
+        # histograms from a fixed sample of this many (`_rows_estimated`); None: small tensors are exact.
+        self.small_sample = small_sample
         # small tensors: key -> (numel, row of the buffer of that size)
         self.items: dict[Any, tuple[int, int]] = {}
         # One float32 buffer per tensor size, a row per tensor, kept across steps (no allocation, no page faults)
@@ -307,8 +336,18 @@ class HostBatch:
             self.large.pop(key, None)
         self.items[key] = (n, k)  # a key taken again keeps its latest copy
         meta = self._metas.get(n)
+        return self._meta(n) if meta is None else meta
+
+    def _meta(self, n: int) -> StatsMeta:
+        """The meta of the small tensors of `n` elements (made once: they are immutable)."""
+        meta = self._metas.get(n)
         if meta is None:
-            meta = self._metas[n] = StatsMeta(numel=n, bins=self.bins, sample_n=n)
+            cut = self.small_sample
+            if cut is not None and n > cut:
+                meta = StatsMeta(numel=n, bins=self.bins, sample_n=cut, estimated=True)
+            else:
+                meta = StatsMeta(numel=n, bins=self.bins, sample_n=n)
+            self._metas[n] = meta
         return meta
 
     def take_many(self, keys: list[Any], xs: list[torch.Tensor]) -> tuple[SizeRows, int] | None:
@@ -331,8 +370,7 @@ class HostBatch:
             if large:
                 large.pop(key, None)
             items[key] = (n, i)
-        if n not in self._metas:
-            self._metas[n] = StatsMeta(numel=n, bins=self.bins, sample_n=n)
+        self._meta(n)
         return rows, start
 
     def _take_large(self, key: Any, x: torch.Tensor, n: int) -> StatsMeta | None:
@@ -435,15 +473,13 @@ class HostBatch:
             # leaves a row unused, and a key taken again keeps its place among the keys with a later row), so the
             # keys' rows are the first ones, in order: no copy.
             rows = buf.rows[: len(ks)] if len(ks) == handed[n] else buf.rows[ks]
-            if buf.keys.size < 2 * rows.size:  # the histogram keys' scratch, kept with the rows
-                buf.keys = np.empty(2 * buf.rows.size, dtype=np.int32)
-            if buf.work.size < rows.size:  # the deviations' scratch, kept with the rows (no page faults)
-                buf.work = np.empty(buf.rows.size, dtype=np.float32)
-            # In place: the step's copies are not read after this (unit counts and update ratios came first).
-            vecs, odd, odd_values = _rows_exact(
-                rows, self.bins, buf.keys, buf.work[: rows.size].reshape(rows.shape), in_place=True
-            )
             meta = self._metas[n]
+            if meta.estimated:
+                vecs, odd, odd_values = _rows_estimated(rows, meta.sample_n, self.bins, buf)
+            else:
+                keys, work = buf.scratch(rows.size)
+                # In place: the step's copies are not read after this (unit counts and update ratios came first).
+                vecs, odd, odd_values = _rows_exact(rows, self.bins, keys, work.reshape(rows.shape), in_place=True)
             for (key, _), vec in zip(kept, vecs, strict=True):  # numpy rows: torch views cost more than all this
                 out[key] = (vec, meta)
             if odd.size:  # rows with a non-finite value: in float64
@@ -515,9 +551,20 @@ class SizeRows:
 
     def __init__(self, n: int, dtype: Any = np.float32) -> None:
         self.rows = np.empty((8, n), dtype=dtype)
-        self.keys = np.empty(0, dtype=np.int32)
-        self.work = np.empty(0, dtype=np.float32)
+        self.keys = np.empty(0, dtype=np.int32)  # scratch for the histogram keys (`scratch`)
+        self.work = np.empty(0, dtype=np.float32)  # scratch for the deviations (`scratch`)
+        self.sample = np.empty(0, dtype=np.float32)  # the rows' samples, estimating (`_rows_estimated`)
         self.used = 0
+
+    def scratch(self, size: int, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """Kept scratch for statistics of `size` values: int32 histogram keys (2 * size) and deviations (size, of
+        `dtype`), grown to the rows' size when short (no allocation from step to step, no page faults)."""
+        at_least = max(size, self.rows.size)
+        if self.keys.size < 2 * size:
+            self.keys = np.empty(2 * at_least, dtype=np.int32)
+        if self.work.size < size or self.work.dtype != dtype:
+            self.work = np.empty(at_least, dtype=dtype)
+        return self.keys[: 2 * size], self.work[:size]
 
     def next_row(self) -> tuple[int, np.ndarray]:
         if self.used == self.rows.shape[0]:
@@ -621,4 +668,33 @@ def _rows_exact(
     # Exponents from the values as they were (a NaN or Inf of a row left to the caller counts in the cut bin 255).
     vecs[:, STATS.head :] = _bin_rows(rows, rows, mn_s, mx_s - mn_s, bins, out=d, keys=keys, exp_fix=exp_fix)
     vecs[:, STATS.exp(bins).start] -= zeros  # zeros share biased exponent 0 with subnormals; zero_count has them
+    return vecs, odd, odd_values
+
+
+def _rows_estimated(
+    rows: np.ndarray, sample_n: int, bins: int, buf: SizeRows
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_rows_exact` when estimates are allowed: the count, mean (a float64 sum), min and max of each row [K, n] from
+    every element; the spread, the zeros and both histograms from the row's fixed sample of `sample_n` elements
+    (`_estimate_rows`, as for a large tensor), in `buf`'s kept buffers. Rows with a non-finite value are left to the
+    caller, as there."""
+    k, n = rows.shape
+    with np.errstate(invalid="ignore"):  # Inf + -Inf: numpy's warning would reach the user's training loop
+        sums = np.add.reduce(rows, axis=1, dtype=np.float64)
+    finite = np.isfinite(sums)  # a float64 sum of float32 values overflows only through an Inf or a NaN
+    odd = np.flatnonzero(~finite)
+    odd_values = rows[odd]
+    vecs = np.zeros((k, STATS.length(bins)))
+    good = np.flatnonzero(finite) if odd.size else slice(None)
+    part = rows[good]
+    kept = part.shape[0]
+    if kept:
+        if buf.sample.size < kept * sample_n:
+            buf.sample = np.empty(max(kept, buf.rows.shape[0]) * sample_n, dtype=np.float32)
+        samples = buf.sample[: kept * sample_n].reshape(kept, sample_n)
+        # torch's gather along rows is about twice numpy's take here
+        torch.index_select(torch.from_numpy(part), 1, _SAMPLES.get(n, sample_n, _CPU), out=torch.from_numpy(samples))
+        count = np.full(kept, float(n))
+        mean = sums[good] / n
+        vecs[good] = _estimate_rows(samples, count, mean, part.min(axis=1), part.max(axis=1), bins, scratch=buf)
     return vecs, odd, odd_values

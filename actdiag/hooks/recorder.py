@@ -53,7 +53,7 @@ from actdiag.hooks.modules import (
     select_modules,
     unwrap_model,
 )
-from actdiag.hooks.sampling import DEFAULT_SAMPLE_CAP
+from actdiag.hooks.sampling import DEFAULT_SAMPLE_CAP, SMALL_SAMPLE
 from actdiag.hooks.stats import (
     DEFAULT_BINS,
     Path,
@@ -138,7 +138,9 @@ class Recorder:
         self.track_weights = track_weights
         self.track_updates = track_updates
         self.path = path  # None: the host path for CPU tensors, the device path for the rest (stats.Path)
-        self.exact = exact  # False: large tensors' spread, zeros, histograms and update ratios from their sample
+        # False: large tensors' spread, zeros, histograms and update ratios from their sample (and the host path's
+        # small tensors' over SMALL_SAMPLE elements)
+        self.exact = exact
         self._on_error = on_error
         self.functional = functional  # record activations applied as functions (F.relu, torch.tanh, ...)
         self._tracker: ForwardTracker | None = None
@@ -162,7 +164,9 @@ class Recorder:
         self._pending: dict[Key, tuple[torch.Tensor | np.ndarray, Any]] = {}
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, Key]] = {}
         self._aliases: dict[Key, Key] = {}
-        self._host_batch = HostBatch(bins, sample_cap)  # the host path's tensors, measured together in end()
+        # The host path's tensors, measured together in end(); estimating, small ones over SMALL_SAMPLE elements
+        # from a sample of that many.
+        self._host_batch = HostBatch(bins, sample_cap, None if exact else min(SMALL_SAMPLE, sample_cap))
         self._device_batch = DeviceBatch(bins, sample_cap)  # the same for the device path (CUDA's)
         self._param_together = self._device_batch.together(partial(self._guard, "weights"))
         # Small float32 CPU weights whose gradients a running backward pass has accumulated (`_params_ready`)

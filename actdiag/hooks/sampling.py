@@ -20,6 +20,12 @@ import torch
 # calling thread, with no OpenMP fork/join.
 DEFAULT_SAMPLE_CAP = 8192
 
+# Recording more often than every 10 steps (estimates allowed), a small tensor's spread, zeros and histograms come
+# from a fixed sample of this many of its elements when it has more. Those passes read every element of every
+# small tensor otherwise: on a deep narrow model they were most of a recorded step's end. A bin is then known to
+# sqrt(p(1-p)/SMALL_SAMPLE) of the total.
+SMALL_SAMPLE = 1024
+
 
 class _SampleIndex:
     """Fixed pseudo-random element indices per (numel, cap, device), LRU-bounded.

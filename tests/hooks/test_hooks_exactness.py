@@ -1,7 +1,7 @@
 """The exactness policy (CONTRACT.md, "Exactness"; issue 20): count, mean, min, max, abs_max and the non-finite count
 are exact at every interval, on the host and the device paths; recording more often than EXACT_FROM_EVERY, only
-std, zero_fraction, the histograms and update ratios may come from a large tensor's sample, and each record names
-the fields that did."""
+std, zero_fraction, the histograms and update ratios may come from a tensor's sample (a large tensor's, and on the
+host path a small tensor's over SMALL_SAMPLE elements), and each record names the fields that did."""
 
 from __future__ import annotations
 
@@ -140,3 +140,27 @@ def test_accuracy_is_a_named_option() -> None:
         assert bool(mon.latest.layers[0].activation.estimated) is estimated, (every, accuracy)
     with pytest.raises(ValueError, match="accuracy must be one of 'auto', 'exact', 'estimated', got 'fast'"):
         actdiag.watch(model, accuracy="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("every", [1, 50])
+def test_small_tensors_over_the_small_sample_follow_the_same_rule(every: int) -> None:
+    """A small tensor (under the sample cap, measured with the step's others in numpy) of more than SMALL_SAMPLE
+    elements: estimated fields named and close, exact ones exact, recording often; all exact at the default."""
+    from actdiag.hooks.sampling import SMALL_SAMPLE
+
+    x = torch.randn(24, 96) * 3  # fc's output: 24 x 128 = 3072 elements
+    mon, _, out, _ = _record(every, "host", x)
+    got, ref = mon.latest.layers[0].activation, _reference(out)
+    assert SMALL_SAMPLE < got.numel <= mon.recorder.sample_cap
+    assert (got.count, got.min, got.max, got.abs_max) == (ref["count"], ref["min"], ref["max"], ref["abs_max"])
+    assert got.mean == pytest.approx(ref["mean"], rel=1e-6, abs=1e-7)
+    if every < EXACT_FROM_EVERY:
+        from actdiag.hooks.sampling import _SAMPLES
+
+        assert list(got.estimated) == ESTIMATED and got.histogram.total == SMALL_SAMPLE
+        sample = out.double().reshape(-1).numpy()[_SAMPLES.get_numpy(out.numel(), SMALL_SAMPLE)]
+        assert got.std == pytest.approx(np.sqrt(((sample - got.mean) ** 2).mean()), rel=1e-5)
+        assert got.std == pytest.approx(ref["std"], rel=0.1)  # 1024 of 3072 elements
+    else:
+        assert got.estimated == () and got.histogram.total == got.numel
+        assert got.std == pytest.approx(ref["std"], rel=1e-5)

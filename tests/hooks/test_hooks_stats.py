@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from actdiag.hooks.device import DeviceBatch, RowStore
 from actdiag.hooks.host import HostBatch
+from actdiag.hooks.sampling import SMALL_SAMPLE
 from actdiag.hooks.stats import (
     StatsMeta,
     decode_many,
@@ -488,6 +489,42 @@ def test_small_batch_rows_of_one_size_match_float64_reference() -> None:
     assert set(out) == set(cases)
     for key, (vec, meta) in out.items():
         check_against_reference(before[key], path="host", s=decode_tensor_stats(np.asarray(vec), meta))
+
+
+def test_small_batch_estimates_from_the_small_sample_when_allowed() -> None:
+    """Estimating, small tensors over SMALL_SAMPLE elements keep count, mean and extremes from every element and take
+    the spread, the zeros and both histograms from their fixed sample of SMALL_SAMPLE elements, against a float64
+    reference over the tensor and that sample, whatever their neighbours in the size's rows hold; smaller ones and
+    rows with a non-finite value stay exact."""
+    g = torch.Generator().manual_seed(8)
+    shape = (32, 128)  # 4096 elements, under the sample cap, over SMALL_SAMPLE
+    cases = {
+        "normal": torch.randn(shape, generator=g) * 3 + 1,
+        "relu-zeros": torch.relu(torch.randn(shape, generator=g)),
+        "mean-dominates": 1000 + torch.randn(shape, generator=g) * 1e-2,
+        "vanishing-gradient": torch.randn(shape, generator=g) * 1e-30,  # scaled by a power of two first
+        "exploding": torch.randn(shape, generator=g) * 1e30,
+        "constant": torch.full(shape, -0.75),
+        "float16": (torch.randn(shape, generator=g) * 100).half(),
+    }
+    exact_cases = {
+        "nan": torch.randn(shape, generator=g).index_fill_(1, torch.tensor([3]), math.nan),
+        "under-the-sample": torch.randn(SMALL_SAMPLE, generator=g),
+    }
+    batch = HostBatch(bins=64, sample_cap=8192, small_sample=SMALL_SAMPLE)
+    for key, x in {**cases, **exact_cases}.items():
+        meta = batch.take(key, x)
+        assert meta is not None and meta.estimated is (x.numel() > SMALL_SAMPLE), key
+    before = {key: x.clone() for key, x in {**cases, **exact_cases}.items()}
+    for x in before.values():
+        x.mul_(-3)  # changed in place after the hook: the batch measures its copies
+    out = {key: decode_tensor_stats(np.asarray(vec), meta) for key, (vec, meta) in batch.finish().items()}
+    assert set(out) == set(before)
+    for key, x in cases.items():
+        check_estimate(x.float() if x.dtype == torch.float16 else x, out[key], SMALL_SAMPLE)
+    for key, x in exact_cases.items():
+        assert out[key].estimated == (), key
+        check_against_reference(x, path="host", s=out[key])
 
 
 @pytest.mark.parametrize("order", ["A B A", "A B A C", "B A B A", "A A"])
