@@ -149,13 +149,11 @@ def as_tensor(vec: torch.Tensor | np.ndarray) -> torch.Tensor:
 def read_back(pending: Mapping[Key, tuple[torch.Tensor | np.ndarray, Any]]) -> dict[Key, tuple[np.ndarray, Any]]:
     """One device-to-host copy per device: concatenate every vector of the step, copy, split on the host."""
     by_device: dict[torch.device, list[tuple[Key, torch.Tensor, Any]]] = {}
-    out: dict[Key, tuple[np.ndarray, Any]] = {}
-    for key, pair in pending.items():
-        vec, meta = pair
-        if isinstance(vec, np.ndarray):  # the host batch's rows, kept as they are (no new tuple for the collector)
-            out[key] = pair  # type: ignore[assignment]
-        else:
-            by_device.setdefault(vec.device, []).append((key, vec, meta))
+    # numpy vectors (the host batch's rows, the host path's norms) are kept as they are, pairs and all (no new
+    # tuple for the collector): the whole mapping is copied at once and the tensors' entries replaced.
+    out: dict[Key, tuple[np.ndarray, Any]] = dict(pending)  # type: ignore[arg-type]
+    for key, (vec, meta) in [(key, pair) for key, pair in pending.items() if not isinstance(pair[0], np.ndarray)]:
+        by_device.setdefault(vec.device, []).append((key, vec, meta))  # type: ignore[arg-type]
     for device, items in by_device.items():
         if device.type == "cpu":  # already on the host: no copy to make, so no concatenation either
             for key, vec, meta in items:

@@ -73,9 +73,10 @@ class UpdateRatios:
         for k, pname in enumerate(pnames, start):
             self._arrays[pname] = (n, None, rows, k)
 
-    def finish(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The norms of every weight copied this step (see the class docstring); the copies are dropped."""
-        out: dict[str, torch.Tensor] = {}
+    def finish(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | np.ndarray]:
+        """The norms of every weight copied this step (see the class docstring), numpy for the host path's; the
+        copies are dropped."""
+        out: dict[str, torch.Tensor | np.ndarray] = {}
         try:
             if self._tensors:
                 out.update(_tensor_ratios(self._tensors, params))
@@ -111,7 +112,7 @@ def _host_ratios(
     snaps: Mapping[str, tuple[int, np.ndarray | None, SizeRows, int]],
     params: Mapping[str, torch.Tensor],
     scratch: dict[str, np.ndarray],
-) -> dict[str, torch.Tensor]:
+) -> dict[str, np.ndarray]:
     """The norms of every CPU parameter with a numpy copy, a batch per copy size: the same elements of the updated
     weight are copied into rows beside the copies, then, a chunk of rows at a time, the float64 difference (exact)
     and two row-wise sums of squares for all of them (two einsum calls and a tensor per parameter cost more than
@@ -126,7 +127,7 @@ def _host_ratios(
         if not p.is_cpu or p.dtype != dtype or p.numel() != n:
             continue  # replaced by a tensor of another size or dtype, or moved off the CPU: no ratio
         groups.setdefault(id(rows), (rows, []))[1].append((pname, p.detach().reshape(-1), idx, k))
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, np.ndarray] = {}
     for rows, items in groups.values():
         m = rows.rows.shape[1]
         per = max(1, _CHUNK // m)
@@ -138,7 +139,9 @@ def _host_ratios(
             c = len(chunk)
             d = scratch["d"][: c * m].reshape(c, m)
             currents = [w if idx is None else w[torch.from_numpy(idx)] for _, w, idx, _ in chunk]
-            before = rows.rows[[k for _, _, _, k in chunk]]
+            ks = [k for _, _, _, k in chunk]
+            # Consecutive rows (a size's weights copied together, `keep_rows`) are read in place, others gathered.
+            before = rows.rows[ks[0] : ks[0] + c] if ks == list(range(ks[0], ks[0] + c)) else rows.rows[ks]
             if c == 1:  # a large weight: converted straight into the float64 row, no copy in its own dtype first
                 torch.from_numpy(d[0]).copy_(currents[0])
                 d -= before  # float64: exact
@@ -152,7 +155,7 @@ def _host_ratios(
             norms[lo : lo + c, 0] = np.einsum("ij,ij->i", d, d)
             norms[lo : lo + c, 1] = np.einsum("ij,ij->i", before, before, dtype=np.float64)
         np.sqrt(norms, out=norms)
-        out.update((pname, torch.from_numpy(norms[i])) for i, (pname, _, _, _) in enumerate(items))
+        out.update(zip([pname for pname, _, _, _ in items], norms, strict=True))
     return out
 
 
