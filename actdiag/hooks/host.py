@@ -284,10 +284,11 @@ class HostBatch:
       tensor). Large tensors recorded exactly are not taken: the caller measures them when they are seen.
 
     Memory: the buffers are kept from one recorded step to the next (no allocation, no page faults) and given back
-    by `release()`. They hold 4 bytes per element of a step's small tensors plus 8 for the histogram keys of the
-    largest size group, and a sample row (4 * sample_cap bytes) per large tensor: with every tensor at most
-    sample_cap elements, at most 12 * sample_cap bytes per measured tensor (about 400 KB at the default cap of
-    8192; 200 KB at every < 10), never a copy of a large activation.
+    by `release()`. They hold 4 bytes per element of a step's small tensors for the copies and 12 more as each
+    size's scratch (histogram keys and deviations), when estimating 4 * small_sample bytes per small tensor for its
+    sample, and a sample row (4 * sample_cap bytes) per large tensor: at most 16 * sample_cap bytes per measured
+    tensor when exact (128 KB at the default cap of 8192), 20 * sample_cap when estimating (80 KB at every < 10's
+    4096), never a copy of a large activation.
 
     A tensor with a non-finite value (or a float64 tensor, whose values can exceed float32's range) is not taken:
     the caller measures it alone, with the same result as before.
