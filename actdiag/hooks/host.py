@@ -300,8 +300,10 @@ class HostBatch:
         # Estimating (recording often): small tensors over this many elements get their spread, zeros and
         # histograms from a fixed sample of this many (`_rows_estimated`); None: small tensors are exact.
         self.small_sample = small_sample
-        # small tensors: key -> (numel, row of the buffer of that size)
-        self.items: dict[Any, tuple[int, int]] = {}
+        # small tensors: key -> row of the buffer of its size, and key -> its size. Two dicts of ints, not a tuple
+        # per tensor: a step's hundreds of tuples set off collections that promote the step's other objects.
+        self.items: dict[Any, int] = {}
+        self.sizes: dict[Any, int] = {}
         # One float32 buffer per tensor size, a row per tensor, kept across steps (no allocation, no page faults)
         self._small: dict[int, SizeRows] = {}
         # large tensors: (numel, exact mean, min, max, row of _rows)
@@ -335,7 +337,8 @@ class HostBatch:
             return None
         if self.large:
             self.large.pop(key, None)
-        self.items[key] = (n, k)  # a key taken again keeps its latest copy
+        self.items[key] = k  # a key taken again keeps its latest copy
+        self.sizes[key] = n
         meta = self._metas.get(n)
         return self._meta(n) if meta is None else meta
 
@@ -366,11 +369,12 @@ class HostBatch:
         except RuntimeError:  # e.g. a lazy negation bit, or sizes that differ after all
             rows.used = start
             return None
-        items, large = self.items, self.large
+        items, sizes, large = self.items, self.sizes, self.large
         for i, key in enumerate(keys, start):
             if large:
                 large.pop(key, None)
-            items[key] = (n, i)
+            items[key] = i
+            sizes[key] = n
         self._meta(n)
         return rows, start
 
@@ -398,19 +402,22 @@ class HostBatch:
 
     def row_of(self, key: Any) -> tuple[SizeRows, int] | None:
         """Where the float32 copy of the small tensor taken under `key` is (its rows and row), if it is kept here."""
-        item = self.items.get(key)
-        return None if item is None else (self._small[item[0]], item[1])
+        k = self.items.get(key)
+        return None if k is None else (self._small[self.sizes[key]], k)
 
     def rows_of(self, keys: list[Any]) -> np.ndarray | None:
         """The float32 copies of small tensors taken under `keys` (all of one size), as [K, n] rows; None if one
         of them is not (or no longer) kept here, or their sizes differ."""
-        kept = [self.items.get(key) for key in keys]
-        if not kept or any(item is None or item[0] != kept[0][0] for item in kept):  # type: ignore[index]
+        if not keys or any(key not in self.items for key in keys):
             return None
-        return self._small[kept[0][0]].rows[[item[1] for item in kept]]  # type: ignore[index]
+        sizes = {self.sizes[key] for key in keys}
+        if len(sizes) != 1:
+            return None
+        return self._small[sizes.pop()].rows[[self.items[key] for key in keys]]
 
     def discard(self, key: Any) -> None:
         self.items.pop(key, None)
+        self.sizes.pop(key, None)
         self.large.pop(key, None)  # its row stays used until the step ends
 
     def keys(self) -> list[Any]:
@@ -419,6 +426,7 @@ class HostBatch:
     def clear(self) -> None:
         """Forget the step's tensors (the buffers are kept for the next step)."""
         self.items = {}
+        self.sizes = {}
         self.large = {}
         self._used = 0
         for rows in self._small.values():
@@ -439,7 +447,7 @@ class HostBatch:
     def finish(self) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
         """The vectors of every kept tensor (the layout of `tensor_stats`, as numpy rows: they are on the host
         already), keyed as given; the batch is emptied, and the copies `row_of`/`rows_of` gave may be overwritten."""
-        items, large, used = self.items, self.large, self._used
+        items, sizes, large, used = self.items, self.sizes, self.large, self._used
         handed = {n: rows.used for n, rows in self._small.items()}  # rows handed out per size
         self.clear()
         out: dict[Any, tuple[np.ndarray, StatsMeta]] = {}
@@ -454,18 +462,18 @@ class HostBatch:
                 meta = StatsMeta(numel=int(n[i]), bins=self.bins, sample_n=cap, estimated=True)
                 out[key] = (vecs[i], meta)
         if items:
-            out.update(self._finish_small(items, handed))
+            out.update(self._finish_small(items, sizes, handed))
         return out
 
     def _finish_small(
-        self, items: dict[Any, tuple[int, int]], handed: dict[int, int]
+        self, items: dict[Any, int], sizes: dict[Any, int], handed: dict[int, int]
     ) -> dict[Any, tuple[np.ndarray, StatsMeta]]:
         """The small tensors, size by size: the rows of a size's buffer ([K, n] float32) are reduced along their
         length, a fixed number of numpy calls per size however many tensors share it, and the histograms of every
         size are counted by one bincount each."""
         by_size: dict[int, list[tuple[Any, int]]] = {}
-        for key, (n, k) in items.items():
-            by_size.setdefault(n, []).append((key, k))
+        for key, k in items.items():
+            by_size.setdefault(sizes[key], []).append((key, k))
         out: dict[Any, tuple[np.ndarray, StatsMeta]] = {}
         for n, kept in by_size.items():
             buf = self._small[n]

@@ -423,7 +423,7 @@ class Recorder:
         self._recomputed[name] = k + 1
         t = first_tensor(output)
         if t is not None and t.is_floating_point() and t.requires_grad:
-            t.register_hook(partial(self._grad_hook, layer_keys(name, calls[k]).grad, self._token))
+            t.register_hook(partial(Recorder._grad_hook, self, layer_keys(name, calls[k]).grad, self._token))
 
     def _record_output(self, name: str, module: nn.Module, output: Any) -> None:
         t = first_tensor(output)
@@ -450,7 +450,7 @@ class Recorder:
             self._record_units(name, call, keys, info, t, shape)
         self._prev_channels_first = kind.channels_first
         if floating and t.requires_grad and torch.is_grad_enabled():
-            t.register_hook(partial(self._grad_hook, keys.grad, self._token))
+            t.register_hook(partial(Recorder._grad_hook, self, keys.grad, self._token))
         elif floating and not torch.is_grad_enabled():
             self._nograd_calls.setdefault(name, []).append(call)
 
