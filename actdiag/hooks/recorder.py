@@ -83,6 +83,21 @@ __all__ = [
 ]
 
 
+class _GradHook:
+    """The gradient hook of one layer call's output: one object (a partial is two, with its arguments' tuple, and
+    a recorded step registers one per call while it runs, each counted by the collector)."""
+
+    __slots__ = ("recorder", "key", "token")
+
+    def __init__(self, recorder: Recorder, key: Key, token: int) -> None:
+        self.recorder = recorder
+        self.key = key
+        self.token = token
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.recorder._grad_hook(self.key, self.token, grad)
+
+
 class Recorder:
     """Records one step at a time; `begin(step)` ... `end()` -> StepRecord. Not thread-safe (neither is autograd
     hook registration on one model)."""
@@ -423,7 +438,7 @@ class Recorder:
         self._recomputed[name] = k + 1
         t = first_tensor(output)
         if t is not None and t.is_floating_point() and t.requires_grad:
-            t.register_hook(partial(Recorder._grad_hook, self, layer_keys(name, calls[k]).grad, self._token))
+            t.register_hook(_GradHook(self, layer_keys(name, calls[k]).grad, self._token))
 
     def _record_output(self, name: str, module: nn.Module, output: Any) -> None:
         t = first_tensor(output)
@@ -450,7 +465,7 @@ class Recorder:
             self._record_units(name, call, keys, info, t, shape)
         self._prev_channels_first = kind.channels_first
         if floating and t.requires_grad and torch.is_grad_enabled():
-            t.register_hook(partial(Recorder._grad_hook, self, keys.grad, self._token))
+            t.register_hook(_GradHook(self, keys.grad, self._token))
         elif floating and not torch.is_grad_enabled():
             self._nograd_calls.setdefault(name, []).append(call)
 
