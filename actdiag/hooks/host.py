@@ -141,9 +141,7 @@ def _estimate_rows(
     e = np.clip(np.frexp(np.maximum(-mn_s, mx_s))[1], -100, 100)
     scale = np.where(np.abs(e) > _SAFE_EXP, np.ldexp(1.0, e), 1.0)
     odd = np.flatnonzero(scale != 1.0)
-    samples_s, exp_fix, s32 = samples, None, samples
-    if samples.dtype != np.float32:
-        s32 = _as_float32(samples)
+    samples_s, exp_fix, s32 = samples, None, _as_float32(samples)
     if odd.size:
         inv = 1.0 / scale[odd]
         if scratch is None:
