@@ -18,6 +18,10 @@ Variants:
   floor           the least any every=1 tool must do: hooks on the tensors actdiag measures (its module selection,
                   each output and output gradient, each parameter and its gradient), each read once by one
                   reduction (torch.sum). actdiag's every=1 extra time is judged against this one's
+  stats-only      the floor's hooks, each tensor handed to actdiag's host batch (hooks.host.HostBatch, as at
+                  every=1) and the step's statistics computed by its batched pass when the step ends: the same
+                  numbers as actdiag-every1's for these tensors, with no record, unit count, update ratio or
+                  history. What the statistics themselves cost, apart from the bookkeeping around them (CPU)
   actdiag-every1  actdiag.watch(model, every=1): every step recorded, all statistics and histograms (by default
                   at every=1 the spread, zeros and histograms of tensors over the sample (SMALL_SAMPLE elements
                   for the CPU's small tensors, sample_cap for the rest) are estimated from their sample; see
@@ -73,12 +77,14 @@ from actdiag.monitor import DEFAULT_EVERY
 from actdiag.records import measured_stats
 
 VARIANTS = (
-    "none", "none-copy", "floor", "actdiag-every1", "actdiag-every1-exact", "actdiag-default", "tb-hooks", "tb-all",
-    "wandb",
+    "none", "none-copy", "floor", "stats-only", "actdiag-every1", "actdiag-every1-exact", "actdiag-default",
+    "tb-hooks", "tb-all", "wandb",
 )  # fmt: skip
 MODELS = ("mlp", "cnn", "gpt", "deep")  # the table in BENCHMARKS.md
 PEERS = ("tb-hooks", "tb-all", "wandb")  # the other tools: every step recorded
-GPU_VARIANTS = tuple(v for v in VARIANTS if v not in ("tb-hooks", "tb-all"))  # --device cuda's default, see __doc__
+GPU_VARIANTS = tuple(
+    v for v in VARIANTS if v not in ("tb-hooks", "tb-all", "stats-only")
+)  # --device cuda's default, see __doc__
 EXTRA_MODELS = ("vit",)  # on request (--models vit): see its workload
 ALL_MODELS = MODELS + EXTRA_MODELS
 
@@ -507,6 +513,65 @@ class FloorVariant(Variant):
             h.remove()
 
 
+class StatsOnlyVariant(FloorVariant):
+    """The floor's hooks, each tensor's statistics as actdiag's every=1 computes them on the host (HostBatch.take in
+    the hook, one batched pass in `after_step`); tensors the batch does not take are measured alone
+    (stats.tensor_stats). The results are dropped: no record is built."""
+
+    name = "stats-only"
+
+    def attach(self, model: nn.Module, tmp: Path) -> None:
+        from actdiag.hooks.host import HostBatch
+        from actdiag.hooks.modules import first_tensor, select_modules
+        from actdiag.hooks.sampling import SMALL_SAMPLE
+        from actdiag.hooks.stats import DEFAULT_BINS, tensor_stats
+        from actdiag.monitor import sample_cap_for
+
+        self.model = model
+        cap = sample_cap_for(1)
+        batch = self.batch = HostBatch(DEFAULT_BINS, cap, min(SMALL_SAMPLE, cap))
+        self.alone: list[Any] = []
+        self.count = [0]
+        self.last_count = 0
+        self.handles = []
+        count, alone = self.count, self.alone
+
+        def measure(t: torch.Tensor) -> None:
+            count[0] += 1
+            if batch.take(count[0], t, True) is None:
+                alone.append(tensor_stats(t.detach(), bins=DEFAULT_BINS, sample_cap=cap, exact=False))
+
+        def forward_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            t = first_tensor(output)
+            if t is None:
+                return
+            measure(t)
+            if t.requires_grad and t.is_floating_point():
+                t.register_hook(measure)
+
+        def param_hook(p: torch.Tensor) -> None:
+            measure(p)
+            if p.grad is not None:
+                measure(p.grad)
+
+        for _, module in select_modules(model, None, None):
+            self.handles.append(module.register_forward_hook(forward_hook))
+        for p in model.parameters():
+            if p.requires_grad:
+                self.handles.append(p.register_post_accumulate_grad_hook(param_hook))
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        if len(self.batch):
+            self.batch.finish()
+        self.last_count = self.count[0]
+        self.count[0] = 0
+        self.alone.clear()
+
+    def close(self) -> None:
+        super().close()
+        self.batch.release()
+
+
 class TensorBoardHooks(Variant):
     """The hand-written peer: a forward hook on every leaf module writing its output's histogram each step; with
     `everything`, also each output's gradient (a tensor hook) and every weight and weight gradient (a
@@ -615,6 +680,8 @@ def make_variant(name: str) -> Variant:
         return control
     if name == "floor":
         return FloorVariant()
+    if name == "stats-only":
+        return StatsOnlyVariant()
     if name == "actdiag-every1":
         return ActdiagVariant(name, 1)
     if name == "actdiag-every1-exact":
@@ -922,6 +989,12 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ),
     ("recorded step (every=1) <= 15 us extra per measured tensor", "per-tensor", 15.0),
     ("every=1: extra time <= 2x the floor's (each measured tensor read once)", "floorx", 2.0),
+    (
+        "stats-only (the statistics without the bookkeeping): extra time over the floor's (no target)",
+        "statsx",
+        math.nan,
+    ),
+    ("every=1: extra time over stats-only's (no target; the rest is records, units, update ratios)", "bookx", math.nan),
     ("every=1 <= 1.25x (retired by issue 20 for the floor above; shown for reference)", "every1", math.nan),
     ("every=1, exact=True <= 1.25x (every element read for every statistic)", "every1-exact", 1.25),
     ("extra per recorded step >= 5x below tb-hooks (activations only)", "vs-tb", 5.0),
@@ -1008,6 +1081,10 @@ def target_lines(results: dict[str, list[dict[str, Any]]], gpu: bool = False) ->
                 value = by["actdiag-every1"]["extra_ms"] * 1e3 / by["actdiag-every1"]["tensors"]
             elif how == "floorx" and "actdiag-every1" in by and "floor" in by and by["floor"]["extra_ms"] > 0:
                 value = by["actdiag-every1"]["extra_ms"] / by["floor"]["extra_ms"]
+            elif how == "statsx" and "stats-only" in by and "floor" in by and by["floor"]["extra_ms"] > 0:
+                value = by["stats-only"]["extra_ms"] / by["floor"]["extra_ms"]
+            elif how == "bookx" and "stats-only" in by and "actdiag-every1" in by and by["stats-only"]["extra_ms"] > 0:
+                value = by["actdiag-every1"]["extra_ms"] / by["stats-only"]["extra_ms"]
             elif how == "every1-exact" and "actdiag-every1-exact" in by:
                 value = by["actdiag-every1-exact"]["ratio"]
             elif how == "floor" and "actdiag-every1" in by:

@@ -199,3 +199,43 @@ def test_gc_benchmark_counts_a_recorded_steps_survivors() -> None:
     lines = load("gc_step").main(["--smoke"])
     assert "survivors of one recorded step: " in lines[1] and "TensorStats 32" in lines[1]  # 4 x 8 measured tensors
     assert "Histogram" not in lines[1] and "4 recorded" in lines[2]
+
+
+def test_stats_only_measures_what_actdiag_measures(bench_step: ModuleType, tmp_path: Path) -> None:
+    """The stats-only variant is the statistics of actdiag's every=1 without the bookkeeping: the same tensors
+    (count and sizes) and, for a weight, the same numbers."""
+    import torch
+
+    from actdiag.hooks import host
+
+    results: dict[str, Any] = {}
+    real_finish = host.HostBatch.finish
+
+    def spy(self: Any) -> Any:
+        out = real_finish(self)
+        results.setdefault("vecs", []).append(out)
+        return out
+
+    for name in ("stats-only", "actdiag-every1"):
+        load = bench_step.workload("deep", smoke=True)
+        torch.manual_seed(0)
+        model = load.build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no update: both see the same weights
+        variant = bench_step.make_variant(name)
+        variant.attach(model, tmp_path)
+        results["vecs"] = []
+        host.HostBatch.finish = spy  # type: ignore[method-assign]
+        try:
+            loss = bench_step.train_step(model, opt, load)
+            variant.after_step(loss)
+        finally:
+            host.HostBatch.finish = real_finish  # type: ignore[method-assign]
+        results[name] = (variant.tensors(), [v for out in results["vecs"] for v in out.values()])
+        variant.close()
+    n_ours, vecs_ours = results["stats-only"]
+    n_actdiag, vecs_actdiag = results["actdiag-every1"]
+    assert n_ours == n_actdiag > 0
+    # Every tensor of the smoke model is small: both hand all of them to the host batch, with the same sizes.
+    assert sorted(meta.numel for _, meta in vecs_ours) == sorted(meta.numel for _, meta in vecs_actdiag)
+    # The same tensors give the same vectors (statistics and histograms): the same pass computes them.
+    assert sorted(vec.tobytes() for vec, _ in vecs_ours) == sorted(vec.tobytes() for vec, _ in vecs_actdiag)
