@@ -317,8 +317,8 @@ def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str
               "per tensor"]  # fmt: skip
     rows = []
     for name in [m for m in args.models.split(",") if m]:
-        if name not in ("mlp", "cnn", "gpt"):
-            raise ValueError(f"unknown model {name!r}; choose from mlp, cnn, gpt")
+        if name not in ("mlp", "cnn", "gpt", "deep"):
+            raise ValueError(f"unknown model {name!r}; choose from mlp, cnn, gpt, deep")
         # Run on CUDA, the models train there too (the plain step's ops are then the GPU's: AdamW's foreach path).
         dev = "cuda" if run else "cpu"
         load = _gpt2_layout(args.smoke, dev) if name == "gpt" else bench_step.workload(name, args.smoke, dev)
@@ -350,7 +350,11 @@ def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="mlp,cnn,gpt", help="comma-separated: mlp, cnn, gpt (GPT-2 small's layout)")
+    p.add_argument(
+        "--models",
+        default="mlp,cnn,gpt,deep",
+        help="comma-separated: mlp, cnn, gpt (GPT-2 small's layout), deep (bench_step's deep narrow MLP)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models")
     p.add_argument("--write", type=Path, default=None, help="replace the op-count table in this Markdown file")
     p.add_argument("--fused", action="store_true", help="count the fused Triton kernel's launches (needs triton)")
