@@ -100,7 +100,7 @@ def test_op_count_covers_every_model_and_interval(tmp_path: Path) -> None:
     assert text.count("<!-- bench:ops -->") == 1 and "\n".join(lines) in text
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "every=" in line]
     assert [(r[0].split(":")[0], r[3]) for r in rows] == [
-        (f"| {m}", f"every={e}") for m in ("mlp", "cnn", "gpt") for e in (1, 50)
+        (f"| {m}", f"every={e}") for m in ("mlp", "cnn", "gpt", "deep") for e in (1, 50)
     ]
     for r in rows:
         ops, tensors = int(r[4].split(" ")[0]), int(r[2])
