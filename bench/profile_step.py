@@ -129,7 +129,7 @@ def profile(model_name: str, steps: int, exact: bool | None, smoke: bool) -> lis
 
 
 # ============================================================================================== ablation
-def _head_only(samples: Any, n: Any, mean: Any, mn: Any, mx: Any, bins: int) -> np.ndarray:
+def _head_only(samples: Any, n: Any, mean: Any, mn: Any, mx: Any, bins: int, scratch: Any = None) -> np.ndarray:
     """Stand-in for host._estimate_rows: each row's exact parts (from every element), no sample statistics."""
     out = np.zeros((samples.shape[0], layout.STATS.length(bins)))
     layout.STATS.put(out, count=n, mean=mean, min=mn, max=mx)
@@ -222,7 +222,9 @@ def ablate(model_name: str, rounds: int, block: int, smoke: bool) -> list[str]:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         after: Any = None
         if watched:
-            after = actdiag.watch(model, every=1).start()
+            # strict: a stand-in that no longer fits what it replaces raises here, instead of switching recording
+            # off for the copy and leaving a time that means nothing
+            after = actdiag.watch(model, every=1, strict=True).start()
         elif empty:
             after = _EmptyHooks(model)
             after.step()

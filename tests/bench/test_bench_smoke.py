@@ -138,6 +138,16 @@ def test_profile_ablation_times_every_copy_and_restores_the_stand_ins() -> None:
     rows = profile_step._head_only(np.zeros((2, 8), np.float32), n, mean, lo, lo + 3, 64)
     assert rows.shape == (2, STATS.length(64)) and rows[:, STATS.COUNT].tolist() == [5, 7]
     assert rows[1, STATS.MEAN] == 2.0 and rows[0, STATS.MAX] == 2.0
+    # ... and takes what the host batch passes it (small tensors estimated from their sample at every=1), which the
+    # smoke models' tensors are too small to reach.
+    small = np.random.default_rng(0).standard_normal((3, 2048)).astype(np.float32)
+    real_estimate = host._estimate_rows
+    host._estimate_rows = profile_step._head_only
+    try:
+        vecs, odd, _ = host._rows_estimated(small, 1024, 64, host.SizeRows(2048))
+    finally:
+        host._estimate_rows = real_estimate
+    assert odd.size == 0 and vecs[:, STATS.COUNT].tolist() == [2048.0] * 3
 
 
 def test_step_benchmark_fixed_malloc_is_said(tmp_path: Path) -> None:
