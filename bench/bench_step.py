@@ -22,6 +22,8 @@ Variants:
                   every=1) and the step's statistics computed by its batched pass when the step ends: the same
                   numbers as actdiag-every1's for these tensors, with no record, unit count, update ratio or
                   history. What the statistics themselves cost, apart from the bookkeeping around them (CPU)
+  stats-only-exact  the same with the default interval's statistics (every element of every small tensor, the
+                  exact path): what a recorded step's statistics cost there
   actdiag-every1  actdiag.watch(model, every=1): every step recorded, all statistics and histograms (by default
                   at every=1 the spread, zeros and histograms of tensors over the sample (SMALL_SAMPLE elements
                   for the CPU's small tensors, sample_cap for the rest) are estimated from their sample; see
@@ -77,14 +79,13 @@ from actdiag.monitor import DEFAULT_EVERY
 from actdiag.records import measured_stats
 
 VARIANTS = (
-    "none", "none-copy", "floor", "stats-only", "actdiag-every1", "actdiag-every1-exact", "actdiag-default",
-    "tb-hooks", "tb-all", "wandb",
+    "none", "none-copy", "floor", "stats-only", "stats-only-exact", "actdiag-every1", "actdiag-every1-exact",
+    "actdiag-default", "tb-hooks", "tb-all", "wandb",
 )  # fmt: skip
 MODELS = ("mlp", "cnn", "gpt", "deep")  # the table in BENCHMARKS.md
 PEERS = ("tb-hooks", "tb-all", "wandb")  # the other tools: every step recorded
-GPU_VARIANTS = tuple(
-    v for v in VARIANTS if v not in ("tb-hooks", "tb-all", "stats-only")
-)  # --device cuda's default, see __doc__
+# --device cuda's default, see __doc__ (the stats-only variants time the host path)
+GPU_VARIANTS = tuple(v for v in VARIANTS if v not in ("tb-hooks", "tb-all", "stats-only", "stats-only-exact"))
 EXTRA_MODELS = ("vit",)  # on request (--models vit): see its workload
 ALL_MODELS = MODELS + EXTRA_MODELS
 
@@ -516,9 +517,12 @@ class FloorVariant(Variant):
 class StatsOnlyVariant(FloorVariant):
     """The floor's hooks, each tensor's statistics as actdiag's every=1 computes them on the host (HostBatch.take in
     the hook, one batched pass in `after_step`); tensors the batch does not take are measured alone
-    (stats.tensor_stats). The results are dropped: no record is built."""
+    (stats.tensor_stats). The results are dropped: no record is built. `exact`: as at the default interval instead
+    (every element of a small tensor; a large one measured alone, exactly)."""
 
-    name = "stats-only"
+    def __init__(self, exact: bool = False) -> None:
+        self.exact = exact
+        self.name = "stats-only-exact" if exact else "stats-only"
 
     def attach(self, model: nn.Module, tmp: Path) -> None:
         from actdiag.hooks.host import HostBatch
@@ -528,8 +532,9 @@ class StatsOnlyVariant(FloorVariant):
         from actdiag.monitor import sample_cap_for
 
         self.model = model
-        cap = sample_cap_for(1)
-        batch = self.batch = HostBatch(DEFAULT_BINS, cap, min(SMALL_SAMPLE, cap))
+        exact = self.exact
+        cap = sample_cap_for(DEFAULT_EVERY if exact else 1)
+        batch = self.batch = HostBatch(DEFAULT_BINS, cap, None if exact else min(SMALL_SAMPLE, cap))
         self.alone: list[Any] = []
         self.count = [0]
         self.last_count = 0
@@ -538,8 +543,8 @@ class StatsOnlyVariant(FloorVariant):
 
         def measure(t: torch.Tensor) -> None:
             count[0] += 1
-            if batch.take(count[0], t, True) is None:
-                alone.append(tensor_stats(t.detach(), bins=DEFAULT_BINS, sample_cap=cap, exact=False))
+            if batch.take(count[0], t, not exact) is None:
+                alone.append(tensor_stats(t.detach(), bins=DEFAULT_BINS, sample_cap=cap, exact=exact))
 
         def forward_hook(module: nn.Module, inputs: Any, output: Any) -> None:
             t = first_tensor(output)
@@ -680,8 +685,8 @@ def make_variant(name: str) -> Variant:
         return control
     if name == "floor":
         return FloorVariant()
-    if name == "stats-only":
-        return StatsOnlyVariant()
+    if name in ("stats-only", "stats-only-exact"):
+        return StatsOnlyVariant(exact=name == "stats-only-exact")
     if name == "actdiag-every1":
         return ActdiagVariant(name, 1)
     if name == "actdiag-every1-exact":
@@ -995,6 +1000,11 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
         math.nan,
     ),
     ("every=1: extra time over stats-only's (no target; the rest is records, units, update ratios)", "bookx", math.nan),
+    (
+        f"default interval, statistics alone: 1 + stats-only-exact's extra / {DEFAULT_EVERY} plain steps (no target)",
+        "statsdefault",
+        math.nan,
+    ),
     ("every=1 <= 1.25x (retired by issue 20 for the floor above; shown for reference)", "every1", math.nan),
     ("every=1, exact=True <= 1.25x (every element read for every statistic)", "every1-exact", 1.25),
     ("extra per recorded step >= 5x below tb-hooks (activations only)", "vs-tb", 5.0),
@@ -1085,6 +1095,8 @@ def target_lines(results: dict[str, list[dict[str, Any]]], gpu: bool = False) ->
                 value = by["stats-only"]["extra_ms"] / by["floor"]["extra_ms"]
             elif how == "bookx" and "stats-only" in by and "actdiag-every1" in by and by["stats-only"]["extra_ms"] > 0:
                 value = by["actdiag-every1"]["extra_ms"] / by["stats-only"]["extra_ms"]
+            elif how == "statsdefault" and "stats-only-exact" in by and "none" in by:
+                value = 1 + by["stats-only-exact"]["extra_ms"] / (DEFAULT_EVERY * by["none"]["median_ms"])
             elif how == "every1-exact" and "actdiag-every1-exact" in by:
                 value = by["actdiag-every1-exact"]["ratio"]
             elif how == "floor" and "actdiag-every1" in by:
