@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 import actdiag
+from actdiag import history
 from actdiag.hooks import host, layout, recorder
+from actdiag.records import StepRecord
 
 # (label, owner, attribute, top level): the top-level parts do not nest in one another.
 PARTS: tuple[tuple[str, Any, str, bool], ...] = (
@@ -160,6 +162,17 @@ def _no_statistics(x: torch.Tensor, *, bins: int, sample_cap: int, **kw: Any) ->
 
 _REAL_UNIT_ACTIVITY = recorder.unit_activity
 
+
+def _no_records(host: Any, order: Any, *args: Any, step: int, **kw: Any) -> StepRecord:
+    """Stand-in for recorder.decode_step: a record without layers or parameters (nothing decoded, no object per
+    tensor)."""
+    return StepRecord(step=step, layers=(), params=())
+
+
+def _keep_nothing(self: Any, record: StepRecord) -> None:
+    """Stand-in for HistoryBuffer.add: the step is not kept."""
+
+
 # name -> (what it shows, [(owner, attribute, stand-in)], watched with actdiag, empty hooks)
 ABLATIONS: dict[str, tuple[str, list[tuple[Any, str, Any]], bool, bool]] = {
     "none": ("no monitoring", [], False, False),
@@ -184,6 +197,13 @@ ABLATIONS: dict[str, tuple[str, list[tuple[Any, str, Any]], bool, bool]] = {
             (host, "_estimate_rows", _head_only),
             (recorder, "unit_activity", _one_unit_only),
         ],
+        True,
+        False,
+    ),
+    "no-records": (
+        "everything measured, but no record or history built (what records and history made from the step's arrays "
+        "could save at most)",
+        [(recorder, "decode_step", _no_records), (history.HistoryBuffer, "add", _keep_nothing)],
         True,
         False,
     ),

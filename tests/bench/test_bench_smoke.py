@@ -124,15 +124,18 @@ def test_profile_accounts_for_every_part() -> None:
 
 def test_profile_ablation_times_every_copy_and_restores_the_stand_ins() -> None:
     profile_step = load("profile_step")
+    from actdiag import history
     from actdiag.hooks import host, recorder
     from actdiag.hooks.layout import STATS
 
     real = (host._estimate_rows, host.HostBatch._take_large, recorder.tensor_stats, recorder.unit_activity)
+    real_records = (recorder.decode_step, history.HistoryBuffer.add)
     lines = profile_step.main(["--smoke", "--model", "mlp", "--ablate"])
     text = "\n".join(lines)
     for name in profile_step.ABLATIONS:
         assert f"| {name} |" in text, f"missing copy {name!r}"
     assert (host._estimate_rows, host.HostBatch._take_large, recorder.tensor_stats, recorder.unit_activity) == real
+    assert (recorder.decode_step, history.HistoryBuffer.add) == real_records
     # The stand-in keeps the vectors' layout: count and mean from the one pass.
     n, mean, lo = np.array([5.0, 7.0]), np.array([0.5, 2.0]), np.array([-1.0, 0.0])
     rows = profile_step._head_only(np.zeros((2, 8), np.float32), n, mean, lo, lo + 3, 64)
