@@ -469,29 +469,35 @@ class FloorVariant(Variant):
     name = "floor"
 
     def attach(self, model: nn.Module, tmp: Path) -> None:
+        self.sums: list[torch.Tensor] = []
+        keep = self.sums.append
+
+        def measure(t: torch.Tensor) -> None:
+            keep(t.detach().sum())
+
+        self._hook(model, measure)
+
+    def _hook(self, model: nn.Module, measure: Callable[[torch.Tensor], None]) -> None:
+        """`measure` each tensor actdiag measures at every=1, from hooks registered once: each selected module's
+        output and (a tensor hook) its gradient, each trainable parameter and its gradient when accumulated."""
         from actdiag.hooks.modules import first_tensor, select_modules
 
         self.model = model
-        self.sums: list[torch.Tensor] = []
         self.last_count = 0
         self.handles = []
-        keep = self.sums.append
-
-        def grad_hook(g: torch.Tensor) -> None:
-            keep(g.sum())
 
         def forward_hook(module: nn.Module, inputs: Any, output: Any) -> None:
             t = first_tensor(output)
             if t is None:
                 return
-            keep(t.detach().sum())
+            measure(t)
             if t.requires_grad and t.is_floating_point():
-                t.register_hook(grad_hook)
+                t.register_hook(measure)
 
         def param_hook(p: torch.Tensor) -> None:
-            keep(p.detach().sum())
+            measure(p)
             if p.grad is not None:
-                keep(p.grad.sum())
+                measure(p.grad)
 
         for _, module in select_modules(model, None, None):
             self.handles.append(module.register_forward_hook(forward_hook))
@@ -526,19 +532,15 @@ class StatsOnlyVariant(FloorVariant):
 
     def attach(self, model: nn.Module, tmp: Path) -> None:
         from actdiag.hooks.host import HostBatch
-        from actdiag.hooks.modules import first_tensor, select_modules
         from actdiag.hooks.sampling import SMALL_SAMPLE
         from actdiag.hooks.stats import DEFAULT_BINS, tensor_stats
         from actdiag.monitor import sample_cap_for
 
-        self.model = model
         exact = self.exact
         cap = sample_cap_for(DEFAULT_EVERY if exact else 1)
         batch = self.batch = HostBatch(DEFAULT_BINS, cap, None if exact else min(SMALL_SAMPLE, cap))
         self.alone: list[Any] = []
         self.count = [0]
-        self.last_count = 0
-        self.handles = []
         count, alone = self.count, self.alone
 
         def measure(t: torch.Tensor) -> None:
@@ -546,24 +548,7 @@ class StatsOnlyVariant(FloorVariant):
             if batch.take(count[0], t, not exact) is None:
                 alone.append(tensor_stats(t.detach(), bins=DEFAULT_BINS, sample_cap=cap, exact=exact))
 
-        def forward_hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            t = first_tensor(output)
-            if t is None:
-                return
-            measure(t)
-            if t.requires_grad and t.is_floating_point():
-                t.register_hook(measure)
-
-        def param_hook(p: torch.Tensor) -> None:
-            measure(p)
-            if p.grad is not None:
-                measure(p.grad)
-
-        for _, module in select_modules(model, None, None):
-            self.handles.append(module.register_forward_hook(forward_hook))
-        for p in model.parameters():
-            if p.requires_grad:
-                self.handles.append(p.register_post_accumulate_grad_hook(param_hook))
+        self._hook(model, measure)
 
     def after_step(self, loss: torch.Tensor) -> None:
         if len(self.batch):
