@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, layer_metrics, param_metrics
+import numpy as np
+
+from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, StepScalars, step_scalars
 from actdiag.records import ExponentHistogram, Histogram, History, StepRecord, _packed_exponents, _packed_histograms
 
 DEFAULT_MAX_HISTORY = 512
@@ -41,11 +43,19 @@ class _Series:
             self.stride *= 2
 
 
-def _scalar_row(record: StepRecord) -> dict[str, Any]:
-    return {
-        "layers": {layer.label: layer_metrics(layer) for layer in record.layers},
-        "params": {p.name: param_metrics(p) for p in record.params},
-    }
+class _ScalarRow:
+    """A kept step's series values (`metrics.StepScalars` without the rest): arrays and the labels' tuples, shared
+    with the row before when they are equal (a run's layers rarely change)."""
+
+    __slots__ = ("labels", "layers", "names", "params")
+
+    def __init__(self, sc: StepScalars, before: _ScalarRow | None) -> None:
+        self.labels: tuple[str, ...] = sc.labels
+        self.names: tuple[str, ...] = sc.names
+        if before is not None:
+            self.labels = before.labels if before.labels == sc.labels else sc.labels
+            self.names = before.names if before.names == sc.names else sc.names
+        self.layers, self.params = sc.layers, sc.params
 
 
 def _hist_row(record: StepRecord) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -71,27 +81,27 @@ class HistoryBuffer:
         self.hists = _Series(max_hist)
 
     def add(self, record: StepRecord) -> None:
-        # A step a series will not keep is only counted: its row is never built.
-        self.scalars.offer(record.step, _scalar_row(record) if self.scalars.due() else {})
-        self.hists.offer(record.step, _hist_row(record) if self.hists.due() else ())
+        # A step a series will not keep is only counted: its row is never built (nor, for a record the recorder
+        # defers, its TensorStats: the scalars and histograms come from the step's arrays, `metrics.StepScalars`).
+        scalars_due, hists_due = self.scalars.due(), self.hists.due()
+        sc = step_scalars(record) if scalars_due or hists_due else None
+        before = self.scalars.rows[-1] if self.scalars.rows else None
+        self.scalars.offer(record.step, _ScalarRow(sc, before) if sc is not None and scalars_due else None)
+        if hists_due:
+            assert sc is not None
+            self.hists.offer(record.step, sc.histograms() if sc.histograms is not None else _hist_row(record))
+        else:
+            self.hists.offer(record.step, ())
 
     def snapshot(self) -> History:
-        rows = self.scalars.rows
+        rows: list[_ScalarRow] = self.scalars.rows
         labels: dict[str, None] = {}
         pnames: dict[str, None] = {}
         for row in rows:
-            labels.update(dict.fromkeys(row["layers"]))
-            pnames.update(dict.fromkeys(row["params"]))
-        nan_layer = dict.fromkeys(LAYER_METRICS, math.nan)
-        nan_param = dict.fromkeys(PARAM_METRICS, math.nan)
-        layers = {
-            label: {m: tuple(row["layers"].get(label, nan_layer)[m] for row in rows) for m in LAYER_METRICS}
-            for label in labels
-        }
-        params = {
-            name: {m: tuple(row["params"].get(name, nan_param)[m] for row in rows) for m in PARAM_METRICS}
-            for name in pnames
-        }
+            labels.update(dict.fromkeys(row.labels))
+            pnames.update(dict.fromkeys(row.names))
+        layers = _columns(labels, [(row.labels, row.layers) for row in rows], LAYER_METRICS)
+        params = _columns(pnames, [(row.names, row.params) for row in rows], PARAM_METRICS)
         hrows = self.hists.rows
         hlabels: dict[str, None] = {}
         for hrow in hrows:
@@ -113,3 +123,17 @@ class HistoryBuffer:
             activation_exponents=aexp,
             gradient_exponents=gexp,
         )
+
+
+def _columns(
+    names: dict[str, None], rows: list[tuple[tuple[str, ...], np.ndarray]], metrics: tuple[str, ...]
+) -> dict[str, dict[str, tuple[float, ...]]]:
+    """Per name, per metric, its series over `rows` ((names, [N, len(metrics)] values) per step; NaN where a step
+    has no such name)."""
+    missing = [math.nan] * len(metrics)
+    series: dict[str, list[list[float]]] = {name: [] for name in names}
+    for row_names, values in rows:
+        got = dict(zip(row_names, values.tolist(), strict=True))
+        for name, column in series.items():
+            column.append(got.get(name, missing))
+    return {name: {m: tuple(v[k] for v in vals) for k, m in enumerate(metrics)} for name, vals in series.items()}

@@ -8,8 +8,13 @@ renaming or adding a series is one edit here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from actdiag.records import LayerStats, ParamStats
+import numpy as np
+
+from actdiag.records import LayerStats, ParamStats, StepRecord, measured_stats, pending_scalars
 
 # Per layer (module call).
 ACT_MEAN = "act_mean"
@@ -81,3 +86,37 @@ def param_metrics(param: ParamStats) -> dict[str, float]:
         UPDATE_RATIO: _opt(param.update_ratio),
         LR: _opt(param.lr),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class StepScalars:
+    """One recorded step's series values, as arrays: row i of `layers` holds `LAYER_METRICS` (in that order) of
+    the layer call labelled `labels[i]`, row j of `params` `PARAM_METRICS` of parameter `names[j]`; `nonfinite`:
+    whether any measured tensor holds NaN/Inf. `histograms()`: the history's packed histograms of the step
+    (`history._hist_row`)."""
+
+    labels: tuple[str, ...]
+    layers: np.ndarray
+    names: tuple[str, ...]
+    params: np.ndarray
+    nonfinite: bool
+    histograms: Callable[[], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] | None = None
+
+
+def step_scalars(record: StepRecord) -> StepScalars:
+    """The step's `StepScalars`: those the recorder computed from the step's arrays while its records are not built
+    (`records.deferred_record`), otherwise from the records (the same values)."""
+    pending = pending_scalars(record)
+    if pending is not None:
+        return pending
+    layers, params = record.layers, record.params
+    lrows = [[row[m] for m in LAYER_METRICS] for row in map(layer_metrics, layers)]
+    prows = [[row[m] for m in PARAM_METRICS] for row in map(param_metrics, params)]
+    nonfinite = any(s.nonfinite_count > 0 for s in measured_stats(layers, params))
+    return StepScalars(
+        labels=tuple(layer.label for layer in layers),
+        layers=np.array(lrows, dtype=np.float64).reshape(len(lrows), len(LAYER_METRICS)),
+        names=tuple(p.name for p in params),
+        params=np.array(prows, dtype=np.float64).reshape(len(prows), len(PARAM_METRICS)),
+        nonfinite=nonfinite,
+    )

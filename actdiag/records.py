@@ -12,6 +12,7 @@ the latest step, the per-step `History` and the findings for the sinks (JSON, HT
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -72,7 +73,7 @@ class _Counts:
     @property
     def counts(self) -> tuple[float, ...]:
         if self._counts is None:
-            _set(self, "_counts", tuple(self._block[self._row].tolist()))
+            _set(self, "_counts", tuple(_int_row(self._block[self._row]).tolist()))
             _set(self, "_block", None)  # the step's array is no longer needed by this object
         assert self._counts is not None
         return self._counts
@@ -88,7 +89,7 @@ class _Counts:
 
     def _packed_counts(self) -> Any:
         """The counts as kept in a long-lived store: a copy of the row (not the step's array), or the tuple."""
-        return self._block[self._row].copy() if self._counts is None else self._counts
+        return _int_row(self._block[self._row]) if self._counts is None else self._counts
 
     def _pack(self) -> tuple[Any, ...]:
         """This object as a tuple of numbers, arrays and None: nothing the garbage collector tracks once the tuple
@@ -119,6 +120,12 @@ class _Counts:
 
 
 _set = object.__setattr__  # the immutable classes' own way in
+
+
+def _int_row(row: np.ndarray) -> np.ndarray:
+    """A copy of a row of counts as int64: a decoded step keeps them in its float64 vectors (exact integers), and
+    converts only the rows that are read."""
+    return row.astype(np.int64) if row.dtype == np.int64 else np.rint(row).astype(np.int64)
 
 
 class Histogram(_Counts):
@@ -284,7 +291,8 @@ class TensorStats:
 
 class _StepHistograms:
     """Both histograms of many tensors of one decoded step, as arrays: row r of `lin` (linear counts between
-    `lo[r]` and `hi[r]`, the tensor's finite min and max) and of `exp` (exponent counts), `sampled[r]`, and
+    `lo[r]` and `hi[r]`, the tensor's finite min and max) and of `exp` (exponent counts; integers, or exact integers
+    in float64 converted per row when read: `_int_row`), `sampled[r]`, and
     `count[r]`, its finite values. A tensor without any has one empty bin on [0, 1]; a constant one (min == max) one
     bin of width 1 centred on its value.
 
@@ -312,6 +320,18 @@ class _StepHistograms:
 
     def exponents(self, row: int) -> ExponentHistogram:
         return ExponentHistogram._defer(self.exp, row, bool(self.sampled[row]))
+
+    def packed(self, row: int) -> tuple[Any, Any]:
+        """Row `row`'s (histogram, exponents) as `_Counts._pack` gives them, without building either."""
+        sampled = bool(self.sampled[row])
+        exp = (_int_row(self.exp[row]), sampled)
+        lo, hi = float(self.lo[row]), float(self.hi[row])
+        if self.count[row] and hi > lo:  # what Histogram._even's _pack gives
+            return (_int_row(self.lin[row]), sampled, None, lo, hi), exp
+        return self.histogram(row)._pack(), exp
+
+    def packed_exponents(self, row: int) -> Any:
+        return (_int_row(self.exp[row]), bool(self.sampled[row]))
 
 
 # TensorStats' `histogram` and `exponents` fields, read through the slots that store them: a decoded record stores
@@ -360,13 +380,7 @@ def _packed_histograms(stats: TensorStats) -> tuple[Any, Any]:
     held = _HISTOGRAM_SLOT.__get__(stats)
     if type(held) is not _StepHistograms:
         return held._pack(), _EXPONENTS_SLOT.__get__(stats)._pack()
-    row = _EXPONENTS_SLOT.__get__(stats)
-    sampled = bool(held.sampled[row])
-    exp = (held.exp[row].copy(), sampled)
-    lo, hi = float(held.lo[row]), float(held.hi[row])
-    if held.count[row] and hi > lo:  # what Histogram._even's _pack gives
-        return (held.lin[row].copy(), sampled, None, lo, hi), exp
-    return held.histogram(row)._pack(), exp
+    return held.packed(_EXPONENTS_SLOT.__get__(stats))
 
 
 def _packed_exponents(stats: TensorStats) -> Any:
@@ -374,8 +388,7 @@ def _packed_exponents(stats: TensorStats) -> Any:
     held = _HISTOGRAM_SLOT.__get__(stats)
     if type(held) is not _StepHistograms:
         return _EXPONENTS_SLOT.__get__(stats)._pack()
-    row = _EXPONENTS_SLOT.__get__(stats)
-    return (held.exp[row].copy(), bool(held.sampled[row]))
+    return held.packed_exponents(_EXPONENTS_SLOT.__get__(stats))
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +516,68 @@ class StepRecord:
     step: int
     layers: tuple[LayerStats, ...]
     params: tuple[ParamStats, ...] = ()
+
+
+class _Deferred:
+    """The layers and params of a recorded step, built when first read (`deferred_record`), and the step's
+    `scalars` for the readers that need only those (the history, the NaN check).
+
+    A deep model's recorded step has thousands of TensorStats, LayerStats and ParamStats objects; at every step
+    (`watch(every=1)`) building them was a large share of what recording cost (BENCHMARKS.md), while a run without
+    a sink reads them only for the last step's report. `build` reads nothing that changes after the step: the
+    recorder hands it arrays and values of that step alone. The lock makes one build of a record read from two
+    threads (the TensorBoard sink's writer and the training loop).
+    """
+
+    __slots__ = ("build", "scalars", "lock")
+
+    def __init__(self, build: Any, scalars: Any) -> None:
+        self.build, self.scalars, self.lock = build, scalars, threading.Lock()
+
+
+_LAYERS_SLOT = StepRecord.__dict__["layers"]
+_PARAMS_SLOT = StepRecord.__dict__["params"]
+
+
+def _built(record: StepRecord, held: _Deferred) -> tuple[tuple[LayerStats, ...], tuple[ParamStats, ...]]:
+    with held.lock:
+        if _LAYERS_SLOT.__get__(record) is held:
+            layers, params = held.build()
+            _LAYERS_SLOT.__set__(record, layers)
+            _PARAMS_SLOT.__set__(record, params)
+    return _LAYERS_SLOT.__get__(record), _PARAMS_SLOT.__get__(record)
+
+
+def _read_layers(record: StepRecord) -> tuple[LayerStats, ...]:
+    held = _LAYERS_SLOT.__get__(record)
+    return _built(record, held)[0] if type(held) is _Deferred else held
+
+
+def _read_params(record: StepRecord) -> tuple[ParamStats, ...]:
+    held = _PARAMS_SLOT.__get__(record)
+    return _built(record, held)[1] if type(held) is _Deferred else held
+
+
+# As TensorStats' histograms above: to every reader StepRecord stays a plain frozen dataclass (fields, equality,
+# repr, pickling, dataclasses.replace all read through these properties).
+setattr(StepRecord, "layers", property(_read_layers, _LAYERS_SLOT.__set__))  # noqa: B010
+setattr(StepRecord, "params", property(_read_params, _PARAMS_SLOT.__set__))  # noqa: B010
+
+
+def deferred_record(step: int, build: Any, scalars: Any) -> StepRecord:
+    """A StepRecord whose layers and params `build()` returns when first read; `scalars` (whatever the caller
+    computed from the step's arrays) is `pending_scalars`' until then."""
+    record = StepRecord(step=step, layers=(), params=())
+    held = _Deferred(build, scalars)
+    _LAYERS_SLOT.__set__(record, held)
+    _PARAMS_SLOT.__set__(record, held)
+    return record
+
+
+def pending_scalars(record: StepRecord) -> Any:
+    """The `scalars` of a deferred record whose layers are not built yet; None otherwise."""
+    held = _LAYERS_SLOT.__get__(record)
+    return held.scalars if type(held) is _Deferred else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,15 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from actdiag.hooks.keys import Key, layer_keys, param_keys
-from actdiag.hooks.layout import StatsMeta, decode_many
+from actdiag.hooks.layout import DecodedStep, StatsMeta
 from actdiag.hooks.tracking import UnitStreaks
-from actdiag.records import LayerStats, LostUpdates, ParamStats, StepRecord, TensorStats
+from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, StepScalars
+from actdiag.records import (
+    LayerStats,
+    LostUpdates,
+    ParamStats,
+    StepRecord,
+    TensorStats,
+    deferred_record,
+)
 
 
 @dataclass(slots=True)
@@ -50,20 +59,27 @@ def decode_step(
     optimizers: Mapping[str, tuple[float, str]] | None = None,
 ) -> StepRecord:
     """A recorded step's host vectors (by key) as a StepRecord: statistics decoded through the layout, parameters
-    with their update ratios and lost-update counts, layers in forward order with their unit-health shares."""
-    keys = [k for k, (_, meta) in host.items() if isinstance(meta, StatsMeta)]
-    decoded = dict(zip(keys, decode_many([host[k][0] for k in keys], [host[k][1] for k in keys]), strict=True))
+    with their update ratios and lost-update counts, layers in forward order with their unit-health shares.
 
-    def stats(key: Key) -> TensorStats | None:
-        return decoded.get(aliases.get(key, key))
+    What the step's readers need at every step (the history's scalars and histograms, the NaN check) is computed
+    here from the step's arrays (`StepScalars`); the TensorStats, ParamStats and LayerStats objects are built when
+    the record's layers or params are first read (`records.deferred_record`), from values taken here: nothing the
+    build reads changes after this call (the parameters' shapes and flags, the units' streak tracks)."""
+    keys = [k for k, (_, meta) in host.items() if isinstance(meta, StatsMeta)]
+    block = DecodedStep([host[k][0] for k in keys], [host[k][1] for k in keys])
+    index = {k: i for i, k in enumerate(keys)}
+
+    def at(key: Key) -> int:
+        """The row of `key`'s statistics in `block`, -1 for none."""
+        return index.get(aliases.get(key, key), -1)
 
     seen = optimizers or {}
-    params: list[ParamStats] = []
-    by_name: dict[str, ParamStats] = {}
+    params: list[_Param] = []
+    by_name: dict[str, _Param] = {}
     for pname, p in named_params:
         pkeys = param_keys(pname)
-        w = stats(pkeys.weight)
-        if w is None:
+        w = at(pkeys.weight)
+        if w < 0:
             continue
         upd = host.get(pkeys.update)
         ratio = None
@@ -77,21 +93,12 @@ def decode_step(
             dtype = str(p.dtype).replace("torch.", "")
             lost = LostUpdates(unchanged, nonzero, dtype, update_sampled(p.numel()))
         lr, optimizer = seen.get(pname, (None, None))
-        ps = ParamStats(
-            name=pname,
-            shape=tuple(p.shape),
-            requires_grad=p.requires_grad,
-            weight=w,
-            grad=stats(pkeys.grad),
-            update_ratio=ratio,
-            update_ratio_estimated=ratio is not None and update_sampled(p.numel()),
-            lost_updates=lost,
-            lr=lr,
-            optimizer=optimizer,
-        )
-        params.append(ps)
-        by_name[pname] = ps
-    layers = []
+        estimated = ratio is not None and update_sampled(p.numel())
+        param = _Param(pname, tuple(p.shape), p.requires_grad, w, at(pkeys.grad), ratio, estimated, lost, lr, optimizer)
+        params.append(param)
+        by_name[pname] = param
+    layers: list[_Layer] = []
+    nonfinite = block.numel - block.count
     for info in order:
         name, call = info.name, info.call
         lkeys = layer_keys(name, call)
@@ -104,42 +111,210 @@ def decode_step(
         if units is not None and info.units:
             dead, rare, never = (float(v) / info.units for v in units[0][:3])
             streak = host.get(lkeys.streak)
-            if streak is not None:
-                activity = streaks.decode(name, call, streak[0], int(units[0][2]))
+            if streak is not None:  # built with the record; the track's state as it is now
+                activity = (streak[0], int(units[0][2]), *streaks.state(name, call))
         inp = host.get(lkeys.input)
         ingrad = host.get(lkeys.ingrad)
         src = (input_from or {}).get((name, call))
-        src_grad = stats(layer_keys(src.name, src.call).grad) if src is not None else None
-        in_grad = int(ingrad[0][0]) if ingrad is not None else (src_grad.nonfinite_count if src_grad else None)
+        src_grad = at(layer_keys(src.name, src.call).grad) if src is not None else -1
+        in_grad = int(ingrad[0][0]) if ingrad is not None else (int(nonfinite[src_grad]) if src_grad >= 0 else None)
         wp = by_name.get(info.weight_name) if info.weight_name else None
         layers.append(
+            _Layer(
+                info,
+                at(lkeys.act),
+                at(lkeys.grad),
+                wp,
+                saturation,
+                dead,
+                rare,
+                never,
+                activity,
+                int(inp[0][0]) if inp is not None else None,
+                in_grad,
+            )
+        )
+    scalars = _scalars(block, layers, params)
+    return deferred_record(step, partial(_build, block, step, layers, params, streaks), scalars)
+
+
+class _Param(NamedTuple):
+    """What a ParamStats is built from (`decode_step`): rows of the step's `DecodedStep`, -1 for none."""
+
+    name: str
+    shape: tuple[int, ...]
+    requires_grad: bool
+    weight: int
+    grad: int
+    update_ratio: float | None
+    update_ratio_estimated: bool
+    lost_updates: LostUpdates | None
+    lr: float | None
+    optimizer: str | None
+
+
+class _Layer(NamedTuple):
+    """What a LayerStats is built from (`decode_step`)."""
+
+    info: LayerCall
+    act: int
+    grad: int
+    weight: _Param | None
+    saturation: float | None
+    dead: float | None
+    rare: float | None
+    never: float | None
+    activity: tuple[np.ndarray, int, int, tuple[int, ...]] | None  # UnitStreaks.activity's arguments
+    input_nonfinite: int | None
+    input_grad_nonfinite: int | None
+
+
+def _build(
+    block: DecodedStep, step: int, layers: list[_Layer], params: list[_Param], streaks: UnitStreaks
+) -> tuple[tuple[LayerStats, ...], tuple[ParamStats, ...]]:
+    """The record's layers and params (`decode_step`): one TensorStats per row of the step, shared by every key
+    measured as another's tensor and by a layer and its weight."""
+    stats = block.objects()
+
+    def at(i: int) -> TensorStats | None:
+        return stats[i] if i >= 0 else None
+
+    built: dict[str, ParamStats] = {}
+    for p in params:
+        built[p.name] = ParamStats(
+            name=p.name,
+            shape=p.shape,
+            requires_grad=p.requires_grad,
+            weight=stats[p.weight],
+            grad=at(p.grad),
+            update_ratio=p.update_ratio,
+            update_ratio_estimated=p.update_ratio_estimated,
+            lost_updates=p.lost_updates,
+            lr=p.lr,
+            optimizer=p.optimizer,
+        )
+    out = []
+    for lay in layers:
+        info, wp = lay.info, lay.weight
+        ps = built[wp.name] if wp is not None else None
+        out.append(
             LayerStats(
-                name=name,
+                name=info.name,
                 type=info.type,
                 step=step,
-                call=call,
+                call=info.call,
                 shape=info.shape,
                 dtype=info.dtype,
-                activation=stats(lkeys.act),
-                gradient=stats(lkeys.grad),
-                weight=wp.weight if wp else None,
-                weight_grad=wp.grad if wp else None,
-                weight_name=info.weight_name if wp else None,
+                activation=at(lay.act),
+                gradient=at(lay.grad),
+                weight=ps.weight if ps else None,
+                weight_grad=ps.grad if ps else None,
+                weight_name=info.weight_name if ps else None,
                 bounds=info.bounds,
-                saturation=saturation,
+                saturation=lay.saturation,
                 units=info.units,
-                dead_fraction=dead,
-                rare_fraction=rare,
-                never_active_fraction=never,
-                update_ratio=wp.update_ratio if wp else None,
-                update_ratio_estimated=wp.update_ratio_estimated if wp else False,
-                activity=activity,
-                input_nonfinite=int(inp[0][0]) if inp is not None else None,
-                input_grad_nonfinite=in_grad,
+                dead_fraction=lay.dead,
+                rare_fraction=lay.rare,
+                never_active_fraction=lay.never,
+                update_ratio=ps.update_ratio if ps else None,
+                update_ratio_estimated=ps.update_ratio_estimated if ps else False,
+                activity=streaks.activity(*lay.activity) if lay.activity is not None else None,
+                input_nonfinite=lay.input_nonfinite,
+                input_grad_nonfinite=lay.input_grad_nonfinite,
                 output=info.output,
             )
         )
-    return StepRecord(step=step, layers=tuple(layers), params=tuple(params))
+    return tuple(out), tuple(built.values())
+
+
+def _scalars(block: DecodedStep, layers: list[_Layer], params: list[_Param]) -> StepScalars:
+    """The step's `StepScalars` from its arrays: what `metrics.layer_metrics` and `param_metrics` give for each
+    built record (the same float64 operations, so the same values)."""
+    nan = math.nan
+    count = block.count.astype(np.float64)
+    numel = block.numel.astype(np.float64)
+    m2, mean, lo, hi = block.m2, block.mean, block.lo, block.hi
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.where(count > 0, np.sqrt(m2 / count), nan)
+        norm = np.where(count > 0, np.sqrt(m2 + count * mean * mean), 0.0)
+    abs_max = np.where(count > 0, np.maximum(np.abs(lo), np.abs(hi)), nan)
+    zero_fraction = np.divide(block.zeros, numel, out=np.zeros(len(block)), where=numel > 0)
+    nonfinite = numel - count
+    # A column per statistic, and a last row of NaN: index -1 (no such tensor) reads it.
+    table = np.column_stack([mean, std, abs_max, zero_fraction, nonfinite, norm]) if len(block) else np.empty((0, 6))
+    table = np.vstack([table, np.full(6, nan)])
+    act = np.array([lay.act for lay in layers], dtype=np.int64)
+    grad = np.array([lay.grad for lay in layers], dtype=np.int64)
+    a, g = table[act], table[grad]
+
+    def opt(values: list[float | None]) -> np.ndarray:
+        return np.array([nan if v is None else v for v in values], dtype=np.float64)
+
+    lvals = np.column_stack(
+        [
+            a[:, 0],  # ACT_MEAN
+            a[:, 1],  # ACT_STD
+            a[:, 2],  # ACT_ABS_MAX
+            a[:, 3],  # ACT_ZERO_FRACTION
+            a[:, 4],  # ACT_NONFINITE
+            g[:, 5],  # GRAD_NORM
+            g[:, 1],  # GRAD_STD
+            g[:, 2],  # GRAD_ABS_MAX
+            g[:, 4],  # GRAD_NONFINITE
+            opt([lay.saturation for lay in layers]),
+            opt([lay.dead for lay in layers]),
+            opt([lay.never for lay in layers]),
+            opt([lay.weight.update_ratio if lay.weight else None for lay in layers]),
+        ]
+    ).reshape(len(layers), len(LAYER_METRICS))
+    w = table[np.array([p.weight for p in params], dtype=np.int64)]
+    pg = table[np.array([p.grad for p in params], dtype=np.int64)]
+    pvals = np.column_stack(
+        [
+            w[:, 5],  # WEIGHT_NORM
+            w[:, 1],  # WEIGHT_STD
+            pg[:, 5],  # GRAD_NORM
+            opt([p.update_ratio for p in params]),
+            opt([p.lr for p in params]),
+        ]
+    ).reshape(len(params), len(PARAM_METRICS))
+    measured = np.array(
+        [i for lay in layers for i in (lay.act, lay.grad)] + [i for p in params for i in (p.weight, p.grad)],
+        dtype=np.int64,
+    )
+    measured = measured[measured >= 0]
+    labels = tuple(lay.info.name if lay.info.call == 0 else f"{lay.info.name}#{lay.info.call}" for lay in layers)
+    return StepScalars(
+        labels=labels,
+        layers=lvals,
+        names=tuple(p.name for p in params),
+        params=pvals,
+        nonfinite=bool((nonfinite[measured] > 0).any()),
+        histograms=partial(_histograms, block, labels, layers),
+    )
+
+
+def _histograms(
+    block: DecodedStep, labels: tuple[str, ...], layers: list[_Layer]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """`history._hist_row` of the step, from its arrays: per label, the packed activation histogram, activation
+    exponents and gradient exponents (None where the layer has none)."""
+    held = block.histograms()
+    hists: dict[str, Any] = {}
+    aexps: dict[str, Any] = {}
+    gexps: dict[str, Any] = {}
+    for label, lay in zip(labels, layers, strict=True):
+        if lay.act >= 0:
+            hists_of, row = held[lay.act]
+            hists[label], aexps[label] = hists_of.packed(row)
+        else:
+            hists[label] = aexps[label] = None
+        if lay.grad >= 0:
+            hists_of, row = held[lay.grad]
+            gexps[label] = hists_of.packed_exponents(row)
+        else:
+            gexps[label] = None
+    return hists, aexps, gexps
 
 
 def as_tensor(vec: torch.Tensor | np.ndarray) -> torch.Tensor:

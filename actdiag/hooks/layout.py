@@ -287,48 +287,93 @@ def _stacked(vecs: list[np.ndarray], length: int) -> np.ndarray:
 
 
 def decode_many(vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> list[TensorStats]:
-    """`decode_tensor_stats` for a whole step at once: the vectors are stacked and every conversion is one numpy
-    call over all of them, not one per tensor (a recorded step of a model with a hundred layers decodes several
-    hundred vectors). The histograms keep their counts in the step's arrays until they are read."""
-    if not vecs:
-        return []
-    # Grouped by (bins, the layout object): hashing a Layout (a dataclass of slots) per tensor costs more than
-    # decoding it.
-    groups: dict[tuple[int, int], list[int]] = {}
-    layouts: dict[int, Layout] = {}
-    for i, meta in enumerate(metas):
-        lid = id(meta.layout)
-        layouts[lid] = meta.layout
-        groups.setdefault((meta.bins, lid), []).append(i)
-    estimated: dict[int, tuple[str, ...]] = {}  # per meta object: most of a step's tensors share a few metas
-    out: list[TensorStats | None] = [None] * len(vecs)
-    for (bins, lid), rows in groups.items():
-        layout = layouts[lid]
-        length = layout.length(bins)
-        block = _stacked([vecs[i] for i in rows], length)
-        counts_i = np.rint(block[:, layout.index("count")]).astype(np.int64).tolist()
-        named = {s.name: block[:, i].tolist() for i, s in enumerate(layout.slots)}
-        zero_counts = np.rint(block[:, layout.index("zero_count")]).astype(np.int64).tolist()
-        extra_names = [s.name for s in layout.extra]
-        # Both histograms of every row stay in two integer arrays, shared by the group's records; each record builds
-        # its Histogram and ExponentHistogram when they are read (records._StepHistograms).
-        lin_i = np.rint(block[:, layout.lin(bins)]).astype(np.int64)
-        exp_i = np.rint(block[:, layout.exp(bins)]).astype(np.int64)
-        sampled = np.array([metas[i].sample_n < metas[i].numel for i in rows], dtype=bool)
-        lo_col, hi_col = block[:, layout.index("min")].copy(), block[:, layout.index("max")].copy()
-        hists = _StepHistograms(lin_i, exp_i, lo_col, hi_col, np.array(counts_i, dtype=np.int64), sampled)
-        means, m2s, los, his = named["mean"], named["m2"], named["min"], named["max"]
-        for j, i in enumerate(rows):
-            meta = metas[i]
-            fields = estimated.get(id(meta))
-            if fields is None:
-                fields = estimated[id(meta)] = meta.estimated_fields()
-            count = counts_i[j]
-            mean, m2, lo, hi = means[j], m2s[j], los[j], his[j]
-            if count:
-                m2 = m2 if m2 > 0.0 else 0.0
-            else:
-                mean = m2 = lo = hi = math.nan
-            extra = tuple((name, named[name][j]) for name in extra_names) if extra_names else ()
-            out[i] = _step_stats(meta.numel, count, mean, m2, lo, hi, zero_counts[j], hists, j, fields, extra)
-    return [s for s in out if s is not None]
+    """`decode_tensor_stats` for a whole step at once (`DecodedStep`)."""
+    return DecodedStep(vecs, metas).objects() if vecs else []
+
+
+class DecodedStep:
+    """A step's statistics vectors, decoded as arrays: row i of `numel`, `count`, `mean`, `m2` (clipped at 0),
+    `lo`, `hi` (NaN without a finite value) and `zeros` is vector i's; `objects()` builds their TensorStats once.
+
+    The vectors are stacked and every conversion is one numpy call over all of them, not one per tensor (a recorded
+    step of a model with a hundred layers decodes several hundred vectors). Readers that want a step's scalars (the
+    history, the NaN check) read these arrays, and the TensorStats objects are built only for a reader of the
+    record (`decode.decode_step`). The histograms keep their counts in the step's arrays until they are read.
+    """
+
+    __slots__ = ("numel", "count", "mean", "m2", "lo", "hi", "zeros", "_metas", "_groups", "_objects")
+
+    def __init__(self, vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> None:
+        k = len(vecs)
+        # Grouped by (bins, the layout object): hashing a Layout (a dataclass of slots) per tensor costs more than
+        # decoding it.
+        groups: dict[tuple[int, int], list[int]] = {}
+        layouts: dict[int, Layout] = {}
+        for i, meta in enumerate(metas):
+            lid = id(meta.layout)
+            layouts[lid] = meta.layout
+            groups.setdefault((meta.bins, lid), []).append(i)
+        self.numel = np.array([meta.numel for meta in metas], dtype=np.int64)
+        self.count = np.empty(k, dtype=np.int64)
+        self.zeros = np.empty(k, dtype=np.int64)
+        self.mean, self.m2, self.lo, self.hi = (np.empty(k) for _ in range(4))
+        self._metas = metas
+        self._groups: list[tuple[list[int], Layout, np.ndarray, _StepHistograms]] = []
+        self._objects: list[TensorStats] | None = None
+        for (bins, lid), rows in groups.items():
+            layout = layouts[lid]
+            block = _stacked([vecs[i] for i in rows], layout.length(bins))
+            count = np.rint(block[:, layout.index("count")]).astype(np.int64)
+            self.count[rows] = count
+            self.zeros[rows] = np.rint(block[:, layout.index("zero_count")]).astype(np.int64)
+            lo, hi = block[:, layout.index("min")].copy(), block[:, layout.index("max")].copy()
+            # Both histograms of every row stay in the block (exact integers in float64), shared by the group's
+            # records; each record builds its Histogram and ExponentHistogram when they are read, converting only
+            # that row (records._StepHistograms): most of a step's histograms are never read one by one.
+            sampled = np.array([metas[i].sample_n < metas[i].numel for i in rows], dtype=bool)
+            hists = _StepHistograms(block[:, layout.lin(bins)], block[:, layout.exp(bins)], lo, hi, count, sampled)
+            m2 = block[:, layout.index("m2")]
+            empty = count == 0
+            self.mean[rows] = np.where(empty, math.nan, block[:, layout.index("mean")])
+            self.m2[rows] = np.where(empty, math.nan, np.where(m2 > 0.0, m2, 0.0))
+            self.lo[rows] = np.where(empty, math.nan, lo)
+            self.hi[rows] = np.where(empty, math.nan, hi)
+            self._groups.append((rows, layout, block, hists))
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def histograms(self) -> list[tuple[_StepHistograms, int]]:
+        """Per row: the step histograms that hold its counts, and its row there."""
+        out: list[tuple[_StepHistograms, int]] = [None] * len(self)  # type: ignore[list-item]
+        for rows, _, _, hists in self._groups:
+            for j, i in enumerate(rows):
+                out[i] = (hists, j)
+        return out
+
+    def objects(self) -> list[TensorStats]:
+        """Every row's TensorStats, in the order of the vectors (built on the first call, then kept)."""
+        if self._objects is not None:
+            return self._objects
+        metas = self._metas
+        out: list[TensorStats] = [None] * len(metas)  # type: ignore[list-item]
+        estimated: dict[int, tuple[str, ...]] = {}  # per meta object: most of a step's tensors share a few metas
+        counts, zeros = self.count.tolist(), self.zeros.tolist()
+        means, m2s, los, his = self.mean.tolist(), self.m2.tolist(), self.lo.tolist(), self.hi.tolist()
+        for rows, layout, block, hists in self._groups:
+            extra_names = [s.name for s in layout.extra]
+            named = {name: block[:, layout.index(name)].tolist() for name in extra_names}
+            for j, i in enumerate(rows):
+                meta = metas[i]
+                fields = estimated.get(id(meta))
+                if fields is None:
+                    fields = estimated[id(meta)] = meta.estimated_fields()
+                extra = tuple((name, named[name][j]) for name in extra_names) if extra_names else ()
+                count = counts[i]
+                if count:
+                    mean, m2, lo, hi = means[i], m2s[i], los[i], his[i]
+                else:  # math.nan itself, as every other record without a finite value
+                    mean = m2 = lo = hi = math.nan
+                out[i] = _step_stats(meta.numel, count, mean, m2, lo, hi, zeros[i], hists, j, fields, extra)
+        self._objects = out
+        return out

@@ -121,15 +121,19 @@ class UnitStreaks:
             t = self._constants[(*key, device)] = make()
         return t
 
-    def decode(self, name: str, call: int, vec: np.ndarray, never: int) -> UnitActivity:
-        """The record of one layer call from its read-back summary and its never-active count."""
+    def state(self, name: str, call: int) -> tuple[int, tuple[int, ...]]:
+        """What `activity` reads of a layer call's track as it is now: its calls so far and the steps of the
+        latest ones (a record built later must not see the calls made since)."""
         track = self._tracks[(name, call)]
+        return track.calls, tuple(track.steps)
+
+    def activity(self, vec: np.ndarray, never: int, calls: int, steps: tuple[int, ...]) -> UnitActivity:
+        """The record of a layer call from its read-back summary, never-active count and `state`."""
         # No streak can exceed the calls so far: the bins past it are left out of the record.
-        hist = tuple(vec[: min(STREAK_BINS, track.calls + 1)].astype(np.int64).tolist())
+        hist = tuple(vec[: min(STREAK_BINS, calls + 1)].astype(np.int64).tolist())
         k = (len(vec) - STREAK_BINS) // 2
         idx = vec[STREAK_BINS : STREAK_BINS + k].astype(np.int64).tolist()
         lengths = vec[STREAK_BINS + k :].astype(np.int64).tolist()
-        steps = tuple(track.steps)
         # since[s]: the recorded step from which a unit silent for its last s calls has been silent.
         since = self._since.get((steps, len(hist)))
         if since is None:
@@ -141,7 +145,7 @@ class UnitStreaks:
             silent=hist,
             since=since,
             never=never,
-            calls=track.calls,
+            calls=calls,
             examples=tuple((i, n) for i, n in zip(idx, lengths, strict=True) if n > 0),
         )
 
