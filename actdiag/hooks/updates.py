@@ -117,7 +117,7 @@ def _host_ratios(
     weight are copied into rows beside the copies, then, a chunk of rows at a time, the float64 difference (exact)
     and two row-wise sums of squares for all of them (two einsum calls and a tensor per parameter cost more than
     their arithmetic at a few thousand elements). `scratch` holds the chunk buffers from one step to the next."""
-    groups: dict[int, tuple[SizeRows, list[tuple[str, torch.Tensor, np.ndarray | None, int]]]] = {}
+    groups: dict[int, tuple[SizeRows, list[tuple[str, torch.Tensor, np.ndarray | None, int]]]] = {}  # p not detached
     dtypes: dict[int, torch.dtype] = {}
     for pname, (n, idx, rows, k) in snaps.items():
         p = params[pname]
@@ -126,7 +126,7 @@ def _host_ratios(
             dtype = dtypes[id(rows)] = torch.from_numpy(rows.rows[:0, :0]).dtype
         if not p.is_cpu or p.dtype != dtype or p.numel() != n:
             continue  # replaced by a tensor of another size or dtype, or moved off the CPU: no ratio
-        groups.setdefault(id(rows), (rows, []))[1].append((pname, p.detach().reshape(-1), idx, k))
+        groups.setdefault(id(rows), (rows, []))[1].append((pname, p, idx, k))
     out: dict[str, np.ndarray] = {}
     for rows, items in groups.values():
         m = rows.rows.shape[1]
@@ -138,25 +138,42 @@ def _host_ratios(
             chunk = items[lo : lo + per]
             c = len(chunk)
             d = scratch["d"][: c * m].reshape(c, m)
-            currents = [w if idx is None else w[torch.from_numpy(idx)] for _, w, idx, _ in chunk]
             ks = [k for _, _, _, k in chunk]
             # Consecutive rows (a size's weights copied together, `keep_rows`) are read in place, others gathered.
             before = rows.rows[ks[0] : ks[0] + c] if ks == list(range(ks[0], ks[0] + c)) else rows.rows[ks]
             if c == 1:  # a large weight: converted straight into the float64 row, no copy in its own dtype first
-                torch.from_numpy(d[0]).copy_(currents[0])
+                _, w, idx, _ = chunk[0]
+                w = w.detach().reshape(-1)
+                torch.from_numpy(d[0]).copy_(w if idx is None else w[torch.from_numpy(idx)])
                 d -= before  # float64: exact
             else:  # small weights: the chunk's in one copy, then one float64 difference (exact)
-                now = scratch.get(f"now-{rows.rows.dtype}")
+                name = "now-" + rows.rows.dtype.name
+                now = scratch.get(name)
                 if now is None or now.size < per * m:
-                    now = scratch[f"now-{rows.rows.dtype}"] = np.empty(per * m, dtype=rows.rows.dtype)
+                    now = scratch[name] = np.empty(per * m, dtype=rows.rows.dtype)
                 cur = now[: c * m].reshape(c, m)
-                torch.stack(currents, out=torch.from_numpy(cur))
+                _stack_rows([(w, idx) for _, w, idx, _ in chunk], torch.from_numpy(cur))
                 np.subtract(cur, before, out=d, dtype=np.float64)
             norms[lo : lo + c, 0] = np.einsum("ij,ij->i", d, d)
             norms[lo : lo + c, 1] = np.einsum("ij,ij->i", before, before, dtype=np.float64)
         np.sqrt(norms, out=norms)
         out.update(zip([pname for pname, _, _, _ in items], norms, strict=True))
     return out
+
+
+def _stack_rows(weights: list[tuple[torch.Tensor, np.ndarray | None]], out: torch.Tensor) -> None:
+    """Row i of `out` [K, m]: weight i flattened (`idx` None) or its elements at `idx`. Weights of one shape, taken
+    whole, are copied as they are into a view of `out` in that shape: a detached, flattened view of each cost three
+    times the copy (as `HostBatch.take_many`)."""
+    shape = weights[0][0].shape
+    if all(idx is None and w.shape == shape for w, idx in weights):
+        with torch.no_grad():
+            torch.stack([w for w, _ in weights], out=out.view(len(weights), *shape))
+        return
+    flat = [w.detach().reshape(-1) for w, _ in weights]
+    torch.stack(
+        [f if idx is None else f[torch.from_numpy(idx)] for f, (_, idx) in zip(flat, weights, strict=True)], out=out
+    )
 
 
 def _tensor_ratios(

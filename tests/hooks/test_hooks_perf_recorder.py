@@ -91,6 +91,39 @@ class MixedParams(nn.Module):
         return self.small(self.big(x).double()) * self.frozen
 
 
+class TwinSizes(nn.Module):
+    """Weights of one size in three shapes (two of them alike): their update ratios are compared in one batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6, bias=False)  # [6, 4]
+        self.b = nn.Linear(4, 6, bias=False)  # [6, 4]
+        self.flat = nn.Parameter(torch.randn(24))
+        self.out = nn.Linear(6, 24, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.a(x) * self.b(x)) * self.flat
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "estimated"])
+def test_update_ratios_of_weights_of_one_size_in_several_shapes(exact: bool) -> None:
+    torch.manual_seed(2)
+    model = TwinSizes()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(model, exact=exact)
+    rec.begin(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()
+    record = rec.end()
+    assert record is not None
+    got = {s.name: s.update_ratio for s in record.params}
+    assert set(got) == set(before)
+    for name, p in model.named_parameters():
+        w0, w = before[name].reshape(-1).double(), p.detach().reshape(-1).double()
+        assert got[name] == pytest.approx(((w - w0).norm() / w0.norm()).item(), rel=1e-9), name
+
+
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "estimated"])
 @pytest.mark.parametrize("path", ["host", "device"])
 def test_update_ratio_of_every_parameter_matches_a_float64_reference(path: str, exact: bool) -> None:

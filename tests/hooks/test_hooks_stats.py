@@ -548,6 +548,24 @@ def test_small_batch_key_taken_again_keeps_its_latest_copy(order: str) -> None:
         check_against_reference(latest[key], path="host", s=decode_tensor_stats(np.asarray(vec), meta))
 
 
+@pytest.mark.parametrize("shapes", ["same", "mixed", "transposed"])
+def test_take_many_copies_each_tensor_flattened_whatever_its_shape(shapes: str) -> None:
+    """`take_many` copies tensors of one size that share a shape in their shape, others flattened one by one;
+    either way each row holds its tensor's elements in order (parameters that require grad included)."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.nn.Parameter(torch.randn(6, 5, generator=g)) for _ in range(3)]
+    if shapes == "mixed":
+        xs[1] = torch.nn.Parameter(torch.randn(30, generator=g))
+    elif shapes == "transposed":
+        xs = [torch.randn(5, 6, generator=g).t() for _ in range(3)]  # non-contiguous, one shape
+    batch = HostBatch(bins=16, sample_cap=1024)
+    kept = batch.take_many(["a", "b", "c"], xs)
+    assert kept is not None
+    rows, start = kept
+    for i, x in enumerate(xs):
+        np.testing.assert_array_equal(rows.rows[start + i], x.detach().reshape(-1).numpy())
+
+
 SMALL_CASES = {
     "normal": lambda g: torch.randn(1000, generator=g),
     "relu-zeros": lambda g: torch.relu(torch.randn(37, 11, generator=g)),
