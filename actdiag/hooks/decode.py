@@ -84,7 +84,7 @@ def decode_step(
         upd = host.get(pkeys.update)
         ratio = None
         if upd is not None:
-            delta, norm0 = (float(v) for v in upd[0])  # updates.UpdateRatios: the two norms
+            delta, norm0 = upd[0].tolist()  # updates.UpdateRatios: the two norms
             ratio = delta / norm0 if norm0 > 0 and math.isfinite(norm0) else None
         counts = host.get(pkeys.lost)
         lost = None
@@ -109,7 +109,7 @@ def decode_step(
         units = host.get(lkeys.units)
         activity = None
         if units is not None and info.units:
-            dead, rare, never = (float(v) / info.units for v in units[0][:3])
+            dead, rare, never = (v / info.units for v in units[0][:3].tolist())
             streak = host.get(lkeys.streak)
             if streak is not None:  # built with the record; the track's state as it is now
                 activity = (streak[0], int(units[0][2]), *streaks.state(name, call))

@@ -305,15 +305,21 @@ class DecodedStep:
 
     def __init__(self, vecs: Sequence[np.ndarray], metas: Sequence[StatsMeta]) -> None:
         k = len(vecs)
-        # Grouped by (bins, the layout object): hashing a Layout (a dataclass of slots) per tensor costs more than
-        # decoding it.
+        # A step's vectors share a few meta objects (one per tensor size): grouped by meta in numpy, then by (bins,
+        # the layout object) per distinct meta (hashing a Layout, a dataclass of slots, costs more than decoding).
+        ids = np.fromiter(map(id, metas), dtype=np.int64, count=k)
+        _, firsts, which = np.unique(ids, return_index=True, return_inverse=True)
+        uniq = [metas[i] for i in firsts.tolist()]
+        order = np.argsort(which, kind="stable")  # the vectors of each distinct meta together, in their order
+        bounds = np.searchsorted(which[order], np.arange(len(uniq) + 1)).tolist()
         groups: dict[tuple[int, int], list[int]] = {}
         layouts: dict[int, Layout] = {}
-        for i, meta in enumerate(metas):
+        for u, meta in enumerate(uniq):
             lid = id(meta.layout)
             layouts[lid] = meta.layout
-            groups.setdefault((meta.bins, lid), []).append(i)
-        self.numel = np.array([meta.numel for meta in metas], dtype=np.int64)
+            groups.setdefault((meta.bins, lid), []).extend(order[bounds[u] : bounds[u + 1]].tolist())
+        self.numel = np.array([meta.numel for meta in uniq], dtype=np.int64)[which]
+        sampled_all = np.array([meta.sample_n < meta.numel for meta in uniq], dtype=bool)[which]
         self.count = np.empty(k, dtype=np.int64)
         self.zeros = np.empty(k, dtype=np.int64)
         self.mean, self.m2, self.lo, self.hi = (np.empty(k) for _ in range(4))
@@ -330,8 +336,9 @@ class DecodedStep:
             # Both histograms of every row stay in the block (exact integers in float64), shared by the group's
             # records; each record builds its Histogram and ExponentHistogram when they are read, converting only
             # that row (records._StepHistograms): most of a step's histograms are never read one by one.
-            sampled = np.array([metas[i].sample_n < metas[i].numel for i in rows], dtype=bool)
-            hists = _StepHistograms(block[:, layout.lin(bins)], block[:, layout.exp(bins)], lo, hi, count, sampled)
+            hists = _StepHistograms(
+                block[:, layout.lin(bins)], block[:, layout.exp(bins)], lo, hi, count, sampled_all[rows]
+            )
             m2 = block[:, layout.index("m2")]
             empty = count == 0
             self.mean[rows] = np.where(empty, math.nan, block[:, layout.index("mean")])
