@@ -463,7 +463,12 @@ class LayerStats:
     @property
     def label(self) -> str:
         """Unique name within a step: the module name, with `#k` for the k-th repeated call (k >= 1)."""
-        return self.name if self.call == 0 else f"{self.name}#{self.call}"
+        return layer_label(self.name, self.call)
+
+
+def layer_label(name: str, call: int) -> str:
+    """`LayerStats.label` of call `call` of module `name`."""
+    return name if call == 0 else f"{name}#{call}"
 
 
 @dataclass(frozen=True, slots=True)

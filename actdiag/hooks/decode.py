@@ -27,6 +27,7 @@ from actdiag.records import (
     StepRecord,
     TensorStats,
     deferred_record,
+    layer_label,
 )
 
 
@@ -283,7 +284,7 @@ def _scalars(block: DecodedStep, layers: list[_Layer], params: list[_Param]) -> 
         dtype=np.int64,
     )
     measured = measured[measured >= 0]
-    labels = tuple(lay.info.name if lay.info.call == 0 else f"{lay.info.name}#{lay.info.call}" for lay in layers)
+    labels = tuple(layer_label(lay.info.name, lay.info.call) for lay in layers)
     return StepScalars(
         labels=labels,
         layers=lvals,
