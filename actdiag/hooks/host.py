@@ -362,16 +362,8 @@ class HostBatch:
         if rows is None:
             rows = self._small[n] = SizeRows(n)
         start = rows.next_rows(len(xs))
-        out = torch.from_numpy(rows.rows[start : rows.used])
-        shape = xs[0].shape
         try:
-            if all(x.shape == shape for x in xs):
-                # The tensors as they are, into a view of the rows in their shape: a detached, flattened view of
-                # each cost three times the copy.
-                with torch.no_grad():
-                    torch.stack(xs, out=out.view(len(xs), *shape))
-            else:
-                torch.stack([x.detach().reshape(-1) for x in xs], out=out)
+            copy_rows(xs, torch.from_numpy(rows.rows[start : rows.used]))
         except RuntimeError:  # e.g. a lazy negation bit, or sizes that differ after all
             rows.used = start
             return None
@@ -558,6 +550,18 @@ def _alone(a: np.ndarray, bins: int, sample_cap: int) -> tuple[np.ndarray, Stats
     n = a.size
     vec = device.exact_stats(torch.from_numpy(a), bins, n, sample_cap).numpy()
     return vec, StatsMeta(numel=n, bins=bins, sample_n=n)
+
+
+def copy_rows(xs: list[torch.Tensor], out: torch.Tensor) -> None:
+    """Row i of `out` [K, n] := `xs[i]` flattened (K tensors of n elements). Tensors of one shape are copied as
+    they are, under no_grad, into a view of `out` in that shape: a detached, flattened view of each cost three
+    times the copy. Raises RuntimeError where torch cannot copy them so (e.g. a lazy negation bit)."""
+    shape = xs[0].shape
+    if all(x.shape == shape for x in xs):
+        with torch.no_grad():
+            torch.stack(xs, out=out.view(len(xs), *shape))
+    else:
+        torch.stack([x.detach().reshape(-1) for x in xs], out=out)
 
 
 class SizeRows:

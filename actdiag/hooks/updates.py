@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from actdiag.hooks.device import RowBatch, RowStore, fill_row
-from actdiag.hooks.host import SizeRows
+from actdiag.hooks.host import SizeRows, copy_rows
 from actdiag.hooks.sampling import _BATCH_DTYPES, _SAMPLES, numpy_view
 
 
@@ -162,18 +162,8 @@ def _host_ratios(
 
 
 def _stack_rows(weights: list[tuple[torch.Tensor, np.ndarray | None]], out: torch.Tensor) -> None:
-    """Row i of `out` [K, m]: weight i flattened (`idx` None) or its elements at `idx`. Weights of one shape, taken
-    whole, are copied as they are into a view of `out` in that shape: a detached, flattened view of each cost three
-    times the copy (as `HostBatch.take_many`)."""
-    shape = weights[0][0].shape
-    if all(idx is None and w.shape == shape for w, idx in weights):
-        with torch.no_grad():
-            torch.stack([w for w, _ in weights], out=out.view(len(weights), *shape))
-        return
-    flat = [w.detach().reshape(-1) for w, _ in weights]
-    torch.stack(
-        [f if idx is None else f[torch.from_numpy(idx)] for f, (_, idx) in zip(flat, weights, strict=True)], out=out
-    )
+    """Row i of `out` [K, m]: weight i flattened (`idx` None) or its elements at `idx` (`host.copy_rows`)."""
+    copy_rows([w if idx is None else w.detach().reshape(-1)[torch.from_numpy(idx)] for w, idx in weights], out)
 
 
 def _tensor_ratios(
