@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, StepScalars, step_scalars
-from actdiag.records import ExponentHistogram, Histogram, History, StepRecord, _packed_exponents, _packed_histograms
+from actdiag.records import ExponentHistogram, Histogram, History, StepRecord
 
 DEFAULT_MAX_HISTORY = 512
 DEFAULT_MAX_HIST_SNAPSHOTS = 64
@@ -49,28 +49,15 @@ class _ScalarRow:
 
     __slots__ = ("labels", "layers", "names", "params")
 
+    labels: tuple[str, ...]
+    names: tuple[str, ...]
+    layers: np.ndarray
+    params: np.ndarray
+
     def __init__(self, sc: StepScalars, before: _ScalarRow | None) -> None:
-        self.labels: tuple[str, ...] = sc.labels
-        self.names: tuple[str, ...] = sc.names
-        if before is not None:
-            self.labels = before.labels if before.labels == sc.labels else sc.labels
-            self.names = before.names if before.names == sc.names else sc.names
+        self.labels = before.labels if before is not None and before.labels == sc.labels else sc.labels
+        self.names = before.names if before is not None and before.names == sc.names else sc.names
         self.layers, self.params = sc.layers, sc.params
-
-
-def _hist_row(record: StepRecord) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Per layer label: its activation histogram, activation exponents and gradient exponents (None where it has
-    none), each packed (`records._Counts._pack`) into a flat tuple of numbers, None and a copy of the counts' row.
-    The collector stops tracking such tuples at their first collection (a tuple of tuples needs a second one), and
-    they hold none of the step's arrays; `snapshot` builds the histograms."""
-    hists: dict[str, Any] = {}
-    aexps: dict[str, Any] = {}
-    gexps: dict[str, Any] = {}
-    for layer in record.layers:
-        a, g, label = layer.activation, layer.gradient, layer.label
-        hists[label], aexps[label] = _packed_histograms(a) if a else (None, None)
-        gexps[label] = _packed_exponents(g) if g else None
-    return hists, aexps, gexps
 
 
 class HistoryBuffer:
@@ -87,11 +74,7 @@ class HistoryBuffer:
         sc = step_scalars(record) if scalars_due or hists_due else None
         before = self.scalars.rows[-1] if self.scalars.rows else None
         self.scalars.offer(record.step, _ScalarRow(sc, before) if sc is not None and scalars_due else None)
-        if hists_due:
-            assert sc is not None
-            self.hists.offer(record.step, sc.histograms() if sc.histograms is not None else _hist_row(record))
-        else:
-            self.hists.offer(record.step, ())
+        self.hists.offer(record.step, sc.histograms() if sc is not None and hists_due else ())
 
     def snapshot(self) -> History:
         rows: list[_ScalarRow] = self.scalars.rows

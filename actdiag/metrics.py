@@ -10,11 +10,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from actdiag.records import LayerStats, ParamStats, StepRecord, measured_stats, pending_scalars
+from actdiag.records import (
+    LayerStats,
+    ParamStats,
+    StepRecord,
+    _packed_exponents,
+    _packed_histograms,
+    measured_stats,
+    pending_scalars,
+)
 
 # Per layer (module call).
 ACT_MEAN = "act_mean"
@@ -92,15 +101,16 @@ def param_metrics(param: ParamStats) -> dict[str, float]:
 class StepScalars:
     """One recorded step's series values, as arrays: row i of `layers` holds `LAYER_METRICS` (in that order) of
     the layer call labelled `labels[i]`, row j of `params` `PARAM_METRICS` of parameter `names[j]`; `nonfinite`:
-    whether any measured tensor holds NaN/Inf. `histograms()`: the history's packed histograms of the step
-    (`history._hist_row`)."""
+    whether any measured tensor holds NaN/Inf. `histograms()`: per layer label, its activation histogram,
+    activation exponents and gradient exponents packed for the history (`records._Counts._pack`; None where the
+    layer has none)."""
 
     labels: tuple[str, ...]
     layers: np.ndarray
     names: tuple[str, ...]
     params: np.ndarray
     nonfinite: bool
-    histograms: Callable[[], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] | None = None
+    histograms: Callable[[], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]
 
 
 def step_scalars(record: StepRecord) -> StepScalars:
@@ -112,11 +122,35 @@ def step_scalars(record: StepRecord) -> StepScalars:
     layers, params = record.layers, record.params
     lrows = [[row[m] for m in LAYER_METRICS] for row in map(layer_metrics, layers)]
     prows = [[row[m] for m in PARAM_METRICS] for row in map(param_metrics, params)]
-    nonfinite = any(s.nonfinite_count > 0 for s in measured_stats(layers, params))
     return StepScalars(
         labels=tuple(layer.label for layer in layers),
         layers=np.array(lrows, dtype=np.float64).reshape(len(lrows), len(LAYER_METRICS)),
         names=tuple(p.name for p in params),
         params=np.array(prows, dtype=np.float64).reshape(len(prows), len(PARAM_METRICS)),
-        nonfinite=nonfinite,
+        nonfinite=any_nonfinite(record),
+        histograms=partial(_packed_layer_histograms, layers),
     )
+
+
+def any_nonfinite(record: StepRecord) -> bool:
+    """Whether anything the step measured holds NaN/Inf (from its scalars while its records are not built)."""
+    pending = pending_scalars(record)
+    if pending is not None:
+        return bool(pending.nonfinite)
+    return any(s.nonfinite_count > 0 for s in measured_stats(record.layers, record.params))
+
+
+def _packed_layer_histograms(
+    layers: tuple[LayerStats, ...],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """`StepScalars.histograms` of built records. Packed (flat tuples of numbers, None and a copy of the counts'
+    row), they hold none of the step's arrays, and the collector stops tracking them at their first collection (a
+    tuple of tuples needs a second one); `History` builds the histograms."""
+    hists: dict[str, Any] = {}
+    aexps: dict[str, Any] = {}
+    gexps: dict[str, Any] = {}
+    for layer in layers:
+        a, g, label = layer.activation, layer.gradient, layer.label
+        hists[label], aexps[label] = _packed_histograms(a) if a else (None, None)
+        gexps[label] = _packed_exponents(g) if g else None
+    return hists, aexps, gexps

@@ -25,6 +25,7 @@ from actdiag.hooks import merge as _dist
 from actdiag.hooks.optimizer import OptimizerWatch
 from actdiag.hooks.recorder import Recorder, Selector, unwrap_model
 from actdiag.hooks.stats import DEFAULT_BINS, DEFAULT_SAMPLE_CAP
+from actdiag.metrics import any_nonfinite
 from actdiag.records import (
     Finding,
     History,
@@ -33,7 +34,7 @@ from actdiag.records import (
     RunInfo,
     StepRecord,
 )
-from actdiag.rules.run import any_nonfinite, nonfinite_event
+from actdiag.rules.run import nonfinite_event
 from actdiag.rules.thresholds import Thresholds, make_thresholds
 
 # Record every 50th step by default: unrecorded steps run no hook, so a recorded step's extra time is spread over

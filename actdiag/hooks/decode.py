@@ -19,7 +19,27 @@ import torch
 from actdiag.hooks.keys import Key, layer_keys, param_keys
 from actdiag.hooks.layout import DecodedStep, StatsMeta
 from actdiag.hooks.tracking import UnitStreaks
-from actdiag.metrics import LAYER_METRICS, PARAM_METRICS, StepScalars
+from actdiag.metrics import (
+    ACT_ABS_MAX,
+    ACT_MEAN,
+    ACT_NONFINITE,
+    ACT_STD,
+    ACT_ZERO_FRACTION,
+    DEAD_FRACTION,
+    GRAD_ABS_MAX,
+    GRAD_NONFINITE,
+    GRAD_NORM,
+    GRAD_STD,
+    LAYER_METRICS,
+    LR,
+    NEVER_ACTIVE_FRACTION,
+    PARAM_METRICS,
+    SATURATION,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
+    WEIGHT_STD,
+    StepScalars,
+)
 from actdiag.records import (
     LayerStats,
     LostUpdates,
@@ -99,7 +119,6 @@ def decode_step(
         params.append(param)
         by_name[pname] = param
     layers: list[_Layer] = []
-    nonfinite = block.numel - block.count
     for info in order:
         name, call = info.name, info.call
         lkeys = layer_keys(name, call)
@@ -118,7 +137,10 @@ def decode_step(
         ingrad = host.get(lkeys.ingrad)
         src = (input_from or {}).get((name, call))
         src_grad = at(layer_keys(src.name, src.call).grad) if src is not None else -1
-        in_grad = int(ingrad[0][0]) if ingrad is not None else (int(nonfinite[src_grad]) if src_grad >= 0 else None)
+        if ingrad is not None:
+            in_grad: int | None = int(ingrad[0][0])
+        else:  # the input is an earlier call's output: its gradient's count
+            in_grad = block.nonfinite_count(src_grad) if src_grad >= 0 else None
         wp = by_name.get(info.weight_name) if info.weight_name else None
         layers.append(
             _Layer(
@@ -238,47 +260,50 @@ def _scalars(block: DecodedStep, layers: list[_Layer], params: list[_Param]) -> 
     with np.errstate(invalid="ignore", divide="ignore"):
         std = np.where(count > 0, np.sqrt(m2 / count), nan)
         norm = np.where(count > 0, np.sqrt(m2 + count * mean * mean), 0.0)
-    abs_max = np.where(count > 0, np.maximum(np.abs(lo), np.abs(hi)), nan)
-    zero_fraction = np.divide(block.zeros, numel, out=np.zeros(len(block)), where=numel > 0)
-    nonfinite = numel - count
-    # A column per statistic, and a last row of NaN: index -1 (no such tensor) reads it.
-    table = np.column_stack([mean, std, abs_max, zero_fraction, nonfinite, norm]) if len(block) else np.empty((0, 6))
-    table = np.vstack([table, np.full(6, nan)])
+    # TensorStats' properties of every row, each with a trailing NaN that index -1 (no such tensor) reads.
+    stat = {
+        name: np.append(values, nan)
+        for name, values in (
+            ("mean", mean),
+            ("std", std),
+            ("abs_max", np.where(count > 0, np.maximum(np.abs(lo), np.abs(hi)), nan)),
+            ("zero_fraction", np.divide(block.zeros, numel, out=np.zeros(len(block)), where=numel > 0)),
+            ("nonfinite", numel - count),
+            ("norm", norm),
+        )
+    }
     act = np.array([lay.act for lay in layers], dtype=np.int64)
     grad = np.array([lay.grad for lay in layers], dtype=np.int64)
-    a, g = table[act], table[grad]
+    weight = np.array([p.weight for p in params], dtype=np.int64)
+    pgrad = np.array([p.grad for p in params], dtype=np.int64)
 
     def opt(values: list[float | None]) -> np.ndarray:
         return np.array([nan if v is None else v for v in values], dtype=np.float64)
 
-    lvals = np.column_stack(
-        [
-            a[:, 0],  # ACT_MEAN
-            a[:, 1],  # ACT_STD
-            a[:, 2],  # ACT_ABS_MAX
-            a[:, 3],  # ACT_ZERO_FRACTION
-            a[:, 4],  # ACT_NONFINITE
-            g[:, 5],  # GRAD_NORM
-            g[:, 1],  # GRAD_STD
-            g[:, 2],  # GRAD_ABS_MAX
-            g[:, 4],  # GRAD_NONFINITE
-            opt([lay.saturation for lay in layers]),
-            opt([lay.dead for lay in layers]),
-            opt([lay.never for lay in layers]),
-            opt([lay.weight.update_ratio if lay.weight else None for lay in layers]),
-        ]
-    ).reshape(len(layers), len(LAYER_METRICS))
-    w = table[np.array([p.weight for p in params], dtype=np.int64)]
-    pg = table[np.array([p.grad for p in params], dtype=np.int64)]
-    pvals = np.column_stack(
-        [
-            w[:, 5],  # WEIGHT_NORM
-            w[:, 1],  # WEIGHT_STD
-            pg[:, 5],  # GRAD_NORM
-            opt([p.update_ratio for p in params]),
-            opt([p.lr for p in params]),
-        ]
-    ).reshape(len(params), len(PARAM_METRICS))
+    by_layer = {
+        ACT_MEAN: stat["mean"][act],
+        ACT_STD: stat["std"][act],
+        ACT_ABS_MAX: stat["abs_max"][act],
+        ACT_ZERO_FRACTION: stat["zero_fraction"][act],
+        ACT_NONFINITE: stat["nonfinite"][act],
+        GRAD_NORM: stat["norm"][grad],
+        GRAD_STD: stat["std"][grad],
+        GRAD_ABS_MAX: stat["abs_max"][grad],
+        GRAD_NONFINITE: stat["nonfinite"][grad],
+        SATURATION: opt([lay.saturation for lay in layers]),
+        DEAD_FRACTION: opt([lay.dead for lay in layers]),
+        NEVER_ACTIVE_FRACTION: opt([lay.never for lay in layers]),
+        UPDATE_RATIO: opt([lay.weight.update_ratio if lay.weight else None for lay in layers]),
+    }
+    by_param = {
+        WEIGHT_NORM: stat["norm"][weight],
+        WEIGHT_STD: stat["std"][weight],
+        GRAD_NORM: stat["norm"][pgrad],
+        UPDATE_RATIO: opt([p.update_ratio for p in params]),
+        LR: opt([p.lr for p in params]),
+    }
+    lvals = np.column_stack([by_layer[m] for m in LAYER_METRICS]).reshape(len(layers), len(LAYER_METRICS))
+    pvals = np.column_stack([by_param[m] for m in PARAM_METRICS]).reshape(len(params), len(PARAM_METRICS))
     measured = np.array(
         [i for lay in layers for i in (lay.act, lay.grad)] + [i for p in params for i in (p.weight, p.grad)],
         dtype=np.int64,
@@ -290,7 +315,7 @@ def _scalars(block: DecodedStep, layers: list[_Layer], params: list[_Param]) -> 
         layers=lvals,
         names=tuple(p.name for p in params),
         params=pvals,
-        nonfinite=bool((nonfinite[measured] > 0).any()),
+        nonfinite=bool((stat["nonfinite"][measured] > 0).any()),
         histograms=partial(_histograms, block, labels, layers),
     )
 
@@ -298,7 +323,7 @@ def _scalars(block: DecodedStep, layers: list[_Layer], params: list[_Param]) -> 
 def _histograms(
     block: DecodedStep, labels: tuple[str, ...], layers: list[_Layer]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """`history._hist_row` of the step, from its arrays: per label, the packed activation histogram, activation
+    """`StepScalars.histograms` of the step, from its arrays: per label, the packed activation histogram, activation
     exponents and gradient exponents (None where the layer has none)."""
     held = block.histograms()
     hists: dict[str, Any] = {}

@@ -350,6 +350,10 @@ class DecodedStep:
     def __len__(self) -> int:
         return len(self._metas)
 
+    def nonfinite_count(self, i: int) -> int:
+        """Row i's NaN/Inf count (`TensorStats.nonfinite_count`)."""
+        return int(self.numel[i] - self.count[i])
+
     def histograms(self) -> list[tuple[_StepHistograms, int]]:
         """Per row: the step histograms that hold its counts, and its row there."""
         out: list[tuple[_StepHistograms, int]] = [None] * len(self)  # type: ignore[list-item]

@@ -22,7 +22,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from actdiag.records import Finding, LayerStats, ParamStats, StepRecord, TensorStats, UnitActivity, pending_scalars
+from actdiag.metrics import any_nonfinite
+from actdiag.records import Finding, LayerStats, ParamStats, StepRecord, TensorStats, UnitActivity
 from actdiag.rules._common import DEAD_CAPABLE, fmt
 from actdiag.rules.activations import dead_relu_finding, samples_per_unit
 from actdiag.rules.precision import HALF, nonfinite_finding
@@ -148,15 +149,6 @@ def _max_update_ratio(record: StepRecord | None) -> float:
     ratios += [lay.update_ratio for lay in record.layers if lay.update_ratio is not None]
     finite = [r for r in ratios if math.isfinite(r)]
     return max(finite) if finite else math.nan
-
-
-def any_nonfinite(record: StepRecord) -> bool:
-    """Whether anything the step measured holds NaN/Inf (from its scalars while its records are not built)."""
-    pending = pending_scalars(record)
-    if pending is not None:
-        return bool(pending.nonfinite)
-    layers_bad = any(_bad(lay.activation) or _bad(lay.gradient) for lay in record.layers)
-    return layers_bad or any(_bad(p.weight) or _bad(p.grad) for p in record.params)
 
 
 def _backward_culprit(layers: Sequence[LayerStats], params: Sequence[ParamStats]) -> tuple[int, str] | None:
